@@ -1,0 +1,290 @@
+"""Named training recipes: which tensors of each linear layer's three GeMMs are
+quantized, to which format, at which granularity.
+
+A recipe is data (a frozen dataclass), not a code path: QLinear reads it and the
+trainer reads `compute_dtype`. Recipes round-trip through TOML.
+
+The three GeMMs of a linear layer Y = X·Wᵀ (X: [M, K] tokens × in-features,
+W: [N, K] out × in, dY: [M, N]):
+    forward      Y  = X  · Wᵀ    reduction over K: quantize `input` and `weight`
+    input grad   dX = dY · W     reduction over N: quantize `grad_output` and `weight`
+    weight grad  dW = dYᵀ· X     reduction over M: quantize `grad_output` and `input`
+Every scale is taken along the reduction dimension of the GeMM it feeds, so
+"row" granularity means per token for activations and per output channel for
+the forward weight, as in the FP4 paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GRANULARITIES = ("tensor", "row", "tile", "block")
+SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
+ROUNDINGS = ("nearest", "stochastic")
+COMPUTE_DTYPES = ("fp32", "bf16")
+SCALINGS = ("current", "delayed")
+# Number formats a tensor may be quantized to (names understood by lowbit.formats).
+QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one GeMM operand is quantized.
+
+    fmt:         element format ("e2m1", "e4m3", ...).
+    granularity: "tensor" (one scale), "row" (one scale per vector along the
+                 reduction dim), "tile" (1×block along the reduction dim) or
+                 "block" (block×block).
+    block:       tile/block size; ignored for "tensor" and "row".
+    scale_fmt:   "fp32", "e4m3" (NVFP4: E4M3 block scale × FP32 tensor scale) or
+                 "e8m0" (MX: power-of-two scale).
+    rounding:    "nearest" (ties to even) or "stochastic".
+    hadamard:    (on `grad_output` only) apply a random block-Hadamard transform of size
+                 `hadamard_size` along the token dim to both operands of the weight-gradient
+                 GeMM dW = dYᵀ·X before quantizing them (NVFP4's RHT; exact in real
+                 arithmetic since Hᵀ·H = I, it spreads outliers across each block).
+    """
+
+    fmt: str = "e2m1"
+    granularity: str = "row"
+    block: int = 0
+    scale_fmt: str = "fp32"
+    rounding: str = "nearest"
+    hadamard: bool = False
+    hadamard_size: int = 16
+
+    def __post_init__(self):
+        _check("fmt", self.fmt, QUANT_FORMATS)
+        _check("granularity", self.granularity, GRANULARITIES)
+        _check("scale_fmt", self.scale_fmt, SCALE_FORMATS)
+        _check("rounding", self.rounding, ROUNDINGS)
+        if self.granularity in ("tile", "block") and self.block <= 0:
+            raise ValueError(
+                f"granularity={self.granularity!r} needs a positive block size, got block={self.block}; "
+                "set e.g. block=128"
+            )
+        if self.hadamard and (self.hadamard_size <= 0 or self.hadamard_size & (self.hadamard_size - 1)):
+            raise ValueError(f"hadamard_size must be a power of two, got {self.hadamard_size}")
+
+
+@dataclass(frozen=True)
+class DGE:
+    """Differentiable gradient estimator for weights (Wang et al. 2025, Eq. 8):
+    the weight gradient is multiplied by f'(x) = (1/k)·|2x/δ − 1|^(1/k − 1),
+    clamped at `clamp`, evaluated on the scaled weight."""
+
+    enabled: bool = False
+    k: float = 5.0
+    clamp: float = 3.0
+
+    def __post_init__(self):
+        if self.k <= 0:
+            raise ValueError(f"dge.k must be > 0, got {self.k}")
+        if self.clamp <= 0:
+            raise ValueError(f"dge.clamp must be > 0, got {self.clamp}")
+
+
+@dataclass(frozen=True)
+class OCC:
+    """Outlier clamping and compensation for activations: clamp to the
+    [1−alpha, alpha] quantiles before quantizing; if `compensate`, add the
+    sparse residual product ΔX·Wᵀ computed in high precision."""
+
+    enabled: bool = False
+    alpha: float = 0.99
+    compensate: bool = True
+
+    def __post_init__(self):
+        if not 0.5 < self.alpha <= 1.0:
+            raise ValueError(f"occ.alpha must be in (0.5, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named low-precision training recipe. `None` for an operand means it is
+    not quantized (kept in the compute dtype)."""
+
+    name: str
+    description: str = ""
+    compute_dtype: str = "fp32"
+    input: TensorQuant | None = None
+    weight: TensorQuant | None = None
+    grad_output: TensorQuant | None = None
+    dge: DGE = field(default_factory=DGE)
+    occ: OCC = field(default_factory=OCC)
+    scaling: str = "current"
+    amax_history_len: int = 16
+    quantize_head: bool = False
+
+    def __post_init__(self):
+        _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check("scaling", self.scaling, SCALINGS)
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if self.scaling == "delayed" and any(
+            q is not None and q.granularity != "tensor" for q in (self.input, self.weight, self.grad_output)
+        ):
+            raise ValueError("scaling='delayed' is only defined for granularity='tensor'; use scaling='current'")
+
+    @property
+    def quantized(self) -> bool:
+        return any(q is not None for q in (self.input, self.weight, self.grad_output))
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with fields changed; nested fields by dotted name, e.g.
+        `recipe.replace(**{"dge.k": 3, "occ.alpha": 0.999})`."""
+        top, nested = {}, {}
+        for key, value in changes.items():
+            head, _, rest = key.partition(".")
+            if head not in {f.name for f in dataclasses.fields(self)}:
+                raise ValueError(f"unknown recipe field {head!r}; fields are {_field_names(self)}")
+            if rest:
+                nested.setdefault(head, {})[rest] = value
+            else:
+                top[head] = value
+        for head, sub in nested.items():
+            cur = top.get(head, getattr(self, head))
+            if cur is None:
+                raise ValueError(f"cannot set {head}.{'/'.join(sub)}: recipe {self.name!r} does not quantize {head}")
+            bad = set(sub) - {f.name for f in dataclasses.fields(cur)}
+            if bad:
+                raise ValueError(f"unknown field(s) {sorted(bad)} of {head}; fields are {_field_names(cur)}")
+            top[head] = dataclasses.replace(cur, **sub)
+        return dataclasses.replace(self, **top)
+
+    def to_dict(self) -> dict:
+        return _drop_none(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = dict(d)
+        bad = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if bad:
+            raise ValueError(f"unknown recipe field(s) {sorted(bad)}; fields are {_field_names(cls)}")
+        if "name" not in d:
+            raise ValueError("a recipe needs a 'name'")
+        for key, sub in (("input", TensorQuant), ("weight", TensorQuant), ("grad_output", TensorQuant),
+                         ("dge", DGE), ("occ", OCC)):
+            if key in d and d[key] is not None:
+                if not isinstance(d[key], dict):
+                    raise ValueError(f"recipe field {key!r} must be a table, got {d[key]!r}")
+                bad = set(d[key]) - {f.name for f in dataclasses.fields(sub)}
+                if bad:
+                    raise ValueError(f"unknown field(s) {sorted(bad)} in [{key}]; fields are {_field_names(sub)}")
+                d[key] = sub(**d[key])
+        return cls(**d)
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"invalid recipe TOML: {e}") from None
+        return cls.from_dict(data)
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _field_names(obj) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(obj))
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+
+def _to_toml(d: dict) -> str:
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- the registry --------------------------------------------------------------------------
+
+def _fp4(fmt="e2m1"):
+    return TensorQuant(fmt=fmt, granularity="row")
+
+
+_E4M3_T = TensorQuant(fmt="e4m3", granularity="tensor")
+_E5M2_T = TensorQuant(fmt="e5m2", granularity="tensor")
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Add a recipe to the registry (replacing one of the same name)."""
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+for _r in (
+    Recipe("fp32", "FP32 reference: no quantization, no autocast", compute_dtype="fp32"),
+    Recipe("bf16", "BF16 autocast reference: no quantization", compute_dtype="bf16"),
+    Recipe("fp8-tensor", "FP8 per-tensor current scaling: E4M3 activations/weights, E5M2 gradients",
+           compute_dtype="bf16", input=_E4M3_T, weight=_E4M3_T, grad_output=_E5M2_T),
+    Recipe("fp8-tensor-delayed", "FP8 per-tensor delayed scaling (amax history of 16), E4M3/E5M2",
+           compute_dtype="bf16", input=_E4M3_T, weight=_E4M3_T, grad_output=_E5M2_T, scaling="delayed"),
+    Recipe("fp8-block", "DeepSeek-V3 FP8: E4M3 everywhere, 1x128 activation/gradient tiles, 128x128 weight blocks",
+           compute_dtype="bf16",
+           input=TensorQuant("e4m3", "tile", 128), weight=TensorQuant("e4m3", "block", 128),
+           grad_output=TensorQuant("e4m3", "tile", 128)),
+    Recipe("fp4-direct", "FP4 (E2M1) direct casting, vector-wise absmax scaling, no DGE, no OCC (paper ablation)",
+           compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4()),
+    Recipe("fp4-paper", "FP4 (E2M1) GeMMs with DGE (k=5) for weights and OCC (alpha=0.99) for activations "
+           "(Wang et al. 2025)", compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4(),
+           dge=DGE(enabled=True), occ=OCC(enabled=True)),
+    Recipe("mxfp4", "OCP MXFP4: E2M1 in 1x32 tiles with power-of-two (E8M0) shared scales",
+           compute_dtype="bf16",
+           input=TensorQuant("e2m1", "tile", 32, "e8m0"), weight=TensorQuant("e2m1", "tile", 32, "e8m0"),
+           grad_output=TensorQuant("e2m1", "tile", 32, "e8m0")),
+    Recipe("nvfp4", "NVFP4: E2M1 in 1x16 tiles, E4M3 tile scales x FP32 tensor scale; stochastic rounding of "
+           "gradients and 16x16 random Hadamard transform on the weight-gradient GeMM",
+           compute_dtype="bf16",
+           input=TensorQuant("e2m1", "tile", 16, "e4m3"), weight=TensorQuant("e2m1", "tile", 16, "e4m3"),
+           grad_output=TensorQuant("e2m1", "tile", 16, "e4m3", rounding="stochastic", hadamard=True)),
+):
+    register(_r)
+
+
+def names() -> list[str]:
+    return list(_RECIPES)
+
+
+def get(recipe: "str | Recipe | Path") -> Recipe:
+    """Look up a recipe by name, or load one from a `.toml` file path; a Recipe passes through."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith(".toml")):
+        return load(recipe)
+    if recipe not in _RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known recipes: {', '.join(_RECIPES)} "
+                         "(or pass a path to a .toml recipe file)")
+    return _RECIPES[recipe]
+
+
+def load(path: "str | Path") -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    return Recipe.from_toml(path.read_text())
+
+
+def save(recipe: Recipe, path: "str | Path") -> None:
+    Path(path).write_text(recipe.to_toml())
