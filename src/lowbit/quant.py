@@ -1,0 +1,346 @@
+"""Scaled quantization: absmax scales, quantize / dequantize / fake_quantize.
+
+A tensor is quantized in *groups* that share one scale; `TensorQuant.granularity`:
+
+    "tensor"  one scale for the whole tensor;
+    "row"     one scale per vector along the last dim (per token / per output channel);
+    "tile"    one scale per 1×block run along the last dim;
+    "block"   one scale per block×block square over the last two dims (inputs with
+              more than 2 dims are flattened to 2-D [rows, last] first).
+
+scale = absmax(group) / fmt.max, so the group's absmax maps onto the format's max,
+with the scale itself stored in `TensorQuant.scale_fmt`:
+
+    "fp32"  the scale as computed;
+    "e8m0"  OCP MX: 2^(floor(log2 absmax) − emax_elem) with emax_elem = floor(log2 fmt.max)
+            (so scaled values reach up to 2^(emax_elem+1) and the top ones saturate);
+    "e4m3"  NVFP4 two-level: tensor scale s_t = absmax(tensor) / (fmt.max · 448) in fp32,
+            group scale cast_e4m3(absmax(group) / fmt.max / s_t) (raised to E4M3's smallest
+            subnormal 2^-9 so no group scale is 0); the effective scale is their fp32 product.
+
+Special groups: an all-zero group gets scale 1 (zeros stay zeros, no NaN). A group
+whose absmax is inf or NaN gets scale NaN, so the whole group comes out NaN: a
+non-finite input surfaces instead of being silently zeroed or saturated (for
+"e4m3" scales the tensor scale is shared, so the whole tensor becomes NaN).
+
+The shape of scales (what `absmax_scale` returns and `QTensor.scales` holds), for x of
+shape [..., C] with R = prod(leading dims):
+    tensor: []                     broadcasts against x
+    row:    [..., 1]               broadcasts against x
+    tile:   [..., C/block, 1]      broadcasts against x.view(..., C/block, block)
+    block:  [R/block, 1, C/block, 1]  broadcasts against x.reshape(R/block, block, C/block, block)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import Format, _CHUNK, check_float, get_format, round_magnitude_
+from lowbit.recipes import TensorQuant
+
+_E4M3_MAX = 448.0
+_E4M3_MIN_SUBNORMAL = 2.0 ** -9
+
+
+# --- group layout --------------------------------------------------------------------------
+
+def _check_q(q):
+    if not isinstance(q, TensorQuant):
+        raise TypeError(f"q must be a lowbit.recipes.TensorQuant, got {type(q).__name__}")
+
+
+def _as3d(x: torch.Tensor, q: TensorQuant) -> torch.Tensor:
+    """x (contiguous) viewed as [R, G, B]: R rows of G groups of B elements along the
+    last dim. "tensor": [N, 1, 1] (one scale); "row": [R, 1, C]; "tile"/"block": [R, C/b, b]."""
+    if q.granularity == "tensor":
+        return x.view(-1, 1, 1)
+    C = x.shape[-1] if x.dim() else 1
+    R = x.numel() // C if C else (math.prod(x.shape[:-1]) if x.dim() else 1)
+    if q.granularity == "row":
+        return x.view(R, 1, C)
+    b = q.block
+    if C % b:
+        raise ValueError(
+            f"tensor of shape {tuple(x.shape)}: last dim {C} is not divisible by the {q.granularity} size "
+            f"{b}; pad the last dim to a multiple of {b} or choose a block size that divides {C}")
+    if q.granularity == "block" and R % b:
+        raise ValueError(
+            f"tensor of shape {tuple(x.shape)}: its {R} rows (leading dims flattened) are not divisible by the "
+            f"block size {b} of granularity='block'; pad the rows to a multiple of {b}, choose a block size "
+            f"that divides {R}, or use granularity='tile'")
+    return x.view(R, C // b, b)
+
+
+def _scale_shape(x_shape, q) -> tuple:
+    C = x_shape[-1] if len(x_shape) else 1
+    if q.granularity == "tensor":
+        return ()
+    if q.granularity == "row":
+        return (*x_shape[:-1], 1) if len(x_shape) else (1,)
+    if q.granularity == "tile":
+        return (*x_shape[:-1], C // q.block, 1) if len(x_shape) else (C // q.block, 1)
+    R = math.prod(x_shape[:-1]) if len(x_shape) else 1
+    return (R // q.block, 1, C // q.block, 1)
+
+
+def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
+    """fp32 absmax per group as [R|1, G, 1] (block: per row, the max over its block-row)."""
+    if q.granularity == "tensor":
+        # amax/amin read x once each and make no |x| temporary; both propagate NaN.
+        return torch.maximum(x3.amax(), x3.amin().neg()).float().view(1, 1, 1)
+    amax = torch.maximum(x3.amax(-1, keepdim=True), x3.amin(-1, keepdim=True).neg()).float()
+    if q.granularity == "block":
+        R, G, _ = amax.shape
+        b = q.block
+        amax = amax.view(R // b, b, G).amax(1, keepdim=True).expand(R // b, b, G).reshape(R, G, 1)
+    return amax
+
+
+# --- scales --------------------------------------------------------------------------------
+
+def _scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
+                     tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Effective fp32 scale per group from the fp32 group absmax (same shape)."""
+    zero = amax == 0
+    bad = ~torch.isfinite(amax)
+    if q.scale_fmt == "fp32":
+        s = amax / fmt.max
+        s = torch.where(zero | (s == 0), 1.0, s)  # s == 0: absmax so tiny that absmax/max underflows
+    elif q.scale_fmt == "e8m0":
+        _, e = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1): floor(log2 amax) = e − 1
+        s = torch.ldexp(torch.ones_like(amax), (e - 1 - fmt.emax).clamp(-127, 127))
+        s = torch.where(zero, 1.0, s)
+    else:  # "e4m3": NVFP4's fp32 tensor scale times an E4M3 group scale
+        from lowbit.formats import cast
+
+        t = amax.amax() if tensor_amax is None else tensor_amax
+        s_t = t.float() / (fmt.max * _E4M3_MAX)
+        s_t = torch.where((t == 0) | (s_t == 0), 1.0, s_t)
+        s = cast(amax / fmt.max / s_t, "e4m3").clamp_min(_E4M3_MIN_SUBNORMAL) * s_t
+        bad = bad | ~torch.isfinite(s_t)
+    return torch.where(bad, math.nan, s)
+
+
+def _scales3(x3, q, fmt, amax):
+    if amax is not None:
+        if q.granularity != "tensor":
+            raise ValueError(f"amax= (delayed scaling) is only defined for granularity='tensor', "
+                             f"got granularity={q.granularity!r}; drop amax= to use the current absmax")
+        a = torch.as_tensor(amax, dtype=torch.float32, device=x3.device)
+        if a.numel() != 1:
+            raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(a.shape)}")
+        a = a.reshape(1, 1, 1).abs()
+    else:
+        a = _absmax3(x3, q)
+    return _scale_from_amax(a, q, fmt)
+
+
+def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
+    """fp32 scales of x under q (shapes: see the module docstring). `amax` (a scalar)
+    replaces the measured absmax, for granularity "tensor" only (delayed scaling)."""
+    _check_q(q)
+    check_float(x)
+    fmt = get_format(q.fmt)
+    x3 = _as3d(x.contiguous(), q)
+    if x.numel() == 0:
+        return torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
+    return _group_scales(_scales3(x3, q, fmt, amax), x.shape, q)
+
+
+def _group_scales(s3, x_shape, q):
+    """[R|1, G, 1] per-row scales -> the public scale shape."""
+    if q.granularity == "block":
+        b = q.block
+        R, G, _ = s3.shape
+        return s3[::b].reshape(R // b, 1, G, 1).clone()
+    return s3.reshape(_scale_shape(x_shape, q))
+
+
+def _rows_scales(scales, x3, q):
+    """Public scale shape -> [R|1, G, 1] per-row scales for the elementwise kernel."""
+    if q.granularity == "tensor":
+        return scales.reshape(1, 1, 1)
+    if q.granularity == "block":
+        R, G, _ = x3.shape
+        return scales.reshape(-1, 1, G, 1).expand(-1, q.block, G, 1).reshape(R, G, 1)
+    return scales.reshape(x3.shape[0], x3.shape[1], 1)
+
+
+# --- the elementwise kernel ----------------------------------------------------------------
+
+def _kernel(x3, s3, fmt, rounding, generator, saturate, out3, dequant):
+    """out3 = round(x3 / s3) (· s3 if dequant), processed in chunks of rows that stay
+    in cache. x3: [R, G, B] any float dtype; s3: [R|1, G|1, 1] fp32; out3: like x3,
+    fp32 if not dequant."""
+    R = x3.shape[0]
+    per_row = max(1, x3[0].numel()) if R else 1
+    step = max(1, _CHUNK // per_row)
+    n = min(R, step) * per_row
+    dev = x3.device
+    tmp = torch.empty(n, dtype=torch.float32, device=dev)
+    direct = out3.dtype == torch.float32
+    buf = None if direct else torch.empty(n, dtype=torch.float32, device=dev)
+    for i in range(0, R, step):
+        j = min(i + step, R)
+        xc = x3[i:j]
+        sc = s3[i:j] if s3.shape[0] > 1 else s3
+        a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
+        if x3.dtype == torch.float32:
+            torch.div(xc, sc, out=a)
+        else:
+            a.copy_(xc).div_(sc)  # divide in fp32, not in the input dtype
+        a.abs_()
+        round_magnitude_(a.view(-1), fmt, tmp[: xc.numel()], rounding, generator, saturate)
+        if fmt.has_inf and saturate:  # e5m2 keeps ±inf
+            a.masked_fill_(xc.isinf(), math.inf)
+        a.copysign_(xc)
+        if dequant:
+            a.mul_(sc)
+        if not direct:
+            out3[i:j].copy_(a)
+
+
+def _run(x, q, generator, amax, dequant):
+    _check_q(q)
+    check_float(x)
+    fmt = get_format(q.fmt)
+    if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
+                         f"create it with torch.Generator(device={str(x.device)!r})")
+    xc = x.contiguous()
+    x3 = _as3d(xc, q)
+    out_dtype = x.dtype if dequant else torch.float32
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return out, torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
+    s3 = _scales3(x3, q, fmt, amax)
+    # With fp32 current scaling |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
+    # rounds to at most max: the saturating clamp can be skipped.
+    saturate = not (q.scale_fmt == "fp32" and amax is None)
+    _kernel(x3, s3, fmt, q.rounding, generator, saturate, out.view(x3.shape), dequant)
+    return out, _group_scales(s3, x.shape, q)
+
+
+def fake_quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,
+                  amax=None) -> torch.Tensor:
+    """Quantize-dequantize x under q: same shape and dtype as x (fp32/bf16/fp16, any device).
+
+    generator: for q.rounding == "stochastic" (on x's device). amax: scalar absmax to use
+    instead of the measured one (granularity "tensor" only; values beyond it saturate).
+    Raises ValueError when the last dim (or, for "block", the rows) is not divisible by q.block.
+    """
+    return _run(x, q, generator, amax, dequant=True)[0]
+
+
+def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale as fp32 of x's shape, scale as from absmax_scale): the scaled,
+    not yet rounded values (what DGE evaluates f' on)."""
+    _check_q(q)
+    check_float(x)
+    fmt = get_format(q.fmt)
+    xc = x.contiguous()
+    x3 = _as3d(xc, q)
+    if x.numel() == 0:
+        return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
+                torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
+    s3 = _scales3(x3, q, fmt, amax)
+    xs = (x3.float() / _rows_scales(_group_scales(s3, x.shape, q), x3, q)).view(x.shape)
+    return xs, _group_scales(s3, x.shape, q)
+
+
+# --- quantize / dequantize -----------------------------------------------------------------
+
+@dataclass
+class QTensor:
+    """A quantized tensor.
+
+    codes:  uint8. FP8 (e4m3/e5m2): one code per element, shape = `shape`, the bit
+            pattern of torch's float8_e4m3fn / float8_e5m2. 4-bit (e2m1/e1m2/e3m0): two
+            codes per byte along the last dim (element 2i in the low nibble, 2i+1 in the
+            high nibble; an odd last dim is padded with a zero code), shape
+            [..., ceil(C/2)]; code = sign << 3 | magnitude index into fmt.values().
+            These formats have no NaN: lowbit stores NaN in the otherwise redundant
+            negative-zero code 0b1000, so a NaN survives dequantize (-0.0 is stored as +0).
+    scales: fp32 effective scales (shapes: module docstring).
+    shape, dtype: of the original tensor; q: how it was quantized.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+    q: TensorQuant
+    dtype: torch.dtype = torch.float32
+
+
+_FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,
+             amax=None) -> QTensor:
+    """Quantize x under q into codes and scales; dequantize(quantize(x)) equals
+    fake_quantize(x) exactly (same generator state for stochastic rounding)."""
+    v, scales = _run(x, q, generator, amax, dequant=False)  # signed rounded values, fp32
+    fmt = get_format(q.fmt)
+    if q.fmt in _FP8_DTYPES:  # exact: v is on the format's grid and within its range
+        codes = v.to(_FP8_DTYPES[q.fmt]).view(torch.uint8)
+    else:
+        codes = _pack4(_encode4(v, fmt))
+    return QTensor(codes, scales, x.shape, q, x.dtype)
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Values · scales, in `dtype` (default: the original tensor's dtype)."""
+    q = qt.q
+    fmt = get_format(q.fmt)
+    if q.fmt in _FP8_DTYPES:
+        v = qt.codes.view(_FP8_DTYPES[q.fmt]).float()
+    else:
+        v = _decode4(_unpack4(qt.codes, qt.shape), fmt)
+    out = torch.empty(qt.shape, dtype=torch.float32, device=qt.codes.device)
+    if out.numel():
+        x3 = _as3d(out, q)
+        torch.mul(v.view(x3.shape), _rows_scales(qt.scales, x3, q), out=x3)
+    return out.to(dtype or qt.dtype)
+
+
+def _encode4(v: torch.Tensor, fmt: Format) -> torch.Tensor:
+    table = fmt.values().to(torch.float32).to(v.device)
+    mag = torch.searchsorted(table, v.abs().nan_to_num(0.0)).to(torch.uint8)  # exact: v is on the grid
+    neg = (v < 0).to(torch.uint8) << 3
+    code = mag | neg
+    return torch.where(v.isnan(), torch.tensor(8, dtype=torch.uint8, device=v.device), code)
+
+
+def _decode4(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    vals = fmt.values().to(torch.float32)
+    table = torch.cat([vals, torch.tensor([math.nan]), -vals[1:]]).to(codes.device)
+    return table[codes.long()]
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    c = codes.reshape(-1, codes.shape[-1]) if codes.dim() else codes.reshape(1, 1)
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    packed = c[:, 0::2] | (c[:, 1::2] << 4)
+    lead = codes.shape[:-1] if codes.dim() else ()
+    return packed.reshape(*lead, packed.shape[-1])
+
+
+def _unpack4(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    C = shape[-1] if len(shape) else 1
+    p = packed.reshape(-1, packed.shape[-1]) if packed.numel() else packed.reshape(0, (C + 1) // 2)
+    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)[:, :C]
+    return codes.reshape(shape)
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+def underflow_fraction(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Fraction (0-d fp32) of the nonzero entries of x that became zero in xq
+    (e.g. xq = fake_quantize(x, q)); 0 when x has no nonzero entries."""
+    nz = x != 0
+    n = nz.sum()
+    lost = (nz & (xq == 0)).sum()
+    return (lost.float() / n.clamp_min(1).float())
