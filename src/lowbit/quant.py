@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import Format, _CHUNK, check_float, get_format, round_magnitude_
+from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_magnitude_
 from lowbit.recipes import TensorQuant
 
 _E4M3_MAX = 448.0
@@ -170,13 +170,24 @@ def _rows_scales(scales, x3, q):
 
 # --- the elementwise kernel ----------------------------------------------------------------
 
-def _kernel(x3, s3, fmt, rounding, generator, saturate, out3, dequant):
-    """out3 = round(x3 / s3) (· s3 if dequant), processed in chunks of rows that stay
-    in cache. x3: [R, G, B] any float dtype; s3: [R|1, G|1, 1] fp32; out3: like x3,
-    fp32 if not dequant."""
+def _group_amax(a: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim of non-negative a [r, G, B] -> [r, G, 1]; propagates NaN."""
+    r, G, B = a.shape
+    if B < 32 and G > 1:  # torch's inner-dim reduction is slow for short groups; max_pool is not
+        return torch.nn.functional.max_pool1d(a.view(r, 1, G * B), B, B).view(r, G, 1)
+    return a.amax(-1, keepdim=True)
+
+
+def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused, tensor_amax):
+    """out3 = round(x3 / s3) (· s3 if dequant), in chunks of rows that stay in cache.
+
+    x3: [R, G, B] any float dtype; out3: like x3 (fp32 if not dequant); s3: [R|1, G, 1] fp32
+    scales, or (fused) an empty [R, G, 1] that is filled here from each chunk's absmax, so x is
+    read from memory once.
+    """
     R = x3.shape[0]
-    per_row = max(1, x3[0].numel()) if R else 1
-    step = max(1, _CHUNK // per_row)
+    per_row = max(1, x3[0].numel())
+    step = max(1, chunk_elems(x3.device) // per_row)
     n = min(R, step) * per_row
     dev = x3.device
     tmp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -185,13 +196,17 @@ def _kernel(x3, s3, fmt, rounding, generator, saturate, out3, dequant):
     for i in range(0, R, step):
         j = min(i + step, R)
         xc = x3[i:j]
-        sc = s3[i:j] if s3.shape[0] > 1 else s3
         a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
         if x3.dtype == torch.float32:
-            torch.div(xc, sc, out=a)
+            torch.abs(xc, out=a)
         else:
-            a.copy_(xc).div_(sc)  # divide in fp32, not in the input dtype
-        a.abs_()
+            a.copy_(xc).abs_()  # scale and round in fp32, not in the input dtype
+        if fused:
+            sc = _scale_from_amax(_group_amax(a), q, fmt, tensor_amax)
+            s3[i:j] = sc
+        else:
+            sc = s3[i:j] if s3.shape[0] > 1 else s3
+        a.div_(sc)
         round_magnitude_(a.view(-1), fmt, tmp[: xc.numel()], rounding, generator, saturate)
         if fmt.has_inf and saturate:  # e5m2 keeps ±inf
             a.masked_fill_(xc.isinf(), math.inf)
@@ -211,15 +226,21 @@ def _run(x, q, generator, amax, dequant):
                          f"create it with torch.Generator(device={str(x.device)!r})")
     xc = x.contiguous()
     x3 = _as3d(xc, q)
-    out_dtype = x.dtype if dequant else torch.float32
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    out = empty(x.shape, x.dtype if dequant else torch.float32, x.device)
     if x.numel() == 0:
         return out, torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
-    s3 = _scales3(x3, q, fmt, amax)
+    fused = q.granularity in ("row", "tile") and amax is None
+    tensor_amax = None
+    if fused:
+        s3 = torch.empty((x3.shape[0], x3.shape[1], 1), dtype=torch.float32, device=x.device)
+        if q.scale_fmt == "e4m3":  # NVFP4's tensor-level scale needs the global absmax first
+            tensor_amax = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
+    else:
+        s3 = _scales3(x3, q, fmt, amax)
     # With fp32 current scaling |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
     # rounds to at most max: the saturating clamp can be skipped.
     saturate = not (q.scale_fmt == "fp32" and amax is None)
-    _kernel(x3, s3, fmt, q.rounding, generator, saturate, out.view(x3.shape), dequant)
+    _kernel(x3, s3, q, fmt, q.rounding, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
     return out, _group_scales(s3, x.shape, q)
 
 
