@@ -16,7 +16,8 @@ with the scale itself stored in `TensorQuant.scale_fmt`:
             (so scaled values reach up to 2^(emax_elem+1) and the top ones saturate);
     "e4m3"  NVFP4 two-level: tensor scale s_t = absmax(tensor) / (fmt.max · 448) in fp32,
             group scale cast_e4m3(absmax(group) / fmt.max / s_t) (raised to E4M3's smallest
-            subnormal 2^-9 so no group scale is 0); the effective scale is their fp32 product.
+            subnormal 2^-9 so no group scale is 0; s_t = 1 when it would be 0); the effective
+            scale is their fp32 product.
 
 Special groups: an all-zero group gets scale 1 (zeros stay zeros, no NaN). A group
 whose absmax is inf or NaN gets scale NaN, so the whole group comes out NaN: a
@@ -119,6 +120,7 @@ def _scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
         s_t = t.float() / (fmt.max * _E4M3_MAX)
         s_t = torch.where((t == 0) | (s_t == 0), 1.0, s_t)
         s = cast(amax / fmt.max / s_t, "e4m3").clamp_min(_E4M3_MIN_SUBNORMAL) * s_t
+        s = torch.where(zero, 1.0, s)
         bad = bad | ~torch.isfinite(s_t)
     return torch.where(bad, math.nan, s)
 
@@ -341,18 +343,17 @@ def _decode4(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
-    c = codes.reshape(-1, codes.shape[-1]) if codes.dim() else codes.reshape(1, 1)
-    if c.shape[-1] % 2:
+    lead, C = (tuple(codes.shape[:-1]), codes.shape[-1]) if codes.dim() else ((), 1)
+    c = codes.reshape(math.prod(lead), C)
+    if C % 2:
         c = torch.nn.functional.pad(c, (0, 1))
-    packed = c[:, 0::2] | (c[:, 1::2] << 4)
-    lead = codes.shape[:-1] if codes.dim() else ()
-    return packed.reshape(*lead, packed.shape[-1])
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(*lead, (C + 1) // 2)
 
 
 def _unpack4(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    C = shape[-1] if len(shape) else 1
-    p = packed.reshape(-1, packed.shape[-1]) if packed.numel() else packed.reshape(0, (C + 1) // 2)
-    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)[:, :C]
+    lead, C = (tuple(shape[:-1]), shape[-1]) if len(shape) else ((), 1)
+    p = packed.reshape(math.prod(lead), (C + 1) // 2)
+    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], 2 * p.shape[1])[:, :C]
     return codes.reshape(shape)
 
 
