@@ -45,7 +45,7 @@ def group_scales(x, q):
     fmt = get_format(q.fmt)
     amax = group_view(x.double(), q).abs().amax(1, keepdim=True)
     if q.scale_fmt == "fp32":
-        s = (amax.float() / fmt.max).double()
+        s = (amax.float() / fmt.max).clamp_min(2.0**-126).double()  # documented floor: fp32 min normal
     elif q.scale_fmt == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax_elem)
         s = torch.exp2((torch.floor(torch.log2(amax)) - math.floor(math.log2(fmt.max))).clamp(-127, 127))
     else:  # NVFP4: cast_e4m3(amax / max / s_t) * s_t with s_t = amax_tensor / (max * 448)

@@ -11,7 +11,7 @@ A tensor is quantized in *groups* that share one scale; `TensorQuant.granularity
 scale = absmax(group) / fmt.max, so the group's absmax maps onto the format's max,
 with the scale itself stored in `TensorQuant.scale_fmt`:
 
-    "fp32"  the scale as computed;
+    "fp32"  the scale as computed (but at least 2^-126, fp32's smallest normal number);
     "e8m0"  OCP MX: 2^(floor(log2 absmax) − emax_elem) with emax_elem = floor(log2 fmt.max)
             (so scaled values reach up to 2^(emax_elem+1) and the top ones saturate);
     "e4m3"  NVFP4 two-level: tensor scale s_t = absmax(tensor) / (fmt.max · 448) in fp32,
@@ -43,6 +43,7 @@ from lowbit.recipes import TensorQuant
 
 _E4M3_MAX = 448.0
 _E4M3_MIN_SUBNORMAL = 2.0 ** -9
+_FP32_MIN_NORMAL = 2.0 ** -126
 
 
 # --- group layout --------------------------------------------------------------------------
@@ -107,8 +108,9 @@ def _scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
     zero = amax == 0
     bad = ~torch.isfinite(amax)
     if q.scale_fmt == "fp32":
-        s = amax / fmt.max
-        s = torch.where(zero | (s == 0), 1.0, s)  # s == 0: absmax so tiny that absmax/max underflows
+        # at least fp32's smallest normal, 2^-126: a subnormal scale would lose relative precision,
+        # and x / s could then exceed max (see `saturate` in _run)
+        s = torch.where(zero, 1.0, (amax / fmt.max).clamp_min(_FP32_MIN_NORMAL))
     elif q.scale_fmt == "e8m0":
         _, e = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1): floor(log2 amax) = e − 1
         s = torch.ldexp(torch.ones_like(amax), (e - 1 - fmt.emax).clamp(-127, 127))
