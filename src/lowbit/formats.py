@@ -44,7 +44,7 @@ small enough to stay in cache. For a magnitude a, let e = max(floor(log2 a),
 emin) (an exponent-field mask and a clamp); with c = 2^(e + 23 - mbits) the
 fp32 sum a + c has an ulp equal to the format's step at a, so the hardware's
 own round-to-nearest-even does the rounding and (a + c) - c is the result,
-subnormals included.
+subnormals included (c = 1.5·2^(...) makes it work for both signs; see round_to_grid_).
 """
 from __future__ import annotations
 
@@ -202,23 +202,28 @@ def _check_rounding(rounding, generator, device):
                          f"create it with torch.Generator(device={str(device)!r})")
 
 
-def round_magnitude_(a: torch.Tensor, fmt: Format, tmp: torch.Tensor, rounding: str = "nearest",
-                     generator: torch.Generator | None = None, saturate: bool = True) -> torch.Tensor:
-    """Round non-negative fp32 magnitudes onto fmt's grid, in place.
+def round_to_grid_(a: torch.Tensor, fmt: Format, tmp: torch.Tensor, rounding: str = "nearest",
+                   generator: torch.Generator | None = None, saturate: bool = True) -> torch.Tensor:
+    """Round fp32 values onto fmt's (signed) grid, in place.
 
-    a:   fp32, values >= 0 or NaN (signs are applied by the caller, e.g. copysign_).
+    a:   fp32, any sign, NaN allowed (stays NaN). Zeros come out as +0 (callers that keep the
+         sign of zero copysign afterwards).
     tmp: fp32 scratch of a's shape (overwritten); lets callers reuse one buffer.
-    saturate: clamp to fmt.max first (needed unless the caller guarantees
-        a <= max·(1 + 2^-22), as absmax scaling does); inf -> max; NaN stays NaN.
+    saturate: clamp to ±fmt.max first (inf -> ±max); may be skipped when the caller guarantees
+        |a| <= max·(1 + 2^-22), as absmax scaling does.
     For a low-bit format (not e8m0, not pass-through). Returns a.
     """
     if saturate:
-        a.clamp_max_(fmt.max)  # propagates NaN
-    # tmp = 2^max(floor(log2 a), emin): a's exponent bits, clamped below at the subnormal step's binade.
+        a.clamp_(-fmt.max, fmt.max)  # propagates NaN
+    # tmp = 2^max(floor(log2 |a|), emin): a's exponent bits (no sign), clamped below at emin, where
+    # the subnormal step begins.
     torch.bitwise_and(a.view(torch.int32), 0x7F800000, out=tmp.view(torch.int32))
     tmp.clamp_min_(fmt.min_normal)
     if rounding == "nearest":
-        k = 2.0 ** (23 - fmt.mbits)  # c = k·tmp has ulp(c) = the format's step at a
+        # c = 1.5·2^(e + 23 - mbits): for |a| <= 2^(e+1), c + a stays in c's binade, whose fp32 ulp is
+        # the format's step at a, so the FPU's round-to-nearest-even rounds a onto the grid (ties to an
+        # even multiple of the step, for either sign: c / step = 3·2^22 is even); subtracting c is exact.
+        k = 1.5 * 2.0 ** (23 - fmt.mbits)
         a.add_(tmp, alpha=k).sub_(tmp, alpha=k)
     else:
         # floor(a/step + u)·step, u ~ U[0, 1): rounds up with probability frac(a/step), so E[result] = a.
@@ -260,14 +265,11 @@ def cast(x: torch.Tensor, fmt: "str | Format", rounding: str = "nearest",
         j = min(i + chunk, n)
         xc = xf[i:j]
         a = of[i:j] if x.dtype == torch.float32 else buf[: j - i]
-        if x.dtype == torch.float32:
-            torch.abs(xc, out=a)
-        else:
-            a.copy_(xc).abs_()
-        round_magnitude_(a, fmt, tmp[: j - i], rounding, generator)
-        if fmt.has_inf:  # e5m2 keeps ±inf (the clamp turned it into max)
+        a.copy_(xc)
+        round_to_grid_(a, fmt, tmp[: j - i], rounding, generator)
+        if fmt.has_inf:  # e5m2 keeps ±inf (the clamp turned it into ±max)
             a.masked_fill_(xc.isinf(), math.inf)
-        a.copysign_(xc)
+        a.copysign_(xc)  # the sign of zero, and of values that round to zero
         if x.dtype != torch.float32:
             of[i:j].copy_(a)
     return out

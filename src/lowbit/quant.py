@@ -19,6 +19,9 @@ with the scale itself stored in `TensorQuant.scale_fmt`:
             subnormal 2^-9 so no group scale is 0; s_t = 1 when it would be 0); the effective
             scale is their fp32 product.
 
+Zeros: values that are zero or round to zero come out as +0 (the sign of zero is not kept
+here, which saves two passes; `lowbit.formats.cast` keeps it).
+
 Special groups: an all-zero group gets scale 1 (zeros stay zeros, no NaN). A group
 whose absmax is inf or NaN gets scale NaN, so the whole group comes out NaN: a
 non-finite input surfaces instead of being silently zeroed or saturated (for
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_magnitude_
+from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.recipes import TensorQuant
 
 _E4M3_MAX = 448.0
@@ -174,12 +177,16 @@ def _rows_scales(scales, x3, q):
 
 # --- the elementwise kernel ----------------------------------------------------------------
 
-def _group_amax(a: torch.Tensor) -> torch.Tensor:
-    """Max over the last dim of non-negative a [r, G, B] -> [r, G, 1]; propagates NaN."""
-    r, G, B = a.shape
+def _group_absmax(xc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """fp32 max |x| over the last dim of xc [r, G, B] -> [r, G, 1]; propagates NaN.
+    scratch: fp32 buffer of xc's size, may be overwritten."""
+    r, G, B = xc.shape
     if B < 32 and G > 1:  # torch's inner-dim reduction is slow for short groups; max_pool is not
+        a = scratch.view(xc.shape)
+        torch.abs(xc, out=a) if xc.dtype == torch.float32 else a.copy_(xc).abs_()
         return torch.nn.functional.max_pool1d(a.view(r, 1, G * B), B, B).view(r, G, 1)
-    return a.amax(-1, keepdim=True)
+    # amax and amin read x without writing an |x| temporary
+    return torch.maximum(xc.amax(-1, keepdim=True), xc.amin(-1, keepdim=True).neg()).float()
 
 
 def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused, tensor_amax):
@@ -187,7 +194,7 @@ def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused,
 
     x3: [R, G, B] any float dtype; out3: like x3 (fp32 if not dequant); s3: [R|1, G, 1] fp32
     scales, or (fused) an empty [R, G, 1] that is filled here from each chunk's absmax, so x is
-    read from memory once.
+    read from memory once. Zeros come out as +0 (the sign of zero is not kept).
     """
     R = x3.shape[0]
     per_row = max(1, x3[0].numel())
@@ -200,21 +207,20 @@ def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused,
     for i in range(0, R, step):
         j = min(i + step, R)
         xc = x3[i:j]
-        a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
-        if x3.dtype == torch.float32:
-            torch.abs(xc, out=a)
-        else:
-            a.copy_(xc).abs_()  # scale and round in fp32, not in the input dtype
+        t = tmp[: xc.numel()]
         if fused:
-            sc = _scale_from_amax(_group_amax(a), q, fmt, tensor_amax)
+            sc = _scale_from_amax(_group_absmax(xc, t), q, fmt, tensor_amax)
             s3[i:j] = sc
         else:
             sc = s3[i:j] if s3.shape[0] > 1 else s3
-        a.div_(sc)
-        round_magnitude_(a.view(-1), fmt, tmp[: xc.numel()], rounding, generator, saturate)
-        if fmt.has_inf and saturate:  # e5m2 keeps ±inf
-            a.masked_fill_(xc.isinf(), math.inf)
-        a.copysign_(xc)
+        a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
+        if x3.dtype == torch.float32:
+            torch.div(xc, sc, out=a)
+        else:
+            a.copy_(xc).div_(sc)  # scale and round in fp32, not in the input dtype
+        round_to_grid_(a.view(-1), fmt, t, rounding, generator, saturate)
+        if fmt.has_inf and saturate:  # e5m2 keeps ±inf (the clamp made it ±max)
+            torch.where(xc.isinf(), xc.float(), a, out=a)
         if dequant:
             a.mul_(sc)
         if not direct:
