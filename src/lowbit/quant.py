@@ -47,6 +47,7 @@ from lowbit.recipes import TensorQuant
 _E4M3_MAX = 448.0
 _E4M3_MIN_SUBNORMAL = 2.0 ** -9
 _FP32_MIN_NORMAL = 2.0 ** -126
+_E4M3 = get_format("e4m3")
 
 
 # --- group layout --------------------------------------------------------------------------
@@ -107,27 +108,26 @@ def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
 
 def _scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
                      tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Effective fp32 scale per group from the fp32 group absmax (same shape)."""
-    zero = amax == 0
-    bad = ~torch.isfinite(amax)
+    """Effective fp32 scale per group from the fp32 group absmax (>= 0, inf or NaN; same shape).
+    Few, in-place ops: it runs once per chunk on up to 64k groups."""
     if q.scale_fmt == "fp32":
         # at least fp32's smallest normal, 2^-126: a subnormal scale would lose relative precision,
         # and x / s could then exceed max (see `saturate` in _run)
-        s = torch.where(zero, 1.0, (amax / fmt.max).clamp_min(_FP32_MIN_NORMAL))
+        s = (amax / fmt.max).clamp_min_(_FP32_MIN_NORMAL)
     elif q.scale_fmt == "e8m0":
-        _, e = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1): floor(log2 amax) = e − 1
-        s = torch.ldexp(torch.ones_like(amax), (e - 1 - fmt.emax).clamp(-127, 127))
-        s = torch.where(zero, 1.0, s)
+        # 2^floor(log2 amax) is amax's exponent bits; times 2^-emax it is exact (a power of two)
+        s = torch.bitwise_and(amax.view(torch.int32), 0x7F800000).view(torch.float32)
+        s = s.mul_(2.0 ** -fmt.emax).clamp_min_(2.0 ** -127)  # amax < 2^-126 -> 2^-127 (E8M0's min)
     else:  # "e4m3": NVFP4's fp32 tensor scale times an E4M3 group scale
-        from lowbit.formats import cast
-
-        t = amax.amax() if tensor_amax is None else tensor_amax
-        s_t = t.float() / (fmt.max * _E4M3_MAX)
+        t = (amax.amax() if tensor_amax is None else tensor_amax).float()
+        s_t = t / (fmt.max * _E4M3_MAX)
         s_t = torch.where((t == 0) | (s_t == 0), 1.0, s_t)
-        s = cast(amax / fmt.max / s_t, "e4m3").clamp_min(_E4M3_MIN_SUBNORMAL) * s_t
-        s = torch.where(zero, 1.0, s)
-        bad = bad | ~torch.isfinite(s_t)
-    return torch.where(bad, math.nan, s)
+        s = amax / fmt.max / s_t
+        round_to_grid_(s.view(-1), _E4M3, torch.empty_like(s).view(-1))  # cast to E4M3 (saturating)
+        s = s.clamp_min_(_E4M3_MIN_SUBNORMAL).mul_(s_t)
+        s.masked_fill_(~(t < math.inf), math.nan)  # a non-finite tensor absmax: every group
+    s.masked_fill_(amax == 0, 1.0)
+    return s.masked_fill_(~(amax < math.inf), math.nan)  # inf or NaN absmax: NaN scale
 
 
 def _scales3(x3, q, fmt, amax):
