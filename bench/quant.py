@@ -102,7 +102,8 @@ def write_results(table: str, meta: dict, command: str, path: Path) -> None:
             f"{meta['size']}×{meta['size']} fp32 tensor on {meta['device']} ({meta['cpus']} CPUs, torch "
             f"{meta['torch']}, {meta['threads']} threads); median and min of {meta['repeats']} repeats after 2 "
             f"warm-ups; GB/s counts the fp32 input bytes. Machine load: {meta['load']}.\n"
-            f"Scales are computed inside each call (current scaling); the output is a fresh tensor.\n\n"
+            f"Scales are computed inside each call (current scaling); the output is a fresh tensor. "
+            f"On the shared 2-core VM, repeated runs differ by up to about ±20%.\n\n"
             f"{table}\n")
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
