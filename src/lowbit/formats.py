@@ -9,7 +9,8 @@ Formats (magnitudes; every low-bit format is sign-magnitude except E8M0):
     e4m3   4     3     7     448        2^-6        2^-9           no   yes   OCP FP8 "fn" (S.1111.111 = NaN)
     e5m2   5     2     15    57344      2^-14       2^-16          yes  yes   OCP/IEEE-like FP8
     e8m0   8     0     127   2^127      2^-127      2^-127         no   yes   unsigned, no zero (MX scales)
-    bf16 / fp16 / fp32: IEEE pass-through via torch's own conversion.
+    bf16 / fp16 / fp32: IEEE pass-through via torch's own conversion (RNE; finite overflow
+    becomes inf, as in real bf16/fp16 arithmetic, not saturated); stochastic rounding for bf16.
 
 E1M2 and E3M0 (the FP4 paper's layout ablation) follow the IEEE conventions of
 E2M1: bias 2^(ebits-1) - 1, exponent field 0 holds the subnormals, and every
