@@ -1,0 +1,348 @@
+"""Comparison report: results dict (the content of `results.json`) -> markdown table,
+loss-curve PNGs and `report.md`.
+
+Pure functions of the results dict; nothing here trains or reads run directories, so a
+report can be re-rendered from a saved `results.json`:
+
+    import json; from lowbit import report
+    report.write_report(json.load(open("runs/cmp/results.json")), "runs/cmp")
+
+The results dict (written by `lowbit.compare`) looks like
+    {"reference": "bf16", "reference_note": None | str, "base_config": {TrainConfig fields},
+     "command": str, "machine": {...}, "sweep": None | {param: [values]},
+     "runs": {label: {"status": "ok" | "diverged" | "failed: ...", "final_val_loss": float | None,
+                      "val_gap_abs", "val_gap_pct", "tokens_per_s", "step_time_rel", "peak_mem_bytes",
+                      "quant_stats": {..}, "wall_time_s", "history": [{"tokens", "val_loss", ..}],
+                      "recipe": base recipe name, "sweep": None | {"param": str, "value": ..}, ...}}}
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+REFERENCE_RECIPE = "bf16"
+LOSS_PNG = "loss.png"
+REPORT_MD = "report.md"
+
+# Enough distinct (colour, line style) pairs for ~40 runs: tab10 colours cycled against four dash patterns.
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+           "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_STYLES = ("-", "--", "-.", ":")
+
+
+# --- numbers -----------------------------------------------------------------------------
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pick_reference(labels: list[str]) -> tuple[str | None, str | None]:
+    """(reference label, note). `bf16` when present, else the first label, with a note
+    saying so (the report must not silently compare against something else)."""
+    if not labels:
+        return None, None
+    if REFERENCE_RECIPE in labels:
+        return REFERENCE_RECIPE, None
+    return labels[0], (f"`{REFERENCE_RECIPE}` is not among the compared recipes; gaps and relative "
+                       f"step times are measured against the first recipe, `{labels[0]}`.")
+
+
+def add_gaps(runs: dict[str, dict], reference: str | None) -> dict[str, dict]:
+    """Fill each run's `val_gap_abs` (val loss − reference val loss), `val_gap_pct`
+    (100·gap / reference val loss) and `step_time_rel` (step time / reference step time).
+    None wherever either side is missing or non-finite (failed or diverged runs). In place; returns runs."""
+    ref = runs.get(reference) if reference is not None else None
+    ref_loss = ref.get("final_val_loss") if ref and ref.get("status") == "ok" else None
+    ref_step = ref.get("step_time_s") if ref and ref.get("status") == "ok" else None
+    for r in runs.values():
+        loss, step = r.get("final_val_loss"), r.get("step_time_s")
+        ok = r.get("status") == "ok"
+        if ok and _finite(loss) and _finite(ref_loss):
+            r["val_gap_abs"] = loss - ref_loss
+            r["val_gap_pct"] = 100.0 * (loss - ref_loss) / ref_loss if ref_loss != 0 else None
+        else:
+            r["val_gap_abs"] = r["val_gap_pct"] = None
+        r["step_time_rel"] = step / ref_step if ok and _finite(step) and _finite(ref_step) and ref_step > 0 else None
+    return runs
+
+
+def val_curve(run: dict) -> tuple[list[float], list[float]]:
+    """(tokens, val_loss) of the history rows that carry a finite validation loss."""
+    xs, ys = [], []
+    for row in run.get("history") or []:
+        v, t = row.get("val_loss"), row.get("tokens")
+        if _finite(v) and _finite(t):
+            xs.append(float(t))
+            ys.append(float(v))
+    return xs, ys
+
+
+def gap_curve(run: dict, ref: dict) -> tuple[list[float], list[float]]:
+    """(tokens, val loss − reference val loss) at the token counts both runs evaluated at."""
+    rt, rv = val_curve(ref)
+    ref_at = dict(zip(rt, rv))
+    xs, ys = [], []
+    for t, v in zip(*val_curve(run)):
+        if t in ref_at:
+            xs.append(t)
+            ys.append(v - ref_at[t])
+    return xs, ys
+
+
+# --- text ----------------------------------------------------------------------------------
+
+def _f(x, fmt: str, none: str = "–") -> str:
+    return format(x, fmt) if _finite(x) else none
+
+
+def _status(r: dict) -> str:
+    s = r.get("status") or "?"
+    if s == "diverged" and r.get("diverged_at_step") is not None:
+        return f"diverged at step {r['diverged_at_step']}"
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(results: dict) -> str:
+    """Markdown table, one row per run: losses, gaps to the reference, speed, memory, wall time."""
+    ref = results.get("reference")
+    head = ["Recipe", "Status", "Train loss", "Val loss", f"Δ val vs {ref}", "Δ %",
+            "Tokens/s", f"Step time vs {ref}", "Peak mem (MiB)", "Wall (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for label, r in results.get("runs", {}).items():
+        mem = r.get("peak_mem_bytes")
+        cells = [
+            f"**{label}**" if label == ref else label,
+            _status(r),
+            _f(r.get("final_train_loss"), ".4f"),
+            _f(r.get("final_val_loss"), ".4f"),
+            _f(r.get("val_gap_abs"), "+.4f"),
+            _f(r.get("val_gap_pct"), "+.2f") + ("%" if _finite(r.get("val_gap_pct")) else ""),
+            _f(r.get("tokens_per_s"), ",.0f"),
+            _f(r.get("step_time_rel"), ".2f") + ("×" if _finite(r.get("step_time_rel")) else ""),
+            _f(mem / 2**20 if _finite(mem) else None, ".1f"),
+            _f(r.get("wall_time_s"), ".1f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_quant_table(results: dict) -> str:
+    """Markdown table of the quantization statistics (union of keys over runs); "" if none reported any."""
+    runs = results.get("runs", {})
+    keys = sorted({k for r in runs.values() for k in (r.get("quant_stats") or {})})
+    if not keys:
+        return ""
+    lines = ["| Recipe | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for label, r in runs.items():
+        qs = r.get("quant_stats") or {}
+        lines.append(f"| {label} | " + " | ".join(_f(qs.get(k), ".4g") for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _title(results: dict) -> str:
+    cfg = results.get("base_config") or {}
+    parts = [f"model {cfg['model']}" if "model" in cfg else None,
+             f"{_si(cfg['tokens'])} tokens" if _finite(cfg.get("tokens")) else None,
+             f"seed {cfg['seed']}" if "seed" in cfg else None]
+    return "lowbit compare: " + ", ".join(p for p in parts if p)
+
+
+def _si(n: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:g}"
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _new_figure(ncols: int, width: float = 6.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _style(i: int) -> dict:
+    return {"color": _COLORS[i % len(_COLORS)], "linestyle": _STYLES[(i // len(_COLORS)) % len(_STYLES)]}
+
+
+def _token_axis(ax):
+    from matplotlib.ticker import EngFormatter
+
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_xlabel("training tokens")
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_curves(ax, runs: dict[str, dict], reference: str | None, labels: list[str]):
+    """Validation loss against tokens, one line per run; diverged/failed runs end in an ×."""
+    drawn = 0
+    for i, label in enumerate(labels):
+        r = runs[label]
+        xs, ys = val_curve(r)
+        if not xs:
+            continue
+        kw = _style(i)
+        if label == reference:
+            kw = {"color": "black", "linestyle": "-", "linewidth": 2.2}
+        status = r.get("status", "ok")
+        name = label if status == "ok" else f"{label} ({_status(r)})"
+        ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=3, label=name, **kw)
+        if status != "ok":
+            ax.plot(xs[-1:], ys[-1:], marker="x", markersize=9, color=kw["color"], linestyle="none")
+        drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no validation losses recorded", ha="center", va="center", transform=ax.transAxes)
+    _token_axis(ax)
+    ax.set_ylabel("validation loss (nats/token)")
+    return drawn
+
+
+def plot_losses(results: dict, path: str | Path) -> Path:
+    """Two panels: validation loss vs tokens for every run, and the gap to the reference
+    (val loss − reference val loss at the same token count). Writes a PNG; returns its path."""
+    runs, ref = results.get("runs", {}), results.get("reference")
+    labels = list(runs)
+    fig, (ax, axg) = _new_figure(2)
+    if _plot_curves(ax, runs, ref, labels):
+        ax.legend(fontsize=8)
+    ax.set_title("validation loss")
+
+    drawn = 0
+    if ref in runs and val_curve(runs[ref])[0]:
+        axg.axhline(0.0, color="black", linewidth=1.5, label=f"{ref} (reference)")
+        for i, label in enumerate(labels):
+            if label == ref:
+                continue
+            xs, ys = gap_curve(runs[label], runs[ref])
+            if xs:
+                axg.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=3, label=label, **_style(i))
+                drawn += 1
+    if drawn:
+        axg.legend(fontsize=8)
+    else:
+        axg.text(0.5, 0.5, "no gap to plot (reference missing or single run)", ha="center", va="center",
+                 transform=axg.transAxes)
+    _token_axis(axg)
+    axg.set_ylabel(f"val loss − {ref} val loss")
+    axg.set_title(f"gap to {ref}")
+    fig.suptitle(_title(results))
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _param_slug(param: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in param)
+
+
+def sweep_plot_name(param: str) -> str:
+    return f"sweep_{_param_slug(param)}.png"
+
+
+def plot_sweep(results: dict, param: str, path: str | Path) -> Path:
+    """Left: final validation loss against the swept value, one line per base recipe (the reference
+    as a horizontal line). Right: the validation curves of the swept runs. Writes a PNG."""
+    runs, ref = results.get("runs", {}), results.get("reference")
+    swept = {lab: r for lab, r in runs.items() if (r.get("sweep") or {}).get("param") == param}
+    values = list((results.get("sweep") or {}).get(param, []))
+    for r in swept.values():  # values of runs reused from an earlier invocation, if any
+        if r["sweep"]["value"] not in values:
+            values.append(r["sweep"]["value"])
+    numeric = all(_finite(v) for v in values)
+    xpos = {repr(v): (float(v) if numeric else i) for i, v in enumerate(values)}
+
+    fig, (ax, axc) = _new_figure(2)
+    by_recipe: dict[str, list[tuple[float, float | None]]] = {}
+    for r in swept.values():
+        by_recipe.setdefault(r.get("recipe", "?"), []).append(
+            (xpos[repr(r["sweep"]["value"])], r.get("final_val_loss") if r.get("status") == "ok" else None))
+    for i, (name, pts) in enumerate(by_recipe.items()):
+        pts.sort()
+        ok = [(x, y) for x, y in pts if _finite(y)]
+        if ok:
+            ax.plot(*zip(*ok), marker="o", label=name, **_style(i))
+        bad = [x for x, y in pts if not _finite(y)]
+        if bad:
+            lo, hi = ax.get_ylim() if ok else (0, 1)
+            ax.plot(bad, [hi] * len(bad), marker="x", markersize=9, linestyle="none", color=_style(i)["color"],
+                    label=f"{name}: diverged/failed")
+    if ref in runs and runs[ref].get("status") == "ok" and _finite(runs[ref].get("final_val_loss")):
+        ax.axhline(runs[ref]["final_val_loss"], color="black", linestyle="--", linewidth=1.5, label=ref)
+    if not numeric:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(param)
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"final validation loss vs {param}")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+    curve_labels = ([ref] if ref in runs and ref not in swept else []) + list(swept)
+    if _plot_curves(axc, runs, ref, curve_labels):
+        axc.legend(fontsize=8)
+    axc.set_title(f"validation loss, {param} swept")
+    fig.suptitle(_title(results) + f" — sweep of {param}")
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def _machine_lines(m: dict) -> list[str]:
+    if not m:
+        return ["(not recorded)"]
+    order = ["cpu", "cpu_cores", "gpu", "device", "torch", "python", "platform", "lowbit"]
+    keys = [k for k in order if k in m] + sorted(k for k in m if k not in order)
+    return [f"- {k}: {m[k]}" for k in keys]
+
+
+def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[str, str] | None = None) -> str:
+    """The text of report.md: title, reference note, table, charts, quantization stats, command, machine."""
+    cfg = results.get("base_config") or {}
+    out = [f"# {_title(results)}", ""]
+    ref = results.get("reference")
+    if ref is not None:
+        out.append(f"Reference for gaps and relative step time: `{ref}`.")
+    if results.get("reference_note"):
+        out.append(f"**Note:** {results['reference_note']}")
+    out += ["", format_table(results), "",
+            "Δ val: final validation loss minus the reference's (lower is better); "
+            "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower.", "",
+            f"![validation loss and gap to {ref}]({plot_name})", ""]
+    failed = {lab: r for lab, r in results.get("runs", {}).items() if str(r.get("status", "")).startswith("failed")}
+    for param, name in (sweep_plots or {}).items():
+        out += [f"## Sweep of `{param}`", "", f"Values: {', '.join(map(str, results['sweep'][param]))}.", "",
+                f"![sweep of {param}]({name})", ""]
+    qt = format_quant_table(results)
+    if qt:
+        out += ["## Quantization statistics", "", qt, ""]
+    if failed:
+        out += ["## Failed runs", ""] + [f"- `{lab}`: {r['status']}" for lab, r in failed.items()] + [""]
+    out += ["## Reproduce", "", "```", results.get("command") or "(command not recorded)", "```", ""]
+    if cfg:
+        out += ["Base configuration: " + ", ".join(f"{k}={cfg[k]!r}" for k in sorted(cfg)), ""]
+    out += ["## Machine", ""] + _machine_lines(results.get("machine") or {}) + [""]
+    return "\n".join(out)
+
+
+def write_report(results: dict, out: str | Path) -> dict[str, Path]:
+    """Write loss.png, one sweep_<param>.png per swept parameter and report.md into `out`.
+    Returns {"plot": .., "report": .., "sweep:<param>": ..} paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"plot": plot_losses(results, out / LOSS_PNG)}
+    sweep_plots = {}
+    for param in (results.get("sweep") or {}):
+        name = sweep_plot_name(param)
+        paths[f"sweep:{param}"] = plot_sweep(results, param, out / name)
+        sweep_plots[param] = name
+    md = out / REPORT_MD
+    md.write_text(render_markdown(results, LOSS_PNG, sweep_plots))
+    paths["report"] = md
+    return paths

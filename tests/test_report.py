@@ -1,0 +1,117 @@
+"""lowbit.report renders a table, PNG charts and report.md from a synthetic results dict."""
+import struct
+
+import pytest
+
+from lowbit import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _history(final, tokens_per_eval=1000, n=5, start=6.0):
+    """Validation rows decaying linearly from `start` to `final`, plus train-only rows between them."""
+    rows = []
+    for i in range(1, n + 1):
+        val = start + (final - start) * i / n
+        rows.append({"step": 10 * i - 5, "tokens": tokens_per_eval * i - 500, "train_loss": val + 0.1,
+                     "val_loss": None})
+        rows.append({"step": 10 * i, "tokens": tokens_per_eval * i, "train_loss": val + 0.05, "val_loss": val})
+    return rows
+
+
+def _run(final, status="ok", step=0.1, tps=5000.0, mem=50 * 2**20, recipe=None, sweep=None, **kw):
+    r = {"status": status, "final_train_loss": final + 0.05, "final_val_loss": final, "step_time_s": step,
+         "tokens_per_s": tps, "peak_mem_bytes": mem, "wall_time_s": 12.5, "quant_stats": {},
+         "history": _history(final), "recipe": recipe, "sweep": sweep, "diverged_at_step": None}
+    r.update(kw)
+    return r
+
+
+def _results(runs, sweep=None):
+    ref, note = report.pick_reference(list(runs))
+    report.add_gaps(runs, ref)
+    return {"reference": ref, "reference_note": note, "base_config": {"model": "tiny", "tokens": 5000, "seed": 0},
+            "command": "lowbit compare --recipes bf16,fp4-paper --model tiny", "sweep": sweep,
+            "machine": {"cpu": "TestCPU", "cpu_cores": 2, "torch": "2.x"}, "runs": runs}
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24]), len(data)
+
+
+def test_gaps_against_bf16():
+    runs = {"fp32": _run(3.0, step=0.2), "bf16": _run(4.0, step=0.1), "fp4-paper": _run(4.1, step=0.3),
+            "nan": _run(float("nan"), status="diverged", diverged_at_step=7)}
+    res = _results(runs)
+    assert res["reference"] == "bf16" and res["reference_note"] is None
+    assert runs["fp4-paper"]["val_gap_abs"] == pytest.approx(0.1)
+    assert runs["fp4-paper"]["val_gap_pct"] == pytest.approx(2.5)       # 0.1 / 4.0
+    assert runs["fp32"]["val_gap_pct"] == pytest.approx(-25.0)
+    assert runs["fp4-paper"]["step_time_rel"] == pytest.approx(3.0)
+    assert runs["bf16"]["val_gap_abs"] == 0.0
+    assert runs["nan"]["val_gap_abs"] is None and runs["nan"]["step_time_rel"] is None
+
+
+def test_reference_falls_back_to_first_with_note():
+    ref, note = report.pick_reference(["fp32", "fp4-direct"])
+    assert ref == "fp32"
+    assert "bf16" in note and "fp32" in note
+
+
+def test_table_numbers_correspond():
+    runs = {"bf16": _run(4.0, step=0.1, tps=12345.6, mem=100 * 2**20),
+            "fp4-paper": _run(4.1, step=0.25, tps=4000.0),
+            "fp4-direct": _run(float("nan"), status="diverged", diverged_at_step=42)}
+    table = report.format_table(_results(runs))
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3
+    bf16 = next(line for line in lines if "**bf16**" in line)
+    assert "4.0000" in bf16 and "12,346" in bf16 and "100.0" in bf16 and "+0.0000" in bf16
+    fp4 = next(line for line in lines if "fp4-paper" in line)
+    cells = [c.strip() for c in fp4.strip("|").split("|")]
+    assert cells[2:8] == ["4.1500", "4.1000", "+0.1000", "+2.50%", "4,000", "2.50×"]
+    div = next(line for line in lines if "fp4-direct" in line)
+    assert "diverged at step 42" in div
+
+
+def test_writes_png_and_report(tmp_path):
+    runs = {"bf16": _run(4.0), "fp8-tensor": _run(4.02), "fp4-paper": _run(4.1),
+            "fp4-direct": _run(5.0, status="diverged", diverged_at_step=30,
+                               quant_stats={"underflow_frac": 0.25, "occ_clamped_frac": 0.01})}
+    res = _results(runs)
+    paths = report.write_report(res, tmp_path)
+    (w, h), nbytes = _png_size(paths["plot"])
+    assert w >= 800 and h >= 300           # two panels at 110 dpi
+    assert nbytes > 20_000                 # several curves, legend, labels: a blank figure is far smaller
+    md = paths["report"].read_text()
+    assert "![validation loss" in md and "(loss.png)" in md
+    assert report.format_table(res) in md
+    assert "lowbit compare --recipes bf16,fp4-paper --model tiny" in md
+    assert "TestCPU" in md and "cpu_cores: 2" in md
+    assert "underflow_frac" in md and "0.25" in md  # quantization stats table
+
+
+def test_gap_curve_aligns_on_tokens():
+    ref = {"history": [{"tokens": 100, "val_loss": 5.0}, {"tokens": 200, "val_loss": 4.0}]}
+    run = {"history": [{"tokens": 100, "val_loss": 5.5}, {"tokens": 150, "val_loss": None},
+                       {"tokens": 200, "val_loss": 4.25}, {"tokens": 300, "val_loss": 4.0}]}
+    assert report.gap_curve(run, ref) == ([100.0, 200.0], [0.5, 0.25])
+
+
+def test_sweep_chart(tmp_path):
+    runs = {"bf16": _run(4.0)}
+    for k, loss in ((1, 4.3), (3, 4.15), (5, 4.1), (10, 4.2)):
+        runs[f"fp4-paper[dge.k={k}]"] = _run(loss, recipe="fp4-paper", sweep={"param": "dge.k", "value": k})
+    runs["fp4-paper[fmt=e3m0]"] = _run(9.0, status="diverged", recipe="fp4-paper",
+                                       sweep={"param": "fmt", "value": "e3m0"}, diverged_at_step=3)
+    runs["fp4-paper[fmt=e2m1]"] = _run(4.1, recipe="fp4-paper", sweep={"param": "fmt", "value": "e2m1"})
+    res = _results(runs, sweep={"dge.k": [1, 3, 5, 10], "fmt": ["e2m1", "e3m0"]})
+    paths = report.write_report(res, tmp_path)
+    for param in ("dge.k", "fmt"):
+        (w, h), nbytes = _png_size(paths[f"sweep:{param}"])
+        assert nbytes > 10_000
+    md = paths["report"].read_text()
+    assert "## Sweep of `dge.k`" in md and "(sweep_dge_k.png)" in md and "(sweep_fmt.png)" in md
