@@ -1,0 +1,286 @@
+"""Parameter, FLOPs, MFU and KV-cache accounting for lowbit's model configs.
+
+Pure functions of a GPTConfig / LlamaConfig (read through the shared attribute names
+n_layer, n_embd, n_head, kv_heads, head_dim, ffn_hidden, vocab_size, block_size,
+family, mlp, bias, use_qkv_bias, tie_embeddings), plus `peak_flops(device)`.
+
+FLOPs convention (PaLM, Chowdhery et al. 2022, App. B; Chinchilla/Kaplan likewise):
+a multiply-add counts 2 FLOPs; per token, the forward pass of a GeMM with an
+[in, out] weight costs 2·in·out, and attention costs 2·seq·d for the scores
+(q·kᵀ over `seq` keys, d = n_head·head_dim) plus 2·seq·d for the weighted sum of
+values, per layer -- the full `seq`, not the causal average seq/2, as in PaLM.
+Training (forward + backward, the backward being two GeMMs per forward GeMM) is
+3× the forward:
+    train FLOPs/token = 6·N_matmul + 12·n_layer·seq·d
+where N_matmul counts the Linear weights (output head included; embeddings are
+lookups, not GeMMs). Norms, biases, softmax, activations and the optimizer are
+left out (under 1% at these shapes).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense (no sparsity) BF16 tensor-core peak per device, FLOP/s, from vendor datasheets.
+# GeForce cards: the fp32-accumulate rate (what PyTorch's bf16 matmuls use).
+# Matched as a substring of torch.cuda.get_device_name(); the first match wins, so the
+# more specific names come first.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500e12),
+    ("B200", 2250e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12),
+    ("A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+)
+
+
+def count_params(config) -> dict[str, int]:
+    """Analytic parameter count of the model `build_model(config)` builds.
+
+    Returns dict(total, embedding, non_embedding): `embedding` is the token embedding
+    plus (GPT) the learned position embedding; with tied weights the head *is* the token
+    embedding and is counted once, inside `embedding`. An untied head is a GeMM and counts
+    as non-embedding."""
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
+    kv = config.kv_heads * config.head_dim
+    h = config.ffn_hidden
+    if config.family == "gpt":
+        b = int(config.bias)
+        ln = d * (1 + b)  # LayerNorm weight (+ bias)
+        attn = d * (d + 2 * kv) + (d + 2 * kv) * int(config.use_qkv_bias) + d * d + d * b
+        mlp = d * h + h * b + h * d + d * b
+        per_layer = 2 * ln + attn + mlp
+        embedding = V * d + config.block_size * d
+        final_norm = ln
+    elif config.family == "llama":
+        attn = d * d + 2 * d * kv + d * d  # wq, wk, wv, wo; no biases
+        mlp = 3 * d * h  # w1, w3, w2
+        per_layer = 2 * d + attn + mlp  # two RMSNorm weights
+        embedding = V * d
+        final_norm = d
+    else:
+        raise ValueError(f"count_params: unknown model family {config.family!r} (expected 'gpt' or 'llama')")
+    head = 0 if config.tie_embeddings else V * d
+    total = embedding + L * per_layer + final_norm + head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def flops_per_token(config, seq_len: int | None = None) -> dict:
+    """FLOPs per token (see the module docstring for the convention) at context `seq_len`
+    (default: config.block_size).
+
+    Returns a dict of floats-as-ints:
+      per_layer: dict of forward FLOPs/token for one layer --
+        qkv          2·d·(d + 2·kv_heads·head_dim)   (6d² without GQA)
+        attn_out     2·d²
+        mlp          2·2·d·ffn (GELU: 16d² at ffn=4d) or 3·2·d·ffn (SwiGLU)
+        attn_scores  2·seq·d     (q·kᵀ)
+        attn_values  2·seq·d     (softmax·v)
+        total        their sum (24d² + 4·seq·d for a 4×-MLP MHA layer)
+      layers         n_layer · per_layer total
+      lm_head        2·d·V
+      forward        layers + lm_head
+      train          3 · forward  (= 6·matmul_params + 12·n_layer·seq·d)
+      matmul_params  Linear weights (head included) -- the N of "6N"
+      attention      forward attention-score FLOPs over all layers (4·n_layer·seq·d)
+    """
+    T = config.block_size if seq_len is None else seq_len
+    if not isinstance(T, int) or T <= 0:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
+    kv = config.kv_heads * config.head_dim
+    h = config.ffn_hidden
+    n_mlp_mats = 3 if config.mlp == "swiglu" else 2
+    per_layer = {
+        "qkv": 2 * d * (d + 2 * kv),
+        "attn_out": 2 * d * d,
+        "mlp": n_mlp_mats * 2 * d * h,
+        "attn_scores": 2 * T * d,
+        "attn_values": 2 * T * d,
+    }
+    per_layer["total"] = sum(per_layer.values())
+    layers = L * per_layer["total"]
+    lm_head = 2 * d * V
+    forward = layers + lm_head
+    matmul_params = L * (d * (d + 2 * kv) + d * d + n_mlp_mats * d * h) + V * d
+    return {
+        "seq_len": T,
+        "per_layer": per_layer,
+        "layers": layers,
+        "lm_head": lm_head,
+        "forward": forward,
+        "train": 3 * forward,
+        "matmul_params": matmul_params,
+        "attention": L * (per_layer["attn_scores"] + per_layer["attn_values"]),
+    }
+
+
+def kv_cache_bytes(config, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes per token per sequence: 2 (K and V) · n_layer · kv_heads · head_dim · dtype_bytes."""
+    if dtype_bytes <= 0:
+        raise ValueError(f"dtype_bytes must be positive (bf16: 2, fp32: 4, fp8: 1), got {dtype_bytes}")
+    return 2 * config.n_layer * config.kv_heads * config.head_dim * dtype_bytes
+
+
+def kv_cache_bytes_context(config, seq_len: int | None = None, batch_size: int = 1, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes for batch_size sequences of seq_len tokens (default: the full context)."""
+    T = config.block_size if seq_len is None else seq_len
+    return kv_cache_bytes(config, dtype_bytes) * T * batch_size
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense BF16 peak FLOP/s for a GPU name (as torch.cuda.get_device_name gives it), None if unknown."""
+    for key, flops in GPU_PEAK_BF16_FLOPS:
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul throughput of this CPU, FLOP/s: best of `repeats` n×n×n matmuls
+    (2n³ FLOPs each), after one warm-up. Cached per (n, repeats) for the process: the CPU's
+    peak does not change, and measuring costs ~0.1-1 s."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: str | torch.device) -> float:
+    """Peak FLOP/s to compute MFU against on `device`.
+
+    CUDA/ROCm: the dense BF16 tensor-core peak of the GPU from GPU_PEAK_BF16_FLOPS;
+    CPU: measured fp32 matmul throughput (measure_cpu_matmul_flops). Raises ValueError
+    for a GPU not in the table or another device type (pass the peak explicitly then)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return measure_cpu_matmul_flops()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        flops = gpu_peak_flops(name)
+        if flops is None:
+            raise ValueError(
+                f"unknown peak FLOP/s for GPU {name!r}; add it to lowbit.flops.GPU_PEAK_BF16_FLOPS "
+                "or pass the peak explicitly"
+            )
+        return flops
+    raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass the peak explicitly")
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s (tokens/s × training FLOPs/token) over peak FLOP/s."""
+    if peak <= 0:
+        raise ValueError(f"peak FLOP/s must be positive, got {peak}")
+    return tokens_per_s * flops_per_token / peak
+
+
+def tokens_per_s_for_mfu(target_mfu: float, flops_per_token: float, peak: float) -> float:
+    """Training tokens/s that would reach `target_mfu` (a fraction, e.g. 0.4) at `peak` FLOP/s."""
+    if flops_per_token <= 0:
+        raise ValueError(f"flops_per_token must be positive, got {flops_per_token}")
+    return target_mfu * peak / flops_per_token
+
+
+def _si(x: float, unit: str = "") -> str:
+    for div, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.1f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def format_report(
+    config,
+    seq_len: int | None = None,
+    mfu: float = 0.4,
+    peak: float | None = None,
+    name: str | None = None,
+    device_name: str | None = None,
+) -> str:
+    """The text `lowbit flops --model NAME [--seq N]` prints: shape, parameters, FLOPs per
+    token (per-layer split), KV cache, Chinchilla budget; with `peak` (FLOP/s), also the
+    tokens/s and time that budget needs at utilisation `mfu` (a fraction)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be a fraction in (0, 1], got {mfu}")
+    p = count_params(config)
+    f = flops_per_token(config, seq_len)
+    T, L, d = f["seq_len"], config.n_layer, config.n_embd
+    fam = {"gpt": "GPT-2 family", "llama": "LLaMA-2 family"}.get(config.family, config.family)
+    mlp = "GELU 4x" if config.mlp == "gelu" else "SwiGLU"
+    lines = [
+        f"model {name or type(config).__name__} ({fam}): {L} layers, d_model {d}, "
+        f"{config.n_head} heads ({config.kv_heads} kv, head dim {config.head_dim}), "
+        f"MLP {mlp} {config.ffn_hidden}, context {config.block_size}, vocab {config.vocab_size:,}"
+        + (", tied head" if config.tie_embeddings else ""),
+        f"parameters: {p['total']:,} total = {p['non_embedding']:,} non-embedding + {p['embedding']:,} embedding",
+        "",
+        f"FLOPs per token at seq {T} (2 per multiply-add; training = 3 x forward):",
+    ]
+    pl = f["per_layer"]
+    rows = [
+        ("QKV projection", pl["qkv"]),
+        ("attention output", pl["attn_out"]),
+        (f"MLP ({mlp})", pl["mlp"]),
+        ("attention scores q.k", pl["attn_scores"]),
+        ("attention x values", pl["attn_values"]),
+        ("layer total", pl["total"]),
+    ]
+    lines.append(f"  per layer (forward){'':16}{'FLOPs':>16}  {'x d^2':>7}  {'share':>6}")
+    for label, v in rows:
+        lines.append(f"    {label:<31}{v:>16,}  {v / d**2:>7.2f}  {v / pl['total']:>6.1%}")
+    lines += [
+        f"  {L} layers{'':25}{f['layers']:>16,}",
+        f"  output head{'':24}{f['lm_head']:>16,}",
+        f"  forward{'':28}{f['forward']:>16,}  ({_si(f['forward'], 'FLOP')})",
+        f"  training (fwd+bwd){'':17}{f['train']:>16,}  ({_si(f['train'], 'FLOP')})",
+        f"  = 6*N_matmul + 12*L*T*d = 6*{f['matmul_params']:,} + 12*{L}*{T}*{d}; "
+        f"attention scores/values are {f['attention'] / f['forward']:.1%} of forward",
+        f"  (PaLM's 6*N_non_embedding + 12*L*T*d = {6 * p['non_embedding'] + 12 * L * T * d:,}: "
+        "also counts norm/bias parameters as GeMM weights)",
+        "",
+        f"KV cache (bf16): {kv_cache_bytes(config):,} bytes/token; "
+        f"{kv_cache_bytes_context(config, T) / 2**20:,.2f} MiB per sequence of {T} tokens",
+    ]
+    budget = 20 * p["total"]
+    lines.append(
+        f"Chinchilla budget (20 tokens/param): {budget / 1e9:.3g}B tokens = {_si(budget * f['train'], 'FLOP')} training"
+    )
+    if peak is not None:
+        tps = tokens_per_s_for_mfu(mfu, f["train"], peak)
+        where = f" on {device_name}" if device_name else ""
+        lines.append(
+            f"at {mfu:.0%} MFU{where} (peak {_si(peak, 'FLOP/s')}): {tps:,.0f} tokens/s; "
+            f"Chinchilla budget in {_duration(budget / tps)}"
+        )
+    return "\n".join(lines)
