@@ -1,0 +1,233 @@
+"""lowbit.compare: run planning and sweep syntax, the orchestration (resume, divergence, failures,
+like-for-like checks) against a stand-in trainer, and end-to-end runs of the real trainer on `tiny`."""
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit import recipes
+
+cmp = importlib.import_module("lowbit.compare")  # the module (lowbit.compare is also the function's name)
+
+
+# --- sweep syntax and planning ------------------------------------------------------------------
+
+def test_sweep_rejects_unknown_parameter_with_valid_list():
+    with pytest.raises(ValueError) as e:
+        cmp.parse_sweep(["dge.kk=1,2"])
+    msg = str(e.value)
+    assert "'dge.kk'" in msg and "valid parameters" in msg
+    for key in ("dge.k", "dge.enabled", "dge.clamp", "occ.alpha", "occ.enabled", "occ.compensate", "fmt"):
+        assert key in msg
+    with pytest.raises(ValueError, match="unknown sweep parameter"):
+        cmp.plan_runs(["fp4-paper"], {"lr": [1e-3]})  # a train option, not a recipe parameter
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("dge.k", "expected KEY=V1,V2"),
+    ("dge.k=", "expected KEY=V1,V2"),
+    ("dge.k=1,abc", "'abc' for 'dge.k' is not a finite number"),
+    ("occ.compensate=maybe", "not true/false"),
+    ("fmt=e2m1,e9m9", "e9m9"),
+    ("dge.k=3,3", "repeats a value"),
+])
+def test_sweep_rejects_bad_values(spec, match):
+    with pytest.raises(ValueError, match=match):
+        cmp.parse_sweep([spec])
+
+
+def test_sweep_parses_types():
+    s = cmp.parse_sweep(["dge.k=1,3,5,10", "occ.compensate=on,false", "fmt=e2m1,e1m2,e3m0",
+                         "amax_history_len=4,16"])
+    assert s == {"dge.k": [1.0, 3.0, 5.0, 10.0], "occ.compensate": [True, False],
+                 "fmt": ["e2m1", "e1m2", "e3m0"], "amax_history_len": [4, 16]}
+
+
+def test_plan_runs_labels_and_reference_unswept():
+    runs = cmp.plan_runs(["bf16", "fp4-paper"], {"dge.k": [1, 3], "fmt": ["e1m2"]})
+    assert [r.label for r in runs] == ["bf16", "fp4-paper[dge.k=1]", "fp4-paper[dge.k=3]", "fp4-paper[fmt=e1m2]"]
+    by = {r.label: r for r in runs}
+    assert by["bf16"].recipe == recipes.get("bf16") and by["bf16"].param is None
+    assert by["fp4-paper[dge.k=3]"].recipe.dge.k == 3.0
+    assert by["fp4-paper[dge.k=3]"].recipe.occ == recipes.get("fp4-paper").occ  # nothing else changed
+    fmt = by["fp4-paper[fmt=e1m2]"].recipe
+    assert (fmt.input.fmt, fmt.weight.fmt, fmt.grad_output.fmt) == ("e1m2",) * 3
+    assert fmt.dge.k == recipes.get("fp4-paper").dge.k
+
+
+def test_plan_runs_errors():
+    with pytest.raises(ValueError, match="more than once"):
+        cmp.plan_runs(["bf16", "bf16"])
+    with pytest.raises(ValueError, match="none of the recipes"):
+        cmp.plan_runs(["bf16", "fp32"], {"dge.k": [1]})
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        cmp.plan_runs(["nope"])
+    with pytest.raises(ValueError, match="at least one recipe"):
+        cmp.plan_runs([])
+
+
+# --- orchestration with a stand-in trainer ----------------------------------------------------------
+
+@dataclasses.dataclass
+class _StandInConfig:
+    """The TrainConfig fields compare relies on (used only if lowbit.train has not landed)."""
+    model: str = "tiny"
+    recipe: str = "fp32"
+    data: str | None = None
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048
+    tokens: int = 2_000_000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    eval_interval: int = 100
+    out: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    compile: bool = False
+
+
+def _train_config_cls():
+    try:
+        return importlib.import_module("lowbit.train").TrainConfig
+    except (ImportError, AttributeError):
+        return None
+
+
+class FakeTrainer:
+    """Stand-in for lowbit.train.train: deterministic per-recipe losses, writes result.json like the trainer,
+    records every call. `fail` labels raise; lr > 100 diverges at step 3; `init_hash_for` overrides hashes."""
+
+    def __init__(self, fail=(), init_hash_for=None):
+        self.calls, self.datasets = [], []
+        self.fail, self.init_hash_for = set(fail), init_hash_for or {}
+
+    def __call__(self, cfg, progress=True, dataset=None):
+        self.calls.append(cfg)
+        self.datasets.append(dataset)
+        name = recipes.get(cfg.recipe).name
+        if name in self.fail:
+            raise RuntimeError(f"simulated crash in {name}")
+        loss = 3.0 + (sum(map(ord, name)) % 100) / 100
+        diverged = 3 if cfg.lr > 100 else None
+        hist = [{"step": s, "tokens": 1000 * s, "train_loss": loss + 1 / s, "val_loss": loss + 1 / s}
+                for s in (1, 2, 3, 4)]
+        res = {"final_train_loss": loss, "final_val_loss": float("nan") if diverged else loss, "steps": 4,
+               "tokens": 4000, "tokens_per_s": 1000.0, "step_time_s": 0.5 + len(name) / 100,
+               "peak_mem_bytes": 2**20, "quant_stats": {"underflow_frac": 0.1}, "wall_time_s": 2.0,
+               "diverged_at_step": diverged, "history": hist[:3] if diverged else hist,
+               "init_hash": self.init_hash_for.get(name, "a" * 64), "data_hash": "b" * 64, "out": cfg.out}
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "result.json").write_text(json.dumps(res))
+        return res
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install a FakeTrainer (and a stand-in TrainConfig if the real one is missing) and a counted
+    stand-in prepare_dataset. Returns (trainer, TrainConfig, prepare calls)."""
+    cls = _train_config_cls()
+    trainer = FakeTrainer()
+    if cls is None:
+        mod = type(sys)("lowbit.train")
+        mod.TrainConfig, cls = _StandInConfig, _StandInConfig
+        monkeypatch.setitem(sys.modules, "lowbit.train", mod)
+    monkeypatch.setattr(sys.modules["lowbit.train"], "train", trainer, raising=False)
+    prepared = []
+
+    def prepare_dataset(**kw):
+        prepared.append(kw)
+        return object()
+
+    monkeypatch.setattr(importlib.import_module("lowbit.data"), "prepare_dataset", prepare_dataset)
+    return trainer, cls, prepared
+
+
+def test_orchestration_records_and_shares_dataset(fake, tmp_path):
+    trainer, Cfg, prepared = fake
+    res = cmp.compare(["fp32", "bf16", "fp4-paper"], Cfg(tokens=4000, seed=7), tmp_path, progress=False)
+    assert len(prepared) == 1 and len(trainer.calls) == 3
+    assert all(d is trainer.datasets[0] for d in trainer.datasets)  # the one prepared dataset, every run
+    assert [c.recipe for c in trainer.calls] == ["fp32", "bf16", "fp4-paper"]
+    assert [Path(c.out).name for c in trainer.calls] == ["fp32", "bf16", "fp4-paper"]
+    assert all(c.seed == 7 and c.tokens == 4000 for c in trainer.calls)
+    assert res["reference"] == "bf16"
+    r = res["runs"]["fp4-paper"]
+    ref = res["runs"]["bf16"]["final_val_loss"]
+    assert r["val_gap_abs"] == pytest.approx(r["final_val_loss"] - ref)
+    assert r["val_gap_pct"] == pytest.approx(100 * (r["final_val_loss"] - ref) / ref)
+    assert r["step_time_rel"] == pytest.approx((0.5 + 0.09) / (0.5 + 0.04))
+    assert r["config"]["recipe"] == recipes.get("fp4-paper").to_dict()
+    assert r["config"]["train"]["seed"] == 7
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+    assert "--recipes fp32,bf16,fp4-paper" in res["command"] and "--seed 7" in res["command"]
+
+
+def test_resume_skips_finished_and_retries_failed(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    trainer.fail = {"bf16"}
+    base = Cfg(tokens=4000)
+    res = cmp.compare(["fp32", "bf16", "fp4-direct"], base, tmp_path, progress=False)
+    assert res["runs"]["bf16"]["status"] == "failed: RuntimeError: simulated crash in bf16"
+    assert res["runs"]["fp4-direct"]["status"] == "ok"          # ran after the failure
+    assert res["failed"] == ["bf16"] and res["reference"] == "bf16"
+    assert res["runs"]["fp32"]["val_gap_abs"] is None            # no reference loss to compare to
+    assert "simulated crash" in (tmp_path / "runs/bf16/error.txt").read_text()
+    done = tmp_path / "runs/fp32/result.json"
+    mtime = done.stat().st_mtime_ns
+
+    trainer.fail, trainer.calls = set(), []
+    res = cmp.compare(["fp32", "bf16", "fp4-direct"], base, tmp_path, progress=False)
+    assert [c.recipe for c in trainer.calls] == ["bf16"]          # only the failed one reruns
+    assert done.stat().st_mtime_ns == mtime
+    assert res["runs"]["fp32"]["reused"] and not res["runs"]["bf16"]["reused"]
+    assert res["failed"] == [] and res["runs"]["fp32"]["val_gap_abs"] is not None
+
+    with pytest.raises(ValueError, match="different configuration.*tokens"):
+        cmp.compare(["fp32"], dataclasses.replace(base, tokens=8000), tmp_path, progress=False)
+    trainer.calls = []
+    cmp.compare(["fp32"], dataclasses.replace(base, tokens=8000), tmp_path, progress=False, overwrite=True)
+    assert len(trainer.calls) == 1
+
+
+def test_resume_passes_resume_for_checkpointed_run(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    ck = tmp_path / "runs/bf16/ckpt/step_0000002"
+    ck.mkdir(parents=True)
+    (tmp_path / "runs/fp32").mkdir(parents=True)  # interrupted before any checkpoint
+    cmp.compare(["bf16", "fp32"], Cfg(tokens=4000), tmp_path, progress=False)
+    assert [(c.recipe, c.resume, c.overwrite) for c in trainer.calls] == [("bf16", True, False),
+                                                                            ("fp32", False, True)]
+
+
+def test_diverged_run_recorded_others_finish(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    res = cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000, lr=1e3), tmp_path, progress=False)
+    assert all(r["status"] == "diverged" and r["diverged_at_step"] == 3 for r in res["runs"].values())
+    assert res["diverged"] == ["bf16", "fp4-paper"] and res["failed"] == []
+    assert "diverged at step 3" in (tmp_path / "report.md").read_text()
+
+
+def test_mismatched_initial_weights_raise(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    trainer.init_hash_for = {"fp4-paper": "c" * 64}
+    with pytest.raises(RuntimeError, match="'fp4-paper' has different initial weights than 'bf16'"):
+        cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=False)
+    assert json.loads((tmp_path / "results.json").read_text())["runs"]["fp4-paper"]["init_hash"] == "c" * 64
+
+
+def test_sweep_runs_swept_recipes_by_toml(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    res = cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, sweep={"dge.k": [1, 3]},
+                      progress=False)
+    assert list(res["runs"]) == ["bf16", "fp4-paper[dge.k=1]", "fp4-paper[dge.k=3]"]
+    passed = recipes.get(trainer.calls[2].recipe)   # a TOML path the trainer can load
+    assert trainer.calls[2].recipe.endswith(".toml") and passed.dge.k == 3.0 and passed.dge.enabled
+    assert res["runs"]["fp4-paper[dge.k=3]"]["sweep"] == {"param": "dge.k", "value": 3.0}
+    assert (tmp_path / "sweep_dge_k.png").stat().st_size > 10_000
+    assert "--sweep dge.k=1,3" in res["command"]
