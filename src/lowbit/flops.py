@@ -210,6 +210,13 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.0f} {unit}".rstrip()
 
 
+def _count(x: float) -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.0f}"
+
+
 def _duration(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -274,7 +281,7 @@ def format_report(
     ]
     budget = 20 * p["total"]
     lines.append(
-        f"Chinchilla budget (20 tokens/param): {budget / 1e9:.3g}B tokens = {_si(budget * f['train'], 'FLOP')} training"
+        f"Chinchilla budget (20 tokens/param): {_count(budget)} tokens = {_si(budget * f['train'], 'FLOP')} training"
     )
     if peak is not None:
         tps = tokens_per_s_for_mfu(mfu, f["train"], peak)

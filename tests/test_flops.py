@@ -1,0 +1,162 @@
+"""lowbit.flops against hand-worked numbers, the built models, and torch's own FLOP counter."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowbit import flops
+from lowbit.models import PRESETS, build_model, get_config
+from lowbit.models.gpt import KVCache
+
+
+def test_gpt_per_layer_split_is_24_d_squared_plus_attention():
+    c = get_config("tiny")  # d = 128, T = 128
+    d, T = 128, 128
+    pl = flops.flops_per_token(c)["per_layer"]
+    assert (pl["qkv"], pl["attn_out"], pl["mlp"]) == (6 * d * d, 2 * d * d, 16 * d * d)
+    assert pl["attn_scores"] == pl["attn_values"] == 2 * T * d
+    assert pl["total"] == 24 * d * d + 4 * T * d
+
+
+def test_gpt2_small_hand_worked():
+    # d=768, L=12, T=1024, V=50257:
+    #   per layer 24·768² = 14,155,776 + attention 4·1024·768 = 3,145,728 -> 17,301,504
+    #   12 layers 207,618,048; head 2·768·50257 = 77,194,752; forward 284,812,800; training ×3 = 854,438,400
+    f = flops.flops_per_token(get_config("gpt2-small"))
+    assert f["per_layer"]["total"] == 17_301_504
+    assert f["layers"] == 207_618_048
+    assert f["lm_head"] == 77_194_752
+    assert f["forward"] == 284_812_800
+    assert f["train"] == 854_438_400
+    # The PaLM form 6N + 12·L·T·d with N = GeMM weights (12·12·768² + 768·50257 = 123,532,032).
+    assert f["matmul_params"] == 123_532_032
+    assert f["train"] == 6 * 123_532_032 + 12 * 12 * 1024 * 768
+    # Attention term grows with context: at T=2048 it doubles.
+    f2 = flops.flops_per_token(get_config("gpt2-small"), seq_len=2048)
+    assert f2["forward"] - f["forward"] == 12 * 4 * 1024 * 768
+
+
+def test_gqa_and_swiglu_split():
+    c = get_config("llama-tiny", n_kv_head=2)  # d=128, head_dim 32, kv dim 64, ffn 352
+    pl = flops.flops_per_token(c, seq_len=64)["per_layer"]
+    assert pl["qkv"] == 2 * 128 * (128 + 2 * 64)  # = 4d² instead of 6d²
+    assert pl["mlp"] == 3 * 2 * 128 * 352
+    assert pl["attn_scores"] == 2 * 64 * 128  # query side: n_head·head_dim = d, unchanged by GQA
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny", {}), ("llama-tiny", {}), ("llama-tiny", {"n_kv_head": 2})])
+def test_matmul_params_equal_built_linear_weights(name, overrides):
+    m = build_model(name, **overrides)
+    n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+    assert flops.flops_per_token(m.config)["matmul_params"] == n
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny", {}), ("tiny", {"bias": False}), ("llama-tiny", {"n_kv_head": 2})])
+def test_training_flops_equal_torch_flop_counter(name, overrides):
+    # Independent reference: torch.utils.flop_counter counts every mm/bmm of a real forward +
+    # backward (the math SDPA backend decomposes attention into bmms over the full T×T scores,
+    # i.e. the same no-causal-discount convention). Counts are exact integers.
+    torch.manual_seed(0)
+    m = build_model(name, **overrides)
+    B, T = 2, 48
+    idx = torch.randint(0, m.config.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        _, loss = m(idx, idx)
+        fwd = fc.get_total_flops()
+        loss.backward()
+    total = fc.get_total_flops()
+    want = flops.flops_per_token(m.config, seq_len=T)
+    assert fwd == want["forward"] * B * T
+    assert total == want["train"] * B * T
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_count_params_keys_consistent(name):
+    p = flops.count_params(PRESETS[name])
+    assert p["total"] == p["embedding"] + p["non_embedding"]
+    assert p["embedding"] > 0 and p["non_embedding"] > 0
+
+
+def test_gpt2_small_count_params():
+    p = flops.count_params(get_config("gpt2-small"))
+    assert p == {"total": 163_009_536, "embedding": 50257 * 768 + 1024 * 768, "non_embedding": 123_625_728}
+
+
+def test_kv_cache_bytes_hand_worked():
+    # gpt2-small: 2 · 12 layers · 12 heads · 64 · 2 bytes = 36,864 B/token; 1024 tokens = 36 MiB.
+    assert flops.kv_cache_bytes(get_config("gpt2-small")) == 36_864
+    assert flops.kv_cache_bytes_context(get_config("gpt2-small")) == 36 * 2**20
+    # llama-1.3b: 2 · 24 · 16 · 128 · 2 = 196,608 B/token; full 2048 context = 384 MiB.
+    assert flops.kv_cache_bytes(get_config("llama-1.3b")) == 196_608
+    assert flops.kv_cache_bytes_context(get_config("llama-1.3b")) == 384 * 2**20
+    # GQA with 4 kv heads out of 16 quarters it.
+    assert flops.kv_cache_bytes(get_config("llama-1.3b", n_kv_head=4)) == 196_608 // 4
+    with pytest.raises(ValueError):
+        flops.kv_cache_bytes(get_config("tiny"), dtype_bytes=0)
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny", {}), ("llama-tiny", {"n_kv_head": 2})])
+def test_kv_cache_bytes_equal_the_real_cache(name, overrides):
+    # The model's actual cache after a full-context prefill, in fp32 (4 bytes).
+    m = build_model(name, **overrides).eval()
+    caches = [KVCache(m.config.block_size) for _ in range(m.config.n_layer)]
+    with torch.no_grad():
+        m._hidden(torch.zeros(3, 5, dtype=torch.long), caches, 0)
+    nbytes = sum(c.k.nbytes + c.v.nbytes for c in caches)
+    assert nbytes == flops.kv_cache_bytes_context(m.config, batch_size=3, dtype_bytes=4)
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("NVIDIA GeForce RTX 3090", 71e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("Tesla T4", None),  # no bf16 tensor cores: unknown rather than a guess
+    ],
+)
+def test_gpu_peak_table(name, want):
+    assert flops.gpu_peak_flops(name) == want
+
+
+def test_peak_flops_unknown_gpu_raises(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU 9000")
+    with pytest.raises(ValueError, match="Mystery GPU 9000"):
+        flops.peak_flops("cuda")
+    with pytest.raises(ValueError, match="meta"):
+        flops.peak_flops("meta")
+
+
+def test_peak_flops_cpu_is_measured_and_cached():
+    a = flops.peak_flops("cpu")
+    # Any CPU that runs torch does more than 100 MFLOP/s and less than 100 TFLOP/s in fp32.
+    assert 1e8 < a < 1e14
+    assert flops.peak_flops(torch.device("cpu")) == a  # cached: the same measurement
+
+
+def test_mfu_and_inverse():
+    # 1000 tokens/s × 1e9 FLOPs/token = 1e12 FLOP/s out of 1e13 -> 10%.
+    assert flops.mfu(1000, 1e9, 1e13) == pytest.approx(0.1)
+    assert flops.tokens_per_s_for_mfu(0.1, 1e9, 1e13) == pytest.approx(1000)
+    with pytest.raises(ValueError):
+        flops.mfu(1000, 1e9, 0)
+
+
+def test_format_report_text():
+    text = flops.format_report(get_config("gpt2-small"), name="gpt2-small", mfu=0.4, peak=71e12, device_name="RTX 3090")
+    for s in ("gpt2-small", "163,009,536", "854,438,400", "36,864 bytes/token", "3.26B tokens", "RTX 3090"):
+        assert s in text, s
+    # 0.4 · 71e12 / 854,438,400 = 33,238 tokens/s
+    assert "33,238 tokens/s" in text
+    short = flops.format_report(get_config("llama-tiny"), seq_len=64)
+    assert "seq 64" in short and "tokens/s" not in short
+    with pytest.raises(ValueError):
+        flops.format_report(get_config("tiny"), mfu=1.5)
