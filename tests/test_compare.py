@@ -231,3 +231,35 @@ def test_sweep_runs_swept_recipes_by_toml(fake, tmp_path):
     assert res["runs"]["fp4-paper[dge.k=3]"]["sweep"] == {"param": "dge.k", "value": 3.0}
     assert (tmp_path / "sweep_dge_k.png").stat().st_size > 10_000
     assert "--sweep dge.k=1,3" in res["command"]
+
+
+def test_cli_end_to_end_with_exit_status(fake, tmp_path, capsys):
+    import argparse
+
+    trainer, Cfg, _ = fake
+    parser = argparse.ArgumentParser(prog="lowbit")
+    cmp.add_cli(parser.add_subparsers(dest="cmd"))
+    argv = ["compare", "--recipes", "bf16,fp4-paper", "--model", "tiny", "--tokens", "4000", "--seed", "3",
+            "--lr", "0.002", "--out", str(tmp_path), "--sweep", "occ.alpha=0.99,0.97", "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.func is cmp.run_cli
+    assert cmp.run_cli(args) == 0
+    assert [Path(c.out).name for c in trainer.calls] == ["bf16", "fp4-paper[occ.alpha=0.99]",
+                                                         "fp4-paper[occ.alpha=0.97]"]
+    assert all(c.lr == 0.002 and c.seed == 3 and c.tokens == 4000 for c in trainer.calls)
+    res = json.loads((tmp_path / "results.json").read_text())
+    # the recorded command reproduces the run: parsing it again gives the same configuration
+    import shlex
+    again = parser.parse_args(shlex.split(res["command"])[1:])
+    assert (again.recipes, again.tokens, again.seed, again.lr, again.sweep, again.out) == \
+           ("bf16,fp4-paper", 4000, 3, 0.002, ["occ.alpha=0.99,0.97"], str(tmp_path))
+    assert "| bf16 |" in capsys.readouterr().out.replace("**", "")
+
+    trainer.fail = {"fp4-paper[occ.alpha=0.97]"}
+    args = parser.parse_args(["compare", "--recipes", "bf16,fp4-paper", "--tokens", "4000", "--seed", "3",
+                              "--out", str(tmp_path / "b"), "--sweep", "occ.alpha=0.99,0.97", "--no-progress"])
+    assert cmp.run_cli(args) == 1
+    assert "1 run(s) failed: fp4-paper[occ.alpha=0.97]" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="unknown sweep parameter 'k'"):
+        cmp.run_cli(parser.parse_args(["compare", "--out", str(tmp_path / "c"), "--sweep", "k=1"]))

@@ -62,14 +62,11 @@ def sweep_keys() -> dict[str, type]:
     keys: dict[str, type] = {"fmt": str}
     nested = {"dge": DGE(), "occ": OCC(), "input": TensorQuant(), "weight": TensorQuant(),
               "grad_output": TensorQuant()}
+    for head in ("dge", "occ", "input", "weight", "grad_output"):  # the paper's ablations first
+        for g in dataclasses.fields(nested[head]):
+            keys[f"{head}.{g.name}"] = type(getattr(nested[head], g.name))
     for f in dataclasses.fields(Recipe):
-        if f.name in ("name", "description"):
-            continue
-        if f.name in nested:
-            sub = nested[f.name]
-            for g in dataclasses.fields(sub):
-                keys[f"{f.name}.{g.name}"] = type(getattr(sub, g.name))
-        else:
+        if f.name not in nested and f.name not in ("name", "description"):
             keys[f.name] = type(_default_value(Recipe, f))
     return keys
 
@@ -128,8 +125,8 @@ def validate_sweep(sweep: dict[str, list] | None) -> dict[str, list]:
     keys = sweep_keys()
     unknown = [k for k in sweep if k not in keys]
     if unknown:
-        raise ValueError(f"unknown sweep parameter(s) {', '.join(map(repr, unknown))}; valid parameters: "
-                         f"{', '.join(keys)}")
+        raise ValueError(f"unknown sweep parameter{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; valid parameters: {', '.join(keys)}")
     out = {}
     for key, values in sweep.items():
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
@@ -418,7 +415,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
         for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, *out.glob("sweep_*.png")]:
             p.unlink(missing_ok=True)
     elif results_path.is_file():
-        _check_same_setup(json.loads(results_path.read_text()), base_cfg, out)
+        _check_same_setup(json.loads(results_path.read_text()), _json_safe(base_cfg), out)
     out.mkdir(parents=True, exist_ok=True)
 
     results = {
