@@ -263,3 +263,13 @@ def test_cli_end_to_end_with_exit_status(fake, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="unknown sweep parameter 'k'"):
         cmp.run_cli(parser.parse_args(["compare", "--out", str(tmp_path / "c"), "--sweep", "k=1"]))
+
+
+def test_changed_recipe_definition_is_not_reused(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    mine = dataclasses.replace(recipes.get("fp4-paper"), name="mine")
+    cmp.compare([mine], Cfg(tokens=4000), tmp_path, progress=False)
+    assert recipes.get(trainer.calls[0].recipe) == mine   # custom Recipe object handed over as a TOML file
+    changed = mine.replace(**{"occ.alpha": 0.97})
+    with pytest.raises(ValueError, match="recipe 'mine' differs"):
+        cmp.compare([changed], Cfg(tokens=4000), tmp_path, progress=False)

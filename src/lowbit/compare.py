@@ -414,8 +414,11 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             shutil.rmtree(out / name, ignore_errors=True)
         for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, *out.glob("sweep_*.png")]:
             p.unlink(missing_ok=True)
-    elif results_path.is_file():
-        _check_same_setup(json.loads(results_path.read_text()), _json_safe(base_cfg), out)
+    prev_runs = {}
+    if not overwrite and results_path.is_file():
+        prev = json.loads(results_path.read_text())
+        _check_same_setup(prev, _json_safe(base_cfg), out)
+        prev_runs = prev.get("runs") or {}
     out.mkdir(parents=True, exist_ok=True)
 
     results = {
@@ -438,6 +441,10 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             path.parent.mkdir(parents=True, exist_ok=True)
             recipes_mod.save(spec.recipe, path)
             recipe_arg = str(path)
+        old = (prev_runs.get(spec.label) or {}).get("config", {}).get("recipe")
+        if old is not None and old != _json_safe(spec.recipe.to_dict()) and run_dir.exists():
+            raise ValueError(f"recipe {spec.label!r} differs from the one its run in {run_dir} was trained with; "
+                             "pass overwrite=True (--overwrite) to start over, or use another out directory")
         cfgs[spec.label] = dataclasses.replace(base, recipe=recipe_arg, out=str(run_dir), resume=False,
                                                overwrite=False)
         results["runs"][spec.label] = _record(spec, cfgs[spec.label], "pending")
@@ -478,13 +485,13 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                     msg = f"{type(e).__name__}: {e}".strip()
                     run_dir.mkdir(parents=True, exist_ok=True)
                     (run_dir / "error.txt").write_text(traceback.format_exc())
-                    rec = _record(spec, cfg, f"failed: {msg}", error=traceback.format_exc())
+                    rec = _record(spec, cfg, f"failed: {msg}", error=msg)
                 rec["reused"] = False
             results["runs"][spec.label] = rec
             _summarize(results)
             _write_json(results_path, results)
-            _check_hashes(results["runs"])
             report.write_report(results, out)
+            _check_hashes(results["runs"])
             if bar is not None:
                 bar.update(1)
                 bar.write(_one_line(rec))
