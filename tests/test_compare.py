@@ -273,3 +273,115 @@ def test_changed_recipe_definition_is_not_reused(fake, tmp_path):
     changed = mine.replace(**{"occ.alpha": 0.97})
     with pytest.raises(ValueError, match="recipe 'mine' differs"):
         cmp.compare([changed], Cfg(tokens=4000), tmp_path, progress=False)
+
+
+# --- end to end with the real trainer ------------------------------------------------------------------
+
+def _real_trainer():
+    try:
+        mod = importlib.import_module("lowbit.train")
+        return mod if hasattr(mod, "train") and hasattr(mod, "TrainConfig") else None
+    except ImportError:
+        return None
+
+
+needs_trainer = pytest.mark.skipif(_real_trainer() is None, reason="lowbit.train has not landed yet")
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A local ~20 kB text file (no network) and a private token cache."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "sleeps"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + "." for i in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _tiny(corpus, **kw):
+    TrainConfig = _real_trainer().TrainConfig
+    # 6 steps of 4x32 tokens; eval and checkpoint every 2 steps so curves and resume points exist
+    base = dict(model="tiny", data=str(corpus), tokenizer="bytes", tokens=6 * 4 * 32, batch_size=4, seq_len=32,
+                lr=1e-3, seed=0, device="cpu", eval_interval=2, eval_batches=2, log_interval=1, ckpt_interval=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@needs_trainer
+def test_real_compare_three_recipes(corpus, tmp_path):
+    out = tmp_path / "cmp"
+    res = cmp.compare(["fp32", "bf16", "fp4-paper"], _tiny(corpus), out, progress=False)
+    for name in ("results.json", "loss.png", "report.md"):
+        assert (out / name).is_file()
+    assert json.loads((out / "results.json").read_text()) == res
+    assert list(res["runs"]) == ["fp32", "bf16", "fp4-paper"] and res["reference"] == "bf16"
+    runs = res["runs"]
+    for r in runs.values():
+        assert r["status"] == "ok", r["status"]
+        for key in ("final_train_loss", "final_val_loss", "tokens_per_s", "step_time_s", "wall_time_s"):
+            assert isinstance(r[key], float) and r[key] > 0, key
+        assert r["peak_mem_bytes"] is not None and isinstance(r["quant_stats"], dict)
+        assert r["config"]["train"]["seed"] == 0 and r["config"]["recipe"]["name"] == r["label"]
+        assert any(row.get("val_loss") is not None for row in r["history"])
+        assert (out / "runs" / r["label"] / "result.json").is_file()
+    # like for like, asserted: identical initial weights and first batch in every run
+    assert len({r["init_hash"] for r in runs.values()}) == 1
+    assert len({r["data_hash"] for r in runs.values()}) == 1
+    ref = runs["bf16"]["final_val_loss"]
+    gap = runs["fp4-paper"]["final_val_loss"] - ref
+    assert runs["fp4-paper"]["val_gap_abs"] == pytest.approx(gap)
+    assert runs["fp4-paper"]["val_gap_pct"] == pytest.approx(100 * gap / ref)
+    assert runs["bf16"]["step_time_rel"] == pytest.approx(1.0)
+    assert runs["fp4-paper"]["quant_stats"], "fp4-paper reports quantization statistics"
+    md = (out / "report.md").read_text()
+    assert "| fp4-paper |" in md and "(loss.png)" in md and "lowbit compare --recipes fp32,bf16,fp4-paper" in md
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "loss.png").stat().st_size > 20_000
+
+
+@needs_trainer
+def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):
+    """lr=1e3 drives every run to a non-finite loss: each is recorded as diverged, at its step, and all
+    three are attempted (the first divergence does not end the comparison)."""
+    seen = []
+    trainer = _real_trainer()
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: seen.append(cfg.recipe) or real(cfg, **kw))
+    res = cmp.compare(["bf16", "fp32", "fp4-direct"], _tiny(corpus, lr=1e3, tokens=12 * 4 * 32), tmp_path,
+                      progress=False)
+    assert seen == ["bf16", "fp32", "fp4-direct"]
+    for r in res["runs"].values():
+        assert r["status"] == "diverged" and isinstance(r["diverged_at_step"], int), (r["label"], r["status"])
+    assert "diverged at step" in (tmp_path / "report.md").read_text()
+
+
+@needs_trainer
+def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, monkeypatch):
+    """Interrupt the second run mid-way (KeyboardInterrupt after its step-2 checkpoint), then re-invoke:
+    the finished first run is reused untouched and the second resumes from its checkpoint."""
+    trainer = _real_trainer()
+    real = trainer.train
+    calls = []
+
+    def interrupting(cfg, **kw):
+        calls.append((cfg.recipe, cfg.resume))
+        if cfg.recipe == "fp4-paper" and not cfg.resume:
+            short = dataclasses.replace(cfg, tokens=2 * 4 * 32)  # same run, stopped after 2 steps...
+            real(short, **kw)
+            (Path(cfg.out) / "result.json").unlink()             # ...as if killed after its checkpoint
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", interrupting)
+    base = _tiny(corpus)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(["bf16", "fp4-paper"], base, tmp_path, progress=False)
+    done = tmp_path / "runs/bf16/result.json"
+    mtime = done.stat().st_mtime_ns
+    assert cmp._has_checkpoint(tmp_path / "runs/fp4-paper")
+
+    calls.clear()
+    res = cmp.compare(["bf16", "fp4-paper"], base, tmp_path, progress=False)
+    assert calls == [("fp4-paper", True)]                      # bf16 not retrained; fp4-paper resumed
+    assert done.stat().st_mtime_ns == mtime and res["runs"]["bf16"]["reused"]
+    assert res["runs"]["fp4-paper"]["status"] == "ok" and res["runs"]["fp4-paper"]["steps"] == 6
