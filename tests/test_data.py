@@ -175,9 +175,10 @@ def test_split_deterministic_and_reuses_tokens(tmp_path):
         prepare_dataset(str(tmp_path / "data"), "bytes", val_fraction=1.0, cache_dir=tmp_path / "c")
 
 
-def test_bpe_dataset_and_corrupt_cache(tmp_path):
+def test_bpe_dataset_and_corrupt_cache(tmp_path, capfd):
     (tmp_path / "t.txt").write_text(TRAIN_TEXT, encoding="utf-8")
     ds = prepare_dataset(str(tmp_path / "t.txt"), "bpe", vocab_size=300, cache_dir=tmp_path / "c", progress=True)
+    assert "tokenizing: 100%" in capfd.readouterr().err  # the tqdm bar was shown when asked
     tok = ds.tokenizer
     full = np.concatenate([ds.train, ds.val])
     assert full.tolist() == tok.encode(TRAIN_TEXT) + [tok.eot_id]
@@ -348,6 +349,16 @@ def test_parquet_reads_text_column(tmp_path):
     assert load_corpus(str(tmp_path / "a.parquet")) == ["x", "yz"]
     with pytest.raises(ValueError, match="no \"text\" column"):
         load_corpus(str(tmp_path / "b.parquet"))
+
+
+def test_hf_dataset_dir_reads_train_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["a", "", "bc"], "n": [1, 2, 3]})
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert load_corpus(str(tmp_path / "dd")) == ["a", "bc"]  # the "train" split, empty rows dropped
+    datasets.DatasetDict({"x": ds, "y": ds}).save_to_disk(str(tmp_path / "xy"))
+    with pytest.raises(ValueError, match="none is named \"train\""):
+        load_corpus(str(tmp_path / "xy"))
 
 
 def test_hf_dataset_dir_without_datasets(tmp_path, monkeypatch):
