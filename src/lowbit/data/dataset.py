@@ -89,7 +89,10 @@ def tokenize_to_file(docs: list[str], tok: Tokenizer, path: Path, progress: bool
 
         def flush():
             nonlocal n
-            ids = tok.encode_batch([c for c, _ in batch])
+            if tok.kind == "bytes":  # ids are the UTF-8 bytes: skip the Python int lists
+                ids = [np.frombuffer(c.encode("utf-8"), dtype=np.uint8) for c, _ in batch]
+            else:
+                ids = tok.encode_batch([c for c, _ in batch])
             for (chunk, last), seq in zip(batch, ids):
                 arr = np.asarray(seq, dtype=dtype)
                 arr.tofile(f)
