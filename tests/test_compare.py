@@ -58,6 +58,14 @@ def test_plan_runs_labels_and_reference_unswept():
     assert fmt.dge.k == recipes.get("fp4-paper").dge.k
 
 
+def test_parse_count():
+    assert [cmp.parse_count(s) for s in ("2000000", "2M", "1.5M", "500k", "1B", "2e6", "1_000")] == \
+           [2_000_000, 2_000_000, 1_500_000, 500_000, 10**9, 2_000_000, 1000]
+    for bad in ("1.5", "lots", "-1M", "1.0000001k"):
+        with pytest.raises(ValueError, match="bad count"):
+            cmp.parse_count(bad)
+
+
 def test_plan_runs_errors():
     with pytest.raises(ValueError, match="more than once"):
         cmp.plan_runs(["bf16", "bf16"])

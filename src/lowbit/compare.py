@@ -238,10 +238,33 @@ def machine_info() -> dict:
     return info
 
 
+def parse_count(text: str) -> int:
+    """'2000000', '2M', '1.5M', '500k', '1B', '2e6' -> int (for --tokens)."""
+    s = str(text).strip().replace("_", "")
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
+    num = s[:-1] if mult != 1 else s
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise ValueError(f"bad count {text!r}: use an integer, optionally with k/M/B, e.g. 2M") from None
+    if not math.isfinite(value) or value < 0 or not float(value).is_integer():
+        raise ValueError(f"bad count {text!r}: must be a whole non-negative number")
+    return int(value)
+
+
+def _count_arg(text: str) -> int:
+    import argparse
+
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # (TrainConfig field, argparse type, help) for the options `lowbit compare` passes to every run.
 _TRAIN_OPTIONS = [
     ("model", str, "model preset (tiny, gpt2-small, llama-...)"),
-    ("tokens", int, "training tokens per run"),
+    ("tokens", _count_arg, "training tokens per run (2000000, 2M, 500k)"),
     ("seed", int, "seed for the initial weights and the batch order (shared by all runs)"),
     ("data", str, "text/JSONL/Parquet file or directory (default: embedded Shakespeare)"),
     ("tokenizer", str, "bpe or bytes"),
