@@ -1,0 +1,199 @@
+"""Checkpoints: `out/ckpt/step_XXXXXXX/` holding
+
+    model.safetensors   weights (safetensors; tied tensors stored once)
+    state.pt            optimizer, schedule position, RNG states, batcher state (torch.save, loadable with
+                        weights_only=True)
+    meta.json           step, configs, vocab size, and the sha256 of the two files above; written last
+
+Written atomically: into a temp dir inside `ckpt/`, every file fsynced, the dir renamed into place and
+`ckpt/` fsynced, so a crash leaves either the whole checkpoint or none of it. A checkpoint is valid when
+its meta.json parses and both checksums match; `latest_valid` skips (with a warning) the ones that are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+log = logging.getLogger("lowbit.train")
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing files, unreadable, or fails its checksums."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds (Windows): rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """True when every floating-point parameter and buffer of `model` is finite."""
+    for t in model.state_dict().values():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every `step_XXXXXXX` directory under `ckpt_root`, newest first (not verified)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module, state: dict, meta: dict,
+         keep_last: int) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep_last`. Returns its directory.
+    `state` must hold only tensors and plain Python values (it is loaded with weights_only=True).
+    An existing checkpoint of the same step (e.g. a corrupt one a resumed run fell back from) is replaced."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+        for name in (MODEL_FILE, STATE_FILE):
+            _fsync_file(tmp / name)
+        meta = {**meta, "step": step, "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, p in list_checkpoints(root)[keep_last:]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def clean_temp(ckpt_root: str | os.PathLike) -> None:
+    """Remove temp dirs left by a crash during `save` (never a complete checkpoint)."""
+    root = Path(ckpt_root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(ckpt_dir: str | os.PathLike) -> dict:
+    """meta.json of a checkpoint whose files are all present and match their sha256; else CheckpointError."""
+    d = Path(ckpt_dir)
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {d} has no {META_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {d}: unreadable {META_FILE} ({e})") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE}:
+        raise CheckpointError(f"checkpoint {d}: {META_FILE} lists no checksums for {MODEL_FILE} and {STATE_FILE}")
+    for name, digest in files.items():
+        if not (d / name).is_file():
+            raise CheckpointError(f"checkpoint {d} is missing {name}")
+        if sha256_file(d / name) != digest:
+            raise CheckpointError(f"checkpoint {d}: {name} does not match its sha256 in {META_FILE} (corrupt)")
+    return meta
+
+
+def latest_valid(ckpt_root: str | os.PathLike) -> tuple[Path, dict] | None:
+    """Newest checkpoint under `ckpt_root` that passes `verify`, with its meta; corrupt newer ones are skipped
+    with a warning. None when there is no checkpoint at all; CheckpointError when every one is corrupt."""
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        return None
+    for _, d in found:
+        try:
+            return d, verify(d)
+        except CheckpointError as e:
+            log.warning("%s; falling back to the previous checkpoint", e)
+    raise CheckpointError(f"no valid checkpoint in {ckpt_root}: all {len(found)} are corrupt; "
+                          "start again with --overwrite")
+
+
+def resolve(path: str | os.PathLike) -> tuple[Path, dict]:
+    """A checkpoint directory (has meta.json) or a run directory (uses its newest valid checkpoint)
+    -> (checkpoint dir, verified meta)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; pass a run directory (the trainer's --out) or one of its "
+                                "ckpt/step_XXXXXXX directories")
+    if (p / META_FILE).is_file():
+        return p, verify(p)
+    found = latest_valid(p / "ckpt")
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {p}: expected {p}/ckpt/step_XXXXXXX/ "
+                                "(pass the trainer's --out directory)")
+    return found
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device="cpu") -> None:
+    """Load model.safetensors into `model` (strict: every key must match)."""
+    missing, unexpected = load_model(model, Path(ckpt_dir) / MODEL_FILE, strict=False, device=str(device))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model: missing keys {missing[:5]}, "
+                              f"unexpected keys {unexpected[:5]} (was it trained with another --model?)")
+
+
+def load_state(ckpt_dir: str | os.PathLike, device="cpu") -> dict:
+    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
