@@ -1,0 +1,431 @@
+"""QLinear: an nn.Linear whose three GeMMs run under a lowbit recipe, and `convert`.
+
+The three GeMMs of Y = X·Wᵀ + b (X: [M, K] tokens × in, W: [N, K] out × in, dY: [M, N]):
+
+    forward      Y  = Q(X)  · Q(W)ᵀ        X, W quantized along K (per token / per out channel)
+    input grad   dX = Q(dY) · Q(W)         dY, W quantized along N (W per in channel)
+    weight grad  dW = Q(dYᵀ)· Q(Xᵀ)ᵀ       dYᵀ, Xᵀ quantized along M (tokens)
+
+Q is `lowbit.quant.fake_quantize` with the recipe's TensorQuant for that operand
+(`input`, `weight`, `grad_output`; None = not quantized) and is always applied with
+the GeMM's reduction dim last (operands are transposed first). Granularities whose
+groups do not depend on the layout ("tensor", square "block") are quantized once and
+the same values reused for the transposed GeMM. A dim that is not a multiple of a
+tile/block size is zero-padded for the quantization (a zero changes no absmax and
+adds nothing to a product), so any token count works.
+
+Recipe pieces (lowbit.recipes):
+  * compute dtype: under torch.autocast the operands are cast to the autocast dtype
+    before quantizing and every GeMM runs in it (as nn.Linear does); otherwise in the
+    input's dtype. Master weights and bias stay as they are (fp32); gradients come
+    back in the parameters' / input's dtypes.
+  * DGE (recipe.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative`
+    on the forward weight divided by its scale (same scale as the forward GeMM used).
+  * OCC (recipe.occ.enabled): X is clamped to its [1−α, α] quantiles before quantizing;
+    with `compensate` the residual product ΔX·Wᵀ is added to Y, computed in fp32 with
+    the master weight (sparse CSR on CPU when ΔX is sparse; dense elsewhere). The
+    weight-gradient GeMM uses the *same* clamped activation (quantized along tokens) plus
+    the matching compensation dYᵀ·ΔX in fp32, so dW is the exact gradient of the
+    compensated forward (the paper's reference code likewise reuses its compensated
+    forward activation in the dW GeMM). dX is the straight-through Q(dY)·Q(W).
+  * grad_output.hadamard: a ±1-signed block-Hadamard rotation R (R·Rᵀ = I) of size
+    hadamard_size along the token dim of both dW operands, dYᵀR and XᵀR, before
+    quantizing them; the signs are drawn once per layer from a seed fixed by layer_idx.
+  * stochastic rounding: from a torch.Generator owned by the layer, seeded from layer_idx.
+  * scaling="delayed" (tensor granularity): per-operand amax history buffers
+    (non-persistent); the scale uses the max of the history (the current amax on the
+    very first step), then the current amax is pushed into the history.
+Buffers are registered with persistent=False, so `QLinear.state_dict()` equals
+`nn.Linear.state_dict()` and checkpoints move freely between the two. The generator
+state and amax histories are not checkpointed (a resumed run restarts them).
+
+Statistics: with `collect_stats(model, True)`, each QLinear accumulates the fraction
+of activation entries OCC clamped and, per quantized operand, the fraction of its
+nonzero entries that became zero; `quant_stats(model)` averages and resets them.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import recipes as _recipes
+from lowbit.estimators import dge_derivative, occ_clamp
+from lowbit.quant import fake_quantize, scaled_values, underflow_fraction
+from lowbit.recipes import Recipe, TensorQuant
+
+_SR_SEED = 0x5EED_0001  # stochastic-rounding stream of layer i: _SR_SEED + i
+_RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: _RHT_SEED + i
+_SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product uses CSR
+
+
+# --- small pure helpers ----------------------------------------------------------------------
+
+def _tiled(q: TensorQuant | None) -> bool:
+    return q is not None and q.granularity in ("tile", "block")
+
+
+def _layout_free(q: TensorQuant | None) -> bool:
+    """True when Q(xᵀ) == Q(x)ᵀ: one scale for the tensor, or square blocks."""
+    return q is None or q.granularity in ("tensor", "block")
+
+
+def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, amax=None) -> torch.Tensor:
+    """fake_quantize of a 2-D tensor along its last dim, zero-padding the last dim (tile,
+    block) and the rows (block) up to a multiple of q.block first. None passes t through."""
+    if q is None:
+        return t
+    R, C = t.shape
+    pc = (-C) % q.block if _tiled(q) else 0
+    pr = (-R) % q.block if q.granularity == "block" else 0
+    if pc or pr:
+        return fake_quantize(F.pad(t, (0, pc, 0, pr)), q, generator, amax)[:R, :C]
+    return fake_quantize(t, q, generator, amax)
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order n (a power of two), entries ±1, fp32 [n, n]."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """R = diag(s)·H/√n with random signs s (from `seed`): an orthogonal fp32 [n, n] matrix."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return s[:, None] * hadamard_matrix(n) / math.sqrt(n)
+
+
+def _rotate(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """a [rows, L] (L a multiple of n) times blockdiag(R, R, ...) along the last dim, in fp32."""
+    rows, L = a.shape
+    n = R.shape[0]
+    return (a.float().view(rows, L // n, n) @ R.float()).view(rows, L)
+
+
+def _csr(r: torch.Tensor) -> torch.Tensor | None:
+    """r as a CSR tensor if at most _SPARSE_MAX_DENSITY of it is nonzero, else None."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+        warnings.simplefilter("ignore", UserWarning)
+        s = r.to_sparse_csr()
+    return s if s.values().numel() <= _SPARSE_MAX_DENSITY * r.numel() else None
+
+
+def _residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """res [M, K] · wᵀ [K, N] in fp32 (the OCC compensation). On CPU a sparse residual
+    goes through CSR (about 6x faster than dense at 2% density)."""
+    r = res.float()
+    w = w.float()
+    s = _csr(r) if r.device.type == "cpu" else None
+    if s is not None:
+        return s @ w.t()
+    return r @ w.t()
+
+
+def _residual_tmm(dy: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """dyᵀ [N, M] · res [M, K] in fp32 (the OCC compensation of dW)."""
+    r = res.float()
+    d = dy.float()
+    s = _csr(r) if r.device.type == "cpu" else None
+    if s is not None:
+        return (s.t() @ d).t()
+    return d.t() @ r
+
+
+def _check_recipe_for_linear(r: Recipe) -> None:
+    if r.dge.enabled and r.weight is None:
+        raise ValueError(f"recipe {r.name!r} enables DGE but does not quantize the weight; "
+                         "set recipe.weight or disable dge")
+    if r.scaling == "delayed" and r.grad_output is not None and r.grad_output.hadamard:
+        raise ValueError(f"recipe {r.name!r}: delayed scaling with the Hadamard transform is not supported "
+                         "(the rotated operands have no amax history); use scaling='current'")
+
+
+# --- the autograd function ---------------------------------------------------------------------
+
+class _QLinearFn(torch.autograd.Function):
+    """Y = X·Wᵀ + b with the recipe's quantized GeMMs. x2: [M, K] (any float dtype),
+    weight: [N, K], bias: [N] or None; layer: the QLinear (recipe, buffers, generator,
+    statistics); cdtype: the GeMM dtype. Returns Y [M, N] in cdtype."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, layer, cdtype):
+        r = layer.recipe
+        x = x2.to(cdtype)
+        w = weight.to(cdtype)
+        lo = hi = res = None
+        if r.occ.enabled and r.occ.alpha < 1.0 and x.numel():
+            xc, res, lo, hi = occ_clamp(x, r.occ.alpha)
+            if layer.collect_stats:
+                layer._add_stat("occ_clamped_frac", (res != 0).float().mean())
+        else:
+            xc = x
+        xq, _ = layer._quant(xc, r.input, "input")
+        wq, w_amax = layer._quant(w, r.weight, "weight")
+        y = F.linear(xq, wq, None if bias is None else bias.to(cdtype))
+        if res is not None and r.occ.compensate:
+            y += _residual_mm(res, weight).to(cdtype)
+        ctx.layer, ctx.cdtype, ctx.w_amax = layer, cdtype, w_amax
+        ctx.has_bias = bias is not None
+        ctx.x_dtype = x2.dtype
+        ctx.occ = lo is not None
+        # keep quantized copies only where the transposed GeMM can reuse them
+        keep_xq = _layout_free(r.input) and r.input is not None and not _hadamard(r)
+        keep_wq = _layout_free(r.weight) and r.weight is not None
+        ctx.save_for_backward(x, weight, xq if keep_xq else None, wq if keep_wq else None, lo, hi)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, xq_saved, wq_saved, lo, hi = ctx.saved_tensors
+        layer, cdtype = ctx.layer, ctx.cdtype
+        r = layer.recipe
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.to(cdtype).contiguous()
+            dyq = None
+            if need_dx or (need_dw and _layout_free(r.grad_output) and not _hadamard(r)):
+                dyq, _ = layer._quant(dy, r.grad_output, "grad_output")  # along N
+            if need_dx:
+                if wq_saved is not None:
+                    wq = wq_saved
+                else:  # W quantized per input channel: along N, i.e. rows of Wᵀ
+                    wq = layer._quant(weight.to(cdtype).t().contiguous(), r.weight, "weight",
+                                      amax=ctx.w_amax, record=False)[0].t()
+                dx = dyq.mm(wq).to(ctx.x_dtype)
+            if need_dw:
+                dw = _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, ctx.occ)
+                if r.dge.enabled:
+                    ws, _ = scaled_values(weight.to(cdtype), r.weight, amax=ctx.w_amax)
+                    dw = dw.float() * dge_derivative(ws, r.weight.fmt, r.dge.k, r.dge.clamp)
+                dw = dw.to(weight.dtype)
+            if need_db and ctx.has_bias:
+                db = dy.sum(0).to(layer.bias.dtype)
+        return dx, dw, db, None, None
+
+
+def _hadamard(r: Recipe) -> bool:
+    return r.grad_output is not None and r.grad_output.hadamard
+
+
+def _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, occ):
+    """dW = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX in fp32), Xc the OCC-clamped activation. [N, K]."""
+    if occ:
+        xc = torch.clamp(x, lo, hi)
+        res = x - xc if r.occ.compensate else None
+    else:
+        xc, res = x, None
+    if _hadamard(r):
+        M = x.shape[0]
+        n = r.grad_output.hadamard_size
+        mult = math.lcm(n, *(q.block for q in (r.grad_output, r.input) if _tiled(q)))
+        pad = (-M) % mult
+        R = layer.hadamard_rotation
+        dyt = _rotate(F.pad(dy.t(), (0, pad)), R).to(dy.dtype)
+        xt = _rotate(F.pad(xc.t(), (0, pad)), R).to(x.dtype)
+        gq, _ = layer._quant(dyt, r.grad_output, "grad_output", record=False)
+        xq, _ = layer._quant(xt, r.input, "input", record=False)
+        dw = gq.mm(xq.t())
+    else:
+        if dyq is not None and _layout_free(r.grad_output):
+            gq = dyq.t()
+        else:
+            gq, _ = layer._quant(dy.t().contiguous(), r.grad_output, "grad_output", record=False)
+        if xq_saved is not None:
+            xq = xq_saved
+        else:
+            xq = layer._quant(xc.t().contiguous(), r.input, "input", record=False)[0].t()
+        dw = gq.mm(xq)
+    if res is not None:
+        dw = dw.float() + _residual_tmm(dy, res)
+    return dw
+
+
+# --- the module ----------------------------------------------------------------------------------
+
+class QLinear(nn.Linear):
+    """nn.Linear whose GeMMs follow `recipe` (name, .toml path or Recipe); see the module
+    docstring. Parameters, state_dict and call signature are nn.Linear's; input [..., K]
+    -> output [..., N]. A recipe that quantizes nothing and has OCC off runs F.linear
+    unchanged (bit for bit nn.Linear). `layer_idx` seeds the layer's random streams."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: "str | Recipe" = "fp32", layer_idx: int = 0):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._setup(recipe, layer_idx)
+
+    def _setup(self, recipe, layer_idx: int) -> None:
+        r = _recipes.get(recipe)
+        _check_recipe_for_linear(r)
+        self.recipe = r
+        self.layer_idx = int(layer_idx)
+        self.collect_stats = False
+        self._stats: dict[str, list] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        dev = self.weight.device
+        if r.scaling == "delayed":
+            for name in ("input", "weight", "grad_output"):
+                if getattr(r, name) is not None:
+                    self.register_buffer(f"amax_history_{name}", torch.zeros(r.amax_history_len, device=dev),
+                                         persistent=False)
+        if _hadamard(r):
+            self.register_buffer("hadamard_rotation",
+                                 random_hadamard(r.grad_output.hadamard_size, _RHT_SEED + self.layer_idx).to(dev),
+                                 persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: "str | Recipe", layer_idx: int = 0) -> "QLinear":
+        """A QLinear sharing `linear`'s Parameter objects (same device, dtype, values)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  recipe=recipe, layer_idx=layer_idx)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._setup(recipe, layer_idx)  # buffers on the real device
+        new.train(linear.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name!r}"
+
+    @property
+    def _uses_fn(self) -> bool:
+        return self.recipe.quantized or self.recipe.occ.enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"QLinear expects input of shape [..., {self.in_features}], got {tuple(x.shape)}")
+        if not self._uses_fn:
+            return F.linear(x, self.weight, self.bias)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            cdtype = torch.get_autocast_dtype(dev)
+        else:
+            cdtype = x.dtype
+            if self.weight.dtype != cdtype:
+                raise TypeError(f"QLinear input is {x.dtype} but the weight is {self.weight.dtype}; cast one of them "
+                                "or run under torch.autocast")
+        lead = x.shape[:-1]
+        with torch.autocast(dev, enabled=False):
+            y = _QLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self, cdtype)
+        return y.view(*lead, self.out_features)
+
+    # -- pieces used by _QLinearFn --
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device).manual_seed(_SR_SEED + self.layer_idx)
+            self._generators[key] = g
+        return g
+
+    def _quant(self, t: torch.Tensor, q: TensorQuant | None, name: str, amax=None, record: bool = True):
+        """(fake-quantized 2-D t along its last dim, the amax used or None). Delayed
+        scaling reads the operand's amax history (and, if record, pushes t's amax)."""
+        if q is None:
+            return t, None
+        if amax is None and self.recipe.scaling == "delayed":
+            hist = getattr(self, f"amax_history_{name}")
+            cur = t.abs().amax().float()
+            hmax = hist.max()
+            amax = torch.where(hmax > 0, hmax, cur)
+            if record:
+                hist.copy_(torch.cat([cur.view(1).to(hist.dtype), hist[:-1]]))
+        gen = self._generator(t.device) if q.rounding == "stochastic" else None
+        out = fake_quantize_2d(t, q, gen, amax)
+        if self.collect_stats and record:
+            self._add_stat(f"underflow_frac_{name}", underflow_fraction(t, out))
+        return out, amax
+
+    def _add_stat(self, key: str, value: torch.Tensor) -> None:
+        s = self._stats.get(key)
+        if s is None:
+            self._stats[key] = [value.detach().float(), 1]
+        else:
+            s[0] = s[0] + value.detach().float()
+            s[1] += 1
+
+
+# --- model-level API -------------------------------------------------------------------------------
+
+def convert(model: nn.Module, recipe: "str | Recipe", filter_fn: Callable[[nn.Module, str], bool] | None = None
+            ) -> nn.Module:
+    """Swap the nn.Linear modules of `model` for QLinear under `recipe`, in place; returns model.
+
+    recipe: a registered name, a path to a .toml recipe, or a Recipe.
+    filter_fn(module, fqn) -> bool: convert only layers for which it returns True.
+    The output head (any Linear whose name is `lm_head`) stays in high precision unless
+    `recipe.quantize_head`: the paper quantizes the transformer blocks' GeMMs and keeps the
+    output projection precise, since the logits feed a softmax over the whole vocabulary
+    and small relative errors there move the loss directly.
+    The new modules share the old Parameter objects (an optimizer built before or after
+    the conversion works), so device and dtype are unchanged. Every Linear is swapped,
+    also for a recipe that quantizes nothing (QLinear then runs F.linear, bit for bit).
+    Converting again with the same recipe is a no-op; an existing QLinear with a different
+    recipe raises ValueError (build the model afresh to change recipes). If `model` itself
+    is an nn.Linear the converted module is returned (it cannot be replaced in place).
+    """
+    r = _recipes.get(recipe)
+    _check_recipe_for_linear(r)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
+    targets = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            if mod.recipe != r:
+                raise ValueError(f"module {fqn or '<root>'} is already a QLinear with recipe {mod.recipe.name!r}; "
+                                 f"converting to {r.name!r} would mix recipes: build the model afresh")
+            continue
+        if type(mod) is not nn.Linear:
+            continue
+        if fqn.rsplit(".", 1)[-1] == "lm_head" and not r.quantize_head:
+            continue
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            continue
+        targets.append((fqn, mod))
+    if targets and targets[0][0] == "":
+        return QLinear.from_linear(model, r, 0)
+    for i, (fqn, mod) in enumerate(targets):
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QLinear.from_linear(mod, r, layer_idx=i))
+    return model
+
+
+def qlinears(model: nn.Module) -> list[QLinear]:
+    return [m for m in model.modules() if isinstance(m, QLinear)]
+
+
+def collect_stats(model: nn.Module, enabled: bool = True) -> None:
+    """Switch the (cheap, but not free) quantization statistics of every QLinear on or off."""
+    for m in qlinears(model):
+        m.collect_stats = bool(enabled)
+
+
+def quant_stats(model: nn.Module) -> dict[str, float]:
+    """Averages of the statistics gathered since the last call, then reset. Keys:
+    occ_clamped_frac (fraction of activation entries clamped), underflow_frac_{input,
+    weight,grad_output} (fraction of nonzero entries quantized to zero) and underflow_frac
+    (their mean); each is the mean over layers of the per-layer mean over calls. Keys with
+    no data are absent (statistics off, or nothing quantized)."""
+    per_key: dict[str, list[float]] = {}
+    for m in qlinears(model):
+        for key, (total, count) in m._stats.items():
+            per_key.setdefault(key, []).append(float(total) / count)
+        m._stats = {}
+    out = {k: sum(v) / len(v) for k, v in per_key.items()}
+    uf = [v for k, v in out.items() if k.startswith("underflow_frac_")]
+    if uf:
+        out["underflow_frac"] = sum(uf) / len(uf)
+    return out
