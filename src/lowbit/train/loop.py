@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         log.info("no validation split (val_fraction=0): val_loss is not computed")
 
     start, bad_streak, streak_start = 0, 0, None
-    resumed_from = None
+    resumed_from, resumed_window = None, []
     if resume_from is not None:
         ckpt_dir, meta = resume_from
         _check_resume(meta, cfg, tok.vocab_size, ckpt_dir)
@@ -363,6 +363,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         _set_rng_state(state["rng"], device)
         start, bad_streak, streak_start = state["step"], state["bad_streak"], state["streak_start"]
         resumed_from = start
+        resumed_window = [float(v) for v in state.get("window_losses", [])]
         log.info("resumed from %s (step %d of %d)", ckpt_dir, start, steps)
         if start > steps:
             raise ValueError(f"checkpoint {ckpt_dir} is at step {start}, past this run's {steps} steps; "
@@ -385,9 +386,9 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     history = logger.rows
     bar = _progress_bar(progress, steps, start)
     diverged_at = None
-    last_saved = checkpoint.list_checkpoints(ckpt_root)[0][0] if resume_from is not None else None
+    last_saved = resumed_from  # a newer but corrupt checkpoint of the final step must be rewritten
     timed_s, timed_steps = 0.0, 0  # steady-state timing: this process's steps after its first
-    win_losses, win_t, win_steps = [], 0.0, 0
+    win_losses, win_t, win_steps = resumed_window, 0.0, 0
     grad_norm = float("nan")
     qstats: dict = {}
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -396,7 +397,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         return {"step": step, "optimizer": opt.state_dict(),
                 "schedule": {"steps": steps, "warmup_steps": warmup, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio},
                 "batcher": batcher.state_dict(), "rng": _rng_state(device),
-                "bad_streak": bad_streak, "streak_start": streak_start}
+                "bad_streak": bad_streak, "streak_start": streak_start,
+                "window_losses": list(win_losses)}  # so the next logged train_loss matches an uninterrupted run
 
     def save(step: int) -> None:
         nonlocal last_saved
