@@ -2,6 +2,7 @@
 like-for-like checks) against a stand-in trainer, and end-to-end runs of the real trainer on `tiny`."""
 import dataclasses
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -58,14 +59,6 @@ def test_plan_runs_labels_and_reference_unswept():
     assert fmt.dge.k == recipes.get("fp4-paper").dge.k
 
 
-def test_parse_count():
-    assert [cmp.parse_count(s) for s in ("2000000", "2M", "1.5M", "500k", "1B", "2e6", "1_000")] == \
-           [2_000_000, 2_000_000, 1_500_000, 500_000, 10**9, 2_000_000, 1000]
-    for bad in ("1.5", "lots", "-1M", "1.0000001k"):
-        with pytest.raises(ValueError, match="bad count"):
-            cmp.parse_count(bad)
-
-
 def test_plan_runs_errors():
     with pytest.raises(ValueError, match="more than once"):
         cmp.plan_runs(["bf16", "bf16"])
@@ -85,6 +78,7 @@ class _StandInConfig:
     model: str = "tiny"
     recipe: str = "fp32"
     data: str | None = None
+    val_fraction: float = 0.05
     tokenizer: str = "bpe"
     vocab_size: int = 2048
     tokens: int = 2_000_000
@@ -148,8 +142,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(sys.modules["lowbit.train"], "train", trainer, raising=False)
     prepared = []
 
-    def prepare_dataset(**kw):
-        prepared.append(kw)
+    def prepare_dataset(*args, **kw):
+        prepared.append((args, kw))
         return object()
 
     monkeypatch.setattr(importlib.import_module("lowbit.data"), "prepare_dataset", prepare_dataset)
@@ -294,6 +288,7 @@ def _real_trainer():
 
 
 needs_trainer = pytest.mark.skipif(_real_trainer() is None, reason="lowbit.train has not landed yet")
+needs_nn = pytest.mark.skipif(importlib.util.find_spec("lowbit.nn") is None, reason="lowbit.nn has not landed yet")
 
 
 @pytest.fixture
@@ -317,6 +312,7 @@ def _tiny(corpus, **kw):
 
 
 @needs_trainer
+@needs_nn
 def test_real_compare_three_recipes(corpus, tmp_path):
     out = tmp_path / "cmp"
     res = cmp.compare(["fp32", "bf16", "fp4-paper"], _tiny(corpus), out, progress=False)
@@ -348,6 +344,7 @@ def test_real_compare_three_recipes(corpus, tmp_path):
 
 
 @needs_trainer
+@needs_nn
 def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):
     """lr=1e3 drives every run to a non-finite loss: each is recorded as diverged, at its step, and all
     three are attempted (the first divergence does not end the comparison)."""
@@ -365,31 +362,46 @@ def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):
 
 @needs_trainer
 def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, monkeypatch):
-    """Interrupt the second run mid-way (KeyboardInterrupt after its step-2 checkpoint), then re-invoke:
-    the finished first run is reused untouched and the second resumes from its checkpoint."""
-    trainer = _real_trainer()
-    real = trainer.train
-    calls = []
+    """Ctrl-C in the middle of the second run (after its step-2 checkpoint), then the same call again:
+    the finished first run is reused untouched, the second resumes from its checkpoint and ends like an
+    uninterrupted run."""
+    loop_mod = importlib.import_module("lowbit.train.loop")
+    real_batcher, trainer = loop_mod.Batcher, _real_trainer()
+    real_train, calls = trainer.train, []
 
-    def interrupting(cfg, **kw):
-        calls.append((cfg.recipe, cfg.resume))
-        if cfg.recipe == "fp4-paper" and not cfg.resume:
-            short = dataclasses.replace(cfg, tokens=2 * 4 * 32)  # same run, stopped after 2 steps...
-            real(short, **kw)
-            (Path(cfg.out) / "result.json").unlink()             # ...as if killed after its checkpoint
-            raise KeyboardInterrupt
-        return real(cfg, **kw)
+    class CtrlC(real_batcher):
+        def next(self):
+            if self.step >= 3:  # inside step 4: steps 1-3 done, checkpoint at step 2 written
+                raise KeyboardInterrupt
+            return super().next()
 
-    monkeypatch.setattr(trainer, "train", interrupting)
+    crashed = []
+
+    def train_spy(cfg, **kw):
+        calls.append((Path(cfg.out).name, cfg.resume))
+        crash = Path(cfg.out).name == "bf16" and not crashed
+        if crash:
+            crashed.append(cfg.out)
+        monkeypatch.setattr(loop_mod, "Batcher", CtrlC if crash else real_batcher)
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", train_spy)
     base = _tiny(corpus)
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare(["bf16", "fp4-paper"], base, tmp_path, progress=False)
-    done = tmp_path / "runs/bf16/result.json"
+        cmp.compare(["fp32", "bf16"], base, tmp_path / "cmp", progress=False)
+    done = tmp_path / "cmp/runs/fp32/result.json"
     mtime = done.stat().st_mtime_ns
-    assert cmp._has_checkpoint(tmp_path / "runs/fp4-paper")
+    assert not (tmp_path / "cmp/runs/bf16/result.json").exists()
+    assert cmp._has_checkpoint(tmp_path / "cmp/runs/bf16")
 
     calls.clear()
-    res = cmp.compare(["bf16", "fp4-paper"], base, tmp_path, progress=False)
-    assert calls == [("fp4-paper", True)]                      # bf16 not retrained; fp4-paper resumed
-    assert done.stat().st_mtime_ns == mtime and res["runs"]["bf16"]["reused"]
-    assert res["runs"]["fp4-paper"]["status"] == "ok" and res["runs"]["fp4-paper"]["steps"] == 6
+    res = cmp.compare(["fp32", "bf16"], base, tmp_path / "cmp", progress=False)
+    assert calls == [("bf16", True)]                       # fp32 not retrained; bf16 resumed
+    assert done.stat().st_mtime_ns == mtime and res["runs"]["fp32"]["reused"]
+    bf16 = res["runs"]["bf16"]
+    assert bf16["status"] == "ok" and bf16["steps"] == 6 and not bf16["reused"]
+    assert json.loads((tmp_path / "cmp/runs/bf16/result.json").read_text())["resumed_from_step"] == 2
+    # resuming is exact on CPU: same final losses as an uninterrupted comparison
+    ref = cmp.compare(["bf16"], base, tmp_path / "ref", progress=False)
+    assert bf16["final_val_loss"] == ref["runs"]["bf16"]["final_val_loss"]
+    assert bf16["final_train_loss"] == ref["runs"]["bf16"]["final_train_loss"]

@@ -238,25 +238,11 @@ def machine_info() -> dict:
     return info
 
 
-def parse_count(text: str) -> int:
-    """'2000000', '2M', '1.5M', '500k', '1B', '2e6' -> int (for --tokens)."""
-    s = str(text).strip().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
-    num = s[:-1] if mult != 1 else s
-    try:
-        value = float(num) * mult
-    except ValueError:
-        raise ValueError(f"bad count {text!r}: use an integer, optionally with k/M/B, e.g. 2M") from None
-    if not math.isfinite(value) or value < 0 or not float(value).is_integer():
-        raise ValueError(f"bad count {text!r}: must be a whole non-negative number")
-    return int(value)
-
-
 def _count_arg(text: str) -> int:
     import argparse
 
     try:
-        return parse_count(text)
+        return importlib.import_module("lowbit.train").parse_count(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -480,12 +466,15 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(specs), desc="compare", unit="run", position=0, leave=True)
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=len(specs), desc="compare", unit="run", position=0, leave=True, disable=not tty)
     try:
         for i, spec in enumerate(specs, 1):
             cfg, run_dir = cfgs[spec.label], Path(cfgs[spec.label].out)
             if bar is not None:
                 bar.set_description(f"recipe {i}/{len(specs)}: {spec.label}")
+                if not tty:  # logs get one line per run instead of a bar
+                    print(f"[compare] recipe {i}/{len(specs)}: {spec.label}", file=sys.stderr, flush=True)
             done = run_dir / _RESULT_FILE
             if done.is_file():
                 result = json.loads(done.read_text())
@@ -493,8 +482,9 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                 rec["reused"] = True
             else:
                 if dataset is None:
-                    dataset = data_mod.prepare_dataset(data=base.data, tokenizer=base.tokenizer,
-                                                       vocab_size=base.vocab_size)
+                    # once for all runs (what train() would do per run from the same config fields)
+                    dataset = data_mod.prepare_dataset(base.data, tokenizer=base.tokenizer,
+                                                       vocab_size=base.vocab_size, val_fraction=base.val_fraction)
                 if _has_checkpoint(run_dir):
                     cfg = dataclasses.replace(cfg, resume=True)
                 elif run_dir.exists():  # interrupted before its first checkpoint: start it again
@@ -517,7 +507,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             _check_hashes(results["runs"])
             if bar is not None:
                 bar.update(1)
-                bar.write(_one_line(rec))
+                bar.write(f"[compare] {_one_line(rec)}", file=sys.stderr)
     finally:
         if bar is not None:
             bar.close()
