@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from lowbit.formats import Format, check_float, get_format
+from lowbit.formats import Format, get_format
 
 # --- DGE -----------------------------------------------------------------------------------
 
@@ -185,7 +185,8 @@ def occ_clamp(x: torch.Tensor, alpha: float = 0.99
     2·(1−alpha) of the entries); the thresholds are 0-d tensors of x's dtype (the
     exact bounds the clamp used; the quantiles rounded to x's dtype).
     """
-    check_float(x)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not 0.5 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0.5, 1], got {alpha}")
     if x.numel() == 0:

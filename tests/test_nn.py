@@ -1,0 +1,434 @@
+"""lowbit.nn (QLinear, convert, statistics) against nn.Linear, torch's float8 casts and
+products built independently in the tests."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+import lowbit.nn as lnn
+from lowbit import recipes as R
+from lowbit.nn import QLinear, collect_stats, convert, quant_stats
+from lowbit.quant import fake_quantize
+from lowbit.recipes import TensorQuant
+
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+FP4_ROW = TensorQuant("e2m1", "row")
+
+
+def make(recipe, K=64, N=48, bias=True, seed=0, dtype=torch.float32, layer_idx=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias, dtype=dtype)
+    return lin, QLinear.from_linear(copy.deepcopy(lin), recipe, layer_idx)
+
+
+def run(mod, x, dy):
+    """forward + backward; returns (y, dx, dW, db) detached."""
+    x = x.detach().clone().requires_grad_(True)
+    for p in mod.parameters():
+        p.grad = None
+    y = mod(x)
+    y.backward(dy)
+    return y.detach(), x.grad, mod.weight.grad, None if mod.bias is None else mod.bias.grad
+
+
+def fn_path(recipe):
+    """The recipe with OCC on at alpha = 1: no clamping, but QLinear runs its autograd Function."""
+    return R.get(recipe).replace(**{"occ.enabled": True, "occ.alpha": 1.0})
+
+
+def ref_dge_np(xs, k=5.0, clamp=3.0):
+    """f' on the hand E2M1 table (np.searchsorted on the grid, not lowbit's exponent trick)."""
+    a = np.abs(xs)
+    i = np.clip(np.searchsorted(E2M1, a, side="right") - 1, 0, len(E2M1) - 2)
+    lo, hi = E2M1[i], E2M1[i + 1]
+    t = np.abs(2 * (a - lo) / (hi - lo) - 1)
+    with np.errstate(divide="ignore"):
+        d = np.minimum(t ** (1 / k - 1) / k, clamp)
+    return np.where(a > 6, 0.0, d)
+
+
+# --- unquantized: nn.Linear bit for bit -------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["fp32", fn_path("fp32")], ids=["fast-path", "autograd-fn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_is_nn_linear_bit_for_bit(recipe, bias):
+    lin, q = make(recipe, bias=bias)
+    x = torch.randn(3, 5, 64)
+    dy = torch.randn(3, 5, 48)
+    for a, b in zip(run(lin, x, dy), run(q, x, dy)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_gradcheck_unquantized_path():
+    """Finite differences (float64) of the autograd Function without quantization, also
+    with OCC clamping + compensation (exact in real arithmetic)."""
+    for r in (fn_path("fp32"), R.get("fp32").replace(**{"occ.enabled": True, "occ.alpha": 0.9})):
+        _, q = make(r, K=12, N=7, dtype=torch.float64)
+        x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w, b: lnn._QLinearFn.apply(x.reshape(-1, 12), w, b, q,
+                                                                               torch.float64),
+                                        (x, q.weight, q.bias))
+
+
+# --- FP4 paper: DGE and OCC ------------------------------------------------------------------
+
+def test_fp4_paper_matches_closed_form():
+    """fp32 compute (no autocast): every GeMM rebuilt in the test from fake_quantize (tested
+    in test_quant), numpy quantiles and the hand-table DGE derivative."""
+    lin, q = make("fp4-paper", K=64, N=48)
+    x = torch.randn(4, 8, 64)
+    x[0, 0, 3] = 25.0  # an outlier
+    dy = torch.randn(4, 8, 48)
+    y, dx, dw, db = run(q, x, dy)
+
+    X = x.reshape(-1, 64)
+    G = dy.reshape(-1, 48)
+    W, b = lin.weight.detach(), lin.bias.detach()
+    lo, hi = np.quantile(X.double().numpy(), [0.01, 0.99])
+    Xc = X.clamp(float(np.float32(lo)), float(np.float32(hi)))
+    dX_res = X - Xc
+    assert (dX_res != 0).any()
+    y_ref = fake_quantize(Xc, FP4_ROW) @ fake_quantize(W, FP4_ROW).t() + b + dX_res @ W.t()
+    # the compensation is summed in another order (sparse CSR): fp32 rounding only
+    torch.testing.assert_close(y.reshape(-1, 48), y_ref, rtol=1e-5, atol=1e-5)
+
+    Wq_n = fake_quantize(W.t().contiguous(), FP4_ROW).t()  # W per input channel (along N)
+    dx_ref = fake_quantize(G, FP4_ROW) @ Wq_n
+    assert torch.equal(dx.reshape(-1, 64), dx_ref)
+
+    dwq = fake_quantize(G.t().contiguous(), FP4_ROW) @ fake_quantize(Xc.t().contiguous(), FP4_ROW).t()
+    dwq = dwq + G.t() @ dX_res
+    s = W.abs().amax(1, keepdim=True) / 6.0
+    fprime = torch.from_numpy(ref_dge_np((W / s).double().numpy())).float()
+    torch.testing.assert_close(dw, dwq * fprime, rtol=1e-5, atol=1e-6)
+    assert torch.equal(db, G.sum(0))
+
+
+def test_dge_changes_only_the_weight_gradient():
+    torch.manual_seed(1)
+    x, dy = torch.randn(16, 64), torch.randn(16, 48)
+    base = R.get("fp4-direct")
+    _, qa = make(base)
+    _, qb = make(base.replace(**{"dge.enabled": True}))
+    ya, dxa, dwa, _ = run(qa, x, dy)
+    yb, dxb, dwb, _ = run(qb, x, dy)
+    assert torch.equal(ya, yb) and torch.equal(dxa, dxb)
+    s = qa.weight.detach().abs().amax(1, keepdim=True) / 6
+    fprime = torch.from_numpy(ref_dge_np((qa.weight.detach() / s).double().numpy())).float()
+    torch.testing.assert_close(dwb, dwa * fprime, rtol=1e-6, atol=0)  # one fp32 multiply
+    assert not torch.equal(dwa, dwb)
+
+
+def test_occ_alpha_one_is_the_plain_quantized_product():
+    base = R.get("fp4-direct")
+    x, dy = torch.randn(2, 9, 64), torch.randn(2, 9, 48)
+    _, qa = make(base)
+    _, qb = make(base.replace(**{"occ.enabled": True, "occ.alpha": 1.0}))
+    for a, b in zip(run(qa, x, dy), run(qb, x, dy)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_occ_forward_clamped_product_plus_residual(compensate):
+    r = R.get("fp4-direct").replace(**{"occ.enabled": True, "occ.alpha": 0.97, "occ.compensate": compensate})
+    lin, q = make(r)
+    x = torch.randn(10, 64) * torch.linspace(0.1, 3, 64)  # wide channels: real clamping
+    y = q(x).detach()
+    W, b = lin.weight.detach(), lin.bias.detach()
+    lo, hi = np.quantile(x.double().numpy(), [0.03, 0.97])
+    xc = x.clamp(float(np.float32(lo)), float(np.float32(hi)))
+    y_ref = fake_quantize(xc, FP4_ROW) @ fake_quantize(W, FP4_ROW).t() + b
+    if compensate:
+        y_ref = y_ref + (x - xc) @ W.t()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)  # fp32 summation order only
+
+
+def test_occ_compensation_improves_the_product():
+    torch.manual_seed(2)
+    x = torch.randn(64, 128)
+    x[torch.rand_like(x) < 0.005] *= 40  # sparse outliers, as in activations
+    lin = nn.Linear(128, 64)
+    exact = lin(x).detach()
+    errs = {}
+    for name, r in {"direct": R.get("fp4-direct"),
+                    "clamp": R.get("fp4-paper").replace(**{"occ.compensate": False}),
+                    "occ": R.get("fp4-paper")}.items():
+        errs[name] = (QLinear.from_linear(lin, r)(x).detach() - exact).norm().item()
+    assert errs["occ"] < errs["direct"] and errs["occ"] < errs["clamp"]
+
+
+# --- FP8 against torch's float8 dtypes ----------------------------------------------------------
+
+def f8_ref(t, dtype, fmax):
+    s = t.abs().amax() / fmax
+    return (t / s).to(dtype).float() * s
+
+
+def test_fp8_tensor_matches_torch_float8_casts():
+    lin, q = make("fp8-tensor")
+    x, dy = torch.randn(3, 5, 64), torch.randn(3, 5, 48)
+    y, dx, dw, db = run(q, x, dy)
+    X, G, W = x.reshape(-1, 64), dy.reshape(-1, 48), lin.weight.detach()
+    Xq, Wq = f8_ref(X, torch.float8_e4m3fn, 448.0), f8_ref(W, torch.float8_e4m3fn, 448.0)
+    Gq = f8_ref(G, torch.float8_e5m2, 57344.0)
+    # same values through the same fp32 GeMMs; the quantized operands agree to fp32 rounding of x/s·s
+    torch.testing.assert_close(y.reshape(-1, 48), Xq @ Wq.t() + lin.bias.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.reshape(-1, 64), Gq @ Wq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, Gq.t() @ Xq, rtol=1e-6, atol=1e-6)
+
+
+def test_delayed_scaling_uses_the_history_max():
+    r = R.get("fp8-tensor-delayed").replace(amax_history_len=3)
+    lin, q = make(r)
+    qi = r.input
+    assert q.amax_history_input.shape == (3,)
+    xs = [torch.randn(6, 64) * c for c in (1.0, 4.0, 0.5, 0.25, 0.25)]
+    W = lin.weight.detach()
+    amaxes = []
+    for step, x in enumerate(xs):
+        y = q(x).detach()
+        cur = x.abs().amax()
+        used = cur if step == 0 else max(amaxes[-3:])  # the very first step: the current amax
+        y_ref = fake_quantize(x, qi, amax=used) @ fake_quantize(W, r.weight, amax=W.abs().amax()).t() + lin.bias
+        assert torch.equal(y, y_ref.detach()), step
+        amaxes.append(cur)
+        want_hist = torch.tensor((amaxes[::-1] + [0.0, 0.0, 0.0])[:3])
+        assert torch.equal(q.amax_history_input, want_hist)
+    # step 1 ran with the smaller amax of step 0, so the 4x larger input saturated at 448·scale
+    y1 = QLinear.from_linear(lin, r)
+    y1(xs[0])
+    out = lnn.fake_quantize_2d(xs[1], qi, amax=xs[0].abs().amax())
+    assert out.abs().max() == pytest.approx(xs[0].abs().amax().item(), rel=1e-6)
+
+
+def test_delayed_scaling_grad_output_history():
+    lin, q = make("fp8-tensor-delayed")
+    x = torch.randn(4, 64)
+    for c in (1.0, 3.0):
+        run(q, x, torch.randn(4, 48) * c)
+    h = q.amax_history_grad_output
+    assert h[0] > h[1] > 0 and (h[2:] == 0).all()
+
+
+# --- Hadamard, stochastic rounding ----------------------------------------------------------------
+
+def sylvester(n):
+    h = np.array([[1.0]])
+    while h.shape[0] < n:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h
+
+
+def test_random_hadamard_is_orthogonal_and_signed():
+    Rm = lnn.random_hadamard(16, 7)
+    torch.testing.assert_close(Rm @ Rm.t(), torch.eye(16), rtol=0, atol=1e-6)  # fp32 rounding
+    s = (Rm[:, 0] * 4).numpy()
+    assert set(np.unique(s)) <= {-1.0, 1.0}
+    np.testing.assert_allclose(Rm.numpy(), s[:, None] * sylvester(16) / 4, atol=0)
+    assert torch.equal(Rm, lnn.random_hadamard(16, 7)) and not torch.equal(Rm, lnn.random_hadamard(16, 8))
+
+
+def test_hadamard_weight_grad_exact_without_quantization(monkeypatch):
+    """With the quantizer replaced by the identity, the rotated dW GeMM is dYᵀ·X to fp32
+    rounding (15 tokens: padded to 16 inside)."""
+    monkeypatch.setattr(lnn, "fake_quantize_2d", lambda t, q, generator=None, amax=None: t)
+    lin, q = make("nvfp4", K=32, N=16)
+    x, dy = torch.randn(3, 5, 32), torch.randn(3, 5, 16)
+    ya, dxa, dwa, dba = run(lin, x, dy)
+    yb, dxb, dwb, dbb = run(q, x, dy)
+    assert torch.equal(ya, yb) and torch.equal(dxa, dxb) and torch.equal(dba, dbb)
+    torch.testing.assert_close(dwb, dwa, rtol=1e-5, atol=1e-5)  # rotation round trip in fp32
+    assert not torch.equal(dwa, dwb)  # it really went through the rotation
+
+
+def test_hadamard_weight_grad_reference():
+    """nvfp4's dW = Q(dYᵀR)·Q(XᵀR)ᵀ with R built here from an independent Sylvester matrix."""
+    r = R.get("nvfp4").replace(**{"grad_output.rounding": "nearest"})
+    lin, q = make(r, K=32, N=16)
+    x, dy = torch.randn(32, 32), torch.randn(32, 16)
+    _, _, dw, _ = run(q, x, dy)
+    s = (q.hadamard_rotation[:, 0] * 4).numpy()
+    Rm = torch.from_numpy(s[:, None] * sylvester(16) / 4).float()
+    rot = lambda a: (a.reshape(a.shape[0], -1, 16) @ Rm).reshape(a.shape)
+    ref = fake_quantize(rot(dy.t().contiguous()), r.grad_output) @ fake_quantize(rot(x.t().contiguous()), r.input).t()
+    torch.testing.assert_close(dw, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_stochastic_rounding_is_seeded_per_layer():
+    x, dy = torch.randn(8, 64), torch.randn(8, 48)
+    layers = [make("nvfp4", layer_idx=i)[1] for i in (0, 0, 1)]
+    state = torch.get_rng_state()
+    g = [run(q, x, dy)[1] for q in layers]
+    assert torch.equal(g[0], g[1]) and not torch.equal(g[0], g[2])
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not touched
+    _, q = make("nvfp4")
+    d1, d2 = run(q, x, dy)[1], run(q, x, dy)[1]
+    assert not torch.equal(d1, d2)  # the layer's stream advances
+
+
+# --- autocast, shapes, every recipe --------------------------------------------------------------
+
+def test_autocast_bf16():
+    lin, q = make("bf16")
+    x, dy = torch.randn(3, 5, 64), torch.randn(3, 5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = run(lin, x, dy.bfloat16()), run(q, x, dy.bfloat16())
+    assert a[0].dtype == torch.bfloat16
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    lin, q = make("fp4-direct")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, dx, dw, db = run(q, x, dy.bfloat16())
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.float32 and dw.dtype == torch.float32
+    X, W = x.reshape(-1, 64).bfloat16(), lin.weight.detach().bfloat16()
+    y_ref = nn.functional.linear(fake_quantize(X, FP4_ROW), fake_quantize(W, FP4_ROW), lin.bias.detach().bfloat16())
+    assert torch.equal(y.reshape(-1, 48), y_ref)  # same bf16 operands, same bf16 GeMM
+
+
+@pytest.mark.parametrize("name", R.names())
+def test_every_recipe_runs_on_odd_shapes(name):
+    lin, q = make(name, K=128, N=96)
+    x = torch.randn(3, 5, 128)
+    x[0, 0, 0] = 30.0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=R.get(name).compute_dtype == "bf16"):
+        y, dx, dw, db = run(q, x, torch.randn(3, 5, 96))
+    for t in (y, dx, dw, db):
+        assert torch.isfinite(t).all()
+    assert y.shape == (3, 5, 96) and dx.shape == x.shape and dw.shape == (96, 128)
+    # close to the unquantized layer (FP4 error is large but bounded)
+    rel = (y.float() - lin(x).detach()).norm() / lin(x).detach().norm()
+    assert rel < 0.3
+
+
+def test_input_shapes():
+    lin, q = make("fp4-direct", K=64, N=48)
+    for shape in [(64,), (1, 64), (2, 3, 4, 64)]:
+        x = torch.randn(shape)
+        y = q(x)
+        assert y.shape == (*shape[:-1], 48)
+        ref = fake_quantize(x.reshape(-1, 64), FP4_ROW) @ fake_quantize(lin.weight.detach(), FP4_ROW).t() + lin.bias
+        assert torch.equal(y.reshape(-1, 48), ref.detach())
+
+
+def test_bad_inputs():
+    _, q = make("fp4-paper")
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        q(torch.randn(3, 63))
+    with pytest.raises(TypeError, match="autocast"):
+        q(torch.randn(3, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="DGE"):
+        QLinear(8, 8, recipe=R.get("fp32").replace(**{"dge.enabled": True}))
+    with pytest.raises(ValueError, match="unknown recipe"):
+        QLinear(8, 8, recipe="fp5")
+
+
+# --- state_dict and convert -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["fp8-tensor-delayed", "nvfp4", "fp4-paper"])
+def test_state_dict_is_nn_linear(name):
+    lin, q = make(name)
+    a, b = lin.state_dict(), q.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    plain = nn.Linear(64, 48)
+    plain.load_state_dict(q.state_dict())  # strict
+    assert torch.equal(plain.weight, lin.weight)
+    q2 = QLinear(64, 48, recipe=name)
+    q2.load_state_dict(lin.state_dict())
+    assert torch.equal(q2.weight, lin.weight)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.norm = nn.LayerNorm(16)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(16, 50, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.mlp(b.norm(b.attn(x)))
+        return self.lm_head(x)
+
+
+def test_convert_swaps_linears_and_keeps_parameters():
+    m = Tiny()
+    params = dict(m.named_parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)  # built before the conversion
+    out = convert(m, "fp4-paper")
+    assert out is m
+    names = {n for n, mod in m.named_modules() if isinstance(mod, QLinear)}
+    assert names == {f"blocks.{i}.{s}" for i in range(2) for s in ("attn", "mlp.0", "mlp.2")}
+    assert type(m.lm_head) is nn.Linear  # the head stays precise
+    assert {n: id(p) for n, p in m.named_parameters()} == {n: id(p) for n, p in params.items()}
+    idx = sorted(mod.layer_idx for mod in m.modules() if isinstance(mod, QLinear))
+    assert idx == list(range(6))
+    before = m.blocks[0].attn.weight.detach().clone()
+    m(torch.randn(2, 3, 16)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, m.blocks[0].attn.weight)
+    assert convert(m, "fp4-paper") is m and m.blocks[0].attn.layer_idx == 0  # no-op
+    with pytest.raises(ValueError, match="already a QLinear"):
+        convert(m, "mxfp4")
+
+
+def test_convert_filter_head_and_recipe_forms(tmp_path):
+    m = convert(Tiny(), "mxfp4", filter_fn=lambda mod, fqn: "mlp" in fqn)
+    assert {n for n, mod in m.named_modules() if isinstance(mod, QLinear)} == \
+        {f"blocks.{i}.mlp.{j}" for i in range(2) for j in (0, 2)}
+    m = convert(Tiny(), R.get("fp8-tensor").replace(quantize_head=True))
+    assert isinstance(m.lm_head, QLinear)
+    path = tmp_path / "r.toml"
+    R.save(R.get("nvfp4").replace(name="mine"), path)
+    m = convert(Tiny(), str(path))
+    assert m.blocks[1].attn.recipe.name == "mine"
+    q = lowbit.convert(nn.Linear(8, 4), "fp32")  # the root itself
+    assert isinstance(q, QLinear) and q.recipe.name == "fp32"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        convert(Tiny(), "fp3")
+    m = convert(Tiny().to(torch.float64), "bf16")
+    assert m.blocks[0].attn.weight.dtype == torch.float64
+
+
+def test_quant_stats():
+    m = convert(Tiny(), "fp4-paper")
+    x = torch.randn(4, 8, 16)
+    m(x).sum().backward()
+    assert quant_stats(m) == {}  # off by default
+    collect_stats(m, True)
+    m(x).sum().backward()
+    st = quant_stats(m)
+    assert set(st) == {"occ_clamped_frac", "underflow_frac", "underflow_frac_input", "underflow_frac_weight",
+                       "underflow_frac_grad_output"}
+    assert 0.01 < st["occ_clamped_frac"] < 0.03  # 2·(1−0.99) of the entries, up to ties
+    # the first layer's weight underflow, recomputed here
+    w = m.blocks[0].attn.weight.detach()
+    uf = ((w != 0) & (fake_quantize(w, FP4_ROW) == 0)).sum() / (w != 0).sum()
+    m2 = convert(Tiny(), "fp4-paper")
+    collect_stats(m2)
+    m2.blocks[0].attn.load_state_dict(m.blocks[0].attn.state_dict())
+    m2.blocks[0].attn(x)
+    assert lnn.quant_stats(m2.blocks[0].attn)["underflow_frac_weight"] == pytest.approx(uf.item())
+    assert quant_stats(m) == {}  # reset
+    collect_stats(m, False)
+    m(x)
+    assert quant_stats(m) == {}
+
+
+def test_lowbit_import_stays_torch_free():
+    import subprocess
+    import sys
+    code = "import sys, lowbit; assert 'torch' not in sys.modules; lowbit.convert; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
