@@ -286,7 +286,10 @@ def test_autocast_bf16():
     assert y.dtype == torch.bfloat16 and dx.dtype == torch.float32 and dw.dtype == torch.float32
     X, W = x.reshape(-1, 64).bfloat16(), lin.weight.detach().bfloat16()
     y_ref = nn.functional.linear(fake_quantize(X, FP4_ROW), fake_quantize(W, FP4_ROW), lin.bias.detach().bfloat16())
-    assert torch.equal(y.reshape(-1, 48), y_ref)  # same bf16 operands, same bf16 GeMM
+    # same bf16 operands; QLinear accumulates in fp32 on CPU (as a native bf16 GeMM does) in
+    # another order, then rounds once: at most one bf16 ulp apart
+    torch.testing.assert_close(y.reshape(-1, 48), y_ref, rtol=2 ** -7, atol=1e-6)
+    assert (y.reshape(-1, 48) == y_ref).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("name", R.names())

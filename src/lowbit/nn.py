@@ -17,7 +17,9 @@ adds nothing to a product), so any token count works.
 Recipe pieces (lowbit.recipes):
   * compute dtype: under torch.autocast the operands are cast to the autocast dtype
     before quantizing and every GeMM runs in it (as nn.Linear does); otherwise in the
-    input's dtype. Master weights and bias stay as they are (fp32); gradients come
+    input's dtype. On CPU a bf16/fp16 GeMM runs as the fp32 GeMM of the upcast operands,
+    rounded to the compute dtype (same numbers as fp32 accumulation, far faster on CPUs
+    without native bf16 matmul; see _linear). Master weights and bias stay as they are (fp32); gradients come
     back in the parameters' / input's dtypes.
   * DGE (recipe.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative`
     on the forward weight divided by its scale (same scale as the forward GeMM used).
@@ -111,6 +113,28 @@ def _rotate(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return (a.float().view(rows, L // n, n) @ R.float()).view(rows, L)
 
 
+def _emulated(t: torch.Tensor) -> bool:
+    """bf16/fp16 GeMMs on CPU run as fp32 GeMMs of the upcast operands (see _mm)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a·bᵀ (+ bias) in a's dtype. A CPU without native bf16 GeMMs (AVX2) runs torch's bf16
+    matmul some 60x slower than fp32; the fp32 GeMM of the upcast operands gives the same
+    numbers a bf16 GeMM with fp32 accumulation gives (every bf16 product is exact in fp32),
+    up to summation order, rounded once to a's dtype at the end."""
+    if _emulated(a):
+        return F.linear(a.float(), b.float(), None if bias is None else bias.float()).to(a.dtype)
+    return F.linear(a, b, bias)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b in a's dtype (CPU bf16/fp16: in fp32, as in _linear)."""
+    if _emulated(a):
+        return torch.mm(a.float(), b.float()).to(a.dtype)
+    return torch.mm(a, b)
+
+
 def _csr(r: torch.Tensor) -> torch.Tensor | None:
     """r as a CSR tensor if at most _SPARSE_MAX_DENSITY of it is nonzero, else None."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
@@ -172,7 +196,7 @@ class _QLinearFn(torch.autograd.Function):
             xc = x
         xq, _ = layer._quant(xc, r.input, "input")
         wq, w_amax = layer._quant(w, r.weight, "weight")
-        y = F.linear(xq, wq, None if bias is None else bias.to(cdtype))
+        y = _linear(xq, wq, None if bias is None else bias.to(cdtype))
         if res is not None and r.occ.compensate:
             y += _residual_mm(res, weight).to(cdtype)
         ctx.layer, ctx.cdtype, ctx.w_amax = layer, cdtype, w_amax
@@ -203,7 +227,7 @@ class _QLinearFn(torch.autograd.Function):
                 else:  # W quantized per input channel: along N, i.e. rows of Wᵀ
                     wq = layer._quant(weight.to(cdtype).t().contiguous(), r.weight, "weight",
                                       amax=ctx.w_amax, record=False)[0].t()
-                dx = dyq.mm(wq).to(ctx.x_dtype)
+                dx = _mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 dw = _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, ctx.occ)
                 if r.dge.enabled:
@@ -236,7 +260,7 @@ def _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, occ):
         xt = _rotate(F.pad(xc.t(), (0, pad)), R).to(x.dtype)
         gq, _ = layer._quant(dyt, r.grad_output, "grad_output", record=False)
         xq, _ = layer._quant(xt, r.input, "input", record=False)
-        dw = gq.mm(xq.t())
+        dw = _mm(gq, xq.t())
     else:
         if dyq is not None and _layout_free(r.grad_output):
             gq = dyq.t()
@@ -246,7 +270,7 @@ def _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, occ):
             xq = xq_saved
         else:
             xq = layer._quant(xc.t().contiguous(), r.input, "input", record=False)[0].t()
-        dw = gq.mm(xq)
+        dw = _mm(gq, xq)
     if res is not None:
         comp = _residual_tmm(dy, res)
         dw = dw.to(comp.dtype) + comp
