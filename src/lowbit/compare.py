@@ -363,6 +363,34 @@ def _record(spec: RunSpec, cfg, status: str, result: dict | None = None, error: 
     return rec
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux: VmHWM via /proc/self/clear_refs), so the
+    peak memory of each CPU run is its own rather than the largest of all runs so far in this process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    """VmHWM of this process in bytes (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_MEM_NOTES = {
+    "cuda": "peak CUDA memory allocated during the run",
+    "rss": "peak resident set size of the process during the run (CPU; Linux VmHWM, reset before each run)",
+    "trainer": "as reported by the trainer (on CPU: the process's peak RSS so far, which only grows across runs)",
+}
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     ckpt = run_dir / "ckpt"
     return ckpt.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in ckpt.iterdir())
@@ -391,6 +419,8 @@ def _summarize(results: dict) -> dict:
     report.add_gaps(runs, ref)
     results["failed"] = [lab for lab, r in runs.items() if str(r["status"]).startswith("failed")]
     results["diverged"] = [lab for lab, r in runs.items() if r["status"] == "diverged"]
+    sources = sorted({r.get("peak_mem_source") for r in runs.values() if r.get("peak_mem_source")})
+    results["peak_mem_note"] = "; ".join(_MEM_NOTES[s] for s in sources) or None
     return results
 
 
@@ -459,6 +489,8 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
         results["runs"][spec.label] = _record(spec, cfgs[spec.label], "pending")
     _write_json(results_path, _summarize(results))
 
+    on_cpu = train_mod.resolve_device(base.device).type == "cpu" if hasattr(train_mod, "resolve_device") \
+        else base.device == "cpu"
     data_mod = importlib.import_module("lowbit.data")
     dataset = None  # prepared lazily: all runs may already be finished
 
@@ -478,7 +510,12 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             done = run_dir / _RESULT_FILE
             if done.is_file():
                 result = json.loads(done.read_text())
+                prev_rec = prev_runs.get(spec.label) or {}
+                mem_source = "cuda" if not on_cpu else "trainer"
+                if prev_rec.get("peak_mem_source") == "rss" and prev_rec.get("peak_mem_bytes") is not None:
+                    result["peak_mem_bytes"], mem_source = prev_rec["peak_mem_bytes"], "rss"  # measured then
                 rec = _record(spec, cfg, "diverged" if result.get("diverged_at_step") is not None else "ok", result)
+                rec["peak_mem_source"] = mem_source
                 rec["reused"] = True
             else:
                 if dataset is None:
@@ -490,10 +527,16 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                 elif run_dir.exists():  # interrupted before its first checkpoint: start it again
                     cfg = dataclasses.replace(cfg, overwrite=True)
                 try:
+                    rss = on_cpu and _reset_peak_rss()
                     result = train_mod.train(cfg, progress=progress, dataset=dataset)
                     result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+                    mem_source = "cuda" if not on_cpu else "trainer"
+                    peak = _peak_rss() if rss else None
+                    if peak is not None:
+                        result["peak_mem_bytes"], mem_source = peak, "rss"
                     diverged = result.get("diverged_at_step") is not None
                     rec = _record(spec, cfg, "diverged" if diverged else "ok", result)
+                    rec["peak_mem_source"] = mem_source
                 except Exception as e:  # one broken run must not cost the others; KeyboardInterrupt still stops
                     msg = f"{type(e).__name__}: {e}".strip()
                     run_dir.mkdir(parents=True, exist_ok=True)

@@ -313,7 +313,8 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
         out.append(f"**Note:** {results['reference_note']}")
     out += ["", format_table(results), "",
             "Δ val: final validation loss minus the reference's (lower is better); "
-            "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower.", "",
+            "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower."
+            + (f" Peak mem: {results['peak_mem_note']}." if results.get("peak_mem_note") else ""), "",
             f"![validation loss and gap to {ref}]({plot_name})", ""]
     failed = {lab: r for lab, r in results.get("runs", {}).items() if str(r.get("status", "")).startswith("failed")}
     for param, name in (sweep_plots or {}).items():
