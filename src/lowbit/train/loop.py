@@ -35,6 +35,7 @@ from lowbit import flops as flops_mod
 from lowbit import recipes
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.models import GPTConfig, LlamaConfig, build_model
+from lowbit.nn import QLinear, collect_stats, convert, quant_stats
 from lowbit.train import checkpoint
 from lowbit.train.config import TrainConfig
 from lowbit.train.metrics import BASE_COLUMNS, MetricsLogger, json_safe
@@ -65,7 +66,8 @@ class TrainResult:
     step_time_s       mean seconds per optimizer step, same steps.
     mfu               model FLOPs utilisation at tokens_per_s (None if the device's peak is unknown).
     peak_mem_bytes    CUDA: peak allocated memory; CPU: peak resident set size of the process.
-    quant_stats       the recipe's quantization statistics of the last logged window ({} if unquantized).
+    quant_stats       the recipe's quantization statistics (lowbit.nn.quant_stats) at the last logged step
+                      ({} if the recipe quantizes nothing).
     wall_time_s       seconds from the call to the end, everything included.
     diverged_at_step  None, or the step where the streak of non-finite steps that stopped the run began.
     history           the logged metric rows (see lowbit.train.metrics), resumed runs included.
@@ -198,6 +200,27 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _qlinear_state(model: torch.nn.Module) -> dict:
+    """The per-layer state QLinear keeps outside its state_dict: stochastic-rounding generator states and
+    delayed-scaling amax histories (non-persistent buffers). Checkpointed so resume is exact for every recipe."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, QLinear):
+            out[fqn] = {"generators": {k: g.get_state() for k, g in m._generators.items()},
+                        "buffers": {k: b.detach().cpu().clone() for k, b in m.named_buffers(recurse=False)
+                                    if k.startswith("amax_history_")}}
+    return out
+
+
+def _set_qlinear_state(model: torch.nn.Module, state: dict) -> None:
+    for fqn, m in model.named_modules():
+        if isinstance(m, QLinear) and fqn in state:
+            for k, g_state in state[fqn]["generators"].items():
+                m._generator(torch.device(k)).set_state(g_state)
+            for k, b in state[fqn]["buffers"].items():
+                getattr(m, k).copy_(b)
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -273,10 +296,7 @@ def _load(path, device="cpu"):
     cfg.recipe = saved["recipe"]
     device = resolve_device(str(device))
     model = build_model(model_config_from_dict(meta["model_config"]))
-    if recipe.quantized:
-        from lowbit.nn import convert
-
-        convert(model, recipe)
+    convert(model, recipe)
     checkpoint.load_weights(model, ckpt_dir)
     model.to(device).eval()
     return model, tok, cfg, recipe, ckpt_dir
@@ -334,10 +354,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model {cfg.model!r}'s context of "
                          f"{model.config.block_size} tokens; use --seq-len {model.config.block_size} or less")
     init_hash = state_dict_hash(model)
-    if recipe.quantized:
-        from lowbit.nn import convert
-
-        convert(model, recipe)
+    convert(model, recipe)  # every nn.Linear but lm_head -> QLinear (plain F.linear for fp32/bf16)
     model.to(device)
     fwd = torch.compile(model) if cfg.compile else model
     opt = make_optimizer(model, cfg, device)
@@ -361,6 +378,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         opt.load_state_dict(state["optimizer"])
         batcher.load_state_dict(state["batcher"])
         _set_rng_state(state["rng"], device)
+        _set_qlinear_state(model, state.get("qlinear", {}))
         start, bad_streak, streak_start = state["step"], state["bad_streak"], state["streak_start"]
         resumed_from = start
         resumed_window = [float(v) for v in state.get("window_losses", [])]
@@ -368,10 +386,6 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         if start > steps:
             raise ValueError(f"checkpoint {ckpt_dir} is at step {start}, past this run's {steps} steps; "
                              "raise --tokens to train further")
-
-    quant_stats = None
-    if recipe.quantized:
-        from lowbit.nn import quant_stats
 
     fpt = flops_mod.flops_per_token(model.config, cfg.seq_len)["train"]
     try:
@@ -398,7 +412,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 "schedule": {"steps": steps, "warmup_steps": warmup, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio},
                 "batcher": batcher.state_dict(), "rng": _rng_state(device),
                 "bad_streak": bad_streak, "streak_start": streak_start,
-                "window_losses": list(win_losses)}  # so the next logged train_loss matches an uninterrupted run
+                "window_losses": list(win_losses), "qlinear": _qlinear_state(model)}  # so the next logged train_loss matches an uninterrupted run
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -419,6 +433,9 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            n = step + 1  # steps completed after this one
+            # quantization statistics are sampled on the last step of each log window (they cost time)
+            collect_stats(model, n % cfg.log_interval == 0 or n == steps)
             for _ in range(cfg.grad_accum):
                 x, y = batcher.next()
                 y = y.contiguous()  # the batcher's targets are a strided view; the loss .view()s them
@@ -428,7 +445,6 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 loss_sum += loss.detach().float()
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
             loss_val, grad_norm = torch.stack([loss_sum / cfg.grad_accum, norm.float()]).tolist()  # one sync
-            n = step + 1  # steps completed after this one
             if math.isfinite(loss_val) and math.isfinite(grad_norm):
                 opt.step()
                 bad_streak, streak_start = 0, None
@@ -454,11 +470,9 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
             last = n == steps or diverged_at is not None
             do_eval = bool(val) and (n % cfg.eval_interval == 0 or last)
             if n % cfg.log_interval == 0 or do_eval or last:
-                if quant_stats is not None:
-                    qstats = quant_stats(model)  # training window's stats, before eval adds its own
+                qstats = quant_stats(model)  # stats of this window's last step
+                collect_stats(model, False)
                 val_loss = _eval_loss(fwd, val, recipe, device) if do_eval else None
-                if quant_stats is not None and do_eval:
-                    quant_stats(model)  # drop the evaluation passes' stats
                 tps = win_steps * tokens_per_step / win_t if win_t > 0 else float("nan")
                 row = {"step": n, "tokens": n * tokens_per_step,
                        "train_loss": sum(win_losses) / len(win_losses) if win_losses else float("nan"),
