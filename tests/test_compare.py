@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def fake(monkeypatch):
 
     def prepare_dataset(*args, **kw):
         prepared.append((args, kw))
-        return object()
+        return types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab_size=256))
 
     monkeypatch.setattr(importlib.import_module("lowbit.data"), "prepare_dataset", prepare_dataset)
     return trainer, cls, prepared
@@ -361,6 +362,8 @@ def test_real_compare_three_recipes(corpus, tmp_path):
     # like for like, asserted: identical initial weights and first batch in every run
     assert len({r["init_hash"] for r in runs.values()}) == 1
     assert len({r["data_hash"] for r in runs.values()}) == 1
+    model = importlib.import_module("lowbit.models").build_model("tiny", vocab_size=res["model"]["vocab_size"])
+    assert res["model"]["params"] == sum(p.numel() for p in model.parameters())
     ref = runs["bf16"]["final_val_loss"]
     gap = runs["fp4-paper"]["final_val_loss"] - ref
     assert runs["fp4-paper"]["val_gap_abs"] == pytest.approx(gap)

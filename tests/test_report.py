@@ -87,6 +87,7 @@ def test_writes_png_and_report(tmp_path):
     assert w >= 800 and h >= 300           # two panels at 110 dpi
     assert nbytes > 20_000                 # several curves, legend, labels: a blank figure is far smaller
     md = paths["report"].read_text()
+    assert md.startswith("# lowbit compare: model tiny, 5k tokens, seed 0")
     assert "![validation loss" in md and "(loss.png)" in md
     assert report.format_table(res) in md
     assert "lowbit compare --recipes bf16,fp4-paper --model tiny" in md
@@ -115,3 +116,9 @@ def test_sweep_chart(tmp_path):
         assert nbytes > 10_000
     md = paths["report"].read_text()
     assert "## Sweep of `dge.k`" in md and "(sweep_dge_k.png)" in md and "(sweep_fmt.png)" in md
+
+
+def test_title_with_model_size():
+    res = _results({"bf16": _run(4.0)})
+    res["model"] = {"params": 1_300_000, "tokens_per_param": 5000 / 1_300_000}
+    assert report._title(res) == "lowbit compare: model tiny (1.3M params), 5k tokens (0.0038 per param), seed 0"

@@ -391,6 +391,16 @@ _MEM_NOTES = {
 }
 
 
+def _model_info(base, vocab_size: int) -> dict:
+    """Model name, parameter counts and tokens per parameter, for the report's title and results.json."""
+    from lowbit.flops import count_params
+    from lowbit.models import get_config
+
+    n = count_params(get_config(base.model, vocab_size=vocab_size))
+    return {"name": base.model, "vocab_size": vocab_size, "params": n["total"],
+            "non_embedding_params": n["non_embedding"], "tokens_per_param": base.tokens / n["total"]}
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     ckpt = run_dir / "ckpt"
     return ckpt.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in ckpt.iterdir())
@@ -465,6 +475,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
         "command": command or command_line(list(recipes), base, out, sweep),
         "machine": machine_info(),
         "base_config": base_cfg,
+        "model": None,
         "recipes": list(dict.fromkeys(s.base for s in specs)),
         "sweep": sweep or None,
         "reference": None, "reference_note": None,
@@ -544,6 +555,12 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                     rec = _record(spec, cfg, f"failed: {msg}", error=msg)
                 rec["reused"] = False
             results["runs"][spec.label] = rec
+            if results.get("model") is None:
+                if dataset is not None:
+                    results["model"] = _model_info(base, dataset.tokenizer.vocab_size)
+                elif (run_dir / "tokenizer").is_dir():
+                    vocab = data_mod.Tokenizer.load(run_dir / "tokenizer").vocab_size
+                    results["model"] = _model_info(base, vocab)
             _summarize(results)
             _write_json(results_path, results)
             report.write_report(results, out)

@@ -141,10 +141,14 @@ def format_quant_table(results: dict) -> str:
 
 
 def _title(results: dict) -> str:
-    cfg = results.get("base_config") or {}
-    parts = [f"model {cfg['model']}" if "model" in cfg else None,
-             f"{_si(cfg['tokens'])} tokens" if _finite(cfg.get("tokens")) else None,
-             f"seed {cfg['seed']}" if "seed" in cfg else None]
+    cfg, model = results.get("base_config") or {}, results.get("model") or {}
+    name = f"model {cfg['model']}" if "model" in cfg else None
+    if name and _finite(model.get("params")):
+        name += f" ({_si(model['params'])} params)"
+    tokens = f"{_si(cfg['tokens'])} tokens" if _finite(cfg.get("tokens")) else None
+    if tokens and _finite(model.get("tokens_per_param")):
+        tokens += f" ({model['tokens_per_param']:.2g} per param)"
+    parts = [name, tokens, f"seed {cfg['seed']}" if "seed" in cfg else None]
     return "lowbit compare: " + ", ".join(p for p in parts if p)
 
 
