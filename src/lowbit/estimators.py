@@ -153,7 +153,8 @@ def quantile_pair(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
     Returns two 0-d fp64 tensors on x's device. NaN in x gives NaN quantiles."""
     xf = x.reshape(-1)
     n = xf.numel()
-    if torch.isnan(xf).any():
+    has_nan = torch.isnan(xf).any()
+    if xf.device.type == "cpu" and has_nan:  # (on accelerators: no sync, NaN is put in below)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
         return nan, nan.clone()
 
@@ -171,7 +172,10 @@ def quantile_pair(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
                 a = b
         return _lerp(a.double(), b.double(), g)
 
-    return q(1.0 - alpha, largest=False), q(alpha, largest=True)
+    lo, hi = q(1.0 - alpha, largest=False), q(alpha, largest=True)
+    if xf.device.type != "cpu":
+        lo, hi = (torch.where(has_nan, math.nan, t) for t in (lo, hi))
+    return lo, hi
 
 
 def occ_clamp(x: torch.Tensor, alpha: float = 0.99

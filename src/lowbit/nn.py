@@ -24,10 +24,10 @@ Recipe pieces (lowbit.recipes):
   * DGE (recipe.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative`
     on the forward weight divided by its scale (same scale as the forward GeMM used).
   * OCC (recipe.occ.enabled): X is clamped to its [1−α, α] quantiles before quantizing;
-    with `compensate` the residual product ΔX·Wᵀ is added to Y, computed in fp32 with
-    the master weight (sparse CSR on CPU when ΔX is sparse; dense elsewhere). The
+    with `compensate` the residual product ΔX·Wᵀ is added to Y, from ΔX and W in the compute
+    dtype (not quantized) with fp32 accumulation (sparse CSR on CPU; dense elsewhere). The
     weight-gradient GeMM uses the *same* clamped activation (quantized along tokens) plus
-    the matching compensation dYᵀ·ΔX in fp32, so dW is the exact gradient of the
+    the matching compensation dYᵀ·ΔX (same precision), so dW is the exact gradient of the
     compensated forward (the paper's reference code likewise reuses its compensated
     forward activation in the dW GeMM). dX is the straight-through Q(dY)·Q(W).
   * grad_output.hadamard: a ±1-signed block-Hadamard rotation R (R·Rᵀ = I) of size
@@ -144,26 +144,26 @@ def _csr(r: torch.Tensor) -> torch.Tensor | None:
 
 
 def _residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """res [M, K] · wᵀ [K, N] in fp32 or better (the OCC compensation). On CPU a sparse
-    residual goes through CSR (about 6x faster than dense at 2% density)."""
-    dt = torch.promote_types(res.dtype, torch.float32)
-    r = res.to(dt)
-    w = w.to(dt)
-    s = _csr(r) if r.device.type == "cpu" else None
-    if s is not None:
-        return s @ w.t()
-    return r @ w.t()
+    """res [M, K] · wᵀ [K, N], both in the compute dtype, accumulated in fp32 (or fp64): the
+    OCC compensation. On CPU the sparse residual goes through CSR in fp32 (exact products of
+    the bf16 operands; about 6x faster than a dense GeMM at 2% density); on accelerators a
+    dense GeMM in the compute dtype (a data-dependent sparse layout would cost a sync)."""
+    if res.device.type == "cpu":
+        dt = torch.promote_types(res.dtype, torch.float32)
+        s = _csr(res.to(dt))
+        if s is not None:
+            return s @ w.to(dt).t()
+    return _linear(res, w)
 
 
 def _residual_tmm(dy: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-    """dyᵀ [N, M] · res [M, K] in fp32 or better (the OCC compensation of dW)."""
-    dt = torch.promote_types(res.dtype, torch.float32)
-    r = res.to(dt)
-    d = dy.to(dt)
-    s = _csr(r) if r.device.type == "cpu" else None
-    if s is not None:
-        return (s.t() @ d).t()
-    return d.t() @ r
+    """dyᵀ [N, M] · res [M, K] (the OCC compensation of dW), as _residual_mm."""
+    if res.device.type == "cpu":
+        dt = torch.promote_types(res.dtype, torch.float32)
+        s = _csr(res.to(dt))
+        if s is not None:
+            return (s.t() @ dy.to(dt)).t()
+    return _mm(dy.t(), res)
 
 
 def _check_recipe_for_linear(r: Recipe) -> None:
@@ -198,7 +198,7 @@ class _QLinearFn(torch.autograd.Function):
         wq, w_amax = layer._quant(w, r.weight, "weight")
         y = _linear(xq, wq, None if bias is None else bias.to(cdtype))
         if res is not None and r.occ.compensate:
-            y += _residual_mm(res, weight).to(cdtype)
+            y += _residual_mm(res, w).to(cdtype)
         ctx.layer, ctx.cdtype, ctx.w_amax = layer, cdtype, w_amax
         ctx.has_bias = bias is not None
         ctx.x_dtype = x2.dtype
@@ -273,7 +273,7 @@ def _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, occ):
         dw = _mm(gq, xq)
     if res is not None:
         comp = _residual_tmm(dy, res)
-        dw = dw.to(comp.dtype) + comp
+        dw = dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
     return dw
 
 
