@@ -123,6 +123,23 @@ def test_dge_changes_only_the_weight_gradient():
     assert not torch.equal(dwa, dwb)
 
 
+def test_dge_on_power_of_two_tiles_with_padding():
+    """DGE on mxfp4 (1x32 tiles, E8M0 scales) with K = 40 (the last tile zero-padded): the scale
+    of each tile is 2^(floor(log2 absmax) − 2), computed here by hand; scaled values may exceed
+    6 (saturated: f' = 0)."""
+    from lowbit.estimators import dge_derivative
+    base = R.get("mxfp4")
+    _, qa = make(base, K=40, N=24)
+    _, qb = make(base.replace(**{"dge.enabled": True}), K=40, N=24)
+    x, dy = torch.randn(6, 40), torch.randn(6, 24)
+    dwa, dwb = run(qa, x, dy)[2], run(qb, x, dy)[2]
+    W = torch.nn.functional.pad(qa.weight.detach(), (0, 24)).view(24, 2, 32)
+    amax = W.abs().amax(-1, keepdim=True)
+    ws = (W / torch.exp2(torch.floor(torch.log2(amax)) - 2)).view(24, 64)[:, :40]
+    assert (ws.abs() > 6).any()  # some saturate
+    torch.testing.assert_close(dwb, dwa * dge_derivative(ws), rtol=1e-6, atol=0)
+
+
 def test_occ_alpha_one_is_the_plain_quantized_product():
     base = R.get("fp4-direct")
     x, dy = torch.randn(2, 9, 64), torch.randn(2, 9, 48)

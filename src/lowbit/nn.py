@@ -89,6 +89,16 @@ def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, ama
     return fake_quantize(t, q, generator, amax)
 
 
+def scaled_values_2d(t: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
+    """t divided by its quantization scale (fp32, t's shape), padded like fake_quantize_2d."""
+    R, C = t.shape
+    pc = (-C) % q.block if _tiled(q) else 0
+    pr = (-R) % q.block if q.granularity == "block" else 0
+    if pc or pr:
+        return scaled_values(F.pad(t, (0, pc, 0, pr)), q, amax=amax)[0][:R, :C]
+    return scaled_values(t, q, amax=amax)[0]
+
+
 def hadamard_matrix(n: int) -> torch.Tensor:
     """Sylvester Hadamard matrix of order n (a power of two), entries ±1, fp32 [n, n]."""
     if n <= 0 or n & (n - 1):
@@ -231,7 +241,7 @@ class _QLinearFn(torch.autograd.Function):
             if need_dw:
                 dw = _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, ctx.occ)
                 if r.dge.enabled:
-                    ws, _ = scaled_values(weight.to(cdtype), r.weight, amax=ctx.w_amax)
+                    ws = scaled_values_2d(weight.to(cdtype), r.weight, amax=ctx.w_amax)
                     dw = dw.float() * dge_derivative(ws, r.weight.fmt, r.dge.k, r.dge.clamp)
                 dw = dw.to(weight.dtype)
             if need_db and ctx.has_bias:
