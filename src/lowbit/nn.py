@@ -216,7 +216,10 @@ class _QLinearFn(torch.autograd.Function):
         # keep quantized copies only where the transposed GeMM can reuse them
         keep_xq = _layout_free(r.input) and r.input is not None and not _hadamard(r)
         keep_wq = _layout_free(r.weight) and r.weight is not None
-        ctx.save_for_backward(x, weight, xq if keep_xq else None, wq if keep_wq else None, lo, hi)
+        # x itself is needed only to re-quantize it along tokens or to rebuild the OCC residual
+        keep_x = not keep_xq or ctx.occ
+        ctx.save_for_backward(x if keep_x else None, weight, xq if keep_xq else None,
+                              wq if keep_wq else None, lo, hi)
         return y
 
     @staticmethod
@@ -254,14 +257,15 @@ def _hadamard(r: Recipe) -> bool:
 
 
 def _weight_grad(layer, r, x, dy, dyq, xq_saved, lo, hi, occ):
-    """dW = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX in fp32), Xc the OCC-clamped activation. [N, K]."""
+    """dW = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX, fp32 accumulation), Xc the OCC-clamped activation.
+    [N, K]. x is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
     if occ:
         xc = torch.clamp(x, lo, hi)
         res = x - xc if r.occ.compensate else None
     else:
         xc, res = x, None
     if _hadamard(r):
-        M = x.shape[0]
+        M = xc.shape[0]
         n = r.grad_output.hadamard_size
         mult = math.lcm(n, *(q.block for q in (r.grad_output, r.input) if _tiled(q)))
         pad = (-M) % mult
