@@ -244,8 +244,26 @@ def test_sweep_runs_swept_recipes_by_toml(fake, tmp_path):
     passed = recipes.get(trainer.calls[2].recipe)   # a TOML path the trainer can load
     assert trainer.calls[2].recipe.endswith(".toml") and passed.dge.k == 3.0 and passed.dge.enabled
     assert res["runs"]["fp4-paper[dge.k=3]"]["sweep"] == {"param": "dge.k", "value": 3.0}
+    assert len(trainer.calls) == 3
     assert (tmp_path / "sweep_dge_k.png").stat().st_size > 10_000
     assert "--sweep dge.k=1,3" in res["command"]
+
+
+def test_sweep_trains_each_effective_recipe_once(fake, tmp_path):
+    """fp4-paper[dge.k=5], [occ.alpha=0.99] and [fmt=e2m1] are all plain fp4-paper: trained once, reported
+    under each label (each sweep chart needs its point)."""
+    trainer, Cfg, _ = fake
+    res = cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=False,
+                      sweep={"dge.k": [3, 5], "occ.alpha": [0.99, 0.97], "fmt": ["e2m1"]})
+    trained = [Path(c.out).name for c in trainer.calls]
+    assert trained == ["bf16", "fp4-paper[dge.k=3]", "fp4-paper[dge.k=5]", "fp4-paper[occ.alpha=0.97]"]
+    runs = res["runs"]
+    assert len(runs) == 6
+    for label in ("fp4-paper[occ.alpha=0.99]", "fp4-paper[fmt=e2m1]"):
+        assert runs[label]["same_run_as"] == "fp4-paper[dge.k=5]"
+        assert runs[label]["final_val_loss"] == runs["fp4-paper[dge.k=5]"]["final_val_loss"]
+    assert runs["fp4-paper[fmt=e2m1]"]["sweep"] == {"param": "fmt", "value": "e2m1"}
+    assert runs["fp4-paper[fmt=e2m1]"]["config"]["recipe"]["name"] == "fp4-paper[fmt=e2m1]"
 
 
 def test_cli_end_to_end_with_exit_status(fake, tmp_path, capsys):

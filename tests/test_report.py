@@ -75,6 +75,8 @@ def test_table_numbers_correspond():
     assert cells[2:8] == ["4.1500", "4.1000", "+0.1000", "+2.50%", "4,000", "2.50×"]
     div = next(line for line in lines if "fp4-direct" in line)
     assert "diverged at step 42" in div
+    runs["fp4-paper[dge.k=5]"] = dict(runs["fp4-paper"], same_run_as="fp4-paper")
+    assert "| ok (same run as fp4-paper) |" in report.format_table(_results(runs))
 
 
 def test_writes_png_and_report(tmp_path):

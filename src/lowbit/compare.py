@@ -16,6 +16,7 @@ resumes a run that has a checkpoint, and retries failed ones. A different base c
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import importlib
@@ -401,6 +402,14 @@ def _model_info(base, vocab_size: int) -> dict:
             "non_embedding_params": n["non_embedding"], "tokens_per_param": base.tokens / n["total"]}
 
 
+def _recipe_key(recipe: Recipe) -> str:
+    """What a recipe computes, without its name/description: equal keys train identically."""
+    d = recipe.to_dict()
+    d.pop("name", None)
+    d.pop("description", None)
+    return json.dumps(d, sort_keys=True)
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     ckpt = run_dir / "ckpt"
     return ckpt.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in ckpt.iterdir())
@@ -505,6 +514,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     data_mod = importlib.import_module("lowbit.data")
     dataset = None  # prepared lazily: all runs may already be finished
 
+    trained: dict[str, str] = {}  # effective recipe -> label of the run that trained it
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -518,8 +528,16 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                 bar.set_description(f"recipe {i}/{len(specs)}: {spec.label}")
                 if not tty:  # logs get one line per run instead of a bar
                     print(f"[compare] recipe {i}/{len(specs)}: {spec.label}", file=sys.stderr, flush=True)
+            key = _recipe_key(spec.recipe)
             done = run_dir / _RESULT_FILE
-            if done.is_file():
+            if key in trained:
+                # same effective recipe as an earlier run (e.g. fp4-paper[dge.k=5] and fp4-paper[occ.alpha=0.99]
+                # are both plain fp4-paper): same weights, batches and numerics, so the same result; not retrained
+                rec = copy.deepcopy(results["runs"][trained[key]])
+                rec.update(label=spec.label, sweep=_record(spec, cfg, "")["sweep"], same_run_as=trained[key],
+                           reused=True)
+                rec["config"] = {**rec["config"], "recipe": spec.recipe.to_dict()}
+            elif done.is_file():
                 result = json.loads(done.read_text())
                 prev_rec = prev_runs.get(spec.label) or {}
                 mem_source = "cuda" if not on_cpu else "trainer"
@@ -555,6 +573,8 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
                     rec = _record(spec, cfg, f"failed: {msg}", error=msg)
                 rec["reused"] = False
             results["runs"][spec.label] = rec
+            if rec["status"] in ("ok", "diverged") and key not in trained:
+                trained[key] = spec.label
             if results.get("model") is None:
                 if dataset is not None:
                     results["model"] = _model_info(base, dataset.tokenizer.vocab_size)

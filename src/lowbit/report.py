@@ -99,7 +99,9 @@ def _f(x, fmt: str, none: str = "–") -> str:
 def _status(r: dict) -> str:
     s = r.get("status") or "?"
     if s == "diverged" and r.get("diverged_at_step") is not None:
-        return f"diverged at step {r['diverged_at_step']}"
+        s = f"diverged at step {r['diverged_at_step']}"
+    if r.get("same_run_as"):  # an identical recipe under another sweep label: one run, reported twice
+        s += f" (same run as {r['same_run_as']})"
     return s.replace("|", "\\|").replace("\n", " ")
 
 
