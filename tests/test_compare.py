@@ -455,3 +455,11 @@ def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, m
     ref = cmp.compare(["bf16"], base, tmp_path / "ref", progress=False)
     assert bf16["final_val_loss"] == ref["runs"]["bf16"]["final_val_loss"]
     assert bf16["final_train_loss"] == ref["runs"]["bf16"]["final_train_loss"]
+
+
+def test_progress_lines_when_not_a_terminal(fake, tmp_path, capsys):
+    trainer, Cfg, _ = fake
+    cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "[compare] recipe 1/2: bf16" in err and "[compare] recipe 2/2: fp4-paper" in err
+    assert "[compare] fp4-paper: ok, val loss" in err
