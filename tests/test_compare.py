@@ -2,7 +2,6 @@
 like-for-like checks) against a stand-in trainer, and end-to-end runs of the real trainer on `tiny`."""
 import dataclasses
 import importlib
-import importlib.util
 import json
 import sys
 import types
@@ -73,35 +72,6 @@ def test_plan_runs_errors():
 
 # --- orchestration with a stand-in trainer ----------------------------------------------------------
 
-@dataclasses.dataclass
-class _StandInConfig:
-    """The TrainConfig fields compare relies on (used only if lowbit.train has not landed)."""
-    model: str = "tiny"
-    recipe: str = "fp32"
-    data: str | None = None
-    val_fraction: float = 0.05
-    tokenizer: str = "bpe"
-    vocab_size: int = 2048
-    tokens: int = 2_000_000
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
-    eval_interval: int = 100
-    out: str = "runs/default"
-    resume: bool = False
-    overwrite: bool = False
-    compile: bool = False
-
-
-def _train_config_cls():
-    try:
-        return importlib.import_module("lowbit.train").TrainConfig
-    except (ImportError, AttributeError):
-        return None
-
-
 class FakeTrainer:
     """Stand-in for lowbit.train.train: deterministic per-recipe losses, writes result.json like the trainer,
     records every call. `fail` labels raise; lr > 100 diverges at step 3; `init_hash_for` overrides hashes."""
@@ -132,15 +102,11 @@ class FakeTrainer:
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Install a FakeTrainer (and a stand-in TrainConfig if the real one is missing) and a counted
-    stand-in prepare_dataset. Returns (trainer, TrainConfig, prepare calls)."""
-    cls = _train_config_cls()
-    trainer = FakeTrainer()
-    if cls is None:
-        mod = type(sys)("lowbit.train")
-        mod.TrainConfig, cls = _StandInConfig, _StandInConfig
-        monkeypatch.setitem(sys.modules, "lowbit.train", mod)
-    monkeypatch.setattr(sys.modules["lowbit.train"], "train", trainer, raising=False)
+    """Install a FakeTrainer in place of lowbit.train.train and a counted stand-in prepare_dataset.
+    Returns (trainer, TrainConfig, prepare calls)."""
+    trainer_mod = importlib.import_module("lowbit.train")
+    cls, trainer = trainer_mod.TrainConfig, FakeTrainer()
+    monkeypatch.setattr(trainer_mod, "train", trainer)
     prepared = []
 
     def prepare_dataset(*args, **kw):
@@ -310,16 +276,6 @@ def test_changed_recipe_definition_is_not_reused(fake, tmp_path):
 
 # --- end to end with the real trainer ------------------------------------------------------------------
 
-def _real_trainer():
-    try:
-        mod = importlib.import_module("lowbit.train")
-        return mod if hasattr(mod, "train") and hasattr(mod, "TrainConfig") else None
-    except ImportError:
-        return None
-
-
-needs_trainer = pytest.mark.skipif(_real_trainer() is None, reason="lowbit.train has not landed yet")
-needs_nn = pytest.mark.skipif(importlib.util.find_spec("lowbit.nn") is None, reason="lowbit.nn has not landed yet")
 
 
 @pytest.fixture
@@ -345,7 +301,7 @@ def _corpus(tmp_path):
 
 
 def _tiny(corpus, **kw):
-    TrainConfig = _real_trainer().TrainConfig
+    TrainConfig = importlib.import_module("lowbit.train").TrainConfig
     # 6 steps of 4x32 tokens; eval and checkpoint every 2 steps so curves and resume points exist
     base = dict(model="tiny", data=str(corpus), tokenizer="bytes", tokens=6 * 4 * 32, batch_size=4, seq_len=32,
                 lr=1e-3, seed=0, device="cpu", eval_interval=2, eval_batches=2, log_interval=1, ckpt_interval=2)
@@ -353,8 +309,6 @@ def _tiny(corpus, **kw):
     return TrainConfig(**base)
 
 
-@needs_trainer
-@needs_nn
 def test_real_compare_three_recipes(corpus, tmp_path):
     out = tmp_path / "cmp"
     import numpy as np
@@ -393,13 +347,11 @@ def test_real_compare_three_recipes(corpus, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "loss.png").stat().st_size > 20_000
 
 
-@needs_trainer
-@needs_nn
 def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):
     """lr=1e3 drives every run to a non-finite loss: each is recorded as diverged, at its step, and all
     three are attempted (the first divergence does not end the comparison)."""
     seen = []
-    trainer = _real_trainer()
+    trainer = importlib.import_module("lowbit.train")
     real = trainer.train
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: seen.append(cfg.recipe) or real(cfg, **kw))
     res = cmp.compare(["bf16", "fp32", "fp4-direct"], _tiny(corpus, lr=1e3, tokens=8 * 4 * 32), tmp_path,
@@ -410,13 +362,12 @@ def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):
     assert "diverged at step" in (tmp_path / "report.md").read_text()
 
 
-@needs_trainer
 def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, monkeypatch):
     """Ctrl-C in the middle of the second run (after its step-2 checkpoint), then the same call again:
     the finished first run is reused untouched, the second resumes from its checkpoint and ends like an
     uninterrupted run."""
     loop_mod = importlib.import_module("lowbit.train.loop")
-    real_batcher, trainer = loop_mod.Batcher, _real_trainer()
+    real_batcher, trainer = loop_mod.Batcher, importlib.import_module("lowbit.train")
     real_train, calls = trainer.train, []
 
     class CtrlC(real_batcher):

@@ -463,6 +463,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     sweep = validate_sweep(sweep)
     specs = plan_runs(list(recipes), sweep)
     out = Path(out)
+    device = train_mod.resolve_device(base.device)  # fails early (e.g. cuda asked, none present), not per run
     overwrite = bool(base.overwrite) if overwrite is None else overwrite
     base_cfg = _config_dict(base)
 
@@ -482,7 +483,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     results = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command or command_line(list(recipes), base, out, sweep),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "device": str(device)},
         "base_config": base_cfg,
         "model": None,
         "recipes": list(dict.fromkeys(s.base for s in specs)),
@@ -509,8 +510,7 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
         results["runs"][spec.label] = _record(spec, cfgs[spec.label], "pending")
     _write_json(results_path, _summarize(results))
 
-    on_cpu = train_mod.resolve_device(base.device).type == "cpu" if hasattr(train_mod, "resolve_device") \
-        else base.device == "cpu"
+    on_cpu = device.type == "cpu"
     data_mod = importlib.import_module("lowbit.data")
     dataset = None  # prepared lazily: all runs may already be finished
 
