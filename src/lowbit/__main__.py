@@ -1,0 +1,6 @@
+"""`python -m lowbit ...` is the `lowbit` command."""
+import sys
+
+from lowbit.cli import main
+
+sys.exit(main())

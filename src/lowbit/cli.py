@@ -1,0 +1,303 @@
+"""The `lowbit` command (also `python -m lowbit`).
+
+    lowbit train --model tiny --recipe fp4-paper --tokens 2M --out runs/fp4
+    lowbit train --config run.toml --lr 3e-4          # options override the file
+    lowbit eval --ckpt runs/fp4
+    lowbit generate --ckpt runs/fp4 --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50
+    lowbit flops --model gpt2-small --seq 1024 --peak 71
+    lowbit recipes [--show fp4-paper]
+    lowbit compare --recipes bf16,fp4-paper --model tiny --tokens 1M --out runs/cmp
+
+Errors in the input (bad option values, missing files) print `lowbit: error: <message>` and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import sys
+
+from lowbit import recipes
+
+_LOG_HANDLER_NAME = "lowbit-cli"
+
+# help for every TrainConfig field (the defaults are appended from TrainConfig)
+TRAIN_HELP = {
+    "model": "model preset: tiny, small, gpt2-small, llama-tiny, llama-small, llama-400m, llama-1.3b",
+    "recipe": "training recipe name (see `lowbit recipes`) or path to a recipe .toml file",
+    "data": "text/JSONL/Parquet file, directory or glob (default: the embedded Shakespeare corpus)",
+    "tokenizer": "bpe (trained locally on the corpus), bytes, or a saved tokenizer directory",
+    "vocab_size": "BPE vocabulary size (ignored by the bytes tokenizer)",
+    "tokens": "training tokens; accepts 2000000, 2M, 500k, 1.5B",
+    "batch_size": "sequences per micro-batch",
+    "seq_len": "tokens per sequence (at most the model's context)",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay target)",
+    "warmup_steps": "linear warmup steps (default: 5%% of the steps)",
+    "weight_decay": "AdamW weight decay (matrices and embeddings only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
+    "seed": "seed for the initial weights, the batch order and all RNGs",
+    "device": "auto (cuda when available), cpu, cuda, cuda:N",
+    "eval_interval": "steps between validation evaluations",
+    "eval_batches": "fixed validation batches per evaluation",
+    "log_interval": "steps between logged metric rows",
+    "ckpt_interval": "steps between checkpoints (a final one is always written)",
+    "keep_last": "checkpoints kept on disk",
+    "out": "run directory (checkpoints, metrics, tokenizer, result.json)",
+    "resume": "continue from the newest valid checkpoint in --out",
+    "overwrite": "delete lowbit's files in a non-empty --out and start again",
+    "compile": "torch.compile the model",
+    "max_bad_steps": "consecutive non-finite steps skipped before the run stops as diverged",
+    "val_fraction": "tail fraction of the tokens held out for validation",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _count(text: str) -> int:
+    from lowbit.train.config import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from lowbit.train.config import TrainConfig, field_names, field_types
+
+    defaults = TrainConfig.__dataclass_fields__
+    types = field_types()
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="TrainConfig TOML file (flat keys, e.g. lr = 1e-3); command-line options override it")
+    for name in field_names():
+        default = defaults[name].default
+        help_ = TRAIN_HELP[name]
+        if types[name] is bool:
+            action = argparse.BooleanOptionalAction if name == "compile" else "store_true"
+            p.add_argument(_flag(name), dest=name, action=action, default=argparse.SUPPRESS, help=help_)
+            continue
+        typ = _count if name == "tokens" else types[name]
+        shown = f"{default:,}" if name == "tokens" else default
+        if default is not None:
+            help_ += f" (default: {shown})"
+        p.add_argument(_flag(name), dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args):
+    from lowbit.train import TrainConfig
+    from lowbit.train.config import field_names
+
+    overrides = {k: getattr(args, k) for k in field_names() if hasattr(args, k)}
+    if args.config:
+        return TrainConfig.from_toml(args.config, **overrides)
+    return TrainConfig(**overrides)
+
+
+def cmd_train(args) -> int:
+    from lowbit.train import train
+
+    cfg = _train_config(args)
+    res = train(cfg, progress=not args.no_progress)
+    val = "n/a" if res.final_val_loss is None else f"{res.final_val_loss:.4f}"
+    if res.final_val_loss is not None and math.isfinite(res.final_val_loss):
+        val += f" (perplexity {math.exp(min(res.final_val_loss, 700)):.2f})"
+    mfu = "" if res.mfu is None else f", MFU {res.mfu:.1%}"
+    print(f"{res.steps} steps, {res.tokens:,} tokens: train loss {res.final_train_loss:.4f}, val loss {val}; "
+          f"{res.tokens_per_s:,.0f} tokens/s{mfu}; {res.wall_time_s:.1f} s")
+    print(f"run directory: {res.out}")
+    if res.diverged_at_step is not None:
+        print(f"lowbit: error: training diverged at step {res.diverged_at_step} (non-finite loss); "
+              "try a lower --lr or another recipe", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lowbit.data import prepare_dataset
+    from lowbit.train.loop import _load, evaluate
+
+    model, tok, cfg, recipe, ckpt_dir = _load(args.ckpt, args.device)
+    if args.recipe is not None:  # evaluate the trained weights under another recipe
+        from lowbit.models import build_model
+        from lowbit.nn import convert
+
+        recipe = recipes.get(args.recipe)
+        fresh = build_model(model.config)
+        fresh.load_state_dict(model.state_dict())
+        model = convert(fresh, recipe).to(next(model.parameters()).device).eval()
+    changes = {k: getattr(args, k) for k in ("eval_batches", "batch_size") if getattr(args, k) is not None}
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    data = cfg.data if args.data is None else args.data
+    ds = prepare_dataset(data, tokenizer=tok, val_fraction=cfg.val_fraction)
+    res = evaluate(model, ds, cfg, recipe=recipe)
+    res.update(checkpoint=str(ckpt_dir), recipe=recipe.name, batches=cfg.eval_batches,
+               tokens=cfg.eval_batches * cfg.batch_size * cfg.seq_len)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"checkpoint {ckpt_dir} (recipe {recipe.name}): {res['tokens']:,} validation tokens")
+        print(f"val_loss {res['val_loss']:.4f}")
+        print(f"perplexity {res['perplexity']:.3f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lowbit.train.loop import _load, autocast
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, tok, _, recipe, _ = _load(args.ckpt, args.device)
+    device = next(model.parameters()).device
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty prompt: start a new document
+    block = model.config.block_size
+    idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast(recipe, device):
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             use_cache=True, generator=gen)
+    new = out[0, idx.size(1):].tolist()
+    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from lowbit import flops
+    from lowbit.models import get_config
+
+    over = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    config = get_config(args.model, **over)
+    peak = None if args.peak is None else args.peak * 1e12
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"--peak must be a positive number of TFLOP/s, got {args.peak}")
+    print(flops.format_report(config, seq_len=args.seq, mfu=args.mfu, peak=peak, name=args.model))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    if args.show:
+        sys.stdout.write(recipes.get(args.show).to_toml())
+        return 0
+    names = recipes.names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {recipes.get(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit", description="Train GPT-2/LLaMA-style language models in FP4/FP8 (BF16/FP32 reference) "
+                                   "and compare recipes side by side.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a model from scratch (or resume a run)",
+                       description="Train a model under a recipe. Every option is also a key of a --config TOML "
+                                   "file; options given on the command line override the file.")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
+                       description="Evaluate a checkpoint on the validation split of its training data (the same "
+                                   "fixed batches the trainer used).")
+    p.add_argument("--ckpt", required=True, metavar="DIR",
+                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--data", default=None, help="evaluate on the validation split of this data instead")
+    p.add_argument("--recipe", default=None, help="evaluate under this recipe instead of the training recipe")
+    p.add_argument("--eval-batches", type=_positive_int, default=None,
+                   help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per batch (default: the run's batch_size)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
+                       description="Sample a continuation of --prompt from a trained checkpoint.")
+    p.add_argument("--ckpt", required=True, metavar="DIR",
+                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("flops", help="parameters, FLOPs per token, KV cache and MFU budget of a model preset",
+                       description="Print the parameter / FLOPs / KV-cache accounting of a model preset.")
+    p.add_argument("--model", required=True, help="model preset name")
+    p.add_argument("--seq", type=_positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument("--mfu", type=float, default=0.4, help="utilisation for the time estimate, a fraction (default: 0.4)")
+    p.add_argument("--peak", type=float, default=None, metavar="TFLOPS",
+                   help="device peak in TFLOP/s (e.g. 989 for an H100 SXM in BF16): adds tokens/s and time at --mfu")
+    p.add_argument("--vocab-size", type=_positive_int, default=None, help="override the preset's vocabulary size")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("recipes", help="list the training recipes",
+                       description="List the registered recipes, or print one as TOML (a starting point for a "
+                                   "custom recipe file: lowbit train --recipe my.toml).")
+    p.add_argument("--show", metavar="NAME", help="print this recipe as TOML")
+    p.set_defaults(func=cmd_recipes)
+
+    # --- compare: implemented in lowbit.compare (train the same model under several recipes, one report) ---
+    # (`lowbit.compare` the package attribute is the function; the module is imported by name)
+    importlib.import_module("lowbit.compare").add_cli(sub)
+    return parser
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        prefix = "lowbit: " if record.levelno < logging.WARNING else f"lowbit: {record.levelname.lower()}: "
+        return prefix + record.getMessage()
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("lowbit")
+    if not any(getattr(h, "name", None) == _LOG_HANDLER_NAME for h in logger.handlers):
+        h = logging.StreamHandler()  # stderr
+        h.name = _LOG_HANDLER_NAME
+        h.setFormatter(_Formatter())
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lowbit` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted (a run can continue from its last checkpoint with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
