@@ -1,0 +1,177 @@
+"""End-to-end tests of the `lowbit` command: every subcommand on a tiny run in a tmp dir, --help for each,
+and bad input -> `lowbit: error: ...` with exit status 2 (no traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowbit import recipes
+from lowbit.cli import main
+from lowbit.train import TrainConfig
+
+SUBCOMMANDS = ["train", "eval", "generate", "flops", "recipes", "compare"]
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 5)) + "." for i in range(600)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def tiny_args(corpus, out, *extra):
+    return ["train", "--data", str(corpus), "--tokenizer", "bytes", "--tokens", "1k", "--batch-size", "4",
+            "--seq-len", "32", "--eval-interval", "4", "--eval-batches", "2", "--log-interval", "2",
+            "--device", "cpu", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture
+def run_dir(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_train_end_to_end(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--lr", "2e-3", "--seed", "3")) == 0
+    text = capsys.readouterr().out
+    assert "7 steps, 896 tokens" in text and f"run directory: {out}" in text  # 1000 // (4*32) = 7 steps
+    res = json.loads((out / "result.json").read_text())
+    assert res["steps"] == 7 and res["diverged_at_step"] is None
+    cfg = TrainConfig.from_toml(out / "config.toml")
+    assert (cfg.lr, cfg.seed, cfg.tokens, cfg.batch_size) == (2e-3, 3, 1000, 4)
+
+
+def test_train_config_file_and_override(corpus, tmp_path, capsys):
+    conf = tmp_path / "run.toml"
+    conf.write_text('tokens = "2k"\nlr = 5e-4\nseed = 7\nbatch_size = 2\n')
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--config", str(conf), "--seed", "9")) == 0
+    cfg = TrainConfig.from_toml(out / "config.toml")
+    # tiny_args passes --tokens 1k and --batch-size 4 (override the file); lr from the file; --seed 9 wins
+    assert (cfg.tokens, cfg.lr, cfg.seed, cfg.batch_size) == (1000, 5e-4, 9, 4)
+    conf.write_text("learning_rate = 1e-3\n")
+    assert main(tiny_args(corpus, tmp_path / "r2", "--config", str(conf))) == 2
+    assert "lowbit: error: config file" in capsys.readouterr().err
+
+
+def test_resume_and_overwrite_flags(run_dir, corpus, capsys):
+    assert main(tiny_args(corpus, run_dir)) == 2
+    assert "already exists and is not empty; pass --resume" in capsys.readouterr().err
+    assert main(tiny_args(corpus, run_dir, "--resume")) == 0  # already finished: nothing left to train
+    assert main(tiny_args(corpus, run_dir, "--overwrite")) == 0
+    assert main(tiny_args(corpus, run_dir, "--resume", "--overwrite")) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_eval(run_dir, capsys):
+    result = json.loads((run_dir / "result.json").read_text())
+    assert main(["eval", "--ckpt", str(run_dir), "--device", "cpu", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["val_loss"] == pytest.approx(result["final_val_loss"], rel=1e-6)  # same fixed batches as training
+    assert ev["perplexity"] == pytest.approx(2.718281828459045 ** ev["val_loss"])
+    ckpt = sorted((run_dir / "ckpt").iterdir())[-1]
+    assert main(["eval", "--ckpt", str(ckpt), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "val_loss" in text and "perplexity" in text
+    assert main(["eval", "--ckpt", str(run_dir), "--device", "cpu", "--recipe", "bf16", "--json"]) == 0
+    ev16 = json.loads(capsys.readouterr().out)
+    assert ev16["recipe"] == "bf16" and ev16["val_loss"] == pytest.approx(ev["val_loss"], abs=0.05)  # bf16 rounding
+
+
+def test_generate(run_dir, capsys):
+    args = ["generate", "--ckpt", str(run_dir), "--prompt", "the king", "--max-new-tokens", "20", "--top-k", "5",
+            "--seed", "1", "--device", "cpu"]
+    assert main(args) == 0
+    a = capsys.readouterr().out
+    assert a.startswith("the king") and len(a) > len("the king")
+    assert main(args) == 0 and capsys.readouterr().out == a  # seeded: same text
+    assert main(args[:-4] + ["--seed", "2", "--device", "cpu", "--temperature", "0"]) == 0  # greedy
+    assert main(["generate", "--ckpt", str(run_dir), "--max-new-tokens", "5", "--device", "cpu"]) == 0  # empty prompt
+
+
+def test_flops(capsys):
+    assert main(["flops", "--model", "gpt2-small"]) == 0
+    text = capsys.readouterr().out
+    assert "163,009,536" in text and "tokens/s" not in text
+    assert main(["flops", "--model", "tiny", "--seq", "64", "--mfu", "0.5", "--peak", "989"]) == 0
+    text = capsys.readouterr().out
+    assert "at seq 64" in text and "at 50% MFU" in text and "tokens/s" in text
+
+
+def test_recipes(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == recipes.names()
+    assert all(recipes.get(ln.split()[0]).description in ln for ln in lines)
+    assert main(["recipes", "--show", "fp4-paper"]) == 0
+    assert recipes.Recipe.from_toml(capsys.readouterr().out) == recipes.get("fp4-paper")
+
+
+def test_compare_registered(corpus, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--recipes", "fp32,fp4-direct", "--data", str(corpus), "--tokenizer", "bytes",
+               "--tokens", "512", "--batch-size", "4", "--seq-len", "32", "--eval-interval", "2",
+               "--eval-batches", "1", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0 and (out / "report.md").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in res["runs"].values()] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: lowbit {cmd}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--tokens", "lots"], "argument --tokens: bad count 'lots'"),
+    (["train", "--batch-size", "two"], "argument --batch-size: invalid int value"),
+    (["train", "--batch-size", "0", "--device", "cpu"], "lowbit: error: batch_size must be > 0"),
+    (["train", "--recipe", "fp3"], "lowbit: error: unknown recipe 'fp3'"),
+    (["train", "--config", "/nonexistent.toml"], "lowbit: error: config file /nonexistent.toml does not exist"),
+    (["eval", "--ckpt", "/nonexistent"], "lowbit: error: /nonexistent does not exist"),
+    (["eval"], "the following arguments are required: --ckpt"),
+    (["flops", "--model", "huge"], "lowbit: error: unknown model preset 'huge'"),
+    (["flops", "--model", "tiny", "--mfu", "2"], "lowbit: error: mfu must be a fraction"),
+    (["flops", "--model", "tiny", "--seq", "0"], "argument --seq: expected a positive integer"),
+    (["recipes", "--show", "nope"], "lowbit: error: unknown recipe 'nope'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_input_exits_2_with_message(args, message, capsys):
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_checkpoint_dir_is_an_error_not_a_traceback(run_dir, capsys):
+    assert main(["generate", "--ckpt", str(run_dir.parent), "--device", "cpu"]) == 2
+    assert "lowbit: error: no checkpoint under" in capsys.readouterr().err
+
+
+def test_python_m_lowbit_and_console_script(tmp_path):
+    env = {**os.environ, "LOWBIT_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "lowbit", "recipes"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split()[0] == "fp32"
+    r = subprocess.run([sys.executable, "-m", "lowbit", "flops", "--model", "nope"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and r.stderr.startswith("lowbit: error: unknown model preset 'nope'")
+    script = os.path.join(os.path.dirname(sys.executable), "lowbit")
+    if os.path.exists(script):  # installed with pip install -e
+        r = subprocess.run([script, "--help"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and "usage: lowbit" in r.stdout
