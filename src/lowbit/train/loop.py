@@ -406,6 +406,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     grad_norm = float("nan")
     qstats: dict = {}
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    collect_stats(model, False)
+    stats_on = False
 
     def ckpt_state(step: int) -> dict:
         return {"step": step, "optimizer": opt.state_dict(),
@@ -435,7 +437,10 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
             loss_sum = torch.zeros((), device=device)
             n = step + 1  # steps completed after this one
             # quantization statistics are sampled on the last step of each log window (they cost time)
-            collect_stats(model, n % cfg.log_interval == 0 or n == steps)
+            want = n % cfg.log_interval == 0 or n == steps
+            if want != stats_on:
+                collect_stats(model, want)
+                stats_on = want
             for _ in range(cfg.grad_accum):
                 x, y = batcher.next()
                 y = y.contiguous()  # the batcher's targets are a strided view; the loss .view()s them
@@ -472,6 +477,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
             if n % cfg.log_interval == 0 or do_eval or last:
                 qstats = quant_stats(model)  # stats of this window's last step
                 collect_stats(model, False)
+                stats_on = False
                 val_loss = _eval_loss(fwd, val, recipe, device) if do_eval else None
                 tps = win_steps * tokens_per_step / win_t if win_t > 0 else float("nan")
                 row = {"step": n, "tokens": n * tokens_per_step,

@@ -1,0 +1,161 @@
+"""Training throughput of lowbit's trainer: tokens/s and MFU per model x recipe, in one process, with
+ratios to the bf16 and fp32 references.
+
+    python bench/train.py                                  # tiny and small, every recipe, print the table
+    python bench/train.py --write                          # ... and record it in bench/RESULTS.md
+    python bench/train.py --models tiny --recipes bf16,fp4-paper --steps 10 --device cuda
+
+Each cell is one real `lowbit.train.train` run (the same code path as `lowbit train`) of
+`--window * (--windows + 1)` optimizer steps with log_interval = `--window`: the first window is warm-up and
+dropped, the cell is the median over the other windows' tokens/s (robust to a colleague's job starting on a
+shared machine). No evaluation; quantization statistics sampled once per window as in a normal run; the final
+checkpoint is written after timing. Data: a BPE-2048 token stream built from this Python's standard
+library sources (no network; throughput does not depend on the text). MFU is model FLOPs (lowbit.flops,
+6N + attention per token) over lowbit.flops.peak_flops(device): on CPU the measured fp32 matmul peak, on GPU
+the dense BF16 tensor-core peak. On hardware without FP4/FP8 GeMMs every quantized recipe is simulated
+(quantize-dequantize + a bf16/fp32 GeMM, as in the FP4 paper), so it is slower than bf16, not faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit import recipes
+from lowbit.data import prepare_dataset
+from lowbit.models import get_config
+from lowbit.train import TrainConfig, resolve_device, train
+
+SECTION = "## Training throughput (bench/train.py)"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# micro-batch per model: ~1k tokens per step on CPU (full context)
+SHAPES = {"tiny": (8, 128), "small": (2, 256), "llama-tiny": (8, 128), "llama-small": (2, 256)}
+
+
+def corpus_file(d: Path, max_chars: int = 3_000_000) -> Path:
+    """A text file made of this Python's stdlib sources (deterministic for a given Python install)."""
+    src = Path(os.__file__).parent
+    parts, n = [], 0
+    for p in sorted(src.glob("*.py")):
+        t = p.read_text(errors="replace")
+        parts.append(t)
+        n += len(t)
+        if n >= max_chars:
+            break
+    path = d / "stdlib.txt"
+    path.write_text("\n".join(parts)[:max_chars])
+    return path
+
+
+def load_avg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def run(models, recipe_names, window, windows, device, shapes, workdir: Path):
+    ds = prepare_dataset(str(corpus_file(workdir)), tokenizer="bpe", vocab_size=2048, progress=False)
+    rows = []
+    for model in models:
+        B, T = shapes.get(model, (8, get_config(model).block_size))
+        for r in recipe_names:
+            steps = window * (windows + 1)
+            cfg = TrainConfig(model=model, recipe=r, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
+                              eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1,
+                              out=str(workdir / f"{model}-{r}"), overwrite=True, seed=0)
+            res = train(cfg, progress=False, dataset=ds)
+            timed = res.history[1:]  # drop the warm-up window
+            tps = statistics.median(h["tokens_per_s"] for h in timed)
+            mfu = None if timed[0]["mfu"] is None else statistics.median(h["mfu"] for h in timed)
+            rows.append({"model": model, "recipe": r, "batch": B, "seq": T, "tokens_per_s": tps,
+                         "step_ms": B * T / tps * 1e3, "mfu": mfu, "loss": res.final_train_loss})
+            print(f"{model:>6} {r:<20} {tps:>10,.0f} tok/s  {B * T / tps * 1e3:>9.1f} ms/step  "
+                  f"MFU {mfu if mfu is not None else float('nan'):.2%}", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    ref = {(r["model"], r["recipe"]): r["tokens_per_s"] for r in rows}
+    out = ["| model | recipe | batch x seq | tokens/s | ms/step | MFU | × bf16 | × fp32 |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def ratio(base):
+            b = ref.get((r["model"], base))
+            return f"{r['tokens_per_s'] / b:.2f}" if b else "-"
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.2%}"
+        out.append(f"| {r['model']} | {r['recipe']} | {r['batch']}x{r['seq']} | {r['tokens_per_s']:,.0f} | "
+                   f"{r['step_ms']:.1f} | {mfu} | {ratio('bf16')} | {ratio('fp32')} |")
+    return "\n".join(out)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others untouched."""
+    doc = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = text.rstrip("\n") + "\n\n"
+    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block
+    RESULTS.write_text(doc.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,small", help="comma-separated model presets (default: tiny,small)")
+    p.add_argument("--recipes", default="all", help="comma-separated recipes, or 'all' (default)")
+    p.add_argument("--window", type=int, default=3, help="optimizer steps per timing window (default: 3)")
+    p.add_argument("--windows", type=int, default=2, help="timed windows after the warm-up one (default: 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in {RESULTS.name}")
+    args = p.parse_args(argv)
+    if args.window < 1 or args.windows < 1:
+        p.error("--window and --windows must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = recipes.names() if args.recipes == "all" else [r.strip() for r in args.recipes.split(",")]
+    device = resolve_device(args.device)
+    cmd = "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    before = load_avg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
+        rows = run(models, names, args.window, args.windows, str(device), SHAPES, Path(d))
+    wall = time.perf_counter() - t0
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.machine()} CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    text = "\n".join([
+        SECTION, "",
+        f"Command: `{cmd.strip()}`", "",
+        f"{where}, torch {torch.__version__}; one process, every cell a real `lowbit.train.train` run of "
+        f"{args.window * (args.windows + 1)} steps on BPE-2048 tokens, seed 0: median tokens/s over {args.windows} "
+        f"windows of {args.window} steps after a warm-up window; {wall:.0f} s in all. "
+        f"Load average (1 min): {before} before, {load_avg()} after.",
+        "MFU = model training FLOPs (6N + attention, lowbit.flops) / peak; "
+        + ("peak = dense BF16 tensor-core peak of the GPU." if device.type == "cuda" else
+           "peak = this CPU's measured fp32 matmul throughput (lowbit.flops.peak_flops), so bf16 cells are "
+           "measured against an fp32 peak. Without AMX, CPU bf16 matmuls are far slower than fp32, and every "
+           "quantized recipe computes in bf16 after simulated (quantize-dequantize) FP8/FP4 casts, so on this "
+           "machine the useful comparison for the quantized recipes is the × bf16 column: it is the cost of "
+           "the quantization itself. No FP4/FP8 hardware speed-up is possible here."),
+        "", table(rows), "",
+    ])
+    print(text)
+    if args.write:
+        write_section(text)
+        print(f"wrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
