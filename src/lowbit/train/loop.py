@@ -414,7 +414,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 "schedule": {"steps": steps, "warmup_steps": warmup, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio},
                 "batcher": batcher.state_dict(), "rng": _rng_state(device),
                 "bad_streak": bad_streak, "streak_start": streak_start,
-                "window_losses": list(win_losses), "qlinear": _qlinear_state(model)}  # so the next logged train_loss matches an uninterrupted run
+                # the open log window's losses, so the next logged train_loss matches an uninterrupted run
+                "window_losses": list(win_losses), "qlinear": _qlinear_state(model)}
 
     def save(step: int) -> None:
         nonlocal last_saved
