@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -452,3 +453,35 @@ def test_lowbit_import_stays_torch_free():
     import sys
     code = "import sys, lowbit; assert 'torch' not in sys.modules; lowbit.convert; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_upcast_linear_matches_bf16_gemm_with_fp32_accumulation():
+    """Under CPU bf16 autocast, UpcastLinear (and a passthrough QLinear) must give what a bf16
+    GeMM with fp32 accumulation gives: reference = fp64 product of the bf16-rounded operands,
+    rounded once to bf16. fp32 vs fp64 accumulation of 64 exact products can move the result
+    across a bf16 rounding boundary, so allow 1 bf16 ulp (2^-7 relative), nothing more."""
+    from lowbit.nn import UpcastLinear, upcast_cpu_linears
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(5, 64, requires_grad=True)
+    model = upcast_cpu_linears(nn.Sequential(lin))
+    assert type(model[0]) is UpcastLinear and model[0].weight is lin.weight
+    assert list(model.state_dict()) == ["0.weight", "0.bias"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    xb, wb, bb = (t.detach().to(torch.bfloat16).double() for t in (x, lin.weight, lin.bias))
+    ref = (xb @ wb.T + bb).to(torch.bfloat16)
+    torch.testing.assert_close(y, ref, rtol=2 ** -7, atol=0)
+    g = torch.randn(5, 32).to(torch.bfloat16)
+    y.backward(g)
+    ref_dx = (g.double() @ wb).to(torch.bfloat16).float()  # dX = dY·W, bf16 GeMM output
+    torch.testing.assert_close(x.grad, ref_dx, rtol=2 ** -7, atol=0)
+    ref_dw = (g.double().T @ xb).float()  # dW = dYᵀ·X accumulated into the fp32 master grad
+    torch.testing.assert_close(lin.weight.grad, ref_dw, rtol=2 ** -7, atol=1e-6)
+    # outside autocast it is exactly nn.Linear
+    torch.testing.assert_close(model(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+    # a passthrough QLinear (bf16 recipe) takes the same path
+    q = QLinear.from_linear(lin, "bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(q(x), y, rtol=0, atol=0)

@@ -138,6 +138,39 @@ def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     return F.linear(a, b, bias)
 
 
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), except under CPU bf16/fp16 autocast, where the operands are
+    rounded to the autocast dtype and multiplied in fp32 (see _linear): the same numbers as a
+    native bf16 GeMM, differentiable, and some 10x faster on CPUs without bf16 units."""
+    dev = x.device.type
+    if dev != "cpu" or not torch.is_autocast_enabled(dev):
+        return F.linear(x, weight, bias)
+    cdtype = torch.get_autocast_dtype(dev)
+    if cdtype not in (torch.bfloat16, torch.float16):
+        return F.linear(x, weight, bias)
+    with torch.autocast(dev, enabled=False):
+        b = None if bias is None else bias.to(cdtype)
+        return _linear(x.to(cdtype), weight.to(cdtype), b)
+
+
+class UpcastLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state_dict) whose forward is upcast_linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upcast_linear(x, self.weight, self.bias)
+
+
+def upcast_cpu_linears(model: nn.Module) -> nn.Module:
+    """Give every plain nn.Linear left in `model` (e.g. the high-precision lm_head) the
+    UpcastLinear forward, in place, so CPU bf16 autocast does not hit torch's slow bf16 GeMM.
+    Numerics are unchanged (bf16 operands, fp32 accumulation, bf16 output); parameters and
+    state_dict keys are the same objects and names. Call after convert()."""
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            mod.__class__ = UpcastLinear
+    return model
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a·b in a's dtype (CPU bf16/fp16: in fp32, as in _linear)."""
     if _emulated(a):
@@ -347,7 +380,7 @@ class QLinear(nn.Linear):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"QLinear expects input of shape [..., {self.in_features}], got {tuple(x.shape)}")
         if not self._uses_fn:
-            return F.linear(x, self.weight, self.bias)
+            return upcast_linear(x, self.weight, self.bias)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdtype = torch.get_autocast_dtype(dev)
