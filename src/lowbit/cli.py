@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted (a run can continue from its last checkpoint with --resume)", file=sys.stderr)
+        hint = ("re-run the same command to resume: finished recipes are kept, the interrupted one continues "
+                "from its last checkpoint") if args.command == "compare" else \
+            "continue from the last checkpoint by re-running with --resume"
+        print(f"lowbit: interrupted; {hint}", file=sys.stderr)
         return 130
 
 
