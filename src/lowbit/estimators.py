@@ -129,7 +129,7 @@ def _extreme_pair(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor,
     """
     n = x.numel()
     cand = x
-    if x.device.type == "cpu" and n > 4 * _SAMPLE and k < n // 2:
+    if x.device.type == "cpu" and n > 4 * _SAMPLE and k < n // 2 and not torch.compiler.is_compiling():
         g = torch.Generator().manual_seed(0)
         s = x[torch.randint(0, n, (_SAMPLE,), generator=g)]
         p = k / n
@@ -154,7 +154,8 @@ def quantile_pair(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
     xf = x.reshape(-1)
     n = xf.numel()
     has_nan = torch.isnan(xf).any()
-    if xf.device.type == "cpu" and has_nan:  # (on accelerators: no sync, NaN is put in below)
+    eager_cpu = xf.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: no data-dependent branch
+    if eager_cpu and has_nan:  # (on accelerators and under torch.compile: no sync, NaN is put in below)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
         return nan, nan.clone()
 
@@ -173,7 +174,7 @@ def quantile_pair(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
         return _lerp(a.double(), b.double(), g)
 
     lo, hi = q(1.0 - alpha, largest=False), q(alpha, largest=True)
-    if xf.device.type != "cpu":
+    if not eager_cpu:
         lo, hi = (torch.where(has_nan, math.nan, t) for t in (lo, hi))
     return lo, hi
 

@@ -47,6 +47,8 @@ nonzero entries that became zero; `quant_stats(model)` averages and resets them.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 from typing import Callable
@@ -190,8 +192,9 @@ def _residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """res [M, K] · wᵀ [K, N], both in the compute dtype, accumulated in fp32 (or fp64): the
     OCC compensation. On CPU the sparse residual goes through CSR in fp32 (exact products of
     the bf16 operands; about 6x faster than a dense GeMM at 2% density); on accelerators a
-    dense GeMM in the compute dtype (a data-dependent sparse layout would cost a sync)."""
-    if res.device.type == "cpu":
+    dense GeMM in the compute dtype (a data-dependent sparse layout would cost a sync; likewise under
+    torch.compile, where it would break the graph)."""
+    if res.device.type == "cpu" and not torch.compiler.is_compiling():
         dt = torch.promote_types(res.dtype, torch.float32)
         s = _csr(res.to(dt))
         if s is not None:
@@ -201,7 +204,7 @@ def _residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _residual_tmm(dy: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """dyᵀ [N, M] · res [M, K] (the OCC compensation of dW), as _residual_mm."""
-    if res.device.type == "cpu":
+    if res.device.type == "cpu" and not torch.compiler.is_compiling():
         dt = torch.promote_types(res.dtype, torch.float32)
         s = _csr(res.to(dt))
         if s is not None:
@@ -379,20 +382,25 @@ class QLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"QLinear expects input of shape [..., {self.in_features}], got {tuple(x.shape)}")
+        w = self._weight_nk()
         if not self._uses_fn:
-            return upcast_linear(x, self.weight, self.bias)
+            return upcast_linear(x, w, self.bias)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdtype = torch.get_autocast_dtype(dev)
         else:
             cdtype = x.dtype
-            if self.weight.dtype != cdtype:
-                raise TypeError(f"QLinear input is {x.dtype} but the weight is {self.weight.dtype}; cast one of them "
+            if w.dtype != cdtype:
+                raise TypeError(f"QLinear input is {x.dtype} but the weight is {w.dtype}; cast one of them "
                                 "or run under torch.autocast")
         lead = x.shape[:-1]
         with torch.autocast(dev, enabled=False):
-            y = _QLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self, cdtype)
+            y = _QLinearFn.apply(x.reshape(-1, self.in_features), w, self.bias, self, cdtype)
         return y.view(*lead, self.out_features)
+
+    def _weight_nk(self) -> torch.Tensor:
+        """The weight as the GeMM sees it, [out, in] (QConv1D stores it transposed)."""
+        return self.weight
 
     # -- pieces used by _QLinearFn --
 
@@ -431,11 +439,57 @@ class QLinear(nn.Linear):
             s[1] += 1
 
 
+class QConv1D(QLinear):
+    """QLinear for Hugging Face's `Conv1D` (GPT-2's c_attn/c_proj/c_fc): a linear layer whose weight
+    is stored transposed, [in, out], with a bias [out].
+
+    The parameter keeps the Conv1D layout, so `state_dict()` keys and shapes equal the Conv1D's and a
+    converted Hugging Face model still saves/loads with `save_pretrained`/`from_pretrained`. The forward
+    feeds the [out, in] view `weight.t()` to the same quantized GeMMs as QLinear (weights quantized per
+    output channel, DGE on the same view); autograd transposes the weight gradient back into the
+    [in, out] parameter. Note: `weight.shape` is therefore (in_features, out_features), unlike
+    nn.Linear; code that needs the GeMM layout should call `_weight_nk()`.
+    """
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, recipe: "str | Recipe", layer_idx: int = 0) -> "QConv1D":
+        """A QConv1D sharing `conv`'s Parameter objects (weight [in, out], bias [out])."""
+        if not _is_conv1d(conv):
+            raise TypeError(f"from_conv1d needs a transformers Conv1D, got {type(conv).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = conv.weight.shape
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new._setup(recipe, layer_idx)
+        new.train(conv.training)
+        return new
+
+    @property
+    def nx(self) -> int:  # Conv1D's names, for Hugging Face code that reads them
+        return self.in_features
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    def _weight_nk(self) -> torch.Tensor:
+        return self.weight.t()
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """A transformers `Conv1D` (matched by name and module, so lowbit does not import transformers)."""
+    t = type(mod)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and getattr(mod, "weight", None) is not None
+
+
 # --- model-level API -------------------------------------------------------------------------------
 
 def convert(model: nn.Module, recipe: "str | Recipe", filter_fn: Callable[[nn.Module, str], bool] | None = None
             ) -> nn.Module:
     """Swap the nn.Linear modules of `model` for QLinear under `recipe`, in place; returns model.
+    Hugging Face `Conv1D` layers (GPT-2's projections, weight stored [in, out]) become QConv1D,
+    which keeps that layout (the model's state_dict is unchanged).
 
     recipe: a registered name, a path to a .toml recipe, or a Recipe.
     filter_fn(module, fqn) -> bool: convert only layers for which it returns True.
@@ -461,19 +515,22 @@ def convert(model: nn.Module, recipe: "str | Recipe", filter_fn: Callable[[nn.Mo
                 raise ValueError(f"module {fqn or '<root>'} is already a QLinear with recipe {mod.recipe.name!r}; "
                                  f"converting to {r.name!r} would mix recipes: build the model afresh")
             continue
-        if type(mod) is not nn.Linear:
+        if type(mod) is not nn.Linear and not _is_conv1d(mod):
             continue
         if fqn.rsplit(".", 1)[-1] == "lm_head" and not r.quantize_head:
             continue
         if filter_fn is not None and not filter_fn(mod, fqn):
             continue
         targets.append((fqn, mod))
+    def swap(mod, i):
+        return QConv1D.from_conv1d(mod, r, i) if _is_conv1d(mod) else QLinear.from_linear(mod, r, layer_idx=i)
+
     if targets and targets[0][0] == "":
-        return QLinear.from_linear(model, r, 0)
+        return swap(model, 0)
     for i, (fqn, mod) in enumerate(targets):
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QLinear.from_linear(mod, r, layer_idx=i))
+        setattr(parent, child, swap(mod, i))
     return model
 
 
@@ -503,3 +560,71 @@ def quant_stats(model: nn.Module) -> dict[str, float]:
     if uf:
         out["underflow_frac"] = sum(uf) / len(uf)
     return out
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+
+log = logging.getLogger("lowbit")
+
+
+class CompiledModel(nn.Module):
+    """`model` under torch.compile, falling back to eager with one warning if compiling fails.
+
+    torch.compile compiles lazily, at the first call (and again on a recompile, e.g. when grad mode
+    or shapes change); a failure there (no C++ compiler for inductor, an unsupported Python or op)
+    raises a TorchDynamoException. The backward graph is compiled together with the forward one
+    (functorch's `force_non_lazy_backward_lowering`), so its failures surface here too instead of
+    in `loss.backward()`. After a failure every call runs `model` eagerly; the failed call may have
+    advanced stochastic-rounding generators / amax histories once. QLinear's forward traces as one
+    graph for recipes with round-to-nearest (tests/test_compile.py); stochastic rounding passes a
+    torch.Generator to the quantizer, which dynamo cannot put in a graph (a graph break there).
+
+    Calls and train()/eval() go to `model`; state_dict() and parameters() are `model`'s (save
+    `model`, not this wrapper).
+    """
+
+    def __init__(self, model: nn.Module, backend: str | Callable = "inductor", **compile_kwargs):
+        super().__init__()
+        self.model = model
+        self.failed: str | None = None
+        for m in qlinears(model):  # create SR generators now: creating one inside the graph breaks it
+            if any(q is not None and q.rounding == "stochastic"
+                   for q in (m.recipe.input, m.recipe.weight, m.recipe.grad_output)):
+                m._generator(m.weight.device)
+        try:
+            compiled = torch.compile(model, backend=backend, **compile_kwargs)
+        except Exception as e:  # torch.compile refuses up front (e.g. an unsupported Python version)
+            compiled = None
+            self._fall_back(e)
+        self.__dict__["_compiled"] = compiled  # not a submodule: no duplicate parameters / state_dict keys
+
+    def _fall_back(self, e: Exception) -> None:
+        inner = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the backend's error
+        text = str(inner).strip()
+        self.failed = f"{type(inner).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        self.__dict__["_compiled"] = None
+        log.warning("torch.compile failed (%s); running the model eagerly instead (same numbers, no speed-up)",
+                    self.failed)
+
+    def forward(self, *args, **kwargs):
+        compiled = self.__dict__["_compiled"]
+        if compiled is not None:
+            try:
+                with _eager_backward_compile():
+                    return compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self._fall_back(e)
+        return self.model(*args, **kwargs)
+
+
+def _eager_backward_compile():
+    import torch._functorch.config as fconf
+
+    if "force_non_lazy_backward_lowering" in getattr(fconf, "_config", {}):
+        return fconf.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def compile_model(model: nn.Module, backend: str | Callable = "inductor", **compile_kwargs) -> CompiledModel:
+    """torch.compile `model` (after convert) with an eager fallback; see CompiledModel."""
+    return CompiledModel(model, backend, **compile_kwargs)

@@ -23,7 +23,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +37,8 @@ from lowbit import flops as flops_mod
 from lowbit import recipes
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.models import GPTConfig, LlamaConfig, build_model
-from lowbit.nn import QLinear, collect_stats, convert, quant_stats, upcast_cpu_linears
-from lowbit.train import checkpoint
+from lowbit.nn import QLinear, collect_stats, compile_model, convert, quant_stats, upcast_cpu_linears
+from lowbit.train import checkpoint, dist
 from lowbit.train.config import TrainConfig
 from lowbit.train.metrics import BASE_COLUMNS, MetricsLogger, json_safe
 from lowbit.train.schedule import default_warmup, lr_at
@@ -50,7 +52,7 @@ TOKENIZER_DIR = "tokenizer"
 _RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "metrics.csv", RESULT_FILE)
 _RUN_DIRS = ("ckpt", TOKENIZER_DIR, "tb")
 # Config fields that may change on resume without changing what is being trained.
-_FREE_ON_RESUME = {"out", "resume", "overwrite", "device", "tokens", "compile", "eval_interval", "eval_batches",
+_FREE_ON_RESUME = {"out", "resume", "overwrite", "device", "tokens", "compile", "fsdp", "eval_interval", "eval_batches",
                    "log_interval", "ckpt_interval", "keep_last", "max_bad_steps"}
 
 
@@ -257,8 +259,10 @@ def _check_resume(meta: dict, cfg: TrainConfig, vocab_size: int, ckpt_dir: Path)
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
-def _eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, device: torch.device) -> float:
-    """Mean loss over fixed batches, in eval mode, under the recipe's autocast."""
+def _eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, device: torch.device,
+               di: dist.DistInfo | None = None) -> float:
+    """Mean loss over fixed batches, in eval mode, under the recipe's autocast; with `di` (several ranks, each
+    with its slice of every batch) the mean over ranks, i.e. the loss of the global batches."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -267,6 +271,9 @@ def _eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, de
             _, loss = model(x, y.contiguous())
             total += loss.double()
     model.train(was_training)
+    if di is not None and di.distributed:
+        dist.all_reduce_sum(total, di)
+        total /= di.world_size
     return float(total) / len(batches)
 
 
@@ -312,15 +319,70 @@ def load_checkpoint(out_or_ckpt_dir, device="cpu"):
 
 # --- the loop -------------------------------------------------------------------------------------
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a checkpoint of `step` was written (`signum`: the signal)."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to finish its step, write
+    a checkpoint and raise TrainingInterrupted; a second one interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: finishing this step and writing a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
 def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     """Train per `cfg`; see the module docstring. `dataset` (a lowbit.data.Dataset) skips data preparation
-    (cfg.data/tokenizer/vocab_size/val_fraction are then not used). Returns the TrainResult."""
+    (cfg.data/tokenizer/vocab_size/val_fraction are then not used). Returns the TrainResult.
+
+    Under torchrun (WORLD_SIZE > 1) this process joins the process group (lowbit.train.dist) and trains its
+    slice of every global batch (cfg.batch_size is the global micro-batch) under DDP, or FSDP2 with cfg.fsdp.
+    SIGINT/SIGTERM: the current step finishes, a checkpoint is written, TrainingInterrupted is raised."""
     t_call = time.perf_counter()
     recipe = recipes.get(cfg.recipe)
-    device = resolve_device(cfg.device)
+    di, device = dist.setup(resolve_device(cfg.device))
+    try:
+        return _train(cfg, progress, dataset, recipe, device, di, t_call)
+    finally:
+        dist.teardown(di)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
     out = _prepare_out(cfg)
+    checkpoint.clean_temp(out / "ckpt")
+    return out
+
+
+def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, device: torch.device,
+           di: dist.DistInfo, t_call: float) -> TrainResult:
+    world = di.world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not divide over {world} "
+                         f"processes; use a multiple of {world}, e.g. --batch-size {world * max(1, cfg.batch_size // world)}")
+    out = dist.run_on_main(lambda: _prepare_run_dir(cfg), di)  # only rank 0 touches the run directory
     ckpt_root = out / "ckpt"
-    checkpoint.clean_temp(ckpt_root)
 
     resume_from = None
     if cfg.resume:
@@ -332,14 +394,16 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     saved_tok = out / TOKENIZER_DIR
     if dataset is None:
         tok_arg = Tokenizer.load(saved_tok) if resume_from and saved_tok.is_dir() else cfg.tokenizer
-        dataset = prepare_dataset(cfg.data, tokenizer=tok_arg, vocab_size=cfg.vocab_size,
-                                  val_fraction=cfg.val_fraction)
+        # rank 0 first (it builds the token/tokenizer caches), then the others read them
+        dataset = dist.main_first(lambda: prepare_dataset(cfg.data, tokenizer=tok_arg, vocab_size=cfg.vocab_size,
+                                                          val_fraction=cfg.val_fraction), di)
     tok = dataset.tokenizer
     if resume_from and saved_tok.is_dir() and Tokenizer.load(saved_tok).hash != tok.hash:
         raise ValueError(f"the tokenizer differs from the one this run was trained with ({saved_tok}); "
                          "resume with the same --data/--tokenizer/--vocab-size")
-    tok.save(saved_tok)
-    (out / CONFIG_FILE).write_text(cfg.to_toml())
+    if di.is_main:
+        tok.save(saved_tok)
+        (out / CONFIG_FILE).write_text(cfg.to_toml())
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     steps = cfg.tokens // tokens_per_step
@@ -358,14 +422,21 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     convert(model, recipe)  # every nn.Linear but lm_head -> QLinear (plain F.linear for fp32/bf16)
     upcast_cpu_linears(model)  # lm_head: CPU bf16 autocast GeMMs in fp32 (same numbers, ~10x faster)
     model.to(device)
-    fwd = torch.compile(model) if cfg.compile else model
+    if resume_from is not None:
+        _check_resume(resume_from[1], cfg, tok.vocab_size, resume_from[0])
+        checkpoint.load_weights(model, resume_from[0], device)
+    model_fwd = dist.wrap(model, di, device, cfg.fsdp)  # the model itself in a single process
+    sharded = cfg.fsdp and di.distributed
+    fwd = compile_model(model_fwd) if cfg.compile else model_fwd  # eager fallback (with a warning) if compiling fails
     opt = make_optimizer(model, cfg, device)
     params = [p for g in opt.param_groups for p in g["params"]]
 
-    batcher = Batcher(dataset.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, device=device)
+    local_batch = cfg.batch_size // world  # rank r reads rows [r*local_batch, (r+1)*local_batch) of each global batch
+    batcher = Batcher(dataset.train, local_batch, cfg.seq_len, seed=cfg.seed, device=device, rank=di.rank,
+                      world_size=world)
     data_hash = batch_hash(*Batcher(dataset.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed).next())
     if len(dataset.val) > 0:
-        val = list(eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device))
+        val = list(eval_batches(dataset.val, local_batch, cfg.seq_len, cfg.eval_batches, device, di.rank, world))
     else:
         val = []
         log.info("no validation split (val_fraction=0): val_loss is not computed")
@@ -373,11 +444,9 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     start, bad_streak, streak_start = 0, 0, None
     resumed_from, resumed_window = None, []
     if resume_from is not None:
-        ckpt_dir, meta = resume_from
-        _check_resume(meta, cfg, tok.vocab_size, ckpt_dir)
-        checkpoint.load_weights(model, ckpt_dir, device)
+        ckpt_dir, meta = resume_from  # weights were loaded before wrapping
         state = checkpoint.load_state(ckpt_dir)
-        opt.load_state_dict(state["optimizer"])
+        dist.load_full_optim_state(opt, state["optimizer"])  # re-sharded like the parameters under FSDP2
         batcher.load_state_dict(state["batcher"])
         _set_rng_state(state["rng"], device)
         _set_qlinear_state(model, state.get("qlinear", {}))
@@ -391,16 +460,16 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
 
     fpt = flops_mod.flops_per_token(model.config, cfg.seq_len)["train"]
     try:
-        peak = flops_mod.peak_flops(device)
+        peak = flops_mod.peak_flops(device) * world  # MFU over all the job's devices
     except ValueError as e:
         peak = None
         log.info("MFU not reported: %s", e)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    logger = MetricsLogger(out, keep_until=start if cfg.resume else None)
+    logger = MetricsLogger(out, keep_until=start if cfg.resume else None) if di.is_main else _RowsOnly()
     history = logger.rows
-    bar = _progress_bar(progress, steps, start)
+    bar = _progress_bar(progress and di.is_main, steps, start)
     diverged_at = None
     last_saved = resumed_from  # a newer but corrupt checkpoint of the final step must be rewritten
     timed_s, timed_steps = 0.0, 0  # steady-state timing: this process's steps after its first
@@ -411,8 +480,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     collect_stats(model, False)
     stats_on = False
 
-    def ckpt_state(step: int) -> dict:
-        return {"step": step, "optimizer": opt.state_dict(),
+    def ckpt_state(step: int, opt_state: dict) -> dict:
+        return {"step": step, "optimizer": opt_state,
                 "schedule": {"steps": steps, "warmup_steps": warmup, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio},
                 "batcher": batcher.state_dict(), "rng": _rng_state(device),
                 "bad_streak": bad_streak, "streak_start": streak_start,
@@ -420,16 +489,27 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 "window_losses": list(win_losses), "qlinear": _qlinear_state(model)}
 
     def save(step: int) -> None:
+        """Rank 0 writes the full state (gathered from every rank's shards under FSDP2: all ranks call this)."""
         nonlocal last_saved
-        if not checkpoint.all_finite(model):
-            log.warning("step %d: not writing a checkpoint: the model has non-finite weights", step)
+        if not (di.is_main or sharded):
+            return
+        weights = dist.full_state_dict(model) if sharded else model
+        opt_state = dist.full_optim_state(opt) if sharded else opt.state_dict()
+        if not di.is_main:
+            return
+        if not (checkpoint.all_finite(weights) and checkpoint.all_finite(opt_state)):
+            log.warning("step %d: not writing a checkpoint: the model or optimizer state has non-finite values",
+                        step)
             return
         meta = {"config": cfg.to_dict(), "recipe": recipe.to_dict(), "model_config": model_config_dict(model.config),
                 "vocab_size": tok.vocab_size, "tokens": step * tokens_per_step, "init_hash": init_hash,
                 "data_hash": data_hash}
-        checkpoint.save(ckpt_root, step, model, ckpt_state(step), json_safe(meta), cfg.keep_last)
+        checkpoint.save(ckpt_root, step, weights, ckpt_state(step, opt_state), json_safe(meta), cfg.keep_last)
         last_saved = step
 
+    stop = _StopRequest()
+    stop.install()
+    interrupted = False
     try:
         model.train()
         for step in range(start, steps):
@@ -444,15 +524,22 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
             if want != stats_on:
                 collect_stats(model, want)
                 stats_on = want
-            for _ in range(cfg.grad_accum):
+            for i in range(cfg.grad_accum):
                 x, y = batcher.next()
                 y = y.contiguous()  # the batcher's targets are a strided view; the loss .view()s them
-                with autocast(recipe, device):
-                    _, loss = fwd(x, y)
-                (loss / cfg.grad_accum).backward()
+                # gradients are all-reduced (DDP) / reduce-scattered (FSDP2) after the last micro-batch only
+                with dist.no_grad_sync(model_fwd, di.distributed and i < cfg.grad_accum - 1):
+                    with autocast(recipe, device):
+                        _, loss = fwd(x, y)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            loss_val, grad_norm = torch.stack([loss_sum / cfg.grad_accum, norm.float()]).tolist()  # one sync
+            norm = dist.clip_norm_value(torch.nn.utils.clip_grad_norm_(params, clip))  # global norm on every rank
+            # mean loss over ranks and "a rank got SIGINT/SIGTERM", in one all-reduce: every rank takes the same
+            # skip/stop decisions
+            shared = torch.stack([loss_sum / (cfg.grad_accum * world),
+                                  torch.tensor(float(stop.signum is not None), device=device)])
+            dist.all_reduce_sum(shared, di)
+            loss_val, stop_now, grad_norm = torch.cat([shared, norm.float().reshape(1)]).tolist()  # one sync
             if math.isfinite(loss_val) and math.isfinite(grad_norm):
                 opt.step()
                 bad_streak, streak_start = 0, None
@@ -481,7 +568,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 qstats = quant_stats(model)  # stats of this window's last step
                 collect_stats(model, False)
                 stats_on = False
-                val_loss = _eval_loss(fwd, val, recipe, device) if do_eval else None
+                val_loss = _eval_loss(fwd, val, recipe, device, di) if do_eval else None
                 tps = win_steps * tokens_per_step / win_t if win_t > 0 else float("nan")
                 row = {"step": n, "tokens": n * tokens_per_step,
                        "train_loss": sum(win_losses) / len(win_losses) if win_losses else float("nan"),
@@ -494,13 +581,22 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
                 break
             if n % cfg.ckpt_interval == 0 and n < steps:
                 save(n)
+            if stop_now and n < steps:
+                if last_saved != n:
+                    save(n)
+                interrupted = True
+                break
         else:
             n = steps
-        if diverged_at is None and last_saved != steps:
+        if diverged_at is None and not interrupted and last_saved != steps:
             save(steps)
     finally:
+        stop.restore()
         bar.close()
         logger.close()
+    if interrupted:
+        log.warning("stopped at step %d of %d with a checkpoint; continue with --resume", n, steps)
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, n)
 
     final_step = n  # == steps unless the run stopped early
     if timed_steps == 0 and win_steps:  # a one-step run: its only step is all we have
@@ -512,7 +608,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
     final_val = None
     if val:
         final_val = val_rows[-1]["val_loss"] if val_rows and val_rows[-1]["step"] == final_step \
-            else _eval_loss(fwd, val, recipe, device)
+            else _eval_loss(fwd, val, recipe, device, di)
     result = TrainResult(
         final_train_loss=float(last_row.get("train_loss", float("nan"))),
         final_val_loss=final_val,
@@ -525,10 +621,24 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> TrainResult:
         mfu=flops_mod.mfu(tps, fpt, peak) if peak and math.isfinite(tps) else None,
         resumed_from_step=resumed_from,
     )
-    tmp = out / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(json_safe(result.to_dict()), indent=1) + "\n")
-    os.replace(tmp, out / RESULT_FILE)
+    if di.is_main:
+        tmp = out / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(json_safe(result.to_dict()), indent=1) + "\n")
+        os.replace(tmp, out / RESULT_FILE)
     return result
+
+
+class _RowsOnly:
+    """MetricsLogger stand-in for ranks other than 0: keeps the rows, writes nothing."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass
 
 
 def _progress_bar(progress: bool, steps: int, start: int):
