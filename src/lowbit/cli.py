@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import math
+import signal
 import sys
 
 from lowbit import recipes
@@ -53,8 +54,11 @@ TRAIN_HELP = {
     "resume": "continue from the newest valid checkpoint in --out",
     "overwrite": "delete lowbit's files in a non-empty --out and start again",
     "compile": "torch.compile the model",
+    "fsdp": "multi-process runs: shard the model with FSDP2 (fully_shard) instead of DDP",
     "max_bad_steps": "consecutive non-finite steps skipped before the run stops as diverged",
     "val_fraction": "tail fraction of the tokens held out for validation",
+    "init_from": "start from this Hugging Face GPT-2/Llama directory (weights, architecture and tokenizer; "
+                 "e.g. from `lowbit export --to hf`) instead of from scratch",
 }
 
 
@@ -101,6 +105,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             help_ += f" (default: {shown})"
         p.add_argument(_flag(name), dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="train in N processes on this machine (launches torchrun; DDP, or FSDP2 with --fsdp); "
+                        "--batch-size stays the global batch (default: 1)")
 
 
 def _train_config(args):
@@ -113,11 +120,30 @@ def _train_config(args):
     return TrainConfig(**overrides)
 
 
-def cmd_train(args) -> int:
-    from lowbit.train import train
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
-    cfg = _train_config(args)
+
+def cmd_train(args) -> int:
+    from lowbit.train import dist, train
+
+    cfg = _train_config(args)  # validated here, before any process is started
+    if args.nproc > 1 and not dist.launched_by_torchrun():
+        if cfg.batch_size % args.nproc:
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) does not divide over --nproc "
+                             f"{args.nproc}; use a multiple of {args.nproc}")
+        return dist.launch(args.nproc, _without_nproc(args.argv))
     res = train(cfg, progress=not args.no_progress)
+    if dist.env_rank() != 0:  # under torchrun rank 0 reports
+        return 1 if res.diverged_at_step is not None else 0
     val = "n/a" if res.final_val_loss is None else f"{res.final_val_loss:.4f}"
     if res.final_val_loss is not None and math.isfinite(res.final_val_loss):
         val += f" (perplexity {math.exp(min(res.final_val_loss, 700)):.2f})"
@@ -179,6 +205,19 @@ def cmd_generate(args) -> int:
                              use_cache=True, generator=gen)
     new = out[0, idx.size(1):].tolist()
     sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from lowbit.export import export
+        res = export(args.ckpt, args.out, to=args.to, weights_format=args.weights_format)
+    except ImportError as e:  # transformers missing: name the extra to install
+        raise ValueError(str(e)) from None
+    ratio = res["bf16_bytes"] / res["weights_bytes"] if res["weights_bytes"] else float("nan")
+    print(f"wrote {res['out']} ({res['architecture']}, {res['weights_format']} weights): "
+          f"{res['weights_bytes'] / 1e6:.2f} MB of weights on disk vs {res['bf16_bytes'] / 1e6:.2f} MB in bf16 "
+          f"({ratio:.2f}x)")
     return 0
 
 
@@ -262,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", metavar="NAME", help="print this recipe as TOML")
     p.set_defaults(func=cmd_recipes)
 
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory",
+                       description="Write a run's weights and tokenizer as a Hugging Face directory that "
+                                   "transformers.AutoModelForCausalLM / AutoTokenizer.from_pretrained load offline "
+                                   "(GPT family -> GPT2LMHeadModel, llama family -> LlamaForCausalLM). With "
+                                   "--weights-format fp4|fp8 the block weights are stored packed with their scales "
+                                   "(load with lowbit.export.load_packed).")
+    p.add_argument("--ckpt", required=True, metavar="DIR",
+                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--to", default="hf", choices=["hf"], help="target format (default: hf)")
+    p.add_argument("--weights-format", default="fp32", choices=["fp32", "bf16", "fp4", "fp8"],
+                   help="fp32/bf16: standard model.safetensors; fp4/fp8: packed E2M1/E4M3 codes with per-channel "
+                        "fp32 scales for the transformer-block weights (default: fp32)")
+    p.set_defaults(func=cmd_export)
+
     # --- compare: implemented in lowbit.compare (train the same model under several recipes, one report) ---
     # (`lowbit.compare` the package attribute is the function; the module is imported by name)
     importlib.import_module("lowbit.compare").add_cli(sub)
@@ -286,14 +340,26 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lowbit` console script; returns the exit status."""
+    from lowbit.train.dist import MainRankError, env_rank
+    from lowbit.train.loop import TrainingInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
+    if env_rank() != 0:  # under torchrun only rank 0 talks
+        logging.getLogger("lowbit").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        if not isinstance(e, MainRankError):  # rank 0 already printed the same message
+            print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if env_rank() == 0:
+            print(f"lowbit: stopped by {signal.Signals(e.signum).name} after step {e.step}; a checkpoint was "
+                  "written: continue with the same command and --resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         hint = ("re-run the same command to resume: finished recipes are kept, the interrupted one continues "
                 "from its last checkpoint") if args.command == "compare" else \

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -68,12 +69,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def all_finite(model: torch.nn.Module) -> bool:
-    """True when every floating-point parameter and buffer of `model` is finite."""
-    for t in model.state_dict().values():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return False
-    return True
+def all_finite(obj) -> bool:
+    """True when every floating-point tensor in `obj` is finite: a module (its state_dict), or a nested
+    dict/list/tuple of tensors and plain values (e.g. an optimizer state_dict)."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if torch.is_tensor(obj):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return not isinstance(obj, float) or math.isfinite(obj)
+
+
+class _StateDictWeights:
+    """A full state_dict (e.g. gathered from FSDP2 shards) posing as a module for safetensors' save_model,
+    which drops the duplicate names of shared (tied) tensors."""
+
+    def __init__(self, sd: dict):
+        self._sd = sd
+
+    def state_dict(self) -> dict:
+        return dict(self._sd)
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -89,9 +107,10 @@ def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module, state: dict, meta: dict,
+def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module | dict, state: dict, meta: dict,
          keep_last: int) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep_last`. Returns its directory.
+    `model`: the module, or its full state_dict (tied weights as one tensor object).
     `state` must hold only tensors and plain Python values (it is loaded with weights_only=True).
     An existing checkpoint of the same step (e.g. a corrupt one a resumed run fell back from) is replaced."""
     root = Path(ckpt_root)
@@ -99,7 +118,7 @@ def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module, state:
     final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        save_model(_StateDictWeights(model) if isinstance(model, dict) else model, str(tmp / MODEL_FILE))
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
         for name in (MODEL_FILE, STATE_FILE):

@@ -89,7 +89,12 @@ class TrainConfig:
       out            run directory.
       resume         continue from the newest valid checkpoint in `out`.
       overwrite      delete lowbit's files in a non-empty `out` and start again.
-      compile        torch.compile the model.
+      compile        torch.compile the model (falls back to eager, with a warning, if compiling fails).
+      init_from      a Hugging Face GPT-2/Llama directory (e.g. from `lowbit export --to hf`) to start from:
+                     its architecture, weights and tokenizer replace `model` and `tokenizer` (continued
+                     pretraining); None = train from scratch.
+      fsdp           under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard)
+                     instead of replicating them with DDP. No effect in a single process.
       max_bad_steps  consecutive non-finite steps tolerated (each skipped); one more stops the run.
     """
 
@@ -120,8 +125,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     compile: bool = False
+    fsdp: bool = False
     max_bad_steps: int = 5
     val_fraction: float = 0.05
+    init_from: str | None = None
 
     def __post_init__(self):
         self.tokens = parse_count(self.tokens)
@@ -133,6 +140,8 @@ class TrainConfig:
             self.recipe = os.fspath(self.recipe)
         if isinstance(self.tokenizer, os.PathLike):
             self.tokenizer = os.fspath(self.tokenizer)
+        if isinstance(self.init_from, os.PathLike):
+            self.init_from = os.fspath(self.init_from)
         _check_types(self)
         positive = ("tokens", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_interval",
                     "eval_batches", "log_interval", "ckpt_interval", "keep_last")

@@ -223,6 +223,13 @@ def _set_qlinear_state(model: torch.nn.Module, state: dict) -> None:
                 getattr(m, k).copy_(b)
 
 
+def _init_from(path: str):
+    """(lowbit model, Tokenizer) from a Hugging Face directory, for continued pretraining (cfg.init_from)."""
+    from lowbit.hf import load_pretrained
+
+    return load_pretrained(path)
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -392,8 +399,10 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
 
     # data
     saved_tok = out / TOKENIZER_DIR
+    init = _init_from(cfg.init_from) if cfg.init_from else None  # (model, tokenizer) of a Hugging Face dir
     if dataset is None:
-        tok_arg = Tokenizer.load(saved_tok) if resume_from and saved_tok.is_dir() else cfg.tokenizer
+        tok_arg = Tokenizer.load(saved_tok) if resume_from and saved_tok.is_dir() else \
+            (init[1] if init else cfg.tokenizer)
         # rank 0 first (it builds the token/tokenizer caches), then the others read them
         dataset = dist.main_first(lambda: prepare_dataset(cfg.data, tokenizer=tok_arg, vocab_size=cfg.vocab_size,
                                                           val_fraction=cfg.val_fraction), di)
@@ -414,7 +423,10 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
 
     # model: identical initial weights for every recipe (init before convert)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, vocab_size=tok.vocab_size)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size) if init is None else init[0]
+    if tok.vocab_size > model.config.vocab_size:  # (init_from with a foreign dataset= only)
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but {cfg.init_from} only "
+                         f"{model.config.vocab_size} embeddings; use the tokenizer saved there")
     if cfg.seq_len > model.config.block_size:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds model {cfg.model!r}'s context of "
                          f"{model.config.block_size} tokens; use --seq-len {model.config.block_size} or less")

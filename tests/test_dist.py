@@ -1,0 +1,229 @@
+"""Multi-process training on CPU (gloo): DDP and FSDP2 against one process with the same global batch, resume of
+a 2-rank checkpoint (on 2 ranks bit for bit, on 1 rank within tolerance), the torchrun launcher (`--nproc`), and
+the process-group helpers.
+
+The 2-rank runs are forked from the test process (torch is already imported: ~1 s per run instead of ~10 s for
+torchrun's fresh interpreters) and call `lowbit.train.train` with the environment torchrun would set, so they
+take the same code path as `torchrun -m lowbit train`; one slow test goes through the real launcher."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from lowbit.cli import main
+from lowbit.train import TrainConfig, train
+from lowbit.train import checkpoint as ckpt_mod
+from lowbit.train import dist as dist_mod
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight", "sword", "river"]
+    lines = [" ".join(words[(i * 7 + j * 5 + i // 3) % len(words)] for j in range(5 + i % 7)) + "." for i in range(2000)]
+    p = d / "corpus.txt"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def cfg_kw(corpus, out, **kw) -> dict:
+    # 6 steps of 2 micro-batches of a global batch of 4 x 32 tokens (grad_accum 2 exercises no_sync)
+    base = dict(model="tiny", data=str(corpus), tokenizer="bytes", tokens=STEPS * 2 * 4 * 32, batch_size=4, seq_len=32,
+                grad_accum=2, lr=3e-3, warmup_steps=1, seed=0, device="cpu", eval_interval=3, eval_batches=2,
+                log_interval=1, ckpt_interval=3, keep_last=3, out=str(out))
+    base.update(kw)
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, kw: dict, cache: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOWBIT_CACHE=cache)
+    torch.set_num_threads(1)
+    train(TrainConfig(**kw), progress=False)
+
+
+def run_world(world: int, kw: dict) -> list[dict]:
+    """Train `kw` in `world` forked gloo processes (as torchrun would); returns rank 0's metric rows."""
+    cache = os.environ["LOWBIT_CACHE"]
+    mp.start_processes(_rank_main, args=(world, free_port(), kw, cache), nprocs=world, start_method="fork")
+    return rows(Path(kw["out"]))
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt_mod.list_checkpoints(out / "ckpt")[0][1] / ckpt_mod.MODEL_FILE)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """One process, DDP on 2 ranks and FSDP2 on 2 ranks: the same 6 steps of the same global batches."""
+    root = tmp_path_factory.mktemp("runs")
+    mp_env = pytest.MonkeyPatch()
+    mp_env.setenv("LOWBIT_CACHE", str(root / "cache"))
+    single = train(TrainConfig(**cfg_kw(corpus, root / "one")), progress=False)
+    out = {"one": root / "one", "ddp": root / "ddp", "fsdp": root / "fsdp"}
+    run_world(2, cfg_kw(corpus, out["ddp"]))
+    run_world(2, cfg_kw(corpus, out["fsdp"], fsdp=True))
+    yield out, single
+    mp_env.undo()
+
+
+# Tolerance: both runs see identical weights and the same 4 global rows per micro-batch; only the fp32 summation
+# order differs (two 2-row means averaged across ranks vs one 4-row mean; DDP/FSDP2 average the two ranks'
+# gradients), ~1e-7 relative per step, which Adam (per-weight normalised steps, lr 3e-3) carries along for 6 steps:
+# the measured largest train-loss difference is 6e-8 (printed with -s). 1e-5 leaves 100x headroom and is far below
+# what a wrong data split changes (another batch moves the loss by > 1e-3: test_tolerance_discriminates).
+RTOL = 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(runs, kind):
+    out, single = runs
+    a, b = rows(out["one"]), rows(out[kind])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    spread = max(abs(rb["train_loss"] - ra["train_loss"]) / ra["train_loss"] for ra, rb in zip(a, b))
+    print(f"{kind}: largest relative train-loss difference to one process {spread:.2e}")
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=RTOL), ra["step"]
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=RTOL), ra["step"]
+        assert (ra["val_loss"] is None) == (rb["val_loss"] is None)
+        if ra["val_loss"] is not None:  # averaged over the ranks' halves of each validation batch
+            assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=RTOL), ra["step"]
+    assert a[0]["train_loss"] > a[-1]["train_loss"] + 0.1  # it trained
+    wa, wb = final_weights(out["one"]), final_weights(out[kind])
+    assert wa.keys() == wb.keys()
+    for k in wa:  # same state_dict layout (FSDP2 shards gathered back to full tensors); Adam steps are ~lr=3e-3
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
+    result = json.loads((out[kind] / "result.json").read_text())
+    assert result["steps"] == STEPS and result["tokens"] == STEPS * 2 * 4 * 32  # global tokens
+    assert result["final_val_loss"] == pytest.approx(single.final_val_loss, rel=RTOL)
+
+
+def test_tolerance_discriminates(runs, corpus, tmp_path):
+    """What RTOL must catch: training on half the global batch (one rank's slice only) moves the loss by far more."""
+    out, _ = runs
+    half = train(TrainConfig(**cfg_kw(corpus, tmp_path / "half", batch_size=2, tokens=STEPS * 2 * 2 * 32)),
+                 progress=False)
+    full = rows(out["one"])
+    worst = max(abs(h["train_loss"] - f["train_loss"]) / f["train_loss"] for h, f in zip(half.history[1:], full[1:]))
+    assert worst > 100 * RTOL
+
+
+def test_only_rank0_writes(runs):
+    out, _ = runs
+    for kind in ("ddp", "fsdp"):
+        d = out[kind]
+        assert sorted(p.name for p in d.iterdir()) == ["ckpt", "config.toml", "metrics.csv", "metrics.jsonl",
+                                                        "result.json", "tokenizer"]
+        assert [s for s, _ in ckpt_mod.list_checkpoints(d / "ckpt")] == [6, 3]
+        assert len((d / "metrics.csv").read_text().splitlines()) == STEPS + 1  # one header, no duplicate rows
+        for _, c in ckpt_mod.list_checkpoints(d / "ckpt"):
+            ckpt_mod.verify(c)
+
+
+def test_two_rank_checkpoint_resumes(runs, corpus, tmp_path):
+    """A 2-rank FSDP2 run 'crashed' after its step-3 checkpoint: resumed on 2 ranks it finishes bit for bit like
+    the uninterrupted run; resumed on 1 process (or under DDP) it matches within the tolerance above."""
+    out, _ = runs
+
+    def crashed(name: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(out["fsdp"], d)
+        shutil.rmtree(d / "ckpt" / ckpt_mod.step_dir_name(STEPS))
+        (d / "result.json").unlink()
+        return d
+
+    same = crashed("fsdp2")
+    run_world(2, cfg_kw(corpus, same, fsdp=True, resume=True))
+    wa, wb = final_weights(out["fsdp"]), final_weights(same)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # exact: optimizer moments were gathered and re-sharded losslessly
+    assert rows(same) == [{**r, "tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"]}
+                          for r, s in zip(rows(out["fsdp"]), rows(same))]  # same losses, norms, lrs
+
+    one = crashed("one")
+    res = train(TrainConfig(**cfg_kw(corpus, one, resume=True)), progress=False)
+    assert res.resumed_from_step == 3 and res.steps == STEPS
+    for k, v in final_weights(out["one"]).items():
+        torch.testing.assert_close(final_weights(one)[k], v, rtol=0, atol=1e-4, msg=k)
+
+
+def test_batch_must_divide_over_ranks(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--data", str(corpus), "--tokenizer", "bytes", "--batch-size", "3", "--nproc", "2",
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "lowbit: error: --batch-size 3 (the global batch) does not divide over --nproc 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_helpers_single_process():
+    di = dist_mod.info()
+    assert (di.rank, di.world_size, di.is_main, di.distributed) == (0, 1, True, False)
+    model = torch.nn.Linear(3, 2)
+    assert dist_mod.wrap(model, di, torch.device("cpu"), fsdp=True) is model
+    assert dist_mod.run_on_main(lambda: 7, di) == 7
+    t = torch.tensor([1.5])
+    assert dist_mod.all_reduce_sum(t, di) is t and t.item() == 1.5
+    from lowbit.cli import _without_nproc
+
+    assert _without_nproc(["train", "--nproc", "2", "--fsdp", "--nproc=4", "--out", "x"]) == \
+        ["train", "--fsdp", "--out", "x"]
+
+
+def test_full_state_dict_keeps_tied_weights_one_tensor(tmp_path):
+    from lowbit.models import build_model
+
+    m = build_model("tiny", vocab_size=300, tie_embeddings=True)
+    sd = dist_mod.full_state_dict(m)
+    assert sd["lm_head.weight"] is sd["transformer.wte.weight"]  # one tensor: safetensors stores it once
+    ckpt_mod.save(tmp_path, 1, sd, {}, {}, keep_last=1)  # the dict form FSDP2 checkpoints take
+    m2 = build_model("tiny", vocab_size=300, tie_embeddings=True)
+    ckpt_mod.load_weights(m2, tmp_path / "step_0000001")
+    for k, v in m.state_dict().items():
+        assert torch.equal(m2.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_nproc_launches_torchrun(corpus, tmp_path, monkeypatch):
+    """`lowbit train --nproc 2 --fsdp` through the real launcher (torch.distributed.run): the same losses as the
+    forked FSDP2 run of the module fixture would give; only rank 0 prints."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kw = cfg_kw(corpus, tmp_path / "run")
+    args = ["train", "--data", kw["data"], "--tokenizer", "bytes", "--tokens", str(kw["tokens"]), "--batch-size", "4",
+            "--seq-len", "32", "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu",
+            "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--out", kw["out"], "--no-progress",
+            "--nproc", "2", "--fsdp"]
+    r = subprocess.run([sys.executable, "-m", "lowbit", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("run directory:") == 1  # rank 1 is silent
+    one = train(TrainConfig(**cfg_kw(corpus, tmp_path / "one")), progress=False)
+    got = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert got["steps"] == STEPS and math.isfinite(got["final_val_loss"])
+    assert got["final_val_loss"] == pytest.approx(one.final_val_loss, rel=RTOL)
