@@ -417,3 +417,27 @@ def test_dropout_active_only_in_train_mode():
     torch.testing.assert_close(m(idx)[0], m(idx)[0], atol=0, rtol=0)  # eval: deterministic
     m.train()
     assert not torch.equal(m(idx)[0], m(idx)[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_bf16_attention_matches_fp64_reference(masked):
+    """models.attention.sdpa on CPU bf16 inputs: fp32 math, one rounding of the output to bf16. Reference:
+    softmax(q·kᵀ/√d + mask)·v in fp64 on the same bf16 inputs, rounded to bf16. fp32 vs fp64 math can move
+    a value across a bf16 rounding boundary, so allow 1 bf16 ulp (2^-7 relative) plus a tiny atol for
+    outputs near zero; gradients are checked the same way against fp64 autograd."""
+    import torch.nn.functional as F
+
+    from lowbit.models.attention import sdpa
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    kw = {"attn_mask": torch.ones(9, 9, dtype=torch.bool).tril()} if masked else {"is_causal": True}
+    y = sdpa(q, k, v, **kw)
+    assert y.dtype == torch.bfloat16
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64, **kw)
+    torch.testing.assert_close(y, ref.to(torch.bfloat16), rtol=2 ** -7, atol=1e-3)
+    gy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(gy)
+    ref.backward(gy.double())
+    for t, t64 in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(t.grad, t64.grad.to(torch.bfloat16), rtol=2 ** -7, atol=1e-3)

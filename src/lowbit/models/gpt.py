@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.models.attention import sdpa
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -123,10 +125,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             k, v = cache.update(k, v, pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, x.device), dropout_p=dropout_p)
+            y = sdpa(q, k, v, attn_mask=causal_mask(T, pos, x.device), dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.models.attention import sdpa
 from lowbit.models.gpt import KVCache, _check_generate_args, causal_mask, sample_next
 
 
@@ -148,7 +149,7 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
