@@ -414,3 +414,25 @@ def test_progress_lines_when_not_a_terminal(fake, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[compare] recipe 1/2: bf16" in err and "[compare] recipe 2/2: fp4-paper" in err
     assert "[compare] fp4-paper: ok, val loss" in err
+
+
+def test_cli_default_eval_interval_gives_about_ten_points(fake, tmp_path):
+    """Without --eval-interval (on the command line or in --config), compare evaluates about 10 times per run
+    (steps // 10, at most TrainConfig's 100); an explicit value from either source wins."""
+    import argparse
+
+    trainer, _, _ = fake
+    parser = argparse.ArgumentParser(prog="lowbit")
+    cmp.add_cli(parser.add_subparsers(dest="cmd"))
+    common = ["compare", "--recipes", "bf16", "--tokens", str(40 * 16 * 128), "--no-progress"]  # 40 steps
+    assert cmp.run_cli(parser.parse_args(common + ["--out", str(tmp_path / "a")])) == 0
+    assert trainer.calls[-1].eval_interval == 4
+    assert cmp.run_cli(parser.parse_args(common + ["--out", str(tmp_path / "b"), "--eval-interval", "7"])) == 0
+    assert trainer.calls[-1].eval_interval == 7
+    (tmp_path / "c.toml").write_text("eval_interval = 9\n")
+    assert cmp.run_cli(parser.parse_args(common + ["--out", str(tmp_path / "c"), "--config",
+                                                   str(tmp_path / "c.toml")])) == 0
+    assert trainer.calls[-1].eval_interval == 9
+    long_run = types.SimpleNamespace(tokens=5000 * 16 * 128, batch_size=16, seq_len=128, grad_accum=1,
+                                     eval_interval=100)
+    assert cmp.default_eval_interval(long_run) == 100  # capped at the configured interval

@@ -267,7 +267,7 @@ _TRAIN_OPTIONS = [
     ("beta2", float, "AdamW beta2"),
     ("grad_clip", float, "gradient-norm clip (0 = off)"),
     ("device", str, "auto, cpu, cuda, cuda:N"),
-    ("eval_interval", int, "steps between validation evaluations"),
+    ("eval_interval", int, "steps between validation evaluations (default: about 10 per run, at most 100)"),
     ("eval_batches", int, "validation batches per evaluation"),
     ("log_interval", int, "steps between logged metric rows"),
     ("ckpt_interval", int, "steps between checkpoints (what an interrupted run resumes from)"),
@@ -636,6 +636,25 @@ def add_cli(subparsers):
     return p
 
 
+def default_eval_interval(cfg) -> int:
+    """About ten validation points per run, so loss.png has curves to compare (a comparison is about the
+    curves; `lowbit train`'s fixed default of 100 steps gives a short run only one or two points)."""
+    steps = cfg.tokens // (cfg.batch_size * cfg.seq_len * cfg.grad_accum)
+    return max(1, min(cfg.eval_interval, steps // 10))
+
+
+def _config_sets(path: str | None, key: str) -> bool:
+    if not path:
+        return False
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return key in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # TrainConfig.from_toml already reported a bad file
+
+
 def run_cli(args) -> int:
     """Run `lowbit compare` from parsed args. Returns the exit status: 0, or 1 if any run failed."""
     train_mod = importlib.import_module("lowbit.train")
@@ -644,6 +663,8 @@ def run_cli(args) -> int:
     if args.compile:
         overrides["compile"] = True
     base = dataclasses.replace(base, **overrides)
+    if "eval_interval" not in overrides and not _config_sets(args.config, "eval_interval"):
+        base = dataclasses.replace(base, eval_interval=default_eval_interval(base))
     names = recipes_mod.names() if args.recipes.strip() == "all" else [
         r.strip() for r in args.recipes.split(",") if r.strip()]
     sweep = parse_sweep(args.sweep)
