@@ -152,7 +152,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, to: str = "hf", weig
     out = _prepare_dir(out)
     if weights_format in PACKED_QUANT:
         save_packed(model, tok, out, weights_format)
-        arch = ("GPT2LMHeadModel" if model.config.family == "gpt" else "LlamaForCausalLM") + " config, packed weights"
+        arch = ("GPT2LMHeadModel" if model.config.family == "gpt" else "LlamaForCausalLM") + " config, packed"
     else:
         hf_mod.save_pretrained(model, tok, out, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[weights_format]))
         arch = "GPT2LMHeadModel" if model.config.family == "gpt" else "LlamaForCausalLM"

@@ -1,0 +1,133 @@
+"""Step time with and without `--compile` (torch.compile, inductor) per model x recipe, as ratios from one run.
+
+    python bench/compile.py                                   # tiny and small under bf16 and fp4-paper
+    python bench/compile.py --write                           # ... and record it in bench/RESULTS.md
+    python bench/compile.py --models tiny --recipes fp4-paper --window 2 --windows 1   # a smoke run
+
+Each cell is a real `lowbit.train.train` run (the `lowbit train` code path) of `--window * (--windows + 1)`
+optimizer steps, once eager and once with `compile=True`, from the same seed, data and initial weights. The
+first window holds the compilation (reported as "first window s") and is dropped; a cell's step time is the
+median over the other windows. "× eager" is eager step time / compiled step time (> 1: compile is faster).
+If compiling failed and the trainer fell back to eager (it logs a warning), the cell says so. Data: the
+BPE-2048 stdlib-source token stream of bench/train.py (no network).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.data import prepare_dataset
+from lowbit.train import TrainConfig, resolve_device, train
+
+SECTION = "## torch.compile (bench/compile.py)"
+_spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
+bench_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_train)  # corpus_file, load_avg, SHAPES, the RESULTS.md section writer
+
+
+class _Fallbacks(logging.Handler):
+    """Counts the trainer's 'torch.compile failed' warnings."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if "torch.compile failed" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds) -> dict:
+    B, T = bench_train.SHAPES.get(model, (8, 128))
+    steps = window * (windows + 1)
+    cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
+                      eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1, seed=0,
+                      compile=compile_, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"), overwrite=True)
+    handler = _Fallbacks()
+    logging.getLogger("lowbit").addHandler(handler)
+    try:
+        res = train(cfg, progress=False, dataset=ds)
+    finally:
+        logging.getLogger("lowbit").removeHandler(handler)
+    first = res.history[0]
+    step_s = statistics.median(B * T * cfg.grad_accum / h["tokens_per_s"] for h in res.history[1:])
+    return {"step_s": step_s, "first_window_s": window * B * T / first["tokens_per_s"],
+            "fallback": bool(handler.messages), "loss": res.final_train_loss}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,small", help="comma-separated presets (default: tiny,small)")
+    p.add_argument("--recipes", default="bf16,fp4-paper", help="comma-separated recipes (default: bf16,fp4-paper)")
+    p.add_argument("--window", type=int, default=3, help="optimizer steps per timing window (default: 3)")
+    p.add_argument("--windows", type=int, default=3, help="timed windows after the compile/warm-up one (default: 3)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.window < 1 or args.windows < 1:
+        p.error("--window and --windows must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    device = resolve_device(args.device)
+    cmd = "python bench/compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    before, t0 = bench_train.load_avg(), time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
+        ds = prepare_dataset(str(bench_train.corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
+        for model in models:
+            for r in names:
+                eager = cell(model, r, False, args.window, args.windows, str(device), Path(d), ds)
+                comp = cell(model, r, True, args.window, args.windows, str(device), Path(d), ds)
+                rows.append((model, r, eager, comp))
+                print(f"{model:>6} {r:<12} eager {eager['step_s'] * 1e3:8.1f} ms  compiled {comp['step_s'] * 1e3:8.1f} ms"
+                      f"  x{eager['step_s'] / comp['step_s']:.2f}{'  (fell back to eager)' if comp['fallback'] else ''}"
+                      f"  load {bench_train.load_avg()}", file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    lines = ["| model | recipe | batch x seq | eager ms/step | compiled ms/step | × eager | compiled first window s | note |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for model, r, e, c in rows:
+        B, T = bench_train.SHAPES.get(model, (8, 128))
+        lines.append(f"| {model} | {r} | {B}x{T} | {e['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
+                     f"{e['step_s'] / c['step_s']:.2f} | {c['first_window_s']:.1f} | "
+                     f"{'compile failed: eager fallback' if c['fallback'] else ''} |")
+    text = "\n".join([
+        SECTION, "",
+        f"Command: `{cmd.strip()}`", "",
+        f"{where}, torch {torch.__version__}, inductor backend; every cell two real `lowbit.train.train` runs "
+        f"(eager, `compile=True`) of {args.window * (args.windows + 1)} steps, seed 0: median step time over "
+        f"{args.windows} windows of {args.window} steps after the first window (which includes compilation); "
+        f"{wall:.0f} s in all. Load average (1 min): {before} before, {bench_train.load_avg()} after. "
+        "× eager > 1 means the compiled step is faster.",
+        "", "\n".join(lines), "",
+    ])
+    print(text)
+    if args.write:
+        doc = bench_train.RESULTS
+        # bench/train.py's writer replaces its own section; reuse its logic for this one
+        bench_train.SECTION, saved = SECTION, bench_train.SECTION
+        try:
+            bench_train.write_section(text)
+        finally:
+            bench_train.SECTION = saved
+        print(f"wrote {doc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
