@@ -238,17 +238,26 @@ def _prepare_out(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file, not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if cfg.overwrite:
-            for name in _RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            for name in _RUN_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
-        elif not cfg.resume:
-            raise ValueError(f"run directory {out} already exists and is not empty; pass --resume to continue "
-                             "it, --overwrite to start again (deletes its checkpoints and metrics), or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # a read-only or impossible --out fails here, before anything is computed or deleted
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".lowbit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the run directory {out}: {e.strerror or e}; choose a writable --out "
+                         "(or fix its permissions)") from None
+    if any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise ValueError(f"run directory {out} already exists and is not empty; pass --resume to continue "
+                         "it, --overwrite to start again (deletes its checkpoints and metrics), or another --out")
     return out
+
+
+def _clear_run_files(out: Path) -> None:
+    """--overwrite: delete lowbit's files in `out` (only those; called once every input has been checked)."""
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _check_resume(meta: dict, cfg: TrainConfig, vocab_size: int, ckpt_dir: Path) -> None:
@@ -264,6 +273,31 @@ def _check_resume(meta: dict, cfg: TrainConfig, vocab_size: int, ckpt_dir: Path)
     if changed:
         log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def check_block_sizes(model: torch.nn.Module, recipe: recipes.Recipe, model_name: str) -> None:
+    """Refuse a recipe whose tile/block size does not divide a layer width it tiles: the input's and weight's
+    tiles run along in_features (the forward reduction dim), 2-D weight blocks also along out_features, and the
+    output gradient's tiles along out_features (the reduction dim of dX). The quantizer would pad the ragged last
+    tile (its own scale over fewer values), which no hardware block format does, so the run would not be the
+    recipe it claims to be. (lowbit.nn itself still pads, for models converted through the Python API.)"""
+    for role in ("input", "weight", "grad_output"):
+        q = getattr(recipe, role)
+        if q is None or q.granularity not in ("tile", "block"):
+            continue
+        dims = {"input": ("in_features",), "grad_output": ("out_features",),
+                "weight": ("out_features", "in_features") if q.granularity == "block" else ("in_features",)}[role]
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QLinear)]
+        widths = sorted({getattr(m, d) for _, m in layers for d in dims})
+        for name, m in layers:
+            for d in dims:
+                if getattr(m, d) % q.block:
+                    fits = [b for b in (8, 16, 32, 64, 128, 256) if all(w % b == 0 for w in widths)]
+                    raise ValueError(
+                        f"recipe {recipe.name!r} quantizes {role} in {q.granularity}s of {q.block}, which does not "
+                        f"divide layer {name}'s {d}={getattr(m, d)} (model {model_name!r}); use a recipe whose "
+                        f"{role}.block divides {', '.join(map(str, widths))}"
+                        + (f" (e.g. {fits[-1]})" if fits else "") + ", or another --model")
 
 
 def _eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, device: torch.device,
@@ -410,15 +444,16 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
     if resume_from and saved_tok.is_dir() and Tokenizer.load(saved_tok).hash != tok.hash:
         raise ValueError(f"the tokenizer differs from the one this run was trained with ({saved_tok}); "
                          "resume with the same --data/--tokenizer/--vocab-size")
-    if di.is_main:
-        tok.save(saved_tok)
-        (out / CONFIG_FILE).write_text(cfg.to_toml())
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     steps = cfg.tokens // tokens_per_step
     if steps < 1:
         raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of batch_size*seq_len*grad_accum = "
                          f"{tokens_per_step} tokens; raise --tokens or lower --batch-size/--seq-len")
+    if len(dataset.train) < cfg.batch_size * cfg.seq_len + 1:  # every batch would repeat the same text
+        raise ValueError(f"the training split has {len(dataset.train):,} tokens, less than one batch of "
+                         f"batch_size*seq_len = {cfg.batch_size * cfg.seq_len:,}; use more --data or a smaller "
+                         "--batch-size/--seq-len")
     warmup = default_warmup(steps) if cfg.warmup_steps is None else cfg.warmup_steps
 
     # model: identical initial weights for every recipe (init before convert)
@@ -432,6 +467,7 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
                          f"{model.config.block_size} tokens; use --seq-len {model.config.block_size} or less")
     init_hash = state_dict_hash(model)
     convert(model, recipe)  # every nn.Linear but lm_head -> QLinear (plain F.linear for fp32/bf16)
+    check_block_sizes(model, recipe, cfg.model)
     upcast_cpu_linears(model)  # lm_head: CPU bf16 autocast GeMMs in fp32 (same numbers, ~10x faster)
     model.to(device)
     if resume_from is not None:
@@ -452,6 +488,11 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
     else:
         val = []
         log.info("no validation split (val_fraction=0): val_loss is not computed")
+    if di.is_main:  # every input is checked by now: only from here on is the run directory changed
+        if cfg.overwrite:
+            _clear_run_files(out)
+        tok.save(saved_tok)
+        (out / CONFIG_FILE).write_text(cfg.to_toml())
 
     start, bad_streak, streak_start = 0, 0, None
     resumed_from, resumed_window = None, []
