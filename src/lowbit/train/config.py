@@ -131,7 +131,10 @@ class TrainConfig:
     init_from: str | None = None
 
     def __post_init__(self):
-        self.tokens = parse_count(self.tokens)
+        try:
+            self.tokens = parse_count(self.tokens)
+        except ValueError as e:
+            raise ValueError(f"tokens: {e}") from None
         if isinstance(self.out, os.PathLike):
             self.out = os.fspath(self.out)
         if isinstance(self.data, os.PathLike):
