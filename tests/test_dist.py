@@ -2,8 +2,8 @@
 a 2-rank checkpoint (on 2 ranks bit for bit, on 1 rank within tolerance), the torchrun launcher (`--nproc`), and
 the process-group helpers.
 
-The 2-rank runs are forked from the test process (torch is already imported: ~1 s per run instead of ~10 s for
-torchrun's fresh interpreters) and call `lowbit.train.train` with the environment torchrun would set, so they
+The 2-rank runs are forked from the test process when it runs single-threaded (torch is already imported: ~1 s per
+run instead of ~10 s for torchrun's fresh interpreters; spawned otherwise) and call `lowbit.train.train` with the environment torchrun would set, so they
 take the same code path as `torchrun -m lowbit train`; one slow test goes through the real launcher."""
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def _rank_main(rank: int, world: int, port: int, kw: dict, cache: str) -> None:
 def run_world(world: int, kw: dict) -> list[dict]:
     """Train `kw` in `world` forked gloo processes (as torchrun would); returns rank 0's metric rows."""
     cache = os.environ["LOWBIT_CACHE"]
-    mp.start_processes(_rank_main, args=(world, free_port(), kw, cache), nprocs=world, start_method="fork")
+    # fork is fast (torch already imported) but only safe while this process has not started an OpenMP pool
+    method = "fork" if torch.get_num_threads() == 1 else "spawn"
+    mp.start_processes(_rank_main, args=(world, free_port(), kw, cache), nprocs=world, start_method=method)
     return rows(Path(kw["out"]))
 
 
