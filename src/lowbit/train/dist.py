@@ -174,9 +174,13 @@ def wrap(model: nn.Module, di: DistInfo, device: torch.device, fsdp: bool) -> nn
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # broadcast_buffers=False: QLinear's delayed-scaling amax histories are per-rank statistics of each rank's
+    # no buffer sync in forward: QLinear's delayed-scaling amax histories are per-rank statistics of each rank's
     # own activations; the persistent buffers are identical on every rank from the same seed/checkpoint.
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    import inspect
+
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}  # (renamed in newer torch)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def no_grad_sync(wrapped: nn.Module, enabled: bool):
@@ -273,6 +277,7 @@ def clip_norm_value(norm: torch.Tensor) -> torch.Tensor:
 def launch(nproc: int, argv: list[str]) -> int:
     """`lowbit <argv>` in `nproc` processes on this machine via torchrun (torch.distributed.run, standalone
     rendezvous on a free port). Returns the exit status: 0, or the first failed rank's status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -282,6 +287,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
         return next((c for c in codes if c and c > 0), 1)
+    except SignalException as e:  # Ctrl-C / SIGTERM: torchrun passed it on to the workers (they checkpoint)
+        return 128 + int(e.sigval)
     except KeyboardInterrupt:
         return 130
     return 0

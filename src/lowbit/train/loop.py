@@ -370,7 +370,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopRequest:
     """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to finish its step, write
-    a checkpoint and raise TrainingInterrupted; a second one interrupts at once (KeyboardInterrupt)."""
+    a checkpoint and raise TrainingInterrupted; a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -378,9 +378,13 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("received %s: finishing this step and writing a checkpoint (send it again to stop at once)",
+            # Ctrl-C pressed again: stop now. Not a copy of the first signal arriving right after it (torchrun
+            # forwards the terminal's SIGINT to workers that already got it) and not a SIGTERM.
+            if signum == self.signum == signal.SIGINT and time.monotonic() - self._t > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._t = signum, time.monotonic()
+        log.warning("received %s: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)",
                     signal.Signals(signum).name)
 
     def install(self) -> None:
