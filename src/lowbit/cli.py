@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 
@@ -142,7 +143,7 @@ def cmd_train(args) -> int:
                              f"{args.nproc}; use a multiple of {args.nproc}")
         return dist.launch(args.nproc, _without_nproc(args.argv))
     res = train(cfg, progress=not args.no_progress)
-    if dist.env_rank() != 0:  # under torchrun rank 0 reports
+    if _rank() != 0:  # under torchrun rank 0 reports
         return 1 if res.diverged_at_step is not None else 0
     val = "n/a" if res.final_val_loss is None else f"{res.final_val_loss:.4f}"
     if res.final_val_loss is not None and math.isfinite(res.final_val_loss):
@@ -338,29 +339,36 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _rank() -> int:
+    """torchrun's RANK of this process (0 when not launched by torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lowbit` console script; returns the exit status."""
-    from lowbit.train.dist import MainRankError, env_rank
-    from lowbit.train.loop import TrainingInterrupted
-
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
-    if env_rank() != 0:  # under torchrun only rank 0 talks
+    rank = _rank()
+    if rank != 0:  # under torchrun only rank 0 talks
         logging.getLogger("lowbit").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        if not isinstance(e, MainRankError):  # rank 0 already printed the same message
+        dist = sys.modules.get("lowbit.train.dist")  # (not imported by commands that do not train)
+        if not (dist and isinstance(e, dist.MainRankError)):  # else rank 0 printed the same message
             print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as e:
-        if env_rank() == 0:
-            print(f"lowbit: stopped by {signal.Signals(e.signum).name} after step {e.step}; a checkpoint was "
-                  "written: continue with the same command and --resume", file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if getattr(e, "signum", None) is not None and args.command == "train":  # loop.TrainingInterrupted
+            if rank == 0:
+                print(f"lowbit: stopped by {signal.Signals(e.signum).name} after step {e.step}; a checkpoint was "
+                      "written: continue with the same command and --resume", file=sys.stderr)
+            return 128 + e.signum
         hint = ("re-run the same command to resume: finished recipes are kept, the interrupted one continues "
                 "from its last checkpoint") if args.command == "compare" else \
             "continue from the last checkpoint by re-running with --resume"
