@@ -138,16 +138,6 @@ def run_on_main(fn, di: DistInfo):
     return box[0]
 
 
-def check_same(value, what: str, di: DistInfo) -> None:
-    """Raise if `value` (picklable) differs between ranks (e.g. a corpus that is not the same file everywhere)."""
-    if not di.distributed:
-        return
-    values = [None] * di.world_size
-    dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        raise ValueError(f"{what} differs between ranks ({values}); every rank must read the same files")
-
-
 # --- wrapping ---------------------------------------------------------------------------------------
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -318,5 +308,5 @@ def main_first(fn, di: DistInfo):
         raise MainRankError(box[0])
     if not di.is_main:
         out = fn()
-    dist.barrier()
+    barrier(di)
     return out
