@@ -162,18 +162,19 @@ def chart(seven: dict, ablate: dict, noise: float, path: Path) -> None:
         rows = [r for r in run["history"] if r.get("train_loss") is not None]
         return [r["tokens"] for r in rows], [r["train_loss"] for r in rows]
 
+    color = {name: f"C{i}" for i, name in enumerate(SEVEN)}  # one colour per recipe in both panels
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))  # curves | gap to bf16 | ablation bars
     ax = axes[0]
     for name in SEVEN:
         x, y = train_curve(seven["runs"][name])
-        ax.plot(x, y, lw=2.2 if name in ("bf16", "fp4-paper") else 1.2, label=name)
+        ax.plot(x, y, color=color[name], lw=2.2 if name in ("bf16", "fp4-paper") else 1.2, label=name)
     ax.set(title="training loss (tiny, seed 1; same batches for all)", xlabel="tokens", ylabel="train loss")
     ax.legend(fontsize=8)
     ax = axes[1]
     _, ref = train_curve(seven["runs"]["bf16"])
     for name in SEVEN[1:]:
         x, y = train_curve(seven["runs"][name])
-        ax.plot(x, [a - b for a, b in zip(y, ref)], marker="o", ms=2, label=name)
+        ax.plot(x, [a - b for a, b in zip(y, ref)], color=color[name], marker="o", ms=2, label=name)
     ax.axhline(0, color="k", lw=0.8)
     ax.set(title="gap to bf16 (train loss − bf16, same batches)", xlabel="tokens", ylabel="Δ nats")
     ax.legend(fontsize=8)

@@ -161,10 +161,10 @@ def main(argv=None) -> int:
         + ("peak = dense BF16 tensor-core peak of the GPU." if device.type == "cuda" else
            f"peak = this CPU's measured fp32 1024^3 matmul throughput, best of before/after the runs "
            f"({best_peak / 1e9:.0f} GFLOP/s; measured {', '.join(f'{p / 1e9:.0f}' for p in peaks)}), so bf16 cells are "
-           "measured against an fp32 peak. Without AMX, CPU bf16 matmuls are far slower than fp32, and every "
-           "quantized recipe computes in bf16 after simulated (quantize-dequantize) FP8/FP4 casts, so on this "
-           "machine the useful comparison for the quantized recipes is the × bf16 column: it is the cost of "
-           "the quantization itself. No FP4/FP8 hardware speed-up is possible here."),
+           "measured against an fp32 peak. On CPU lowbit runs bf16 GeMMs and attention as fp32 GeMMs of the "
+           "bf16-rounded operands (same numbers; torch's CPU bf16 kernels are ~8x slower without AMX), and every "
+           "quantized recipe adds simulated (quantize-dequantize) FP8/FP4 casts around them, so the × bf16 column "
+           "is the cost of the quantization simulation itself. No FP4/FP8 hardware speed-up is possible here."),
         "", table(rows, best_peak), "",
     ])
     print(text)
