@@ -48,6 +48,8 @@ def read_rows(out: str | os.PathLike) -> list[dict]:
     return rows
 
 
+_TB_HINT_SHOWN = False
+
 class MetricsLogger:
     """Appends rows to the run's metric files. `keep_until`: on resume, rows with step > keep_until
     (logged after the checkpoint being resumed) are dropped so the files continue seamlessly."""
@@ -71,8 +73,11 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                log.info("tensorboard is not installed: no TensorBoard event files "
-                         "(metrics.jsonl and metrics.csv are written; pip install tensorboard to get them)")
+                global _TB_HINT_SHOWN
+                if not _TB_HINT_SHOWN:  # once per process, not once per run of a comparison
+                    _TB_HINT_SHOWN = True
+                    log.info("tensorboard is not installed: no TensorBoard event files "
+                             "(metrics.jsonl and metrics.csv are written; pip install tensorboard to get them)")
             else:
                 self._tb = SummaryWriter(log_dir=str(self.out / TB_DIR), purge_step=keep_until)
 
