@@ -53,6 +53,7 @@ def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds) ->
     cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
                       eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1, seed=0,
                       compile=compile_, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"), overwrite=True)
+    torch._dynamo.reset()  # a fresh compile cache per cell: cells must not share dynamo's recompile budget
     handler = _Fallbacks()
     logging.getLogger("lowbit").addHandler(handler)
     try:

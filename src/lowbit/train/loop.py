@@ -534,8 +534,10 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
     grad_norm = float("nan")
     qstats: dict = {}
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    collect_stats(model, False)
-    stats_on = False
+    # under --compile the statistics stay on: toggling them per window would compile a second graph
+    always_stats = bool(cfg.compile)
+    collect_stats(model, always_stats)
+    stats_on = always_stats
 
     def ckpt_state(step: int, opt_state: dict) -> dict:
         return {"step": step, "optimizer": opt_state,
@@ -577,7 +579,7 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
             loss_sum = torch.zeros((), device=device)
             n = step + 1  # steps completed after this one
             # quantization statistics are sampled on the last step of each log window (they cost time)
-            want = n % cfg.log_interval == 0 or n == steps
+            want = n % cfg.log_interval == 0 or n == steps or always_stats
             if want != stats_on:
                 collect_stats(model, want)
                 stats_on = want
@@ -622,9 +624,9 @@ def _train(cfg: TrainConfig, progress: bool, dataset, recipe: recipes.Recipe, de
             last = n == steps or diverged_at is not None
             do_eval = bool(val) and (n % cfg.eval_interval == 0 or last)
             if n % cfg.log_interval == 0 or do_eval or last:
-                qstats = quant_stats(model)  # stats of this window's last step
-                collect_stats(model, False)
-                stats_on = False
+                qstats = quant_stats(model)  # stats of this window's last step (under --compile: the window's mean)
+                collect_stats(model, always_stats)
+                stats_on = always_stats
                 val_loss = _eval_loss(fwd, val, recipe, device, di) if do_eval else None
                 tps = win_steps * tokens_per_step / win_t if win_t > 0 else float("nan")
                 row = {"step": n, "tokens": n * tokens_per_step,
