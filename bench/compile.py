@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_section  # bench/ is on sys.path when a script here runs
+
 import torch
 
 from lowbit.data import prepare_dataset
@@ -119,14 +121,8 @@ def main(argv=None) -> int:
     ])
     print(text)
     if args.write:
-        doc = bench_train.RESULTS
-        # bench/train.py's writer replaces its own section; reuse its logic for this one
-        bench_train.SECTION, saved = SECTION, bench_train.SECTION
-        try:
-            bench_train.write_section(text)
-        finally:
-            bench_train.SECTION = saved
-        print(f"wrote {doc}", file=sys.stderr)
+        write_section(SECTION, text)
+        print(f"wrote {bench_train.RESULTS}", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_section  # bench/ is on sys.path when a script here runs
+
 SECTION = "## Distributed and crash safety (bench/distributed.py)"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -165,15 +167,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others untouched."""
-    doc = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip("\n") + "\n\n"
-    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(doc.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per throughput run (default: 30)")
@@ -227,7 +220,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 1 if kills and kills["lost"] else 0
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
+
+from _results import write_section  # bench/ is on sys.path when a script here runs
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
@@ -235,15 +236,6 @@ def chart(seven: dict, ablate: dict, noise: float, path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this script's section of bench/RESULTS.md, leaving the others untouched."""
-    doc = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip("\n") + "\n\n"
-    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(doc.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/ev", help="directory holding seven/ ablate/ seed2/ seed3/")
@@ -275,7 +267,7 @@ def main(argv=None) -> int:
     ])
     print(text)
     if a.write:
-        write_section(text)
+        write_section(SECTION, text)
         chart(seven, ablate, noise, CHART)
         print(f"\nwrote {RESULTS} and {CHART}", file=sys.stderr)
     return 0

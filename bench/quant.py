@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
+
+from _results import write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -105,13 +106,7 @@ def write_results(table: str, meta: dict, command: str, path: Path) -> None:
             f"Scales are computed inside each call (current scaling); the output is a fresh tensor. "
             f"On the shared 2-core VM, repeated runs differ by up to about ±20%.\n\n"
             f"{table}\n")
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: body + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text.rstrip("\n") + "\n")
+    write_section(SECTION, body, path)
 
 
 def main():

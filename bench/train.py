@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -104,15 +105,6 @@ def table(rows, peak_flops: float) -> str:
     return "\n".join(out)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others untouched."""
-    doc = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip("\n") + "\n\n"
-    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(doc.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,small", help="comma-separated model presets (default: tiny,small)")
@@ -169,7 +161,7 @@ def main(argv=None) -> int:
     ])
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 
