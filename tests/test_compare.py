@@ -79,6 +79,7 @@ class FakeTrainer:
     def __init__(self, fail=(), init_hash_for=None, diverge=()):
         self.calls, self.datasets = [], []
         self.fail, self.init_hash_for, self.diverge = set(fail), init_hash_for or {}, set(diverge)
+        self.data_hash_for: dict[str, str] = {}
 
     def __call__(self, cfg, progress=True, dataset=None):
         self.calls.append(cfg)
@@ -94,7 +95,7 @@ class FakeTrainer:
                "tokens": 4000, "tokens_per_s": 1000.0, "step_time_s": 0.5 + len(name) / 100,
                "peak_mem_bytes": 2**20, "quant_stats": {"underflow_frac": 0.1}, "wall_time_s": 2.0,
                "diverged_at_step": diverged, "history": hist[:3] if diverged else hist,
-               "init_hash": self.init_hash_for.get(name, "a" * 64), "data_hash": "b" * 64, "out": cfg.out}
+               "init_hash": self.init_hash_for.get(name, "a" * 64), "data_hash": self.data_hash_for.get(name, "b" * 64), "out": cfg.out}
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "result.json").write_text(json.dumps(res))
         return res
@@ -200,6 +201,13 @@ def test_mismatched_initial_weights_raise(fake, tmp_path):
     with pytest.raises(RuntimeError, match="'fp4-paper' has different initial weights than 'bf16'"):
         cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=False)
     assert json.loads((tmp_path / "results.json").read_text())["runs"]["fp4-paper"]["init_hash"] == "c" * 64
+
+
+def test_mismatched_first_batch_raises(fake, tmp_path):
+    trainer, Cfg, _ = fake
+    trainer.data_hash_for = {"fp4-paper": "d" * 64}
+    with pytest.raises(RuntimeError, match="'fp4-paper' has different first training batch than 'bf16'"):
+        cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=False)
 
 
 def test_sweep_runs_swept_recipes_by_toml(fake, tmp_path):

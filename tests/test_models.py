@@ -441,3 +441,17 @@ def test_cpu_bf16_attention_matches_fp64_reference(masked):
     ref.backward(gy.double())
     for t, t64 in ((q, q64), (k, k64), (v, v64)):
         torch.testing.assert_close(t.grad, t64.grad.to(torch.bfloat16), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
+    """20,000 seeded draws from one row of logits: frequencies within 0.015 of softmax(logits / T)
+    (binomial sd <= 0.0036 per token, so 0.015 is > 4 sd; logits * T would be off by > 0.1)."""
+    from lowbit.models.gpt import sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20_000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature, None, generator=g).view(-1)
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    want = torch.softmax(logits[0].double() / temperature, dim=0)
+    assert torch.allclose(freq, want, atol=0.015)

@@ -423,6 +423,26 @@ def test_convert_filter_head_and_recipe_forms(tmp_path):
     assert m.blocks[0].attn.weight.dtype == torch.float64
 
 
+def test_quant_stats_is_mean_over_layers_of_mean_over_calls():
+    """Two layers with hand-built inputs: a per-token absmax of 6 puts the FP4 scale at 1, so entries of 0.1
+    (below half the smallest step, 0.25) become zero and entries of 1.0 do not."""
+    def x_with(frac_small, rows=4, K=32):
+        n_small = int(frac_small * (K - 1))
+        row = torch.tensor([6.0] + [0.1] * n_small + [1.0] * (K - 1 - n_small))
+        return row.repeat(rows, 1), n_small / K  # the 6.0 itself stays
+
+    a, b = QLinear(32, 8, recipe="fp4-direct"), QLinear(32, 8, recipe="fp4-direct", layer_idx=1)
+    for m in (a, b):
+        collect_stats(m, True)
+    xa1, ua1 = x_with(0.5)
+    xa2, ua2 = x_with(0.25)
+    xb, ub = x_with(0.75)
+    with torch.no_grad():
+        a(xa1), a(xa2), b(xb)
+    want = ((ua1 + ua2) / 2 + ub) / 2
+    assert quant_stats(nn.ModuleList([a, b]))["underflow_frac_input"] == pytest.approx(want, rel=1e-6)
+
+
 def test_quant_stats():
     m = convert(Tiny(), "fp4-paper")
     x = torch.randn(4, 8, 16)

@@ -124,3 +124,47 @@ def test_title_with_model_size():
     res = _results({"bf16": _run(4.0)})
     res["model"] = {"params": 1_300_000, "tokens_per_param": 5000 / 1_300_000}
     assert report._title(res) == "lowbit compare: model tiny (1.3M params), 5k tokens (0.0038 per param), seed 0"
+
+
+def test_table_every_column():
+    """Every column of the table against the run it describes (wall time is not step time, etc.)."""
+    runs = {"bf16": _run(4.0, step=0.125, tps=8000.0, mem=64 * 2**20, wall_time_s=33.5),
+            "fp8": _run(4.2, step=0.25, tps=4000.0, mem=96 * 2**20, wall_time_s=71.25)}
+    res = _results(runs)
+    head, _, *rows = report.format_table(res).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols == ["Recipe", "Status", "Train loss", "Val loss", "Δ val vs bf16", "Δ %", "Tokens/s",
+                    "Step time vs bf16", "Peak mem (MiB)", "Wall (s)"]
+    cells = dict(zip(cols, [c.strip() for c in rows[1].strip("|").split("|")]))
+    r = runs["fp8"]
+    assert cells == {"Recipe": "fp8", "Status": "ok", "Train loss": f"{r['final_train_loss']:.4f}",
+                     "Val loss": "4.2000", "Δ val vs bf16": "+0.2000", "Δ %": "+5.00%", "Tokens/s": "4,000",
+                     "Step time vs bf16": "2.00×", "Peak mem (MiB)": "96.0", "Wall (s)": "71.2"}
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()
+            if not ln.get_label().startswith("_")}
+
+
+def test_loss_figure_draws_curves_and_gaps():
+    runs = {"bf16": _run(4.0), "fp4-paper": _run(4.5)}
+    fig = report.loss_figure(_results(runs))
+    ax, axg = fig.axes[:2]
+    curves = _lines(ax)
+    assert curves["bf16"] == report.val_curve(runs["bf16"])
+    assert curves["fp4-paper"] == report.val_curve(runs["fp4-paper"])
+    gaps = _lines(axg)
+    xs, ys = gaps["fp4-paper"]
+    assert (xs, ys) == report.gap_curve(runs["fp4-paper"], runs["bf16"])
+    assert ys[-1] == pytest.approx(0.5)  # the last evaluation: 4.5 − 4.0
+
+
+def test_sweep_figure_draws_final_loss_per_value():
+    runs = {"bf16": _run(4.0)}
+    for k, loss in ((1, 4.3), (3, 4.15), (5, 4.1)):
+        runs[f"fp4-paper[dge.k={k}]"] = _run(loss, recipe="fp4-paper", sweep={"param": "dge.k", "value": k})
+    fig = report.sweep_figure(_results(runs, sweep={"dge.k": [1, 3, 5]}), "dge.k")
+    xs, ys = _lines(fig.axes[0])["fp4-paper"]
+    assert xs == [1.0, 3.0, 5.0] and ys == pytest.approx([4.3, 4.15, 4.1])
+    assert set(_lines(fig.axes[1])) == {"bf16", *[lab for lab in runs if lab != "bf16"]}

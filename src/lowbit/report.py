@@ -209,8 +209,16 @@ def _plot_curves(ax, runs: dict[str, dict], reference: str | None, labels: list[
 
 
 def plot_losses(results: dict, path: str | Path) -> Path:
+    """Write `loss_figure(results)` as a PNG; returns its path."""
+    path = Path(path)
+    loss_figure(results).savefig(path)
+    return path
+
+
+def loss_figure(results: dict):
     """Two panels: validation loss vs tokens for every run, and the gap to the reference
-    (val loss − reference val loss at the same token count). Writes a PNG; returns its path."""
+    (val loss − reference val loss at the same token count). Returns the matplotlib Figure;
+    each run is one line whose label is the run's label (tests read the lines' data)."""
     runs, ref = results.get("runs", {}), results.get("reference")
     labels = list(runs)
     fig, (ax, axg) = _new_figure(2)
@@ -237,9 +245,7 @@ def plot_losses(results: dict, path: str | Path) -> Path:
     axg.set_ylabel(f"val loss − {ref} val loss")
     axg.set_title(f"gap to {ref}")
     fig.suptitle(_title(results))
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def _param_slug(param: str) -> str:
@@ -251,8 +257,15 @@ def sweep_plot_name(param: str) -> str:
 
 
 def plot_sweep(results: dict, param: str, path: str | Path) -> Path:
+    """Write `sweep_figure(results, param)` as a PNG; returns its path."""
+    path = Path(path)
+    sweep_figure(results, param).savefig(path)
+    return path
+
+
+def sweep_figure(results: dict, param: str):
     """Left: final validation loss against the swept value, one line per base recipe (the reference
-    as a horizontal line). Right: the validation curves of the swept runs. Writes a PNG."""
+    as a horizontal line). Right: the validation curves of the swept runs. Returns the Figure."""
     runs, ref = results.get("runs", {}), results.get("reference")
     swept = {lab: r for lab, r in runs.items() if (r.get("sweep") or {}).get("param") == param}
     values = list((results.get("sweep") or {}).get(param, []))
@@ -293,9 +306,7 @@ def plot_sweep(results: dict, param: str, path: str | Path) -> Path:
         axc.legend(fontsize=8)
     axc.set_title(f"validation loss, {param} swept")
     fig.suptitle(_title(results) + f" — sweep of {param}")
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return fig
 
 
 # --- the report ------------------------------------------------------------------------------
