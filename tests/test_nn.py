@@ -70,8 +70,8 @@ def test_gradcheck_unquantized_path():
     for r in (fn_path("fp32"), R.get("fp32").replace(**{"occ.enabled": True, "occ.alpha": 0.9})):
         _, q = make(r, K=12, N=7, dtype=torch.float64)
         x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w, b: lnn._QLinearFn.apply(x.reshape(-1, 12), w, b, q,
-                                                                               torch.float64),
+        assert torch.autograd.gradcheck(lambda x, w, b: lnn.QLinearFunction.apply(x.reshape(-1, 12), w, b, q.spec,
+                                                                                    q.qstate, torch.float64),
                                         (x, q.weight, q.bias))
 
 
@@ -203,7 +203,7 @@ def test_delayed_scaling_uses_the_history_max():
     r = R.get("fp8-tensor-delayed").replace(amax_history_len=3)
     lin, q = make(r)
     qi = r.input
-    assert q.amax_history_input.shape == (3,)
+    assert q.qstate.amax_history_input.shape == (3,)
     xs = [torch.randn(6, 64) * c for c in (1.0, 4.0, 0.5, 0.25, 0.25)]
     W = lin.weight.detach()
     amaxes = []
@@ -215,7 +215,7 @@ def test_delayed_scaling_uses_the_history_max():
         assert torch.equal(y, y_ref.detach()), step
         amaxes.append(cur)
         want_hist = torch.tensor((amaxes[::-1] + [0.0, 0.0, 0.0])[:3])
-        assert torch.equal(q.amax_history_input, want_hist)
+        assert torch.equal(q.qstate.amax_history_input, want_hist)
     # step 1 ran with the smaller amax of step 0, so the 4x larger input saturated at 448·scale
     y1 = QLinear.from_linear(lin, r)
     y1(xs[0])
@@ -228,7 +228,7 @@ def test_delayed_scaling_grad_output_history():
     x = torch.randn(4, 64)
     for c in (1.0, 3.0):
         run(q, x, torch.randn(4, 48) * c)
-    h = q.amax_history_grad_output
+    h = q.qstate.amax_history_grad_output
     assert h[0] > h[1] > 0 and (h[2:] == 0).all()
 
 
@@ -253,7 +253,7 @@ def test_random_hadamard_is_orthogonal_and_signed():
 def test_hadamard_weight_grad_exact_without_quantization(monkeypatch):
     """With the quantizer replaced by the identity, the rotated dW GeMM is dYᵀ·X to fp32
     rounding (15 tokens: padded to 16 inside)."""
-    monkeypatch.setattr(lnn, "fake_quantize_2d", lambda t, q, generator=None, amax=None: t)
+    monkeypatch.setattr(lnn.function, "fake_quantize_2d", lambda t, q, generator=None, amax=None: t)
     lin, q = make("nvfp4", K=32, N=16)
     x, dy = torch.randn(3, 5, 32), torch.randn(3, 5, 16)
     ya, dxa, dwa, dba = run(lin, x, dy)
@@ -269,7 +269,7 @@ def test_hadamard_weight_grad_reference():
     lin, q = make(r, K=32, N=16)
     x, dy = torch.randn(32, 32), torch.randn(32, 16)
     _, _, dw, _ = run(q, x, dy)
-    s = (q.hadamard_rotation[:, 0] * 4).numpy()
+    s = (q.qstate.hadamard_rotation[:, 0] * 4).numpy()
     Rm = torch.from_numpy(s[:, None] * sylvester(16) / 4).float()
     rot = lambda a: (a.reshape(a.shape[0], -1, 16) @ Rm).reshape(a.shape)
     ref = fake_quantize(rot(dy.t().contiguous()), r.grad_output) @ fake_quantize(rot(x.t().contiguous()), r.input).t()

@@ -16,9 +16,12 @@ the forward weight, as in the FP4 paper.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
+
+from lowbit._io import to_toml
 
 GRANULARITIES = ("tensor", "row", "tile", "block")
 SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
@@ -177,7 +180,7 @@ class Recipe:
         return cls(**d)
 
     def to_toml(self) -> str:
-        return _to_toml(self.to_dict())
+        return to_toml(self.to_dict())
 
     @classmethod
     def from_toml(cls, text: str) -> "Recipe":
@@ -199,21 +202,6 @@ def _field_names(obj) -> str:
 
 def _drop_none(d: dict) -> dict:
     return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
-
-
-def _to_toml(d: dict) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
-
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
 
 
 # --- the registry --------------------------------------------------------------------------

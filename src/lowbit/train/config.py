@@ -17,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
+
+from lowbit._io import to_toml
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -217,18 +220,7 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """Flat TOML of every field that is not None (None fields take their default on load)."""
-        lines = []
-        for k, v in self.to_dict().items():
-            if v is None:
-                continue
-            if isinstance(v, bool):
-                s = "true" if v else "false"
-            elif isinstance(v, str):
-                s = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                s = repr(v)
-            lines.append(f"{k} = {s}")
-        return "\n".join(lines) + "\n"
+        return to_toml(self.to_dict())
 
 
 def field_names() -> list[str]:

@@ -35,10 +35,12 @@ import torch
 
 from lowbit import flops as flops_mod
 from lowbit import recipes
+from lowbit.cpu_bf16 import upcast_cpu_linears
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.models import GPTConfig, LlamaConfig, build_model
-from lowbit.nn import QLinear, collect_stats, compile_model, convert, quant_stats, upcast_cpu_linears
+from lowbit.nn import QLinear, check_block_sizes, collect_stats, convert, quant_stats
 from lowbit.train import checkpoint, dist
+from lowbit.train.compile import compile_model
 from lowbit.train.config import TrainConfig
 from lowbit.train.metrics import BASE_COLUMNS, MetricsLogger, json_safe
 from lowbit.train.schedule import default_warmup, lr_at
@@ -203,24 +205,14 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _qlinear_state(model: torch.nn.Module) -> dict:
-    """The per-layer state QLinear keeps outside its state_dict: stochastic-rounding generator states and
-    delayed-scaling amax histories (non-persistent buffers). Checkpointed so resume is exact for every recipe."""
-    out = {}
-    for fqn, m in model.named_modules():
-        if isinstance(m, QLinear):
-            out[fqn] = {"generators": {k: g.get_state() for k, g in m._generators.items()},
-                        "buffers": {k: b.detach().cpu().clone() for k, b in m.named_buffers(recurse=False)
-                                    if k.startswith("amax_history_")}}
-    return out
+    """Every QLinear's LayerQuantState (generator states, amax histories), by module name."""
+    return {fqn: m.qstate.quant_state_dict() for fqn, m in model.named_modules() if isinstance(m, QLinear)}
 
 
 def _set_qlinear_state(model: torch.nn.Module, state: dict) -> None:
     for fqn, m in model.named_modules():
         if isinstance(m, QLinear) and fqn in state:
-            for k, g_state in state[fqn]["generators"].items():
-                m._generator(torch.device(k)).set_state(g_state)
-            for k, b in state[fqn]["buffers"].items():
-                getattr(m, k).copy_(b)
+            m.qstate.load_quant_state_dict(state[fqn])
 
 
 def _init_from(path: str):
@@ -273,31 +265,6 @@ def _check_resume(meta: dict, cfg: TrainConfig, vocab_size: int, ckpt_dir: Path)
     if changed:
         log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-
-
-def check_block_sizes(model: torch.nn.Module, recipe: recipes.Recipe, model_name: str) -> None:
-    """Refuse a recipe whose tile/block size does not divide a layer width it tiles: the input's and weight's
-    tiles run along in_features (the forward reduction dim), 2-D weight blocks also along out_features, and the
-    output gradient's tiles along out_features (the reduction dim of dX). The quantizer would pad the ragged last
-    tile (its own scale over fewer values), which no hardware block format does, so the run would not be the
-    recipe it claims to be. (lowbit.nn itself still pads, for models converted through the Python API.)"""
-    for role in ("input", "weight", "grad_output"):
-        q = getattr(recipe, role)
-        if q is None or q.granularity not in ("tile", "block"):
-            continue
-        dims = {"input": ("in_features",), "grad_output": ("out_features",),
-                "weight": ("out_features", "in_features") if q.granularity == "block" else ("in_features",)}[role]
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QLinear)]
-        widths = sorted({getattr(m, d) for _, m in layers for d in dims})
-        for name, m in layers:
-            for d in dims:
-                if getattr(m, d) % q.block:
-                    fits = [b for b in (8, 16, 32, 64, 128, 256) if all(w % b == 0 for w in widths)]
-                    raise ValueError(
-                        f"recipe {recipe.name!r} quantizes {role} in {q.granularity}s of {q.block}, which does not "
-                        f"divide layer {name}'s {d}={getattr(m, d)} (model {model_name!r}); use a recipe whose "
-                        f"{role}.block divides {', '.join(map(str, widths))}"
-                        + (f" (e.g. {fits[-1]})" if fits else "") + ", or another --model")
 
 
 def _eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, device: torch.device,

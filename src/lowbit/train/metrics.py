@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from pathlib import Path
+
+from lowbit._io import json_safe
 
 log = logging.getLogger("lowbit.train")
 
@@ -19,19 +20,6 @@ JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
 TB_DIR = "tb"
 BASE_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"]
-
-
-def json_safe(x):
-    """Non-finite floats -> None (strict JSON); tuples -> lists; paths -> str."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return x
 
 
 def read_rows(out: str | os.PathLike) -> list[dict]:

@@ -1,0 +1,65 @@
+"""Small file helpers with one owner each: hashing, JSON-safe conversion, atomic writes, flat TOML."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_safe(x):
+    """Non-finite floats -> None (strict JSON); tuples -> lists; paths -> str; dict keys -> str."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    return x
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place: readers see the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Atomic strict-JSON write of `data` (made json_safe first), indented, with a trailing newline."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
+
+
+def toml_value(v) -> str:
+    """A TOML literal for a bool, number, string or list of those."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(d: dict) -> str:
+    """TOML of a dict: scalar keys first, then one [table] per nested dict (one level), None values left
+    out (they take their defaults on load)."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

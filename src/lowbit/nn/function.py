@@ -1,0 +1,172 @@
+"""The autograd Function of a quantized linear layer: Y = X·Wᵀ with the spec's quantized GeMMs.
+
+It receives tensors, the frozen LinearSpec and the layer's LayerQuantState, reads only the spec and
+writes only the state (amax histories, generator positions, statistics). Unlike torchao's Float8Linear the
+bias is an input of the Function: it is added in the GeMM's accumulator before the one rounding to the
+compute dtype, as a bf16 GeMM's epilogue does (added outside, a bf16 output would be rounded twice).
+
+  * DGE (spec.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative` on the
+    forward weight divided by its scale (the same scale the forward GeMM used).
+  * OCC (spec.occ_on): X is clamped to its [1−α, α] quantiles before quantizing; with `compensate` the
+    residual product ΔX·Wᵀ is added to Y, from ΔX and W in the compute dtype (not quantized) with fp32
+    accumulation (sparse CSR on CPU; dense elsewhere). The weight-gradient GeMM uses the *same* clamped
+    activation (quantized along tokens) plus the matching compensation dYᵀ·ΔX, so dW is the exact gradient
+    of the compensated forward (the paper's reference code likewise reuses its compensated forward
+    activation in the dW GeMM). dX is the straight-through Q(dY)·Q(W).
+  * Hadamard (spec.hadamard_size): a ±1-signed block-Hadamard rotation R (R·Rᵀ = I) along the token dim
+    of both dW operands, dYᵀR and XᵀR, before quantizing them.
+  * compute dtype `cdtype`: operands are cast to it before quantizing and every GeMM runs in it
+    (CPU bf16/fp16: as fp32 GeMMs of the upcast operands, lowbit.cpu_bf16).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from lowbit import cpu_bf16
+from lowbit.estimators import dge_derivative, occ_clamp
+from lowbit.nn.hadamard import rotate
+from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
+from lowbit.nn.state import LayerQuantState
+from lowbit.quant import underflow_fraction
+
+_SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product uses CSR
+
+
+def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, amax=None,
+                     record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fake-quantized 2-D t along its last dim, the amax used or None) for operand `op` ("input", "weight",
+    "grad_output"). Delayed scaling reads the operand's amax history (and, with `record`, pushes t's amax);
+    statistics are recorded only with `record` (a requantization of the same operand is not counted twice)."""
+    q = getattr(spec, op)
+    if q is None:
+        return t, None
+    if amax is None and spec.delayed:
+        amax = state.delayed_amax(op, t, record)
+    gen = state.generator(t.device) if q.rounding == "stochastic" else None
+    out = fake_quantize_2d(t, q, gen, amax)
+    if state.collect and record:
+        state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, out))
+    return out, amax
+
+
+def _csr(r: torch.Tensor) -> torch.Tensor | None:
+    """r as a CSR tensor if at most _SPARSE_MAX_DENSITY of it is nonzero, else None."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+        warnings.simplefilter("ignore", UserWarning)
+        s = r.to_sparse_csr()
+    return s if s.values().numel() <= _SPARSE_MAX_DENSITY * r.numel() else None
+
+
+def _sparse_ok(res: torch.Tensor) -> bool:
+    # accelerators: a data-dependent sparse layout would cost a sync; under torch.compile it breaks the graph
+    return res.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """res [M, K] · wᵀ [K, N], both in the compute dtype, accumulated in fp32 (or fp64): the OCC
+    compensation. On CPU the sparse residual goes through CSR in fp32 (exact products of the bf16
+    operands; about 6x faster than a dense GeMM at 2% density); elsewhere a dense GeMM."""
+    if _sparse_ok(res):
+        dt = torch.promote_types(res.dtype, torch.float32)
+        s = _csr(res.to(dt))
+        if s is not None:
+            return s @ w.to(dt).t()
+    return cpu_bf16.linear(res, w)
+
+
+def residual_tmm(dy: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """dyᵀ [N, M] · res [M, K] (the OCC compensation of dW), as residual_mm."""
+    if _sparse_ok(res):
+        dt = torch.promote_types(res.dtype, torch.float32)
+        s = _csr(res.to(dt))
+        if s is not None:
+            return (s.t() @ dy.to(dt)).t()
+    return cpu_bf16.mm(dy.t(), res)
+
+
+class QLinearFunction(torch.autograd.Function):
+    """x2 [M, K] (any float dtype), weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
+        x, w = x2.to(cdtype), weight.to(cdtype)
+        lo = hi = res = None
+        xc = x
+        if spec.occ_on and x.numel():
+            xc, res, lo, hi = occ_clamp(x, spec.occ.alpha)
+            if state.collect:
+                state.add_stat("occ_clamped_frac", (res != 0).float().mean())
+        xq, _ = quantize_operand(xc, spec, "input", state)
+        wq, w_amax = quantize_operand(w, spec, "weight", state)
+        y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
+        if res is not None and spec.occ.compensate:
+            y += residual_mm(res, w).to(cdtype)
+        ctx.spec, ctx.state, ctx.cdtype, ctx.w_amax, ctx.x_dtype = spec, state, cdtype, w_amax, x2.dtype
+        ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
+        keep_x = not spec.reuse_xq or ctx.occ  # x itself: to requantize it along tokens or rebuild ΔX
+        ctx.save_for_backward(x if keep_x else None, weight, xq if spec.reuse_xq else None,
+                              wq if spec.reuse_wq else None, lo, hi)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, xq_saved, wq_saved, lo, hi = ctx.saved_tensors
+        spec, state, cdtype = ctx.spec, ctx.state, ctx.cdtype
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.to(cdtype).contiguous()
+            dyq = None
+            if need_dx or (need_dw and spec.reuse_dyq):
+                dyq, _ = quantize_operand(dy, spec, "grad_output", state)  # along N
+            if need_dx:
+                wq = wq_saved
+                if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
+                    wt = weight.to(cdtype).t().contiguous()
+                    wq = quantize_operand(wt, spec, "weight", state, amax=ctx.w_amax, record=False)[0].t()
+                dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
+            if need_dw:
+                xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
+                dw = weight_grad(spec, state, xc, res, dy, dyq, xq_saved)
+                if spec.dge.enabled:
+                    ws = scaled_values_2d(weight.to(cdtype), spec.weight, amax=ctx.w_amax)
+                    dw = dw.float() * dge_derivative(ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)
+                dw = dw.to(weight.dtype)
+            if need_db and ctx.bias_dtype is not None:
+                db = dy.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None
+
+
+def _clamped(x, lo, hi, spec: LinearSpec):
+    """(the OCC-clamped activation the forward quantized, its residual ΔX or None without compensation)."""
+    xc = torch.clamp(x, lo, hi)
+    return xc, (x - xc if spec.occ.compensate else None)
+
+
+def weight_grad(spec: LinearSpec, state: LayerQuantState, xc, res, dy, dyq, xq_saved) -> torch.Tensor:
+    """dW [N, K] = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX, fp32 accumulation), Xc the (clamped) activation [M, K].
+    xc is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
+    if spec.hadamard_size:
+        pad = (-xc.shape[0]) % spec.pad_multiple()
+        R = state.hadamard_rotation
+        dyt = rotate(F.pad(dy.t(), (0, pad)), R).to(dy.dtype)
+        xt = rotate(F.pad(xc.t(), (0, pad)), R).to(xc.dtype)
+        gq, _ = quantize_operand(dyt, spec, "grad_output", state, record=False)
+        xq, _ = quantize_operand(xt, spec, "input", state, record=False)
+        dw = cpu_bf16.mm(gq, xq.t())
+    else:
+        if dyq is not None and spec.reuse_dyq:
+            gq = dyq.t()
+        else:
+            gq, _ = quantize_operand(dy.t().contiguous(), spec, "grad_output", state, record=False)
+        xq = xq_saved
+        if xq is None:
+            xq = quantize_operand(xc.t().contiguous(), spec, "input", state, record=False)[0].t()
+        dw = cpu_bf16.mm(gq, xq)
+    if res is not None:
+        comp = residual_tmm(dy, res)
+        dw = dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
+    return dw

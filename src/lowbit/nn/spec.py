@@ -1,0 +1,122 @@
+"""LinearSpec: what a recipe asks of one linear layer's three GeMMs, derived once per layer.
+
+The three GeMMs of Y = X·Wᵀ (X: [M, K] tokens × in, W: [N, K] out × in, dY: [M, N]):
+
+    forward      Y  = Q(X)  · Q(W)ᵀ        X, W quantized along K (per token / per out channel)
+    input grad   dX = Q(dY) · Q(W)         dY, W quantized along N (W per in channel)
+    weight grad  dW = Q(dYᵀ)· Q(Xᵀ)ᵀ       dYᵀ, Xᵀ quantized along M (tokens)
+
+Q is always applied with the GeMM's reduction dim last (operands are transposed first). Granularities
+whose groups do not depend on the layout ("tensor", square "block") are quantized once and the same
+values reused by the transposed GeMM: the spec says which copy is reused. A dim that is not a multiple
+of a tile/block size is zero-padded for the quantization (a zero changes no absmax and adds nothing to
+a product), so any token count works.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.quant import fake_quantize, scaled_values
+from lowbit.recipes import DGE, OCC, Recipe, TensorQuant
+
+OPERANDS = ("input", "weight", "grad_output")
+
+
+def _tiled(q: TensorQuant | None) -> bool:
+    """Groups of `q.block` along the reduction dim (tiles) or block × block squares."""
+    return q is not None and q.granularity in ("tile", "block")
+
+
+def _layout_free(q: TensorQuant | None) -> bool:
+    """True when Q(xᵀ) == Q(x)ᵀ: one scale for the tensor, or square blocks."""
+    return q is None or q.granularity in ("tensor", "block")
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """The recipe as one layer's autograd Function reads it (immutable).
+
+    input, weight, grad_output: TensorQuant of each operand, None = kept in the compute dtype.
+    occ, dge:      the recipe's OCC and DGE settings (occ_on / dge.enabled say whether they apply).
+    delayed:       per-tensor scales from an amax history (LayerQuantState holds the histories).
+    hadamard_size: size of the random Hadamard rotation of both dW operands along tokens, 0 = none.
+    reuse_xq:      the forward's Q(X) is Q(Xᵀ)ᵀ of the dW GeMM (no requantization, no X kept).
+    reuse_wq:      the forward's Q(W) is the dX GeMM's (W quantized once per step).
+    reuse_dyq:     the dX GeMM's Q(dY) is Q(dYᵀ)ᵀ of the dW GeMM.
+    uses_function: False when nothing is quantized and OCC is off: the layer is plain F.linear.
+    """
+
+    input: TensorQuant | None
+    weight: TensorQuant | None
+    grad_output: TensorQuant | None
+    occ: OCC
+    dge: DGE
+    delayed: bool
+    hadamard_size: int
+    reuse_xq: bool
+    reuse_wq: bool
+    reuse_dyq: bool
+    uses_function: bool
+
+    @property
+    def occ_on(self) -> bool:
+        return self.occ.enabled and self.occ.alpha < 1.0
+
+    @classmethod
+    def from_recipe(cls, r: Recipe) -> "LinearSpec":
+        check_recipe_for_linear(r)
+        had = r.grad_output.hadamard_size if r.grad_output is not None and r.grad_output.hadamard else 0
+        return cls(input=r.input, weight=r.weight, grad_output=r.grad_output, occ=r.occ, dge=r.dge,
+                   delayed=r.scaling == "delayed", hadamard_size=had,
+                   reuse_xq=r.input is not None and _layout_free(r.input) and not had,
+                   reuse_wq=r.weight is not None and _layout_free(r.weight),
+                   reuse_dyq=_layout_free(r.grad_output) and not had,
+                   uses_function=r.quantized or r.occ.enabled)
+
+    def quantizers(self) -> dict[str, TensorQuant]:
+        """{operand name: TensorQuant} of the quantized operands."""
+        return {op: q for op in OPERANDS if (q := getattr(self, op)) is not None}
+
+    def pad_multiple(self) -> int:
+        """Token-dim multiple the Hadamard-rotated dW operands are padded to (rotation size and tiles)."""
+        return math.lcm(self.hadamard_size, *(q.block for q in (self.grad_output, self.input) if _tiled(q)))
+
+
+def check_recipe_for_linear(r: Recipe) -> None:
+    """ValueError for a recipe a linear layer cannot run, naming the fix."""
+    if r.dge.enabled and r.weight is None:
+        raise ValueError(f"recipe {r.name!r} enables DGE but does not quantize the weight; "
+                         "set recipe.weight or disable dge")
+    if r.scaling == "delayed" and r.grad_output is not None and r.grad_output.hadamard:
+        raise ValueError(f"recipe {r.name!r}: delayed scaling with the Hadamard transform is not supported "
+                         "(the rotated operands have no amax history); use scaling='current'")
+
+
+def _pads(t: torch.Tensor, q: TensorQuant) -> tuple[int, int]:
+    R, C = t.shape
+    return ((-C) % q.block if _tiled(q) else 0), ((-R) % q.block if q.granularity == "block" else 0)
+
+
+def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, amax=None) -> torch.Tensor:
+    """fake_quantize of a 2-D tensor [R, C] along its last dim, zero-padding the last dim (tile, block) and
+    the rows (block) up to a multiple of q.block first; same shape and dtype. None passes t through."""
+    if q is None:
+        return t
+    pc, pr = _pads(t, q)
+    if pc or pr:
+        R, C = t.shape
+        return fake_quantize(F.pad(t, (0, pc, 0, pr)), q, generator, amax)[:R, :C]
+    return fake_quantize(t, q, generator, amax)
+
+
+def scaled_values_2d(t: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
+    """t [R, C] divided by its quantization scale (fp32, t's shape), padded like fake_quantize_2d."""
+    pc, pr = _pads(t, q)
+    if pc or pr:
+        R, C = t.shape
+        return scaled_values(F.pad(t, (0, pc, 0, pr)), q, amax=amax)[0][:R, :C]
+    return scaled_values(t, q, amax=amax)[0]

@@ -1,0 +1,75 @@
+"""`--compile`: the model under torch.compile, with an eager fallback (one warning) if compiling fails."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.nn import qlinears
+
+log = logging.getLogger("lowbit")
+
+
+class CompiledModel(nn.Module):
+    """`model` under torch.compile, falling back to eager with one warning if compiling fails.
+
+    torch.compile compiles lazily, at the first call (and again on a recompile, e.g. when grad mode
+    or shapes change); a failure there (no C++ compiler for inductor, an unsupported Python or op)
+    raises a TorchDynamoException. The backward graph is compiled together with the forward one
+    (functorch's `force_non_lazy_backward_lowering`), so its failures surface here too instead of
+    in `loss.backward()`. After a failure every call runs `model` eagerly; the failed call may have
+    advanced stochastic-rounding generators / amax histories once. QLinear's forward traces as one
+    graph for recipes with round-to-nearest (tests/test_compile.py); stochastic rounding passes a
+    torch.Generator to the quantizer, which dynamo cannot put in a graph (a graph break there).
+
+    Calls and train()/eval() go to `model`; state_dict() and parameters() are `model`'s (save
+    `model`, not this wrapper).
+    """
+
+    def __init__(self, model: nn.Module, backend: str | Callable = "inductor", **compile_kwargs):
+        super().__init__()
+        self.model = model
+        self.failed: str | None = None
+        for m in qlinears(model):  # create SR generators now: creating one inside the graph breaks it
+            if any(q.rounding == "stochastic" for q in m.spec.quantizers().values()):
+                m.qstate.generator(m.weight.device)
+        try:
+            compiled = torch.compile(model, backend=backend, **compile_kwargs)
+        except Exception as e:  # torch.compile refuses up front (e.g. an unsupported Python version)
+            compiled = None
+            self._fall_back(e)
+        self.__dict__["_compiled"] = compiled  # not a submodule: no duplicate parameters / state_dict keys
+
+    def _fall_back(self, e: Exception) -> None:
+        inner = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the backend's error
+        text = str(inner).strip()
+        self.failed = f"{type(inner).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        self.__dict__["_compiled"] = None
+        log.warning("torch.compile failed (%s); running the model eagerly instead (same numbers, no speed-up)",
+                    self.failed)
+
+    def forward(self, *args, **kwargs):
+        compiled = self.__dict__["_compiled"]
+        if compiled is not None:
+            try:
+                with _eager_backward_compile():
+                    return compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self._fall_back(e)
+        return self.model(*args, **kwargs)
+
+
+def _eager_backward_compile():
+    import torch._functorch.config as fconf
+
+    if "force_non_lazy_backward_lowering" in getattr(fconf, "_config", {}):
+        return fconf.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def compile_model(model: nn.Module, backend: str | Callable = "inductor", **compile_kwargs) -> CompiledModel:
+    """torch.compile `model` (after convert) with an eager fallback; see CompiledModel."""
+    return CompiledModel(model, backend, **compile_kwargs)
