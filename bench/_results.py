@@ -1,6 +1,9 @@
-"""bench/RESULTS.md: each benchmark script owns one `## ...` section and rewrites only that one."""
+"""Helpers shared by the benchmarks: bench/RESULTS.md sections (each script owns one `## ...` section and
+rewrites only that one), the benchmark corpus, the machine's load and CPU description."""
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -14,3 +17,42 @@ def write_section(section: str, text: str, path: Path = RESULTS) -> None:
     block = text.rstrip("\n") + "\n\n"
     doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block
     path.write_text(doc.rstrip("\n") + "\n")
+
+
+def corpus_file(d: Path, max_chars: int = 3_000_000) -> Path:
+    """A text file made of this Python's stdlib sources (deterministic for a given Python install)."""
+    src = Path(os.__file__).parent
+    parts, n = [], 0
+    for p in sorted(src.glob("*.py")):
+        t = p.read_text(errors="replace")
+        parts.append(t)
+        n += len(t)
+        if n >= max_chars:
+            break
+    path = d / "stdlib.txt"
+    path.write_text("\n".join(parts)[:max_chars])
+    return path
+
+
+def load_avg() -> str:
+    """The 1-minute load average, for the record of how busy the machine was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def cpu_description() -> str:
+    """The CPU model and its matrix/vector flags that change what bf16 and fp32 GeMMs cost (lscpu's view)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model} ({', '.join(keep) or 'no AVX2/AVX-512/AMX flags'})"

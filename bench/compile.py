@@ -14,7 +14,6 @@ BPE-2048 stdlib-source token stream of bench/train.py (no network).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import platform
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import write_section  # bench/ is on sys.path when a script here runs
+from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -32,9 +31,7 @@ from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, resolve_device, train
 
 SECTION = "## torch.compile (bench/compile.py)"
-_spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
-bench_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_train)  # corpus_file, load_avg, SHAPES, the RESULTS.md section writer
+from train import RESULTS, SHAPES  # bench/train.py: the shapes timed there
 
 
 class _Fallbacks(logging.Handler):
@@ -50,7 +47,7 @@ class _Fallbacks(logging.Handler):
 
 
 def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds) -> dict:
-    B, T = bench_train.SHAPES.get(model, (8, 128))
+    B, T = SHAPES.get(model, (8, 128))
     steps = window * (windows + 1)
     cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
                       eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1, seed=0,
@@ -86,11 +83,11 @@ def main(argv=None) -> int:
     names = [r.strip() for r in args.recipes.split(",") if r.strip()]
     device = resolve_device(args.device)
     cmd = "python bench/compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    before, t0 = bench_train.load_avg(), time.perf_counter()
+    before, t0 = load_avg(), time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
-        ds = prepare_dataset(str(bench_train.corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
+        ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
         for model in models:
             for r in names:
                 eager = cell(model, r, False, args.window, args.windows, str(device), Path(d), ds)
@@ -98,14 +95,14 @@ def main(argv=None) -> int:
                 rows.append((model, r, eager, comp))
                 print(f"{model:>6} {r:<12} eager {eager['step_s'] * 1e3:8.1f} ms  compiled {comp['step_s'] * 1e3:8.1f} ms"
                       f"  x{eager['step_s'] / comp['step_s']:.2f}{'  (fell back to eager)' if comp['fallback'] else ''}"
-                      f"  load {bench_train.load_avg()}", file=sys.stderr, flush=True)
+                      f"  load {load_avg()}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     lines = ["| model | recipe | batch x seq | eager ms/step | compiled ms/step | × eager | compiled first window s | note |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for model, r, e, c in rows:
-        B, T = bench_train.SHAPES.get(model, (8, 128))
+        B, T = SHAPES.get(model, (8, 128))
         lines.append(f"| {model} | {r} | {B}x{T} | {e['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
                      f"{e['step_s'] / c['step_s']:.2f} | {c['first_window_s']:.1f} | "
                      f"{'compile failed: eager fallback' if c['fallback'] else ''} |")
@@ -115,14 +112,14 @@ def main(argv=None) -> int:
         f"{where}, torch {torch.__version__}, inductor backend; every cell two real `lowbit.train.train` runs "
         f"(eager, `compile=True`) of {args.window * (args.windows + 1)} steps, seed 0: median step time over "
         f"{args.windows} windows of {args.window} steps after the first window (which includes compilation); "
-        f"{wall:.0f} s in all. Load average (1 min): {before} before, {bench_train.load_avg()} after. "
+        f"{wall:.0f} s in all. Load average (1 min): {before} before, {load_avg()} after. "
         "× eager > 1 means the compiled step is faster.",
         "", "\n".join(lines), "",
     ])
     print(text)
     if args.write:
         write_section(SECTION, text)
-        print(f"wrote {bench_train.RESULTS}", file=sys.stderr)
+        print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 
 

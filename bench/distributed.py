@@ -33,32 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import write_section  # bench/ is on sys.path when a script here runs
+from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
 
 SECTION = "## Distributed and crash safety (bench/distributed.py)"
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def corpus_file(d: Path, max_chars: int = 1_000_000) -> Path:
-    """A text file of this Python's stdlib sources (deterministic for a given Python install)."""
-    src = Path(os.__file__).parent
-    parts, n = [], 0
-    for p in sorted(src.glob("*.py")):
-        t = p.read_text(errors="replace")
-        parts.append(t)
-        n += len(t)
-        if n >= max_chars:
-            break
-    path = d / "stdlib.txt"
-    path.write_text("\n".join(parts)[:max_chars])
-    return path
-
-
-def load_avg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
 
 
 def train_args(corpus: Path, out: Path, steps: int, batch: int, seq: int, **extra) -> list[str]:
@@ -189,7 +167,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         os.environ.setdefault("LOWBIT_CACHE", str(work / "cache"))
-        corpus = corpus_file(work)
+        corpus = corpus_file(work, max_chars=1_000_000)
         # build the tokenizer/token caches once, outside any timing
         run_ok(train_args(corpus, work / "warm", 1, args.batch, args.seq))
         rows = throughput(corpus, work, args.steps, args.batch, args.seq, args.passes)

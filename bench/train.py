@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import write_section  # bench/ is on sys.path when a script here runs
+from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -39,28 +39,6 @@ SECTION = "## Training throughput (bench/train.py)"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # micro-batch per model: ~1k tokens per step on CPU (full context)
 SHAPES = {"tiny": (8, 128), "small": (2, 256), "llama-tiny": (8, 128), "llama-small": (2, 256)}
-
-
-def corpus_file(d: Path, max_chars: int = 3_000_000) -> Path:
-    """A text file made of this Python's stdlib sources (deterministic for a given Python install)."""
-    src = Path(os.__file__).parent
-    parts, n = [], 0
-    for p in sorted(src.glob("*.py")):
-        t = p.read_text(errors="replace")
-        parts.append(t)
-        n += len(t)
-        if n >= max_chars:
-            break
-    path = d / "stdlib.txt"
-    path.write_text("\n".join(parts)[:max_chars])
-    return path
-
-
-def load_avg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
 
 
 def peak(device: torch.device) -> float:

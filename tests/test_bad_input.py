@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_corpus
 from lowbit import recipes
 from lowbit.cli import main
 
@@ -27,10 +28,7 @@ def shared(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     mp = pytest.MonkeyPatch()
     mp.setenv("LOWBIT_CACHE", str(d / "cache"))
-    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 5)) + "." for i in range(600)]
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus = write_corpus(d, "kings")
     run = d / "run"
     assert main(base_args(corpus, run)) == 0
     yield corpus, run

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import write_corpus
 from lowbit import recipes
 from lowbit.cli import main
 from lowbit.train import TrainConfig
@@ -17,13 +18,8 @@ SUBCOMMANDS = ["train", "eval", "generate", "flops", "recipes", "compare"]
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 5)) + "." for i in range(600)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return p
+def corpus(tmp_path, private_cache):
+    return write_corpus(tmp_path, "kings")
 
 
 def tiny_args(corpus, out, *extra):

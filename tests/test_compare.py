@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import trainer_with_batch_hook, write_corpus
+from lowbit import comparison as cmp
 from lowbit import recipes
-
-cmp = importlib.import_module("lowbit.compare")  # the module (lowbit.compare is also the function's name)
-
+from lowbit.train.rundir import RunDir
 
 # --- sweep syntax and planning ------------------------------------------------------------------
 
@@ -95,10 +95,13 @@ class FakeTrainer:
                "tokens": 4000, "tokens_per_s": 1000.0, "step_time_s": 0.5 + len(name) / 100,
                "peak_mem_bytes": 2**20, "quant_stats": {"underflow_frac": 0.1}, "wall_time_s": 2.0,
                "diverged_at_step": diverged, "history": hist[:3] if diverged else hist,
-               "init_hash": self.init_hash_for.get(name, "a" * 64), "data_hash": self.data_hash_for.get(name, "b" * 64), "out": cfg.out}
+               "init_hash": self.init_hash_for.get(name, "a" * 64),
+               "data_hash": self.data_hash_for.get(name, "b" * 64), "out": cfg.out}
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "result.json").write_text(json.dumps(res))
-        return res
+        from lowbit.train import TrainResult
+
+        return TrainResult.from_dict(res)
 
 
 @pytest.fixture
@@ -301,11 +304,7 @@ def corpus(tmp_path, monkeypatch):
 
 
 def _corpus(tmp_path):
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "sleeps"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + "." for i in range(400)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    yield path
+    yield write_corpus(tmp_path, "foxes")
 
 
 def _tiny(corpus, **kw):
@@ -374,15 +373,13 @@ def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, m
     """Ctrl-C in the middle of the second run (after its step-2 checkpoint), then the same call again:
     the finished first run is reused untouched, the second resumes from its checkpoint and ends like an
     uninterrupted run."""
-    loop_mod = importlib.import_module("lowbit.train.loop")
-    real_batcher, trainer = loop_mod.Batcher, importlib.import_module("lowbit.train")
+    trainer = importlib.import_module("lowbit.train")
     real_train, calls = trainer.train, []
 
-    class CtrlC(real_batcher):
-        def next(self):
-            if self.step >= 3:  # inside step 4: steps 1-3 done, checkpoint at step 2 written
-                raise KeyboardInterrupt
-            return super().next()
+    def ctrl_c(drawn):
+        if drawn >= 3:  # inside step 4: steps 1-3 done, checkpoint at step 2 written
+            raise KeyboardInterrupt
+    CtrlC = trainer_with_batch_hook(ctrl_c)
 
     crashed = []
 
@@ -391,8 +388,7 @@ def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, m
         crash = Path(cfg.out).name == "bf16" and not crashed
         if crash:
             crashed.append(cfg.out)
-        monkeypatch.setattr(loop_mod, "Batcher", CtrlC if crash else real_batcher)
-        return real_train(cfg, **kw)
+        return real_train(cfg, **kw, trainer=CtrlC if crash else trainer.Trainer)
 
     monkeypatch.setattr(trainer, "train", train_spy)
     base = _tiny(corpus)
@@ -401,7 +397,7 @@ def test_real_resume_reuses_finished_and_resumes_interrupted(corpus, tmp_path, m
     done = tmp_path / "cmp/runs/fp32/result.json"
     mtime = done.stat().st_mtime_ns
     assert not (tmp_path / "cmp/runs/bf16/result.json").exists()
-    assert cmp._has_checkpoint(tmp_path / "cmp/runs/bf16")
+    assert RunDir(tmp_path / "cmp/runs/bf16").has_checkpoint()
 
     calls.clear()
     res = cmp.compare(["fp32", "bf16"], base, tmp_path / "cmp", progress=False)

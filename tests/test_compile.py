@@ -18,8 +18,7 @@ from torch import nn
 import lowbit
 from lowbit.models import build_model
 from lowbit.nn import CompiledModel, QLinear
-from lowbit.train import TrainConfig, train
-from lowbit.train import loop as loop_mod
+from lowbit.train import TrainConfig, Trainer, train
 
 
 @pytest.fixture(autouse=True)
@@ -131,12 +130,15 @@ def test_train_with_compile_runs_and_matches_eager(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(["ab", "cd", "ef", "gh"]) for _ in range(12))
                                 for _ in range(400)))
-    monkeypatch.setattr(loop_mod, "compile_model", lambda m: CompiledModel(m, backend="aot_eager"))
+    class AotEager(Trainer):
+        def compile(self, model):
+            return CompiledModel(model, backend="aot_eager")
+
     torch.set_num_threads(1)
     common = dict(model="tiny", recipe="fp4-paper", data=str(corpus), tokenizer="bytes", tokens=4 * 4 * 32,
                   batch_size=4, seq_len=32, device="cpu", val_fraction=0.0, log_interval=1)
     eager = train(TrainConfig(out=str(tmp_path / "e"), **common), progress=False)
-    comp = train(TrainConfig(out=str(tmp_path / "c"), compile=True, **common), progress=False)
+    comp = train(TrainConfig(out=str(tmp_path / "c"), compile=True, **common), progress=False, trainer=AotEager)
     le = [r["train_loss"] for r in eager.history]
     lc = [r["train_loss"] for r in comp.history]
     assert len(le) == len(lc) == 4

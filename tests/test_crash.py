@@ -16,20 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.train import TrainConfig, train
+from conftest import trainer_with_batch_hook, write_corpus
+from lowbit.train import TrainConfig, Trainer, train
 from lowbit.train import checkpoint as ckpt_mod
-from lowbit.train import loop as loop_mod
-from lowbit.train.loop import TrainingInterrupted
+from lowbit.train.signals import TrainingInterrupted
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight", "sword", "river"]
-    lines = [" ".join(words[(i * 7 + j * 5 + i // 3) % len(words)] for j in range(5 + i % 7)) + "." for i in range(2000)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return p
+def corpus(tmp_path, private_cache) -> Path:
+    return write_corpus(tmp_path, "rivers")
 
 
 def cfg_kw(corpus, out, steps=8, **kw) -> dict:
@@ -117,18 +112,12 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(corpus, tmp_path, c
 
 # --- SIGINT / SIGTERM ----------------------------------------------------------------------------------
 
-def signal_after(monkeypatch, n_batches: int, sig: int):
-    """The trainer's Batcher sends `sig` to this process when it draws batch `n_batches` (mid-step)."""
-    real = loop_mod.Batcher
-
-    class Signalling(real):
-        def next(self):
-            if self.step == n_batches - 1:
-                os.kill(os.getpid(), sig)
-            return super().next()
-
-    monkeypatch.setattr(loop_mod, "Batcher", Signalling)
-    return lambda: monkeypatch.setattr(loop_mod, "Batcher", real)
+def signal_after(n_batches: int, sig: int) -> type[Trainer]:
+    """A Trainer whose batcher sends `sig` to this process when it draws batch `n_batches` (mid-step)."""
+    def hook(drawn):
+        if drawn == n_batches - 1:
+            os.kill(os.getpid(), sig)
+    return trainer_with_batch_hook(hook)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -136,10 +125,9 @@ def test_signal_finishes_step_writes_checkpoint_and_resumes(corpus, tmp_path, mo
     full = train(TrainConfig(**cfg_kw(corpus, tmp_path / "full")), progress=False)
     out = tmp_path / "run"
     handler = signal.getsignal(sig)
-    restore = signal_after(monkeypatch, 5, sig)  # arrives during step 5; no periodic checkpoint at 5 (interval 3)
+    signalling = signal_after(5, sig)  # arrives during step 5; no periodic checkpoint at 5 (interval 3)
     with pytest.raises(TrainingInterrupted) as e:
-        train(TrainConfig(**cfg_kw(corpus, out)), progress=False)
-    restore()
+        train(TrainConfig(**cfg_kw(corpus, out)), progress=False, trainer=signalling)
     assert (e.value.signum, e.value.step) == (sig, 5)
     assert isinstance(e.value, KeyboardInterrupt)  # callers that stop on Ctrl-C still do
     assert signal.getsignal(sig) is handler  # the trainer's handlers are removed again
@@ -189,10 +177,11 @@ def test_all_finite_walks_optimizer_state():
 def test_nan_optimizer_state_is_never_checkpointed(corpus, tmp_path, monkeypatch, caplog):
     """A NaN that reaches AdamW's moments (finite loss and gradient norm, so the step was not skipped) must not be
     saved: the checkpoints after it are refused with a warning, the earlier ones stay valid."""
-    real = loop_mod.make_optimizer
+    class Poisoned(Trainer):
+        def make_optimizer(self, model):
+            return poisoned_adamw(super().make_optimizer(model))
 
-    def make(*a, **k):
-        opt = real(*a, **k)
+    def poisoned_adamw(opt):
         step = opt.step
 
         def poisoned_step(*sa, **sk):
@@ -204,10 +193,9 @@ def test_nan_optimizer_state_is_never_checkpointed(corpus, tmp_path, monkeypatch
         opt.step = poisoned_step
         return opt
 
-    monkeypatch.setattr(loop_mod, "make_optimizer", make)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lowbit.train"):
-        train(TrainConfig(**cfg_kw(corpus, out, ckpt_interval=1, keep_last=10)), progress=False)
+        train(TrainConfig(**cfg_kw(corpus, out, ckpt_interval=1, keep_last=10)), progress=False, trainer=Poisoned)
     assert sorted(s for s, _ in ckpt_mod.list_checkpoints(out / "ckpt")) == [1, 2, 3]
     assert any("step 4: not writing a checkpoint" in r.message and "non-finite" in r.message for r in caplog.records)
     for _, d in ckpt_mod.list_checkpoints(out / "ckpt"):

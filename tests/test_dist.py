@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import write_corpus
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from lowbit.train import checkpoint as ckpt_mod
@@ -36,12 +37,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    words = ["the", "king", "queen", "rides", "to", "a", "castle", "and", "sleeps", "knight", "sword", "river"]
-    lines = [" ".join(words[(i * 7 + j * 5 + i // 3) % len(words)] for j in range(5 + i % 7)) + "." for i in range(2000)]
-    p = d / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return p
+    return write_corpus(tmp_path_factory.mktemp("dist"), "rivers")
 
 
 def cfg_kw(corpus, out, **kw) -> dict:

@@ -25,7 +25,7 @@ from lowbit.models import build_model  # noqa: E402
 from lowbit.nn import QConv1D, QLinear  # noqa: E402
 from lowbit.quant import fake_quantize  # noqa: E402
 from lowbit.train import TrainConfig, load_checkpoint, train  # noqa: E402
-from lowbit.train.loop import state_dict_hash  # noqa: E402
+from lowbit.train.runtime import state_dict_hash  # noqa: E402
 
 # Logit tolerance, lowbit vs transformers, both fp32: the same weights and the same math in a different
 # operation order (SDPA kernels, addmm vs linear, RoPE as rotate_half vs pair rotation). Each fp32 op is
@@ -147,7 +147,7 @@ def test_hf_trainer_trains_a_converted_gpt2(tmp_path):
 def test_lowbit_loop_trains_a_converted_llama():
     # lowbit's training pieces (Batcher, the recipe's autocast, clipping, AdamW) on a converted HF model
     from lowbit.recipes import get
-    from lowbit.train.loop import autocast, make_optimizer
+    from lowbit.train.runtime import autocast, make_optimizer
 
     model = hf_mod.CausalLMAdapter(lowbit.convert(hf_llama(), "fp4-paper"))
     recipe, dev = get("fp4-paper"), torch.device("cpu")

@@ -1,7 +1,6 @@
 """lowbit.nn (QLinear, convert, statistics) against nn.Linear, torch's float8 casts and
 products built independently in the tests."""
 import copy
-import math
 
 import numpy as np
 import pytest

@@ -4,6 +4,7 @@ import struct
 import pytest
 
 from lowbit import report
+from lowbit.comparison import records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,11 +29,13 @@ def _run(final, status="ok", step=0.1, tps=5000.0, mem=50 * 2**20, recipe=None, 
 
 
 def _results(runs, sweep=None):
-    ref, note = report.pick_reference(list(runs))
-    report.add_gaps(runs, ref)
-    return {"reference": ref, "reference_note": note, "base_config": {"model": "tiny", "tokens": 5000, "seed": 0},
-            "command": "lowbit compare --recipes bf16,fp4-paper --model tiny", "sweep": sweep,
-            "machine": {"cpu": "TestCPU", "cpu_cores": 2, "torch": "2.x"}, "runs": runs}
+    """A results dict as lowbit.compare writes it; the gaps are filled into `runs` too, for the assertions."""
+    res = records.summarize({"base_config": {"model": "tiny", "tokens": 5000, "seed": 0},
+                             "command": "lowbit compare --recipes bf16,fp4-paper --model tiny", "sweep": sweep,
+                             "machine": {"cpu": "TestCPU", "cpu_cores": 2, "torch": "2.x"}, "runs": runs})
+    for label, r in res["runs"].items():
+        runs[label].update({k: r[k] for k in ("val_gap_abs", "val_gap_pct", "step_time_rel")})
+    return res
 
 
 def _png_size(path):
@@ -40,6 +43,13 @@ def _png_size(path):
     assert data[:8] == PNG_MAGIC, "not a PNG file"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24]), len(data)
+
+
+def test_summarize_does_not_change_the_records_it_reads():
+    runs = {"bf16": _run(4.0), "fp4-paper": _run(4.1)}
+    before = repr(runs)
+    res = records.summarize({"runs": runs})
+    assert repr(runs) == before and res["runs"]["fp4-paper"]["val_gap_pct"] == pytest.approx(2.5)
 
 
 def test_gaps_against_bf16():
@@ -56,7 +66,7 @@ def test_gaps_against_bf16():
 
 
 def test_reference_falls_back_to_first_with_note():
-    ref, note = report.pick_reference(["fp32", "fp4-direct"])
+    ref, note = records.pick_reference(["fp32", "fp4-direct"])
     assert ref == "fp32"
     assert "bf16" in note and "fp32" in note
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -16,34 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import trainer_with_batch_hook, write_corpus
 from lowbit.data import prepare_dataset
-from lowbit.train import TrainConfig, evaluate, load_checkpoint, lr_at, parse_count, train
+from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, lr_at, parse_count, train
 from lowbit.train import checkpoint as ckpt_mod
-from lowbit.train import loop as loop_mod
-
-
-
-def grammar_text(n_sentences: int = 3000, seed: int = 0) -> str:
-    """Sentences from a small grammar: clear structure (a model can beat the byte unigram entropy by far)."""
-    rng = random.Random(seed)
-    adj = ["old", "young", "brave", "quiet", "golden", "dark"]
-    noun = ["king", "queen", "knight", "horse", "castle", "river", "sword", "crown"]
-    verb = ["sees", "loves", "guards", "crosses", "finds", "leaves"]
-    lines = []
-    for _ in range(n_sentences):
-        s = f"the {rng.choice(adj)} {rng.choice(noun)} {rng.choice(verb)} the {rng.choice(noun)}"
-        if rng.random() < 0.3:
-            s += f" and the {rng.choice(noun)}"
-        lines.append(s + ".")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    p = tmp_path / "corpus.txt"
-    p.write_text(grammar_text())
-    return p
+def corpus(tmp_path, private_cache) -> Path:
+    return write_corpus(tmp_path, "grammar")
 
 
 def tiny_cfg(corpus, out, **kw) -> TrainConfig:
@@ -242,18 +222,12 @@ class Interrupt(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, n_batches: int):
-    """Make the trainer's Batcher raise after `n_batches` training batches (a crash mid-run)."""
-    real = loop_mod.Batcher
-
-    class Crashing(real):
-        def next(self):
-            if self.step >= n_batches:
-                raise Interrupt
-            return super().next()
-
-    monkeypatch.setattr(loop_mod, "Batcher", Crashing)
-    return lambda: monkeypatch.setattr(loop_mod, "Batcher", real)
+def interrupt_after(n_batches: int) -> type[Trainer]:
+    """A Trainer whose batcher raises after `n_batches` training batches (a crash mid-run)."""
+    def hook(drawn):
+        if drawn >= n_batches:
+            raise Interrupt
+    return trainer_with_batch_hook(hook)
 
 
 @pytest.mark.parametrize("recipe", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # CPU bf16 is slow
@@ -261,10 +235,9 @@ def test_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path, monkeypatch, 
     full = train(tiny_cfg(corpus, tmp_path / "full", recipe=recipe), progress=False)
 
     out = tmp_path / "crashed"
-    restore = interrupt_after(monkeypatch, 2 * 5 + 1)  # dies inside step 6, after the step-3 checkpoint
+    crashing = interrupt_after(2 * 5 + 1)  # dies inside step 6, after the step-3 checkpoint
     with pytest.raises(Interrupt):
-        train(tiny_cfg(corpus, out, recipe=recipe), progress=False)
-    restore()
+        train(tiny_cfg(corpus, out, recipe=recipe), progress=False, trainer=crashing)
     assert [s for s, _ in ckpt_mod.list_checkpoints(out / "ckpt")] == [3]
     with pytest.raises(ValueError, match="not empty"):
         train(tiny_cfg(corpus, out, recipe=recipe), progress=False)
@@ -345,14 +318,13 @@ def test_tied_weights_round_trip(tmp_path):
 
 # --- non-finite steps -----------------------------------------------------------------------------------
 
-def poison(monkeypatch, bad_calls: set[int], params_too: bool = False):
-    """Patch build_model so the model's loss is NaN on the given training forward calls (1-based).
+def poison(bad_calls: set[int], params_too: bool = False) -> type[Trainer]:
+    """A Trainer whose model's loss is NaN on the given training forward calls (1-based).
     params_too: also write a NaN into a weight at the first bad call (a blown-up update)."""
-    real = loop_mod.build_model
     calls = {"n": 0}
 
-    def build(*a, **k):
-        m = real(*a, **k)
+    def build(self, vocab_size):
+        m = Trainer.build_model(self, vocab_size)
         fwd = m.forward
 
         def forward(idx, targets=None):
@@ -369,13 +341,14 @@ def poison(monkeypatch, bad_calls: set[int], params_too: bool = False):
         m.forward = forward
         return m
 
-    monkeypatch.setattr(loop_mod, "build_model", build)
+    return type("Poisoned", (Trainer,), {"build_model": build})
 
 
 def test_nan_step_is_skipped(corpus, tmp_path, monkeypatch, caplog):
-    poison(monkeypatch, {3})  # grad_accum=1: training call 3 is step 3
+    poisoned = poison({3})  # grad_accum=1: training call 3 is step 3
     with caplog.at_level(logging.WARNING, logger="lowbit.train"):
-        res = train(tiny_cfg(corpus, tmp_path / "run", grad_accum=1, tokens=8 * 4 * 32, max_bad_steps=2), progress=False)
+        res = train(tiny_cfg(corpus, tmp_path / "run", grad_accum=1, tokens=8 * 4 * 32, max_bad_steps=2), progress=False,
+                    trainer=poisoned)
     assert res.diverged_at_step is None and res.steps == 8 and math.isfinite(res.final_val_loss)
     assert [r.message for r in caplog.records if "non-finite" in r.message][0].startswith("step 3: non-finite loss")
     state = torch.load(tmp_path / "run/ckpt/step_0000008/state.pt", weights_only=True)
@@ -385,12 +358,12 @@ def test_nan_step_is_skipped(corpus, tmp_path, monkeypatch, caplog):
 
 def test_divergence_stops_run_and_never_checkpoints_nan(corpus, tmp_path, monkeypatch, caplog):
     # from step 5 on, a NaN weight makes every loss NaN; max_bad_steps=2 -> the 3rd bad step (7) stops the run
-    poison(monkeypatch, set(range(5, 100)), params_too=True)
+    poisoned = poison(set(range(5, 100)), params_too=True)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lowbit.train"):
         res = train(tiny_cfg(corpus, out, grad_accum=1, tokens=8 * 4 * 32, max_bad_steps=2, ckpt_interval=1,
                             keep_last=10),
-                    progress=False)
+                    progress=False, trainer=poisoned)
     assert res.diverged_at_step == 5 and res.steps == 7
     assert math.isnan(res.final_train_loss)
     assert json.loads((out / "result.json").read_text())["diverged_at_step"] == 5
@@ -469,10 +442,8 @@ def test_resume_exact_with_stochastic_rounding_and_delayed_scaling(corpus, tmp_p
     """QLinear state outside the state_dict (SR generators, amax histories) is checkpointed too."""
     recipe = fp32_compute(name, tmp_path)
     train(tiny_cfg(corpus, tmp_path / "full", recipe=recipe), progress=False)
-    restore = interrupt_after(monkeypatch, 2 * 5 + 1)
     with pytest.raises(Interrupt):
-        train(tiny_cfg(corpus, tmp_path / "cut", recipe=recipe), progress=False)
-    restore()
+        train(tiny_cfg(corpus, tmp_path / "cut", recipe=recipe), progress=False, trainer=interrupt_after(2 * 5 + 1))
     train(tiny_cfg(corpus, tmp_path / "cut", recipe=recipe, resume=True), progress=False)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
 

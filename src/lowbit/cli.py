@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -25,43 +24,6 @@ import sys
 from lowbit import recipes
 
 _LOG_HANDLER_NAME = "lowbit-cli"
-
-# help for every TrainConfig field (the defaults are appended from TrainConfig)
-TRAIN_HELP = {
-    "model": "model preset: tiny, small, gpt2-small, llama-tiny, llama-small, llama-400m, llama-1.3b",
-    "recipe": "training recipe name (see `lowbit recipes`) or path to a recipe .toml file",
-    "data": "text/JSONL/Parquet file, directory or glob (default: the embedded Shakespeare corpus)",
-    "tokenizer": "bpe (trained locally on the corpus), bytes, or a saved tokenizer directory",
-    "vocab_size": "BPE vocabulary size (ignored by the bytes tokenizer)",
-    "tokens": "training tokens; accepts 2000000, 2M, 500k, 1.5B",
-    "batch_size": "sequences per micro-batch",
-    "seq_len": "tokens per sequence (at most the model's context)",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay target)",
-    "warmup_steps": "linear warmup steps (default: 5%% of the steps)",
-    "weight_decay": "AdamW weight decay (matrices and embeddings only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
-    "seed": "seed for the initial weights, the batch order and all RNGs",
-    "device": "auto (cuda when available), cpu, cuda, cuda:N",
-    "eval_interval": "steps between validation evaluations",
-    "eval_batches": "fixed validation batches per evaluation",
-    "log_interval": "steps between logged metric rows",
-    "ckpt_interval": "steps between checkpoints (a final one is always written)",
-    "keep_last": "checkpoints kept on disk",
-    "out": "run directory (checkpoints, metrics, tokenizer, result.json)",
-    "resume": "continue from the newest valid checkpoint in --out",
-    "overwrite": "delete lowbit's files in a non-empty --out and start again",
-    "compile": "torch.compile the model",
-    "fsdp": "multi-process runs: shard the model with FSDP2 (fully_shard) instead of DDP",
-    "max_bad_steps": "consecutive non-finite steps skipped before the run stops as diverged",
-    "val_fraction": "tail fraction of the tokens held out for validation",
-    "init_from": "start from this Hugging Face GPT-2/Llama directory (weights, architecture and tokenizer; "
-                 "e.g. from `lowbit export --to hf`) instead of from scratch",
-}
-
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -87,7 +49,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from lowbit.train.config import TrainConfig, field_names, field_types
+    from lowbit.train.config import TrainConfig, field_names, field_types, option_help
 
     defaults = TrainConfig.__dataclass_fields__
     types = field_types()
@@ -95,7 +57,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="TrainConfig TOML file (flat keys, e.g. lr = 1e-3); command-line options override it")
     for name in field_names():
         default = defaults[name].default
-        help_ = TRAIN_HELP[name]
+        help_ = option_help(name)  # TrainConfig's field metadata: the one description of each option
         if types[name] is bool:
             action = argparse.BooleanOptionalAction if name == "compile" else "store_true"
             p.add_argument(_flag(name), dest=name, action=action, default=argparse.SUPPRESS, help=help_)
@@ -161,17 +123,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from lowbit.data import prepare_dataset
-    from lowbit.train.loop import _load, evaluate
+    from lowbit.train.evaluation import evaluate, load_run
 
-    model, tok, cfg, recipe, ckpt_dir = _load(args.ckpt, args.device)
-    if args.recipe is not None:  # evaluate the trained weights under another recipe
-        from lowbit.models import build_model
-        from lowbit.nn import convert
-
-        recipe = recipes.get(args.recipe)
-        fresh = build_model(model.config)
-        fresh.load_state_dict(model.state_dict())
-        model = convert(fresh, recipe).to(next(model.parameters()).device).eval()
+    # --recipe: the trained weights under another recipe, prepared exactly as training prepares a model
+    model, tok, cfg, recipe, ckpt_dir = load_run(args.ckpt, args.device, recipe=args.recipe)
     changes = {k: getattr(args, k) for k in ("eval_batches", "batch_size") if getattr(args, k) is not None}
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
     data = cfg.data if args.data is None else args.data
@@ -191,11 +146,12 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from lowbit.train.loop import _load, autocast
+    from lowbit.train.evaluation import load_run
+    from lowbit.train.runtime import autocast
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, tok, _, recipe, _ = _load(args.ckpt, args.device)
+    model, tok, _, recipe, _ = load_run(args.ckpt, args.device)
     device = next(model.parameters()).device
     ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty prompt: start a new document
     block = model.config.block_size
@@ -251,19 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowbit", description="Train GPT-2/LLaMA-style language models in FP4/FP8 (BF16/FP32 reference) "
                                    "and compare recipes side by side.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_recipes, _add_export):
+        add(sub)
+    from lowbit.comparison import add_cli  # train the same model under several recipes, one report
 
+    add_cli(sub)
+    return parser
+
+
+_CKPT_HELP = "run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory"
+_DEVICE_HELP = "auto (cuda when available), cpu, cuda, cuda:N (default: auto)"
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch (or resume a run)",
                        description="Train a model under a recipe. Every option is also a key of a --config TOML "
                                    "file; options given on the command line override the file.")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
                        description="Evaluate a checkpoint on the validation split of its training data (the same "
                                    "fixed batches the trainer used).")
     p.add_argument("--ckpt", required=True, metavar="DIR",
-                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+                   help=_CKPT_HELP)
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--data", default=None, help="evaluate on the validation split of this data instead")
     p.add_argument("--recipe", default=None, help="evaluate under this recipe instead of the training recipe")
     p.add_argument("--eval-batches", type=_positive_int, default=None,
@@ -273,19 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached)",
                        description="Sample a continuation of --prompt from a trained checkpoint.")
     p.add_argument("--ckpt", required=True, metavar="DIR",
-                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
+                   help=_CKPT_HELP)
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_flops(sub) -> None:
     p = sub.add_parser("flops", help="parameters, FLOPs per token, KV cache and MFU budget of a model preset",
                        description="Print the parameter / FLOPs / KV-cache accounting of a model preset.")
     p.add_argument("--model", required=True, help="model preset name")
@@ -296,12 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=None, help="override the preset's vocabulary size")
     p.set_defaults(func=cmd_flops)
 
+
+def _add_recipes(sub) -> None:
     p = sub.add_parser("recipes", help="list the training recipes",
                        description="List the registered recipes, or print one as TOML (a starting point for a "
                                    "custom recipe file: lowbit train --recipe my.toml).")
     p.add_argument("--show", metavar="NAME", help="print this recipe as TOML")
     p.set_defaults(func=cmd_recipes)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory",
                        description="Write a run's weights and tokenizer as a Hugging Face directory that "
                                    "transformers.AutoModelForCausalLM / AutoTokenizer.from_pretrained load offline "
@@ -309,18 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--weights-format fp4|fp8 the block weights are stored packed with their scales "
                                    "(load with lowbit.export.load_packed).")
     p.add_argument("--ckpt", required=True, metavar="DIR",
-                   help="run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory")
+                   help=_CKPT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     p.add_argument("--to", default="hf", choices=["hf"], help="target format (default: hf)")
     p.add_argument("--weights-format", default="fp32", choices=["fp32", "bf16", "fp4", "fp8"],
                    help="fp32/bf16: standard model.safetensors; fp4/fp8: packed E2M1/E4M3 codes with per-channel "
                         "fp32 scales for the transformer-block weights (default: fp32)")
     p.set_defaults(func=cmd_export)
-
-    # --- compare: implemented in lowbit.compare (train the same model under several recipes, one report) ---
-    # (`lowbit.compare` the package attribute is the function; the module is imported by name)
-    importlib.import_module("lowbit.compare").add_cli(sub)
-    return parser
 
 
 class _Formatter(logging.Formatter):

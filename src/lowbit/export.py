@@ -70,8 +70,7 @@ def save_packed(model, tok, out: str | os.PathLike, weights_format: str) -> Path
     out.mkdir(parents=True, exist_ok=True)
     hf_mod.hf_config(model.config, tok.eot_id).save_pretrained(out)
     hf_mod.hf_tokenizer(tok).save_pretrained(out)
-    meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "eot_token": hf_mod.EOT}
-    (out / "lowbit_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tok.save_meta(out)
     tensors, shapes = {}, {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict().items():
@@ -142,7 +141,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, to: str = "hf", weig
     """Export a run (its newest valid checkpoint) or a checkpoint directory; returns a summary dict with
     `out`, `architecture`, `weights_format`, `weights_bytes` (on disk) and `bf16_bytes` (the same weights
     in bf16, for comparison)."""
-    from lowbit.train.loop import load_checkpoint
+    from lowbit.train.evaluation import load_checkpoint
 
     if to != "hf":
         raise ValueError(f"unknown export target {to!r}; supported: hf")

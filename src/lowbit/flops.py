@@ -227,6 +227,17 @@ def _duration(s: float) -> str:
     return f"{s / 86400:.1f} days"
 
 
+def _per_layer_lines(pl: dict, d: int, mlp: str) -> list[str]:
+    """The per-layer forward FLOPs table of format_report (absolute, in units of d², share of the layer)."""
+    rows = [("QKV projection", pl["qkv"]), ("attention output", pl["attn_out"]), (f"MLP ({mlp})", pl["mlp"]),
+            ("attention scores q.k", pl["attn_scores"]), ("attention x values", pl["attn_values"]),
+            ("layer total", pl["total"])]
+    lines = [f"  per layer (forward){'':16}{'FLOPs':>16}  {'x d^2':>7}  {'share':>6}"]
+    for label, v in rows:
+        lines.append(f"    {label:<31}{v:>16,}  {v / d**2:>7.2f}  {v / pl['total']:>6.1%}")
+    return lines
+
+
 def format_report(
     config,
     seq_len: int | None = None,
@@ -254,18 +265,7 @@ def format_report(
         "",
         f"FLOPs per token at seq {T} (2 per multiply-add; training = 3 x forward):",
     ]
-    pl = f["per_layer"]
-    rows = [
-        ("QKV projection", pl["qkv"]),
-        ("attention output", pl["attn_out"]),
-        (f"MLP ({mlp})", pl["mlp"]),
-        ("attention scores q.k", pl["attn_scores"]),
-        ("attention x values", pl["attn_values"]),
-        ("layer total", pl["total"]),
-    ]
-    lines.append(f"  per layer (forward){'':16}{'FLOPs':>16}  {'x d^2':>7}  {'share':>6}")
-    for label, v in rows:
-        lines.append(f"    {label:<31}{v:>16,}  {v / d**2:>7.2f}  {v / pl['total']:>6.1%}")
+    lines += _per_layer_lines(f["per_layer"], d, mlp)
     lines += [
         f"  {L} layers{'':25}{f['layers']:>16,}",
         f"  output head{'':24}{f['lm_head']:>16,}",

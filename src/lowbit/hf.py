@@ -28,7 +28,6 @@ Nothing here downloads: models are built from configs, tokenizers from lowbit's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -324,9 +323,7 @@ def save_pretrained(model: GPT | Llama, tok: Tokenizer, out: str | os.PathLike, 
     hf = to_hf(model, tok.eot_id).to(dtype)
     hf.save_pretrained(out, safe_serialization=True)
     hf_tokenizer(tok).save_pretrained(out)
-    meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "eot_token": EOT}
-    # lowbit's Tokenizer.load reads this plus (BPE) the tokenizer.json written above
-    (out / "lowbit_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tok.save_meta(out)  # lowbit's Tokenizer.load reads this plus (BPE) the tokenizer.json written above
     return out
 
 

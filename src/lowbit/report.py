@@ -7,7 +7,7 @@ report can be re-rendered from a saved `results.json`:
     import json; from lowbit import report
     report.write_report(json.load(open("runs/cmp/results.json")), "runs/cmp")
 
-The results dict (written by `lowbit.compare`) looks like
+The results dict (written by `lowbit.compare`, gaps filled by lowbit.comparison.records) looks like
     {"reference": "bf16", "reference_note": None | str, "base_config": {TrainConfig fields},
      "command": str, "machine": {...}, "sweep": None | {param: [values]},
      "runs": {label: {"status": "ok" | "diverged" | "failed: ...", "final_val_loss": float | None,
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-REFERENCE_RECIPE = "bf16"
 LOSS_PNG = "loss.png"
 REPORT_MD = "report.md"
 
@@ -35,36 +34,6 @@ _STYLES = ("-", "--", "-.", ":")
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def pick_reference(labels: list[str]) -> tuple[str | None, str | None]:
-    """(reference label, note). `bf16` when present, else the first label, with a note
-    saying so (the report must not silently compare against something else)."""
-    if not labels:
-        return None, None
-    if REFERENCE_RECIPE in labels:
-        return REFERENCE_RECIPE, None
-    return labels[0], (f"`{REFERENCE_RECIPE}` is not among the compared recipes; gaps and relative "
-                       f"step times are measured against the first recipe, `{labels[0]}`.")
-
-
-def add_gaps(runs: dict[str, dict], reference: str | None) -> dict[str, dict]:
-    """Fill each run's `val_gap_abs` (val loss − reference val loss), `val_gap_pct`
-    (100·gap / reference val loss) and `step_time_rel` (step time / reference step time).
-    None wherever either side is missing or non-finite (failed or diverged runs). In place; returns runs."""
-    ref = runs.get(reference) if reference is not None else None
-    ref_loss = ref.get("final_val_loss") if ref and ref.get("status") == "ok" else None
-    ref_step = ref.get("step_time_s") if ref and ref.get("status") == "ok" else None
-    for r in runs.values():
-        loss, step = r.get("final_val_loss"), r.get("step_time_s")
-        ok = r.get("status") == "ok"
-        if ok and _finite(loss) and _finite(ref_loss):
-            r["val_gap_abs"] = loss - ref_loss
-            r["val_gap_pct"] = 100.0 * (loss - ref_loss) / ref_loss if ref_loss != 0 else None
-        else:
-            r["val_gap_abs"] = r["val_gap_pct"] = None
-        r["step_time_rel"] = step / ref_step if ok and _finite(step) and _finite(ref_step) and ref_step > 0 else None
-    return runs
 
 
 def val_curve(run: dict) -> tuple[list[float], list[float]]:

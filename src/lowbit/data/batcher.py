@@ -56,11 +56,6 @@ class Batcher:
         mine = starts[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         return _windows(self.tokens, mine, self.seq_len, self.device)
 
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
     def state_dict(self) -> dict:
         """Plain python ints/strings (JSON- and torch.save-friendly)."""
         return {"rng": self._rng.bit_generator.state, "step": self.step, "seed": self.seed,

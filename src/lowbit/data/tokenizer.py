@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lowbit._io import atomic_write_text
+
 EOT = "<|endoftext|>"
 _META = "lowbit_tokenizer.json"
 _HF = "tokenizer.json"
@@ -89,10 +91,16 @@ class Tokenizer:
         """Write the tokenizer into directory ``path`` (created; files replaced atomically)."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "eot_token": EOT}
         if self._hf is not None:
-            _atomic_write(d / _HF, self._hf.to_str())
-        _atomic_write(d / _META, json.dumps(meta, indent=2) + "\n")
+            atomic_write_text(d / _HF, self._hf.to_str())
+        return self.save_meta(d)
+
+    def save_meta(self, path: str | os.PathLike) -> Path:
+        """Write only lowbit's metadata file (kind, vocab_size, eot) into directory ``path``: beside a Hugging
+        Face ``tokenizer.json`` written by ``save_pretrained``, that makes the directory ``Tokenizer.load``-able."""
+        d = Path(path)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "eot_token": EOT}
+        atomic_write_text(d / _META, json.dumps(meta, indent=2) + "\n")
         return d
 
     @classmethod
@@ -110,17 +118,6 @@ class Tokenizer:
             raise ValueError(f"tokenizer in {d} is inconsistent with its {_META}: "
                              f"vocab {tok.vocab_size} eot {tok.eot_id} vs {meta}; delete and re-create it")
         return tok
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_bpe(texts: list[str], vocab_size: int = 2048, progress: bool = False) -> Tokenizer:

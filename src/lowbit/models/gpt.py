@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.models.attention import sdpa
+from lowbit.models.base import CausalLM, KVCache, causal_mask, sample_next  # noqa: F401  (re-exports)
 
 
 @dataclass(frozen=True)
@@ -78,36 +79,6 @@ class GPTConfig:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
 
-class KVCache:
-    """Keys and values of one attention layer for incremental decoding.
-
-    Buffers [B, n_head, max_len, head_dim] are allocated on the first update with
-    the dtype/device of the keys (bf16 under autocast)."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, T, hd] at positions pos..pos+T-1; return all keys/values up to pos+T."""
-        B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_zeros(B, H, self.max_len, D)
-            self.v = v.new_zeros(B, H, self.max_len, D)
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
-
-
-def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
-    """Boolean mask [T, pos+T] letting query i (absolute position pos+i) see keys 0..pos+i.
-    None when `is_causal`-free attention over all keys is already correct (T == 1)."""
-    if T == 1:
-        return None
-    return torch.ones(T, pos + T, dtype=torch.bool, device=device).tril(diagonal=pos)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -157,7 +128,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
@@ -191,94 +162,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (shared tensors once). non_embedding=True subtracts the token and
-        position embeddings (with tied weights the head is the token embedding, so it goes too)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def embedding_params(self) -> int:
+        return self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
 
     def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
         """idx LongTensor [B, T] at absolute positions pos..pos+T-1 -> final hidden states [B, T, C]."""
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a LongTensor [B, T], got dtype {idx.dtype} shape {tuple(idx.shape)}")
-        B, T = idx.shape
-        if pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}; "
-                "crop the input to the last block_size tokens"
-            )
+        self._check_idx(idx, pos)
+        T = idx.size(1)
         positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[i], pos)
         return self.transformer.ln_f(x)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: LongTensor [B, T] -> (logits [B, T, V] in the compute dtype,
-        mean cross-entropy over targets != -1 computed in fp32, or None)."""
-        logits = self.lm_head(self._hidden(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx [B, T0]; returns [B, T0 + max_new_tokens].
-
-        temperature == 0 is greedy (argmax). The model is conditioned on at most the last
-        block_size tokens. With use_cache, keys/values are cached while the whole sequence
-        fits in block_size; past that, every step re-runs the cropped window (learned absolute
-        positions shift with the window, so cached keys would be wrong) -- exactly what
-        use_cache=False does, so both paths give the same tokens. Does not change train/eval
-        mode: call model.eval() first if dropout > 0.
-        """
-        _check_generate_args(idx, max_new_tokens, temperature, top_k)
-        block = self.config.block_size
-        caches = None
-        for _ in range(max_new_tokens):
-            T = idx.size(1)
-            if use_cache and T <= block:
-                if caches is None:  # prefill
-                    caches = [KVCache(block) for _ in self.transformer.h]
-                    h = self._hidden(idx, caches, 0)
-                else:  # only the newest token; earlier ones are in the cache
-                    h = self._hidden(idx[:, -1:], caches, T - 1)
-            else:
-                h = self._hidden(idx[:, -block:])
-            logits = self.lm_head(h[:, -1, :])
-            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
-        return idx
-
-
-def _check_generate_args(idx, max_new_tokens, temperature, top_k):
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"generate needs a non-empty prompt idx [B, T>0], got shape {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
-    """logits [B, V] -> next token ids LongTensor [B, 1]. temperature 0 = argmax.
-    `generator` must live on logits' device."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.models.attention import sdpa
-from lowbit.models.gpt import KVCache, _check_generate_args, causal_mask, sample_next
+from lowbit.models.base import CausalLM, KVCache, causal_mask
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         if not isinstance(config, LlamaConfig):
@@ -206,23 +206,17 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (shared tensors once); non_embedding=True subtracts the token embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_embeddings.weight.numel()
-        return n
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def embedding_params(self) -> int:
+        return self.tok_embeddings.weight.numel()
 
     def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
         """idx LongTensor [B, T] at absolute positions pos..pos+T-1 -> final hidden states [B, T, C]."""
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a LongTensor [B, T], got dtype {idx.dtype} shape {tuple(idx.shape)}")
+        self._check_idx(idx, pos)
         T = idx.size(1)
-        if pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}; "
-                "crop the input to the last block_size tokens"
-            )
         x = self.dropout(self.tok_embeddings(idx))
         rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         positions = torch.arange(pos, pos + T, device=idx.device)
@@ -230,47 +224,3 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], pos)
         return self.norm(x)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: LongTensor [B, T] -> (logits [B, T, V] in the compute dtype,
-        mean cross-entropy over targets != -1 computed in fp32, or None)."""
-        logits = self.lm_head(self._hidden(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx [B, T0]; returns [B, T0 + max_new_tokens].
-
-        temperature == 0 is greedy. Conditioned on at most the last block_size tokens. With
-        use_cache, keys/values are cached while the sequence fits in block_size; past that each
-        step re-runs the cropped window, exactly like use_cache=False (RoPE is relative, but the
-        cached keys of deeper layers still depend on the token that fell out of the window), so
-        both paths give the same tokens. Does not change train/eval mode.
-        """
-        _check_generate_args(idx, max_new_tokens, temperature, top_k)
-        block = self.config.block_size
-        caches = None
-        for _ in range(max_new_tokens):
-            T = idx.size(1)
-            if use_cache and T <= block:
-                if caches is None:  # prefill
-                    caches = [KVCache(block) for _ in self.layers]
-                    h = self._hidden(idx, caches, 0)
-                else:
-                    h = self._hidden(idx[:, -1:], caches, T - 1)
-            else:
-                h = self._hidden(idx[:, -block:])
-            logits = self.lm_head(h[:, -1, :])
-            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
-        return idx

@@ -57,81 +57,70 @@ def parse_count(value) -> int:
     return n
 
 
+def _opt(default, help: str, *, free: bool = False, per_run: bool = False, positive: bool = False,
+         compare: bool = True, factory=None):
+    """A TrainConfig field with its metadata, the one place each option is described:
+    help      the help text of `lowbit train` / `lowbit compare` and of the TrainConfig docstring.
+    free      may change on --resume without changing what is trained (other changes are warned about).
+    per_run   set by `lowbit compare` for each run (not part of a comparison's shared base configuration).
+    positive  must be > 0.
+    compare   offered as a `lowbit compare` option (every run of a comparison shares it)."""
+    meta = {"help": help, "free": free, "per_run": per_run, "positive": positive, "compare": compare and not per_run}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """One training run. Defaults train the 1.3M-parameter `tiny` GPT on 2M Shakespeare tokens.
-
-    What is trained
-      model          model preset name (lowbit.models.PRESETS: tiny, small, gpt2-small, llama-...).
-      recipe         recipe name (lowbit.recipes.names()) or path to a recipe .toml file.
-      data           text/JSONL/Parquet file, directory or glob; None = the embedded Shakespeare corpus.
-      tokenizer      "bpe" (trained locally on the corpus), "bytes", or a saved tokenizer directory.
-      vocab_size     BPE vocabulary size (ignored for "bytes"; the model uses the tokenizer's size).
-      val_fraction   tail fraction of the token stream held out for validation (0 = no validation).
-    How long, how big
-      tokens         training tokens; steps = tokens // (batch_size * seq_len * grad_accum).
-                     Accepts "2M", "500k", "1.5B".
-      batch_size     sequences per micro-batch.
-      seq_len        tokens per sequence (at most the model's block_size).
-      grad_accum     micro-batches per optimizer step.
-    Optimizer (AdamW; decay only on >= 2-D parameters) and schedule
-      lr             peak learning rate.
-      min_lr_ratio   final learning rate as a fraction of lr (cosine decay target).
-      warmup_steps   linear warmup steps; None = 5% of the steps.
-      weight_decay   decoupled weight decay for matrices/embeddings.
-      beta1, beta2   AdamW betas.
-      grad_clip      clip the global gradient norm to this (0 = no clipping; the norm is still logged).
-    Run control
-      seed           seeds the initial weights, the batch order and torch/numpy/python RNGs.
-      device         "auto" (cuda when available), "cpu", "cuda", "cuda:N".
-      eval_interval  steps between validation evaluations (and always at the last step).
-      eval_batches   fixed validation batches per evaluation.
-      log_interval   steps between metric rows (metrics.jsonl / metrics.csv / TensorBoard).
-      ckpt_interval  steps between checkpoints (a final one is always written).
-      keep_last      checkpoints kept on disk (older ones are deleted).
-      out            run directory.
-      resume         continue from the newest valid checkpoint in `out`.
-      overwrite      delete lowbit's files in a non-empty `out` and start again.
-      compile        torch.compile the model (falls back to eager, with a warning, if compiling fails).
-      init_from      a Hugging Face GPT-2/Llama directory (e.g. from `lowbit export --to hf`) to start from:
-                     its architecture, weights and tokenizer replace `model` and `tokenizer` (continued
-                     pretraining); None = train from scratch.
-      fsdp           under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard)
-                     instead of replicating them with DDP. No effect in a single process.
-      max_bad_steps  consecutive non-finite steps tolerated (each skipped); one more stops the run.
+    Every field below is a `lowbit train` option and a TOML key (generated list, from the field metadata):
     """
 
-    model: str = "tiny"
-    recipe: str = "fp32"
-    data: str | None = None
-    tokenizer: str = "bpe"
-    vocab_size: int = 2048
-    tokens: int = 2_000_000
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    eval_interval: int = 100
-    eval_batches: int = 10
-    log_interval: int = 10
-    ckpt_interval: int = 200
-    keep_last: int = 2
-    out: str = "runs/default"
-    resume: bool = False
-    overwrite: bool = False
-    compile: bool = False
-    fsdp: bool = False
-    max_bad_steps: int = 5
-    val_fraction: float = 0.05
-    init_from: str | None = None
+    model: str = _opt("tiny", "model preset: tiny, small, gpt2-small, llama-tiny, llama-small, llama-400m, "
+                              "llama-1.3b")
+    recipe: str = _opt("fp32", "training recipe name (see `lowbit recipes`) or path to a recipe .toml file",
+                       per_run=True)
+    data: str | None = _opt(None, "text/JSONL/Parquet file, directory or glob (default: the embedded "
+                                  "Shakespeare corpus)")
+    tokenizer: str = _opt("bpe", "bpe (trained locally on the corpus), bytes, or a saved tokenizer directory")
+    vocab_size: int = _opt(2048, "BPE vocabulary size (ignored by the bytes tokenizer; the model uses the "
+                                 "tokenizer's size)", positive=True)
+    tokens: int = _opt(2_000_000, "training tokens (steps = tokens // (batch_size*seq_len*grad_accum)); "
+                                  "accepts 2000000, 2M, 500k, 1.5B", free=True, positive=True)
+    batch_size: int = _opt(16, "sequences per micro-batch (the global batch under several processes)", positive=True)
+    seq_len: int = _opt(128, "tokens per sequence (at most the model's context)", positive=True)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", positive=True)
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine decay target)")
+    warmup_steps: int | None = _opt(None, "linear warmup steps (default: 5%% of the steps)")
+    weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (matrices and embeddings only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = no clipping; the norm is still "
+                                 "logged)")
+    seed: int = _opt(0, "seed for the initial weights, the batch order and all RNGs")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:N", free=True)
+    eval_interval: int = _opt(100, "steps between validation evaluations (and always at the last step)",
+                              free=True, positive=True)
+    eval_batches: int = _opt(10, "fixed validation batches per evaluation", free=True, positive=True)
+    log_interval: int = _opt(10, "steps between logged metric rows", free=True, positive=True)
+    ckpt_interval: int = _opt(200, "steps between checkpoints (a final one is always written)", free=True,
+                              positive=True)
+    keep_last: int = _opt(2, "checkpoints kept on disk (older ones are deleted)", free=True, positive=True)
+    out: str = _opt("runs/default", "run directory (checkpoints, metrics, tokenizer, result.json)", free=True,
+                    per_run=True)
+    resume: bool = _opt(False, "continue from the newest valid checkpoint in --out", free=True, per_run=True)
+    overwrite: bool = _opt(False, "delete lowbit's files in a non-empty --out and start again", free=True,
+                           per_run=True)
+    compile: bool = _opt(False, "torch.compile the model (falls back to eager, with a warning, if compiling "
+                                "fails)", free=True)
+    fsdp: bool = _opt(False, "multi-process runs: shard the model with FSDP2 (fully_shard) instead of DDP",
+                      free=True, compare=False)
+    max_bad_steps: int = _opt(5, "consecutive non-finite steps skipped before the run stops as diverged",
+                              free=True)
+    val_fraction: float = _opt(0.05, "tail fraction of the token stream held out for validation (0 = none)")
+    init_from: str | None = _opt(None, "a Hugging Face GPT-2/Llama directory (e.g. from `lowbit export`) whose "
+                                       "architecture, weights and tokenizer replace --model/--tokenizer",
+                                 compare=False)
 
     def __post_init__(self):
         try:
@@ -149,9 +138,12 @@ class TrainConfig:
         if isinstance(self.init_from, os.PathLike):
             self.init_from = os.fspath(self.init_from)
         _check_types(self)
-        positive = ("tokens", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_interval",
-                    "eval_batches", "log_interval", "ckpt_interval", "keep_last")
-        for name in positive:
+        self._check_ranges()
+        self.check_names()
+
+    def _check_ranges(self) -> None:
+        """Value ranges (types are checked first); ValueError naming the field."""
+        for name in (f.name for f in dataclasses.fields(self) if f.metadata["positive"]):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -176,6 +168,9 @@ class TrainConfig:
         if not self.out:
             raise ValueError("out (the run directory) must not be empty")
         _check_device_string(self.device)
+
+    def check_names(self) -> None:
+        """Registry lookups: the model preset and the recipe (name or file) must exist."""
         from lowbit import recipes
         from lowbit.models import PRESETS
 
@@ -218,9 +213,44 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def changed_on_resume(self, saved: dict) -> dict[str, tuple]:
+        """{field: (saved value, this value)} of the fields that are not free on resume and differ from
+        `saved` (a checkpoint's config dict)."""
+        return {f.name: (saved.get(f.name), getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.metadata["free"] and f.name in saved and saved.get(f.name) != getattr(self, f.name)}
+
+    def shared_dict(self) -> dict:
+        """The fields a comparison's runs share: all but the per-run ones (recipe, out, resume, overwrite)."""
+        return {k: v for k, v in self.to_dict().items() if not _FIELDS[k].metadata["per_run"]}
+
     def to_toml(self) -> str:
         """Flat TOML of every field that is not None (None fields take their default on load)."""
         return to_toml(self.to_dict())
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def option_help(name: str) -> str:
+    """The help text of TrainConfig field `name`."""
+    return _FIELDS[name].metadata["help"]
+
+
+def compare_fields() -> list[str]:
+    """The fields `lowbit compare` offers as options (shared by every run)."""
+    return [n for n, f in _FIELDS.items() if f.metadata["compare"]]
+
+
+def _describe() -> str:
+    lines = []
+    for name, f in _FIELDS.items():
+        tags = [t for t in ("free", "per_run") if f.metadata[t]]
+        tag = f" [{', '.join(tags)}]" if tags else ""
+        lines.append(f"      {name} = {f.default!r}: {f.metadata['help'].replace('%%', '%')}{tag}")
+    return "\n".join(lines) + "\n    ([free]: may change on --resume; [per_run]: set per run by `lowbit compare`)\n"
+
+
+TrainConfig.__doc__ = TrainConfig.__doc__.rstrip() + "\n" + _describe()
 
 
 def field_names() -> list[str]:

@@ -32,7 +32,6 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: str | None = None
     initialized: bool = False
 
     @property
@@ -56,18 +55,10 @@ def env_world_size() -> int:
         return 1
 
 
-def env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def info() -> DistInfo:
     """The current process group as a DistInfo (single process when none is initialized)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                        dist.get_backend())
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
 
 
@@ -97,7 +88,7 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     i = info()
-    return DistInfo(i.rank, i.world_size, local_rank, backend, initialized=True), device
+    return DistInfo(i.rank, i.world_size, local_rank, initialized=True), device
 
 
 def teardown(di: DistInfo) -> None:

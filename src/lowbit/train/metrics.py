@@ -92,3 +92,16 @@ class MetricsLogger:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class RowsOnly:
+    """MetricsLogger stand-in for ranks other than 0: keeps the rows, writes nothing."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass

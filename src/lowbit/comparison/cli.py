@@ -1,0 +1,145 @@
+"""`lowbit compare` on the command line: its options (generated from TrainConfig's field metadata), the
+command line that reproduces a comparison, and the entry point."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+from lowbit import recipes as recipes_mod
+from lowbit import report
+from lowbit.comparison.runner import RESULTS_JSON, compare
+from lowbit.comparison.sweep import parse_sweep, value_str
+from lowbit.recipes import Recipe
+
+DEFAULT_RECIPES = "bf16,fp8-tensor,fp4-direct,fp4-paper"
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _options() -> list[tuple[str, type, str]]:
+    """(TrainConfig field, argparse type, help) of every option `lowbit compare` passes to all runs."""
+    from lowbit.train.config import compare_fields, field_types, option_help
+
+    types = field_types()
+    return [(f, _count_arg if f == "tokens" else types[f], option_help(f)) for f in compare_fields()
+            if types[f] is not bool]
+
+
+def _count_arg(text: str) -> int:
+    from lowbit.train import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def command_line(recipe_list: list, base, out, sweep: dict[str, list] | None = None,
+                 config_path: str | None = None) -> str:
+    """The `lowbit compare` command that reproduces a comparison: recipes, model, tokens, seed, out, the sweep,
+    and every train option that differs from TrainConfig's defaults. Custom Recipe objects that are neither
+    registered nor files are named, with a note (their full definition is in results.json)."""
+    from lowbit.train import TrainConfig
+
+    default = TrainConfig()
+    names, custom = [], []
+    for r in recipe_list:
+        if isinstance(r, Recipe):
+            names.append(r.name)
+            if r.name not in recipes_mod.names() or recipes_mod.get(r.name) != r:
+                custom.append(r.name)
+        else:
+            names.append(str(r))
+    parts = ["lowbit", "compare", "--recipes", ",".join(names)]
+    if config_path:
+        parts += ["--config", str(config_path)]
+    for field, _, _ in _options():
+        v = getattr(base, field, None)
+        if field in ("model", "tokens", "seed") or v != getattr(default, field, None):
+            if v is not None:
+                parts += [_flag(field), value_str(v) if not isinstance(v, str) else v]
+    if getattr(base, "compile", False):
+        parts.append("--compile")
+    parts += ["--out", str(out)]
+    for key, values in (sweep or {}).items():
+        parts += ["--sweep", f"{key}={','.join(value_str(v) for v in values)}"]
+    cmd = " ".join(shlex.quote(p) for p in parts)
+    if custom:
+        cmd += f"  # custom recipe object(s) {custom}: definitions in results.json (config.recipe)"
+    return cmd
+
+
+def add_cli(subparsers):
+    """Register `lowbit compare` on an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser(
+        "compare", help="train one model per recipe from identical weights and batches; write a report",
+        description="Train the same model from the same initial weights on the same batches once per recipe "
+                    "(and per swept value), then write results.json, loss.png and report.md into --out. "
+                    "Re-running the same command resumes an interrupted comparison.")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES,
+                   help=f"comma-separated recipe names or .toml paths, or 'all' (default: {DEFAULT_RECIPES}; "
+                        f"known: {', '.join(recipes_mod.names())})")
+    p.add_argument("--out", default="runs/compare", help="comparison directory (default: runs/compare)")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="ablation: vary one recipe parameter over values on every quantized recipe, e.g. "
+                        "dge.k=1,3,5,10, occ.alpha=0.999,0.99,0.97, occ.compensate=true,false, fmt=e2m1,e1m2,e3m0; "
+                        "repeatable (one parameter at a time)")
+    p.add_argument("--config", help="TrainConfig TOML file used as the base; other options override it")
+    for field, typ, help_ in _options():
+        p.add_argument(_flag(field), dest=field, type=typ, default=None, help=help_)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each model")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier comparison in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def default_eval_interval(cfg) -> int:
+    """About ten validation points per run, so loss.png has curves to compare (a comparison is about the
+    curves; `lowbit train`'s fixed default of 100 steps gives a short run only one or two points)."""
+    steps = cfg.tokens // (cfg.batch_size * cfg.seq_len * cfg.grad_accum)
+    return max(1, min(cfg.eval_interval, steps // 10))
+
+
+def _config_sets(path: str | None, key: str) -> bool:
+    if not path:
+        return False
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return key in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # TrainConfig.from_toml already reported a bad file
+
+
+def run_cli(args) -> int:
+    """Run `lowbit compare` from parsed args. Returns the exit status: 0, or 1 if any run failed."""
+    from lowbit.train import TrainConfig
+
+    base = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    overrides = {f: getattr(args, f) for f, _, _ in _options() if getattr(args, f, None) is not None}
+    if args.compile:
+        overrides["compile"] = True
+    base = dataclasses.replace(base, **overrides)
+    if "eval_interval" not in overrides and not _config_sets(args.config, "eval_interval"):
+        base = dataclasses.replace(base, eval_interval=default_eval_interval(base))
+    names = recipes_mod.names() if args.recipes.strip() == "all" else [
+        r.strip() for r in args.recipes.split(",") if r.strip()]
+    sweep = parse_sweep(args.sweep)
+    command = command_line(names, base, args.out, sweep, config_path=args.config)
+    results = compare(names, base, args.out, sweep=sweep, progress=not args.no_progress,
+                      overwrite=args.overwrite, command=command)
+    out = Path(args.out)
+    print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
+    print(report.format_table(results))
+    if results["failed"]:
+        print(f"error: {len(results['failed'])} run(s) failed: {', '.join(results['failed'])} "
+              f"(tracebacks in {out}/runs/<label>/error.txt)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,199 @@
+"""`compare(recipes, base, out)`: train the same model from the same initial weights on the same batches once
+per recipe (and per swept value), then write `results.json`, `loss.png` and `report.md`.
+
+Layout of `out/`: `results.json`, `loss.png`, `report.md`, `sweep_<param>.png`, `runs/<label>/` (one
+trainer run directory each), `recipes/<label>.toml` (swept or custom recipes, passed to the trainer by path).
+
+Resuming: calling compare again with the same arguments reuses runs whose directory holds a `result.json`,
+resumes a run that has a checkpoint, and retries failed ones. A different base configuration in the same
+`out` raises (use overwrite=True or another out).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from lowbit import recipes as recipes_mod
+from lowbit import report
+from lowbit._io import json_safe, write_json
+from lowbit.comparison import records
+from lowbit.comparison.sweep import RunSpec, dirname, plan_runs, validate_sweep
+
+RESULTS_JSON = "results.json"
+
+
+def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: dict[str, list] | None = None,
+            progress: bool = True, *, overwrite: bool | None = None, command: str | None = None,
+            train_fn=None) -> dict:
+    """Train `base` once per recipe (x sweep value) from identical weights and batches; write the report.
+
+    recipes:   names, `.toml` paths or Recipe objects, e.g. ["bf16", "fp8-tensor", "fp4-paper"].
+    base:      TrainConfig shared by every run (its recipe/out/resume/overwrite are set per run); None = default.
+    out:       comparison directory (see the module docstring for its layout).
+    sweep:     {param: [values]}, e.g. {"dge.k": [1, 3, 5, 10]}; see `sweep_keys()`. One parameter varied at a
+               time on every quantized recipe; labels like "fp4-paper[dge.k=3]".
+    overwrite: discard an earlier comparison in `out` (default: base.overwrite); otherwise resume it.
+    command:   the command line to record in the report (default: the equivalent `lowbit compare` command).
+    train_fn:  the trainer, train(cfg, progress=, dataset=) -> TrainResult (default: lowbit.train.train).
+    Returns the content of results.json. Raises RuntimeError if runs did not share initial weights/batches.
+    A run that diverges is recorded with status "diverged"; one that raises, "failed: <error>"; the others run.
+    """
+    from lowbit.comparison.cli import command_line
+    from lowbit.train import TrainConfig, resolve_device, train
+
+    base = TrainConfig() if base is None else base
+    specs = plan_runs(list(recipes), validate_sweep(sweep))
+    out, device = Path(out), resolve_device(base.device)  # fails early (e.g. cuda asked, none present)
+    prev_runs = _prepare_out(out, base, bool(base.overwrite) if overwrite is None else overwrite)
+    results = {"created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "command": command or command_line(list(recipes), base, out, validate_sweep(sweep)),
+               "machine": {**records.machine_info(), "device": str(device)}, "base_config": base.shared_dict(),
+               "model": None, "recipes": list(dict.fromkeys(s.base for s in specs)),
+               "sweep": validate_sweep(sweep) or None, "reference": None, "reference_note": None, "runs": {}}
+    cfgs = {s.label: _run_config(s, base, out, prev_runs) for s in specs}
+    results["runs"] = {s.label: records.record(s, cfgs[s.label], "pending") for s in specs}
+    write_json(out / RESULTS_JSON, records.summarize(results))
+    runner = _Runner(base, train_fn or train, progress)
+    with _Progress(progress, len(specs)) as bar:
+        for i, spec in enumerate(specs, 1):
+            bar.start(i, spec.label)
+            rec = runner.run(spec, cfgs[spec.label], results["runs"])
+            results["runs"][spec.label] = rec
+            results["model"] = results["model"] or runner.model_info(Path(cfgs[spec.label].out))
+            summary = records.summarize(results)
+            write_json(out / RESULTS_JSON, summary)
+            report.write_report(summary, out)
+            records.check_hashes(summary["runs"])
+            bar.done(records.one_line(summary["runs"][spec.label]))
+    return json.loads(json.dumps(json_safe(records.summarize(results))))
+
+
+def _prepare_out(out: Path, base, overwrite: bool) -> dict:
+    """Clear an old comparison (overwrite) or read its runs (resume, same base configuration only)."""
+    results_path = out / RESULTS_JSON
+    if overwrite:
+        for name in ("runs", "recipes"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, *out.glob("sweep_*.png")]:
+            p.unlink(missing_ok=True)
+    prev_runs = {}
+    if not overwrite and results_path.is_file():
+        prev = json.loads(results_path.read_text())
+        records.check_same_setup(prev, json_safe(base.shared_dict()), out)
+        prev_runs = prev.get("runs") or {}
+    out.mkdir(parents=True, exist_ok=True)
+    return prev_runs
+
+
+def _run_config(spec: RunSpec, base, out: Path, prev_runs: dict):
+    """The TrainConfig of one run: the base with this run's recipe (a TOML file for swept/custom recipes) and
+    directory; refuses a recipe that differs from the one an existing run directory was trained with."""
+    run_dir = out / "runs" / dirname(spec.label)
+    recipe_arg: str = spec.recipe.name
+    if spec.recipe.name not in recipes_mod.names() or recipes_mod.get(spec.recipe.name) != spec.recipe:
+        path = out / "recipes" / f"{dirname(spec.label)}.toml"  # TrainConfig.recipe is a name or a path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recipes_mod.save(spec.recipe, path)
+        recipe_arg = str(path)
+    old = (prev_runs.get(spec.label) or {}).get("config", {}).get("recipe")
+    if old is not None and old != json_safe(spec.recipe.to_dict()) and run_dir.exists():
+        raise ValueError(f"recipe {spec.label!r} differs from the one its run in {run_dir} was trained with; "
+                         "pass overwrite=True (--overwrite) to start over, or use another out directory")
+    return dataclasses.replace(base, recipe=recipe_arg, out=str(run_dir), resume=False, overwrite=False)
+
+
+class _Runner:
+    """Runs (or reuses) one RunSpec at a time; prepares the dataset once, lazily, for all runs."""
+
+    def __init__(self, base, train_fn, progress: bool):
+        self.base, self.train_fn, self.progress = base, train_fn, progress
+        self.dataset = None
+        self.trained: dict[str, str] = {}  # effective recipe -> label of the run that trained it
+
+    def run(self, spec: RunSpec, cfg, runs: dict) -> dict:
+        from lowbit.train.rundir import RunDir
+
+        key, run = records.recipe_key(spec.recipe), RunDir(cfg.out)
+        if key in self.trained:
+            # same effective recipe as an earlier run (e.g. fp4-paper[dge.k=5] and fp4-paper[occ.alpha=0.99] are
+            # both plain fp4-paper): same weights, batches and numerics, so the same result; not retrained
+            rec = copy.deepcopy(runs[self.trained[key]])
+            rec.update(label=spec.label, sweep=records.record(spec, cfg, "")["sweep"], same_run_as=self.trained[key],
+                       reused=True, config={**rec["config"], "recipe": spec.recipe.to_dict()})
+            return rec
+        result = run.read_result()
+        rec = self._train(spec, cfg, run) if result is None else {**_status_record(spec, cfg, result), "reused": True}
+        if rec["status"] in ("ok", "diverged"):
+            self.trained[key] = spec.label
+        return rec
+
+    def _train(self, spec: RunSpec, cfg, run) -> dict:
+        if self.dataset is None:  # once for all runs (what train() would do per run from the same fields)
+            from lowbit.data import prepare_dataset
+
+            b = self.base
+            self.dataset = prepare_dataset(b.data, tokenizer=b.tokenizer, vocab_size=b.vocab_size,
+                                           val_fraction=b.val_fraction)
+        if run.has_checkpoint():
+            cfg = dataclasses.replace(cfg, resume=True)
+        elif run.path.exists():  # interrupted before its first checkpoint: start it again
+            cfg = dataclasses.replace(cfg, overwrite=True)
+        try:
+            result = self.train_fn(cfg, progress=self.progress, dataset=self.dataset).to_dict()
+            rec = _status_record(spec, cfg, result)
+        except Exception as e:  # one broken run must not cost the others; KeyboardInterrupt still stops
+            msg = f"{type(e).__name__}: {e}".strip()
+            run.path.mkdir(parents=True, exist_ok=True)
+            (run.path / "error.txt").write_text(traceback.format_exc())
+            rec = records.record(spec, cfg, f"failed: {msg}", error=msg)
+        return {**rec, "reused": False}
+
+    def model_info(self, run_dir: Path) -> dict | None:
+        if self.dataset is not None:
+            return records.model_info(self.base, self.dataset.tokenizer.vocab_size)
+        if (run_dir / "tokenizer").is_dir():
+            from lowbit.data import Tokenizer
+
+            return records.model_info(self.base, Tokenizer.load(run_dir / "tokenizer").vocab_size)
+        return None
+
+
+def _status_record(spec: RunSpec, cfg, result: dict) -> dict:
+    return records.record(spec, cfg, "diverged" if result.get("diverged_at_step") is not None else "ok", result)
+
+
+class _Progress:
+    """The outer progress bar (one step per run) on a terminal; one line per run in logs."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="compare", unit="run", position=0, leave=True,
+                            disable=not self.tty)
+        return self
+
+    def start(self, i: int, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"recipe {i}/{self.total}: {label}")
+            if not self.tty:
+                print(f"[compare] recipe {i}/{self.total}: {label}", file=sys.stderr, flush=True)
+
+    def done(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(f"[compare] {line}", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,75 @@
+"""CheckpointManager: the save policy of a run over lowbit.train.checkpoint's atomic, checksummed files.
+
+It owns the interval, keep-last, the newest valid checkpoint to resume from (falling back past corrupt
+ones), the refusal to save non-finite state, and, under FSDP2, gathering the shards first. What it saves
+is a dict of objects that each know their own `state_dict()` / `load_state_dict()`; the single-process
+`state.pt` layout is {"optimizer", "schedule", step, bad_streak, streak_start, window_losses (the
+TrainState's fields, at the top level), and one entry per other state ("batcher", "rng", "qlinear")}.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lowbit._io import json_safe
+from lowbit.train import checkpoint, dist
+
+log = logging.getLogger("lowbit.train")
+
+
+class CheckpointManager:
+    """Checkpoints of one run under `root` every `interval` steps, keeping the newest `keep_last`.
+    `di`: the process group info (rank 0 writes); `sharded`: the model is FSDP2-sharded across ranks."""
+
+    def __init__(self, root: Path, interval: int, keep_last: int, di: dist.DistInfo, sharded: bool = False):
+        self.root, self.interval, self.keep_last = Path(root), interval, keep_last
+        self.di, self.sharded = di, sharded
+        self.last_saved: int | None = None  # a newer but corrupt checkpoint of the final step must be rewritten
+
+    def latest(self) -> tuple[Path, dict] | None:
+        """(dir, verified meta) of the newest valid checkpoint, None without any (CheckpointError if all
+        are corrupt)."""
+        return checkpoint.latest_valid(self.root)
+
+    def due(self, step: int, steps: int) -> bool:
+        """A periodic checkpoint after `step` (the final one is written by the run's end)."""
+        return step % self.interval == 0 and step < steps
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, states: dict, meta: dict) -> bool:
+        """Write checkpoint `step`; every rank calls this (FSDP2 gathers the shards on all of them). Returns
+        True when written; False (with a warning) when the weights or optimizer state are not finite."""
+        if not (self.di.is_main or self.sharded):
+            return False
+        weights = dist.full_state_dict(model) if self.sharded else model
+        opt_state = dist.full_optim_state(optimizer) if self.sharded else optimizer.state_dict()
+        if not self.di.is_main:
+            return False
+        if not (checkpoint.all_finite(weights) and checkpoint.all_finite(opt_state)):
+            log.warning("step %d: not writing a checkpoint: the model or optimizer state has non-finite values",
+                        step)
+            return False
+        state = {"optimizer": opt_state}
+        for key, obj in states.items():
+            d = obj.state_dict() if hasattr(obj, "state_dict") else obj  # plain dicts (schedule) as they are
+            if key == "train":
+                state.update(d)
+            else:
+                state[key] = d
+        checkpoint.save(self.root, step, weights, state, json_safe(meta), self.keep_last)
+        self.last_saved = step
+        return True
+
+    def load(self, ckpt_dir: Path, optimizer, states: dict) -> dict:
+        """Restore optimizer (re-sharded like the parameters under FSDP2) and every state from `ckpt_dir`
+        (the weights are loaded before wrapping, by `checkpoint.load_weights`). Returns the raw state."""
+        state = checkpoint.load_state(ckpt_dir)
+        dist.load_full_optim_state(optimizer, state["optimizer"])
+        for key, obj in states.items():
+            if key == "train":
+                obj.load_state_dict(state)
+            elif key in state and hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(state[key])
+        self.last_saved = state["step"]
+        return state
