@@ -56,3 +56,13 @@ def cpu_description() -> str:
         pass
     keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return f"{model} ({', '.join(keep) or 'no AVX2/AVX-512/AMX flags'})"
+
+
+def machine_meta(dev, load_before: float) -> dict:
+    """What produced a benchmark: device (CPU model and flags, or the GPU), cores, threads, torch, and the
+    1-minute load average before and now. `dev`: a torch.device."""
+    import torch
+
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
+    return {"device": device, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"}

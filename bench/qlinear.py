@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from _results import write_section  # bench/ is on sys.path when a script here runs
+from _results import machine_meta, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 from torch import nn
@@ -84,18 +83,8 @@ def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int) -> 
             m, b = med(QLinear.from_linear(lin, r), bf16)
             vs16 = (f"{m / base16[0]:.3f}" if base16 else "not measured") if bf16 else "-"
             lines.append(f"| {name} | {width} | {m * 1e3:.1f} | {b * 1e3:.1f} | {m / base32[0]:.2f} | {vs16} |")
-    load_after = os.getloadavg()
-    meta = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "tokens": tokens,
-        "repeats": repeats,
-        "bf16_max_width": bf16_max_width,
-        "wall": time.perf_counter() - t_start,
-        "load": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min load average)",
-    }
+    meta = {**machine_meta(dev, load_before[0]), "tokens": tokens, "repeats": repeats,
+            "bf16_max_width": bf16_max_width, "wall": time.perf_counter() - t_start}
     return "\n".join(lines), meta
 
 

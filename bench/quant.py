@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from _results import write_section  # bench/ is on sys.path when a script here runs
+from _results import machine_meta, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -78,22 +77,12 @@ def run(size: int, repeats: int, device: str) -> tuple[str, dict]:
     add("lowbit cast(x, 'e2m1') (no scaling)", "-", lambda: cast(x, "e2m1"))
     for label, recipe, q in SETTINGS:
         add(f"fake_quantize {label}", recipe, lambda q=q: fake_quantize(x, q, generator=g))
-    load_after = os.getloadavg()
-
     ref = rows[0][4]
     lines = ["| operation (fp32 in, fp32 out) | recipe | median ms | min ms | GB/s (median) | × torch f8 |",
              "|---|---|---:|---:|---:|---:|"]
     for label, recipe, med, best, gbs in rows:
         lines.append(f"| {label} | {recipe} | {med:.1f} | {best:.1f} | {gbs:.2f} | {gbs / ref:.2f} |")
-    meta = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "size": size,
-        "repeats": repeats,
-        "load": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min load average)",
-    }
+    meta = {**machine_meta(dev, load_before[0]), "size": size, "repeats": repeats}
     return "\n".join(lines), meta
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from conftest import write_corpus
 from lowbit.cli import main
@@ -76,7 +75,8 @@ def rows(out: Path) -> list[dict]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(ckpt_mod.list_checkpoints(out / "ckpt")[0][1] / ckpt_mod.MODEL_FILE)
+    """The newest checkpoint's weights: model.safetensors, or an FSDP2 run's shards gathered here."""
+    return ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out / "ckpt")[0][1])
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,62 @@ def test_two_rank_checkpoint_resumes(runs, corpus, tmp_path):
     assert res.resumed_from_step == 3 and res.steps == STEPS
     for k, v in final_weights(out["one"]).items():
         torch.testing.assert_close(final_weights(one)[k], v, rtol=0, atol=1e-4, msg=k)
+
+
+def test_fsdp_checkpoints_are_sharded_per_rank(runs, tmp_path, capsys):
+    """Under FSDP2 every rank writes its own shard (torch.distributed.checkpoint): no model.safetensors, one
+    .distcp file per rank, every file in meta.json's checksums (a flipped byte in a shard is caught), and
+    eval / export read the shards back as full tensors equal to the gathered ones."""
+    out, _ = runs
+    d = ckpt_mod.list_checkpoints(out["fsdp"] / "ckpt")[0][1]
+    assert not (d / ckpt_mod.MODEL_FILE).exists() and ckpt_mod.is_sharded(d)
+    shards = sorted(p.name for p in (d / "dcp").glob("*.distcp"))
+    assert len(shards) == 2  # one per rank
+    meta = ckpt_mod.verify(d)
+    assert {f"dcp/{s}" for s in shards} | {"dcp/.metadata", "state.pt"} <= set(meta["files"])
+    assert "optimizer" not in torch.load(d / "state.pt", weights_only=True)  # the moments live in the shards
+    one = ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out["one"] / "ckpt")[0][1])
+    got = ckpt_mod.read_weights(d)
+    assert got.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(got[k], one[k], rtol=0, atol=1e-4, msg=k)
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    blob = bytearray((bad / "dcp" / shards[1]).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / "dcp" / shards[1]).write_bytes(bytes(blob))
+    with pytest.raises(ckpt_mod.CheckpointError, match="does not match its sha256"):
+        ckpt_mod.verify(bad)
+    assert main(["eval", "--ckpt", str(out["fsdp"]), "--device", "cpu", "--json"]) == 0
+    val = json.loads(capsys.readouterr().out)["val_loss"]
+    assert val == pytest.approx(json.loads((out["fsdp"] / "result.json").read_text())["final_val_loss"], rel=1e-5)
+
+
+def test_export_reads_a_sharded_checkpoint(runs, tmp_path):
+    pytest.importorskip("transformers")
+    from lowbit.export import export
+
+    out, _ = runs
+    export(out["fsdp"], tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    full = ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out["fsdp"] / "ckpt")[0][1])
+    assert torch.equal(hf["transformer.wte.weight"], full["transformer.wte.weight"])  # the gathered shards
+
+
+def test_sharded_checkpoint_resumes_under_ddp(runs, corpus, tmp_path):
+    """The FSDP2 run's step-3 shards resumed by two DDP ranks (full replicas, resharded on load): the same
+    run within the float-rounding tolerance."""
+    out, _ = runs
+    d = tmp_path / "ddp"
+    shutil.copytree(out["fsdp"], d)
+    shutil.rmtree(d / "ckpt" / ckpt_mod.step_dir_name(STEPS))
+    (d / "result.json").unlink()
+    run_world(2, cfg_kw(corpus, d, resume=True))
+    for a, b in zip(rows(out["fsdp"]), rows(d)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=RTOL), a["step"]
+    assert not ckpt_mod.is_sharded(ckpt_mod.list_checkpoints(d / "ckpt")[0][1])  # DDP writes the single file
 
 
 def fp32_compute(name: str, d: Path) -> str:

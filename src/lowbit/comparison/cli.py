@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit import recipes as recipes_mod
+from lowbit import recipes
 from lowbit import report
 from lowbit.comparison.runner import RESULTS_JSON, compare
 from lowbit.comparison.sweep import parse_sweep, value_str
@@ -51,7 +51,7 @@ def command_line(recipe_list: list, base, out, sweep: dict[str, list] | None = N
     for r in recipe_list:
         if isinstance(r, Recipe):
             names.append(r.name)
-            if r.name not in recipes_mod.names() or recipes_mod.get(r.name) != r:
+            if r.name not in recipes.names() or recipes.get(r.name) != r:
                 custom.append(r.name)
         else:
             names.append(str(r))
@@ -83,7 +83,7 @@ def add_cli(subparsers):
                     "Re-running the same command resumes an interrupted comparison.")
     p.add_argument("--recipes", default=DEFAULT_RECIPES,
                    help=f"comma-separated recipe names or .toml paths, or 'all' (default: {DEFAULT_RECIPES}; "
-                        f"known: {', '.join(recipes_mod.names())})")
+                        f"known: {', '.join(recipes.names())})")
     p.add_argument("--out", default="runs/compare", help="comparison directory (default: runs/compare)")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                    help="ablation: vary one recipe parameter over values on every quantized recipe, e.g. "
@@ -129,7 +129,7 @@ def run_cli(args) -> int:
     base = dataclasses.replace(base, **overrides)
     if "eval_interval" not in overrides and not _config_sets(args.config, "eval_interval"):
         base = dataclasses.replace(base, eval_interval=default_eval_interval(base))
-    names = recipes_mod.names() if args.recipes.strip() == "all" else [
+    names = recipes.names() if args.recipes.strip() == "all" else [
         r.strip() for r in args.recipes.split(",") if r.strip()]
     sweep = parse_sweep(args.sweep)
     command = command_line(names, base, args.out, sweep, config_path=args.config)

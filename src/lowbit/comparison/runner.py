@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lowbit import recipes as recipes_mod
+from lowbit import recipes
 from lowbit import report
 from lowbit._io import json_safe, write_json
 from lowbit.comparison import records
@@ -96,10 +96,10 @@ def _run_config(spec: RunSpec, base, out: Path, prev_runs: dict):
     directory; refuses a recipe that differs from the one an existing run directory was trained with."""
     run_dir = out / "runs" / dirname(spec.label)
     recipe_arg: str = spec.recipe.name
-    if spec.recipe.name not in recipes_mod.names() or recipes_mod.get(spec.recipe.name) != spec.recipe:
+    if spec.recipe.name not in recipes.names() or recipes.get(spec.recipe.name) != spec.recipe:
         path = out / "recipes" / f"{dirname(spec.label)}.toml"  # TrainConfig.recipe is a name or a path
         path.parent.mkdir(parents=True, exist_ok=True)
-        recipes_mod.save(spec.recipe, path)
+        recipes.save(spec.recipe, path)
         recipe_arg = str(path)
     old = (prev_runs.get(spec.label) or {}).get("config", {}).get("recipe")
     if old is not None and old != json_safe(spec.recipe.to_dict()) and run_dir.exists():

@@ -5,6 +5,12 @@
                         weights_only=True)
     meta.json           step, configs, vocab size, and the sha256 of the two files above; written last
 
+Under FSDP2 (lowbit.train.sharded) the weights and optimizer state are instead written with
+torch.distributed.checkpoint, each rank its own shard and no full copy anywhere: `dcp/` (`__<rank>_0.distcp`
+files and `.metadata`) replaces model.safetensors and the optimizer entry of state.pt; meta.json lists the
+sha256 of every file. Such a checkpoint resumes on another world size (DCP reshards on load), with or without
+FSDP2, and `load_weights` (eval, generate, export) gathers it into full tensors in one process.
+
 Written atomically: into a temp dir inside `ckpt/`, every file fsynced, the dir renamed into place and
 `ckpt/` fsynced, so a crash leaves either the whole checkpoint or none of it. A checkpoint is valid when
 its meta.json parses and both checksums match; `latest_valid` skips (with a warning) the ones that are not.
@@ -30,6 +36,7 @@ log = logging.getLogger("lowbit.train")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "dcp"  # sharded checkpoints: torch.distributed.checkpoint files, one per rank, plus .metadata
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -41,7 +48,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -108,32 +115,44 @@ def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module | dict,
     An existing checkpoint of the same step (e.g. a corrupt one a resumed run fell back from) is replaced."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{step_dir_name(step)}-"))
     try:
         save_model(_StateDictWeights(model) if isinstance(model, dict) else model, str(tmp / MODEL_FILE))
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-        for name in (MODEL_FILE, STATE_FILE):
-            _fsync_file(tmp / name)
-        meta = {**meta, "step": step, "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_file(tmp / MODEL_FILE)
+        finish(tmp, step, state, meta, [MODEL_FILE])
+        return commit(tmp, root, step, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish(tmp: Path, step: int, state: dict, meta: dict, weight_files: list[str]) -> None:
+    """Write state.pt and, last, meta.json (with the sha256 of every file: the weight files, relative to
+    `tmp`, and state.pt) into the temporary checkpoint directory `tmp`, each fsynced."""
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+    fsync_file(tmp / STATE_FILE)
+    files = {name: sha256_file(tmp / name) for name in [*weight_files, STATE_FILE]}
+    with open(tmp / META_FILE, "w") as f:
+        json.dump({**meta, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def commit(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
+    """Rename the finished temporary directory `tmp` to checkpoint `step` (replacing one of the same step),
+    fsync `root`, and delete all but the newest `keep_last` checkpoints. Returns the checkpoint directory."""
+    final = root / step_dir_name(step)
+    old = None
+    if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for _, p in list_checkpoints(root)[keep_last:]:
         shutil.rmtree(p, ignore_errors=True)
     return final
@@ -158,8 +177,9 @@ def verify(ckpt_dir: str | os.PathLike) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {d}: unreadable {META_FILE} ({e})") from None
     files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE}:
-        raise CheckpointError(f"checkpoint {d}: {META_FILE} lists no checksums for {MODEL_FILE} and {STATE_FILE}")
+    weights = MODEL_FILE if not is_sharded(d) else f"{SHARDED_DIR}/.metadata"
+    if not isinstance(files, dict) or not {weights, STATE_FILE} <= set(files):
+        raise CheckpointError(f"checkpoint {d}: {META_FILE} lists no checksums for {weights} and {STATE_FILE}")
     for name, digest in files.items():
         if not (d / name).is_file():
             raise CheckpointError(f"checkpoint {d} is missing {name}")
@@ -199,12 +219,37 @@ def resolve(path: str | os.PathLike) -> tuple[Path, dict]:
     return found
 
 
+def is_sharded(ckpt_dir: str | os.PathLike) -> bool:
+    """A checkpoint written under FSDP2 with torch.distributed.checkpoint (lowbit.train.sharded)."""
+    return (Path(ckpt_dir) / SHARDED_DIR).is_dir()
+
+
 def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device="cpu") -> None:
-    """Load model.safetensors into `model` (strict: every key must match)."""
-    missing, unexpected = load_model(model, Path(ckpt_dir) / MODEL_FILE, strict=False, device=str(device))
+    """Load the checkpoint's weights into `model` (strict: every key must match): model.safetensors, or the
+    shards of a sharded (FSDP2) checkpoint gathered into full tensors."""
+    if is_sharded(ckpt_dir):
+        missing, unexpected = _load_full(model, read_weights(ckpt_dir))
+    else:
+        missing, unexpected = load_model(model, Path(ckpt_dir) / MODEL_FILE, strict=False, device=str(device))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model: missing keys {missing[:5]}, "
                               f"unexpected keys {unexpected[:5]} (was it trained with another --model?)")
+
+
+def read_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's full model state_dict on CPU (safetensors, or a sharded checkpoint gathered here)."""
+    if is_sharded(ckpt_dir):
+        from lowbit.train.sharded import read_weights as read_sharded
+
+        return read_sharded(Path(ckpt_dir))
+    from safetensors.torch import load_file
+
+    return load_file(Path(ckpt_dir) / MODEL_FILE)
+
+
+def _load_full(model: torch.nn.Module, sd: dict) -> tuple[list, list]:
+    res = model.load_state_dict(sd, strict=False)
+    return list(res.missing_keys), list(res.unexpected_keys)
 
 
 def load_state(ckpt_dir: str | os.PathLike, device="cpu") -> dict:

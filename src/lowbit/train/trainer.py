@@ -29,7 +29,7 @@ from lowbit import flops as flops_mod
 from lowbit import recipes
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.nn import check_block_sizes, collect_stats, quant_stats
-from lowbit.train import checkpoint, dist
+from lowbit.train import dist
 from lowbit.train.checkpointer import CheckpointManager
 from lowbit.train.config import TrainConfig
 from lowbit.train.evaluation import eval_loss
@@ -154,7 +154,7 @@ class Trainer:
         model.to(self.device)
         if self.resume_from is not None:
             _check_resume(self.resume_from[1], cfg, vocab, self.resume_from[0])
-            checkpoint.load_weights(model, self.resume_from[0], self.device)
+            self.ckpt.load_weights(self.resume_from[0], model, self.device)
         self.model = model
         self.model_fwd = dist.wrap(model, self.di, self.device, cfg.fsdp)  # the model itself in one process
         self.forward = self.compile(self.model_fwd) if cfg.compile else self.model_fwd
@@ -178,7 +178,7 @@ class Trainer:
         if self.resume_from is None:
             return
         ckpt_dir = self.resume_from[0]  # weights were loaded before wrapping
-        self.ckpt.load(ckpt_dir, self.optimizer, self.states())
+        self.ckpt.load(ckpt_dir, self.model_fwd, self.optimizer, self.states())
         self.resumed_from = self.start_step = self.state.step
         log.info("resumed from %s (step %d of %d)", ckpt_dir, self.state.step, self.steps)
         if self.state.step > self.steps:
@@ -216,7 +216,7 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "recipe": self.recipe.to_dict(),
                 "model_config": model_config_dict(self.model.config), "vocab_size": self.tokenizer.vocab_size,
                 "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash}
-        self.ckpt.save(step, self.model, self.optimizer, self.states(), meta)
+        self.ckpt.save(step, self.model_fwd if self.sharded else self.model, self.optimizer, self.states(), meta)
 
     # --- the loop -------------------------------------------------------------------------------------
 
