@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -60,6 +61,7 @@ def fails(args, message, run: Path, capsys) -> str:
     assert rc == 2, err
     assert message in err, err
     assert "Traceback" not in err and err.count("error:") == 1
+    assert "usage:" not in err  # one line, not argparse's usage block
     assert snapshot(run) == before  # nothing lost, nothing rewritten
     return err
 
@@ -80,6 +82,20 @@ def test_unknown_model(env, capsys):
 def test_unknown_option(env, capsys):
     corpus, run, _ = env
     fails(base_args(corpus, run, "--learning-rate", "3e-4"), "unrecognized arguments: --learning-rate 3e-4", run, capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--tokns", "5"], "unrecognized arguments: --tokns 5 (did you mean --tokens?); see `lowbit train --help`"),
+    (["trian", "--tokens", "5"], "invalid choice: 'trian'"),
+    (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'; see `lowbit train --help`"),
+    (["compare", "--recipes", "bf16", "--sed", "1"], "(did you mean --seed?); see `lowbit compare --help`"),
+])
+def test_command_line_errors_are_one_line_with_suggestions(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: ") and err.count("\n") == 1 and message in err, err
+    if args[0] == "trian":
+        assert "(did you mean train?)" in err
 
 
 def test_unknown_config_key(env, capsys):
@@ -145,9 +161,55 @@ def test_checkpoint_with_another_vocabulary(env, capsys):
     capsys.readouterr()
     shutil.rmtree(run / "ckpt")
     shutil.copytree(other / "ckpt", run / "ckpt")
-    err = fails(base_args(corpus, run, "--resume"), "the tokenizer has 257; resume with the same data and tokenizer",
+    err = fails(base_args(corpus, run, "--resume"), "that changes what is trained; resume with the run's own settings",
                 run, capsys)
-    assert "step_0000007 has vocab_size 2" in err  # the BPE run's ~300
+    assert "--tokenizer 'bytes' (the run has 'bpe')" in err and "--vocab-size 2048 (the run has 300)" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vocab-size", "1024"], "--vocab-size 1024 (the run has 2048)"),
+    (["--recipe", "bf16"], "--recipe 'bf16' (the run has 'fp32')"),
+    (["--seq-len", "16"], "--seq-len 16 (the run has 32)"),
+    (["--lr", "3e-3"], "--lr 0.003 (the run has 0.001)"),
+])
+def test_resume_refuses_what_defines_the_run(env, capsys, extra, message):
+    """Issue 14: a changed vocabulary or recipe used to be accepted with a warning and rewrote config.toml and
+    meta.json; now it is refused and no file changes (fails() compares every file's bytes and mtime)."""
+    corpus, run, _ = env
+    err = fails(base_args(corpus, run, "--resume", *extra), message, run, capsys)
+    assert "--overwrite or another --out" in err
+
+
+def test_resume_of_a_finished_run_changes_nothing(env, capsys, caplog):
+    corpus, run, _ = env
+    before = snapshot(run)
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        assert main(base_args(corpus, run, "--resume")) == 0
+    assert snapshot(run) == before
+    result = json.loads((run / "result.json").read_text())
+    assert f"{result['tokens_per_s']:,.0f} tokens/s" in capsys.readouterr().out  # the existing result, not nan
+    assert any("already finished its 7 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_accepts_free_settings_with_a_warning(env, caplog):
+    corpus, run, _ = env
+    args = base_args(corpus, run, "--resume", "--log-interval", "1")
+    args[args.index("--tokens") + 1] = "2k"  # a longer budget: the run continues
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        assert main(args) == 0
+    err = "\n".join(r.getMessage() for r in caplog.records)
+    assert "resuming with changed settings" in err and "tokens: 1000 -> 2000" in err and "log_interval: 2 -> 1" in err
+    assert json.loads((run / "result.json").read_text())["steps"] == 15
+
+
+@pytest.mark.parametrize("extra", [["--recipe", "fp3"], ["--model", "gpt5"], ["--tokens", "100"],
+                                   ["--seq-len", "512", "--tokens", "100k"], ["--data", "/nonexistent/x.txt"]])
+def test_failed_checks_leave_no_new_path(env, capsys, extra):
+    """Issue 14: input checks run before anything is created: a fresh --out stays absent."""
+    corpus, _, tmp = env
+    out = tmp / "fresh" / "run"
+    assert main(base_args(corpus, out, *extra)) == 2
+    assert not (tmp / "fresh").exists(), capsys.readouterr().err
 
 
 def test_block_size_not_dividing_a_layer(env, capsys):

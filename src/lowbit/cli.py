@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 
@@ -202,8 +204,61 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line error argparse found; `parser` is the (sub)command's parser it found it in."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing a usage block and exiting (main prints one line)."""
+
+    def error(self, message):
+        raise UsageError(message, self)
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def usage_error_line(e: UsageError, extra: list[str] | None = None) -> str:
+    """`lowbit: error: ...` in one line, with "did you mean" for a misspelled option or command and the help to
+    read. `extra`: the arguments the (sub)command did not recognise."""
+    msg, parser = str(e), e.parser
+    if extra:
+        options = [o for a in parser._actions for o in a.option_strings]
+        msg = f"unrecognized arguments: {' '.join(extra)}"
+        unknown = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+        msg += _did_you_mean(unknown[0], options) if unknown else ""
+    m = re.match(r"argument COMMAND: invalid choice: '([^']*)'", msg)
+    if m:
+        msg += _did_you_mean(m.group(1), _commands(parser))
+    return f"lowbit: error: {msg}; see `{parser.prog} --help`"
+
+
+def _commands(parser) -> list[str]:
+    return [c for a in parser._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+
+
+def parse(argv: list[str] | None):
+    """Parsed arguments, or UsageError (with `.line`, the one-line message to print)."""
+    parser, extra = build_parser(), None
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+            raise UsageError("unrecognized arguments", sub)
+    except UsageError as e:
+        e.line = usage_error_line(e, extra if str(e) == "unrecognized arguments" else None)
+        raise
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowbit", description="Train GPT-2/LLaMA-style language models in FP4/FP8 (BF16/FP32 reference) "
                                    "and compare recipes side by side.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -322,8 +377,11 @@ def _rank() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lowbit` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(argv)
+    except UsageError as e:
+        print(e.line, file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     rank = _rank()

@@ -66,6 +66,9 @@ class Trainer:
         self.di = dist.DistInfo() if di is None else di
         self.device = resolve_device(cfg.device) if device is None else device
         self._setup_run_dir()
+        self.finished = self._finished_result()
+        if self.finished is not None:  # resumed a finished run: nothing to do, no file is touched
+            return
         self._setup_data(dataset)
         self._setup_model()
         self.optimizer = self.make_optimizer(self.model)
@@ -109,6 +112,16 @@ class Trainer:
         self.resume_from = self.ckpt.latest() if cfg.resume else None
         if cfg.resume and self.resume_from is None:
             log.warning("resume: no checkpoint in %s yet; starting from step 0", self.run.ckpt_root)
+        if self.resume_from is not None:
+            _check_resume_config(self.resume_from[1], cfg, self.resume_from[0])
+
+    def _finished_result(self) -> TrainResult | None:
+        """The run's result.json when --resume finds the run already finished at this token budget."""
+        if self.resume_from is None:
+            return None
+        steps = self.cfg.tokens // (self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum)
+        result = self.run.read_result() if self.resume_from[1].get("step") == steps else None
+        return None if result is None or result.get("steps") != steps else TrainResult.from_dict(result)
 
     def _setup_data(self, dataset) -> None:
         cfg, saved_tok = self.cfg, self.run.tokenizer
@@ -153,7 +166,10 @@ class Trainer:
         check_block_sizes(model, self.recipe, cfg.model)
         model.to(self.device)
         if self.resume_from is not None:
-            _check_resume(self.resume_from[1], cfg, vocab, self.resume_from[0])
+            ckpt_dir, meta = self.resume_from
+            if meta.get("vocab_size") != vocab:
+                raise ValueError(f"checkpoint {ckpt_dir} has vocab_size {meta.get('vocab_size')}, the tokenizer has "
+                                 f"{vocab}; resume with the same data and tokenizer")
             self.ckpt.load_weights(self.resume_from[0], model, self.device)
         self.model = model
         self.model_fwd = dist.wrap(model, self.di, self.device, cfg.fsdp)  # the model itself in one process
@@ -223,6 +239,10 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to the end of the token budget (or divergence, or a signal); returns the TrainResult.
         SIGINT/SIGTERM: the current step finishes, a checkpoint is written, TrainingInterrupted is raised."""
+        if self.finished is not None:
+            log.info("%s already finished its %d steps; nothing to resume (raise --tokens to train further)",
+                     self.run.path, self.finished.steps)
+            return self.finished
         bar = _progress_bar(self.progress and self.di.is_main, self.steps, self.state.step)
         diverged_at = None
         try:
@@ -362,18 +382,23 @@ class Trainer:
         return result
 
 
-def _check_resume(meta: dict, cfg: TrainConfig, vocab_size: int, ckpt_dir) -> None:
+def _check_resume_config(meta: dict, cfg: TrainConfig, ckpt_dir) -> None:
+    """Refuse to resume with a setting that changes what is trained (model, data, tokenizer, vocabulary, sequence
+    length, recipe, optimizer, seed...): the run would silently become another one. Settings that are free on
+    resume (TrainConfig metadata: tokens, intervals, device...) are accepted with a warning."""
     saved = meta.get("config", {})
     if saved.get("model") != cfg.model:
         raise ValueError(f"checkpoint {ckpt_dir} was trained with model={saved.get('model')!r}, this run has "
                          f"model={cfg.model!r}; resume with the same --model or use another --out")
-    if meta.get("vocab_size") != vocab_size:
-        raise ValueError(f"checkpoint {ckpt_dir} has vocab_size {meta.get('vocab_size')}, the tokenizer has "
-                         f"{vocab_size}; resume with the same data and tokenizer")
-    changed = cfg.changed_on_resume(saved)
-    if changed:
-        log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
-                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    refused = cfg.changed_on_resume(saved)
+    if refused:
+        what = ", ".join(f"--{k.replace('_', '-')} {b!r} (the run has {a!r})" for k, (a, b) in refused.items())
+        raise ValueError(f"cannot resume {ckpt_dir.parent.parent} with {what}: that changes what is trained; resume "
+                         "with the run's own settings, or start again with --overwrite or another --out")
+    free = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+            if k in saved and saved.get(k) != v and k not in ("resume", "overwrite", "out")}
+    if free:
+        log.warning("resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in free.items()))
 
 
 def _progress_bar(progress: bool, steps: int, start: int):
