@@ -95,6 +95,67 @@ def test_generate(run_dir, capsys):
     assert main(["generate", "--ckpt", str(run_dir), "--max-new-tokens", "5", "--device", "cpu"]) == 0  # empty prompt
 
 
+class _Writes:
+    """A stdout that records every write (to see tokens arrive one by one)."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_generate_streams_from_master_weights_by_default(corpus, tmp_path, capsys, monkeypatch):
+    """Issue 14: `generate` samples from the fp32 master weights (not through the training recipe's FP4
+    simulation) unless --recipe says so, and writes tokens as they come."""
+    import torch
+
+    from lowbit.models import build_model
+    from lowbit.train import checkpoint
+
+    run = tmp_path / "fp4"
+    assert main(tiny_args(corpus, run, "--recipe", "fp4-direct")) == 0
+    capsys.readouterr()
+    writes = _Writes()
+    monkeypatch.setattr("sys.stdout", writes)
+    args = ["generate", "--ckpt", str(run), "--prompt", "the", "--max-new-tokens", "30", "--seed", "3",
+            "--temperature", "1.5", "--device", "cpu"]
+    assert main(args) == 0
+    text = "".join(writes.parts)
+    assert len(writes.parts) >= 10  # streamed, not one write at the end
+    meta = checkpoint.resolve(run)[1]
+    from lowbit.train.runtime import model_config_from_dict
+
+    plain = build_model(model_config_from_dict(meta["model_config"]))  # no convert: the master weights in fp32
+    checkpoint.load_weights(plain, checkpoint.resolve(run)[0])
+    plain.eval()
+    ids = torch.tensor([list(b"the")])
+    want = plain.generate(ids, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))[0, 3:].tolist()
+    from lowbit.data import Tokenizer
+
+    assert text == "the" + Tokenizer.load(run / "tokenizer").decode(want) + "\n"
+
+
+def test_generate_and_eval_accept_a_comparison_directory(corpus, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "fp32,fp4-direct", "--data", str(corpus), "--tokenizer", "bytes",
+                 "--tokens", "256", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(out), "--max-new-tokens", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is a comparison directory; pick one of its runs with --run LABEL: fp32, fp4-direct" in err
+    assert main(["generate", "--ckpt", str(out), "--run", "fp4-direct", "--prompt", "the", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+    assert main(["eval", "--ckpt", str(out), "--run", "fp32", "--device", "cpu", "--json"]) == 0
+    assert main(["eval", "--ckpt", str(out), "--run", "bf16", "--device", "cpu"]) == 2
+    assert "no run 'bf16'" in capsys.readouterr().err
+
+
 def test_flops(capsys):
     assert main(["flops", "--model", "gpt2-small"]) == 0
     text = capsys.readouterr().out

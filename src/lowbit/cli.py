@@ -128,7 +128,9 @@ def cmd_eval(args) -> int:
     from lowbit.train.evaluation import evaluate, load_run
 
     # --recipe: the trained weights under another recipe, prepared exactly as training prepares a model
-    model, tok, cfg, recipe, ckpt_dir = load_run(args.ckpt, args.device, recipe=args.recipe)
+    from lowbit.comparison.runner import resolve_run
+
+    model, tok, cfg, recipe, ckpt_dir = load_run(resolve_run(args.ckpt, args.run), args.device, recipe=args.recipe)
     changes = {k: getattr(args, k) for k in ("eval_batches", "batch_size") if getattr(args, k) is not None}
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
     data = cfg.data if args.data is None else args.data
@@ -148,22 +150,33 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from lowbit.comparison.runner import resolve_run
     from lowbit.train.evaluation import load_run
     from lowbit.train.runtime import autocast
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, tok, _, recipe, _ = load_run(args.ckpt, args.device)
+    # the fp32 master weights by default: a recipe's quantized GeMMs are a training-time simulation (slow on a CPU)
+    model, tok, _, recipe, _ = load_run(resolve_run(args.ckpt, args.run), args.device, recipe=args.recipe or "fp32")
+    if args.recipe is None:
+        logging.getLogger("lowbit").info("sampling from the run's high-precision master weights (fp32); "
+                                         "--recipe NAME samples through a recipe's simulated GeMMs")
     device = next(model.parameters()).device
     ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty prompt: start a new document
-    block = model.config.block_size
-    idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)
+    idx = torch.tensor([ids[-model.config.block_size:]], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    new, shown = [], ""
     with autocast(recipe, device):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             use_cache=True, generator=gen)
-    new = out[0, idx.size(1):].tolist()
-    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+        for nxt in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                generator=gen):
+            new.append(int(nxt))
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # a partial UTF-8 character waits for its next byte
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
     return 0
 
 
@@ -272,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CKPT_HELP = "run directory (its newest valid checkpoint) or a ckpt/step_XXXXXXX directory"
 _DEVICE_HELP = "auto (cuda when available), cpu, cuda, cuda:N (default: auto)"
+_RUN_HELP = "with a comparison directory as --ckpt: the run to use (its label, e.g. fp4-paper)"
 
 
 def _add_train(sub) -> None:
@@ -291,6 +305,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--data", default=None, help="evaluate on the validation split of this data instead")
     p.add_argument("--recipe", default=None, help="evaluate under this recipe instead of the training recipe")
+    p.add_argument("--run", default=None, metavar="LABEL", help=_RUN_HELP)
     p.add_argument("--eval-batches", type=_positive_int, default=None,
                    help="validation batches (default: the run's eval_batches)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -310,6 +325,10 @@ def _add_generate(sub) -> None:
                    help="sampling temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--recipe", default=None,
+                   help="sample through this recipe's simulated GeMMs (e.g. the training recipe); default: the "
+                        "high-precision (fp32) master weights, which is what the model is after training")
+    p.add_argument("--run", default=None, metavar="LABEL", help=_RUN_HELP)
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_generate)
 

@@ -197,3 +197,21 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def resolve_run(path: str | Path, label: str | None = None) -> Path:
+    """The run directory for `lowbit eval/generate --ckpt PATH [--run LABEL]`: PATH itself, or, when PATH is a
+    comparison directory (results.json + runs/), its run LABEL; without a LABEL the error lists the runs."""
+    p = Path(path)
+    runs = p / "runs"
+    if not ((p / RESULTS_JSON).is_file() and runs.is_dir()):
+        if label is not None:
+            raise ValueError(f"--run {label} needs a comparison directory (lowbit compare's --out); {p} is not one")
+        return p
+    found = sorted(d.name for d in runs.iterdir() if d.is_dir())
+    if label is None:
+        raise ValueError(f"{p} is a comparison directory; pick one of its runs with --run LABEL: {', '.join(found)} "
+                         f"(or pass --ckpt {runs}/LABEL)")
+    if dirname(label) not in found:
+        raise ValueError(f"no run {label!r} in {p}; its runs: {', '.join(found)}")
+    return runs / dirname(label)

@@ -81,7 +81,14 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx [B, T0]; returns [B, T0 + max_new_tokens].
+        """Append max_new_tokens sampled tokens to idx [B, T0]; returns [B, T0 + max_new_tokens] (see `stream`)."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               use_cache: bool = True, generator: torch.Generator | None = None):
+        """Yield the next token ids, LongTensor [B, 1], one step at a time (for printing as they come).
 
         temperature == 0 is greedy (argmax). The model is conditioned on at most the last block_size tokens.
         With use_cache, keys/values are cached while the whole sequence fits in block_size; past that, every
@@ -103,9 +110,9 @@ class CausalLM(nn.Module):
                     h = self._hidden(idx[:, -1:], caches, T - 1)
             else:
                 h = self._hidden(idx[:, -block:])
-            logits = self.lm_head(h[:, -1, :])
-            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
-        return idx
+            nxt = sample_next(self.lm_head(h[:, -1, :]), temperature, top_k, generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            yield nxt
 
 
 def _check_generate_args(idx, max_new_tokens, temperature, top_k):
