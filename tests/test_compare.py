@@ -316,7 +316,7 @@ def _tiny(corpus, **kw):
     return TrainConfig(**base)
 
 
-def test_real_compare_three_recipes(corpus, tmp_path):
+def test_real_compare_three_recipes(corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     import numpy as np
 
@@ -352,6 +352,16 @@ def test_real_compare_three_recipes(corpus, tmp_path):
     md = (out / "report.md").read_text()
     assert "| fp4-paper |" in md and "(loss.png)" in md and "lowbit compare --recipes fp32,bf16,fp4-paper" in md
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "loss.png").stat().st_size > 20_000
+    # issue 14: the comparison ends with a sample from the reference and the best quantized run (only one here),
+    # the same text `lowbit generate --temperature 0` gives from that run's master weights
+    assert list(res["samples"]) == ["bf16", "fp4-paper"]
+    from lowbit.cli import main
+
+    for label, text in res["samples"].items():
+        assert f"**{label}**" in md and text in md
+        assert main(["generate", "--ckpt", str(out), "--run", label, "--prompt", cmp.runner.SAMPLE_PROMPT,
+                     "--max-new-tokens", str(cmp.runner.SAMPLE_TOKENS), "--temperature", "0", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == text + "\n"
 
 
 def test_real_divergence_does_not_stop_others(corpus, tmp_path, monkeypatch):

@@ -309,6 +309,11 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
     qt = format_quant_table(results)
     if qt:
         out += ["## Quantization statistics", "", qt, ""]
+    if results.get("samples"):
+        out += ["## Samples", "", f"Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
+                f"RUN --temperature 0`):", ""]
+        for label, text in results["samples"].items():
+            out += [f"**{label}**", "", "```", text, "```", ""]
     if failed:
         out += ["## Failed runs", ""] + [f"- `{lab}`: {r['status']}" for lab, r in failed.items()] + [""]
     out += ["## Reproduce", "", "```", results.get("command") or "(command not recorded)", "```", ""]

@@ -138,6 +138,8 @@ def run_cli(args) -> int:
     out = Path(args.out)
     print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
     print(report.format_table(results))
+    for label, text in (results.get("samples") or {}).items():
+        print(f"\n--- sample from {label} (greedy, fp32 master weights) ---\n{text}")
     if results["failed"]:
         print(f"error: {len(results['failed'])} run(s) failed: {', '.join(results['failed'])} "
               f"(tracebacks in {out}/runs/<label>/error.txt)", file=sys.stderr)

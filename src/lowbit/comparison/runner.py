@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import logging
 import shutil
 import sys
 import traceback
@@ -25,7 +26,10 @@ from lowbit._io import json_safe, write_json
 from lowbit.comparison import records
 from lowbit.comparison.sweep import RunSpec, dirname, plan_runs, validate_sweep
 
+log = logging.getLogger("lowbit")
 RESULTS_JSON = "results.json"
+SAMPLE_PROMPT = "ROMEO:"
+SAMPLE_TOKENS = 48
 
 
 def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: dict[str, list] | None = None,
@@ -71,7 +75,11 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             report.write_report(summary, out)
             records.check_hashes(summary["runs"])
             bar.done(records.one_line(summary["runs"][spec.label]))
-    return json.loads(json.dumps(json_safe(records.summarize(results))))
+    results["samples"] = samples(records.summarize(results), device)
+    summary = records.summarize(results)
+    write_json(out / RESULTS_JSON, summary)
+    report.write_report(summary, out)
+    return json.loads(json.dumps(json_safe(summary)))
 
 
 def _prepare_out(out: Path, base, overwrite: bool) -> dict:
@@ -215,3 +223,30 @@ def resolve_run(path: str | Path, label: str | None = None) -> Path:
     if dirname(label) not in found:
         raise ValueError(f"no run {label!r} in {p}; its runs: {', '.join(found)}")
     return runs / dirname(label)
+
+
+def samples(summary: dict, device) -> dict:
+    """{label: text}: a greedy continuation of SAMPLE_PROMPT from the reference and from the quantized run with the
+    lowest validation loss, each from its run's fp32 master weights (what the model is after training)."""
+    from lowbit import recipes as registry
+    from lowbit.train.evaluation import load_run
+    from lowbit.train.rundir import RunDir
+
+    runs, ref = summary["runs"], summary.get("reference")
+    ok = {lab: r for lab, r in runs.items() if r.get("status") == "ok" and RunDir(r["out"]).has_checkpoint()}
+    quantized = [lab for lab, r in ok.items() if registry.Recipe.from_dict(r["config"]["recipe"]).quantized
+                 and records._finite(r.get("final_val_loss"))]
+    best = min(quantized, key=lambda lab: ok[lab]["final_val_loss"], default=None)
+    out = {}
+    for label in dict.fromkeys(lab for lab in (ref, best) if lab in ok):
+        try:
+            model, tok, _, _, _ = load_run(ok[label]["out"], device, recipe="fp32")
+        except (ValueError, OSError) as e:  # a sample is a courtesy: it never fails the comparison
+            log.warning("no sample from %s: %s", label, e)
+            continue
+        import torch
+
+        idx = torch.tensor([tok.encode(SAMPLE_PROMPT)], dtype=torch.long, device=next(model.parameters()).device)
+        new = model.generate(idx, SAMPLE_TOKENS, temperature=0.0)[0, idx.size(1):].tolist()
+        out[label] = SAMPLE_PROMPT + tok.decode(new)
+    return out
