@@ -232,3 +232,24 @@ def test_python_m_lowbit_and_console_script(tmp_path):
     if os.path.exists(script):  # installed with pip install -e
         r = subprocess.run([script, "--help"], capture_output=True, text=True, env=env)
         assert r.returncode == 0 and "usage: lowbit" in r.stdout
+
+
+def test_export_summary_states_size_against_bf16():
+    from lowbit.cli import export_summary
+
+    res = {"out": "x", "architecture": "GPT2LMHeadModel", "weights_format": "fp32", "weights_bytes": 2_000_000,
+           "bf16_bytes": 1_000_000}
+    assert "2.00x the 1.00 MB they take in bf16" in export_summary(res)  # an fp32 export is twice bf16, not 0.50x
+    assert "0.55x" in export_summary({**res, "weights_format": "fp4", "weights_bytes": 550_000})
+
+
+def test_nproc_sets_omp_threads_so_torchrun_prints_no_banner(monkeypatch):
+    import torch.distributed.run as run_mod
+
+    from lowbit.train import dist
+
+    seen = {}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(run_mod, "run", lambda args: seen.setdefault("omp", os.environ.get("OMP_NUM_THREADS")))
+    assert dist.launch(2, ["train", "--help"]) == 0
+    assert seen["omp"] == str(max(1, (os.cpu_count() or 1) // 2))

@@ -233,7 +233,7 @@ def test_sweep_trains_each_effective_recipe_once(fake, tmp_path):
     res = cmp.compare(["bf16", "fp4-paper"], Cfg(tokens=4000), tmp_path, progress=False,
                       sweep={"dge.k": [3, 5], "occ.alpha": [0.99, 0.97], "fmt": ["e2m1"]})
     trained = [Path(c.out).name for c in trainer.calls]
-    assert trained == ["bf16", "fp4-paper[dge.k=3]", "fp4-paper[dge.k=5]", "fp4-paper[occ.alpha=0.97]"]
+    assert trained == ["bf16", "fp4-paper_dge.k-3", "fp4-paper_dge.k-5", "fp4-paper_occ.alpha-0.97"]
     runs = res["runs"]
     assert len(runs) == 6
     for label in ("fp4-paper[occ.alpha=0.99]", "fp4-paper[fmt=e2m1]"):
@@ -254,8 +254,8 @@ def test_cli_end_to_end_with_exit_status(fake, tmp_path, capsys):
     args = parser.parse_args(argv)
     assert args.func is cmp.run_cli
     assert cmp.run_cli(args) == 0
-    assert [Path(c.out).name for c in trainer.calls] == ["bf16", "fp4-paper[occ.alpha=0.99]",
-                                                         "fp4-paper[occ.alpha=0.97]"]
+    assert [Path(c.out).name for c in trainer.calls] == ["bf16", "fp4-paper_occ.alpha-0.99",
+                                                         "fp4-paper_occ.alpha-0.97"]
     assert all(c.lr == 0.002 and c.seed == 3 and c.tokens == 4000 for c in trainer.calls)
     res = json.loads((tmp_path / "results.json").read_text())
     # the recorded command reproduces the run: parsing it again gives the same configuration
@@ -450,3 +450,14 @@ def test_cli_default_eval_interval_gives_about_ten_points(fake, tmp_path):
     long_run = types.SimpleNamespace(tokens=5000 * 16 * 128, batch_size=16, seq_len=128, grad_accum=1,
                                      eval_interval=100)
     assert cmp.default_eval_interval(long_run) == 100  # capped at the configured interval
+    short = types.SimpleNamespace(tokens=8 * 16 * 128, batch_size=16, seq_len=128, grad_accum=1, eval_interval=100)
+    assert cmp.default_eval_interval(short) == 2  # 8 steps: 4 evaluations, not one after every step
+
+
+def test_run_directories_need_no_shell_quoting():
+    from lowbit.comparison.sweep import dirname
+
+    for label in ("fp4-paper[dge.k=3]", "fp4-paper[fmt=e2m1]", "fp4-paper[occ.alpha=0.999]", "my recipe (v2)"):
+        assert not set(dirname(label)) & set("[]=() *?$'\"\\"), dirname(label)
+    assert dirname("fp4-paper[dge.k=3]") == "fp4-paper_dge.k-3"
+    assert len({dirname(x) for x in ("a[k=1]", "a[k=2]", "a[j=1]")}) == 3

@@ -104,7 +104,7 @@ def test_writes_png_and_report(tmp_path):
     assert report.format_table(res) in md
     assert "lowbit compare --recipes bf16,fp4-paper --model tiny" in md
     assert "TestCPU" in md and "cpu_cores: 2" in md
-    assert "underflow_frac" in md and "0.25" in md  # quantization stats table
+    assert "| Underflow, mean of operands | OCC: activations clamped |" in md and "0.25" in md  # named columns
 
 
 def test_gap_curve_aligns_on_tokens():
@@ -178,3 +178,23 @@ def test_sweep_figure_draws_final_loss_per_value():
     xs, ys = _lines(fig.axes[0])["fp4-paper"]
     assert xs == [1.0, 3.0, 5.0] and ys == pytest.approx([4.3, 4.15, 4.1])
     assert set(_lines(fig.axes[1])) == {"bf16", *[lab for lab in runs if lab != "bf16"]}
+
+
+def test_quant_table_names_every_known_statistic():
+    runs = {"bf16": _run(4.0), "fp4-paper": _run(4.1, quant_stats={k: 0.5 for k in report.QUANT_STAT_NAMES})}
+    head = report.format_quant_table(_results(runs)).splitlines()[0]
+    cols = [c.strip() for c in head.strip("|").split("|")][1:]
+    assert cols == list(report.QUANT_STAT_NAMES.values())  # no raw key names
+
+
+def test_loss_figure_tells_overlapping_curves_apart():
+    """Issue 14: bf16 and fp8 curves lie on top of each other; each run gets its own colour, dash and marker, a
+    marker at every evaluation point, and the axis says which way is better."""
+    runs = {"bf16": _run(4.0), "fp8-tensor": _run(4.0), "fp8-block": _run(4.0), "fp4-direct": _run(4.3),
+            "fp4-paper": _run(4.1)}
+    ax, axg = report.loss_figure(_results(runs)).axes[:2]
+    lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    looks = {(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in lines}
+    assert len(looks) == len(lines) == 5
+    assert all(ln.get_marker() not in (None, "None", "") for ln in lines)
+    assert "lower is better" in ax.get_ylabel()

@@ -186,11 +186,16 @@ def cmd_export(args) -> int:
         res = export(args.ckpt, args.out, to=args.to, weights_format=args.weights_format)
     except ImportError as e:  # transformers missing: name the extra to install
         raise ValueError(str(e)) from None
-    ratio = res["bf16_bytes"] / res["weights_bytes"] if res["weights_bytes"] else float("nan")
-    print(f"wrote {res['out']} ({res['architecture']}, {res['weights_format']} weights): "
-          f"{res['weights_bytes'] / 1e6:.2f} MB of weights on disk vs {res['bf16_bytes'] / 1e6:.2f} MB in bf16 "
-          f"({ratio:.2f}x)")
+    print(export_summary(res))
     return 0
+
+
+def export_summary(res: dict) -> str:
+    """The line `lowbit export` prints: where, what, and the size on disk as a multiple of the bf16 size."""
+    ratio = res["weights_bytes"] / res["bf16_bytes"] if res["bf16_bytes"] else float("nan")
+    return (f"wrote {res['out']} ({res['architecture']}, {res['weights_format']} weights): "
+            f"{res['weights_bytes'] / 1e6:.2f} MB of weights on disk, {ratio:.2f}x the "
+            f"{res['bf16_bytes'] / 1e6:.2f} MB they take in bf16")
 
 
 def cmd_flops(args) -> int:

@@ -98,13 +98,29 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+QUANT_STAT_NAMES = {
+    "underflow_frac": "Underflow, mean of operands",
+    "underflow_frac_input": "Underflow: activations",
+    "underflow_frac_weight": "Underflow: weights",
+    "underflow_frac_grad_output": "Underflow: output gradients",
+    "occ_clamped_frac": "OCC: activations clamped",
+}
+
+
+def stat_name(key: str) -> str:
+    """A column title for a quantization-statistics key (the key itself when it has no name yet)."""
+    return QUANT_STAT_NAMES.get(key, key)
+
+
 def format_quant_table(results: dict) -> str:
     """Markdown table of the quantization statistics (union of keys over runs); "" if none reported any."""
     runs = results.get("runs", {})
-    keys = sorted({k for r in runs.values() for k in (r.get("quant_stats") or {})})
+    keys = sorted({k for r in runs.values() for k in (r.get("quant_stats") or {})},
+                  key=lambda k: (k not in QUANT_STAT_NAMES, list(QUANT_STAT_NAMES).index(k) if k in QUANT_STAT_NAMES
+                                 else 0, k))
     if not keys:
         return ""
-    lines = ["| Recipe | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = ["| Recipe | " + " | ".join(map(stat_name, keys)) + " |", "|---|" + "---:|" * len(keys)]
     for label, r in runs.items():
         qs = r.get("quant_stats") or {}
         lines.append(f"| {label} | " + " | ".join(_f(qs.get(k), ".4g") for k in keys) + " |")
@@ -141,8 +157,14 @@ def _new_figure(ncols: int, width: float = 6.0, height: float = 4.5):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def _style(i: int) -> dict:
-    return {"color": _COLORS[i % len(_COLORS)], "linestyle": _STYLES[(i // len(_COLORS)) % len(_STYLES)]}
+    """Run i's line: colour, dash pattern and marker all change from one run to the next, so two curves that lie
+    on top of each other (bf16 and fp8) stay tell-apart-able."""
+    return {"color": _COLORS[i % len(_COLORS)], "linestyle": _STYLES[i % len(_STYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def _token_axis(ax):
@@ -163,17 +185,17 @@ def _plot_curves(ax, runs: dict[str, dict], reference: str | None, labels: list[
             continue
         kw = _style(i)
         if label == reference:
-            kw = {"color": "black", "linestyle": "-", "linewidth": 2.2}
+            kw = {"color": "black", "linestyle": "-", "linewidth": 2.2, "marker": "o"}
         status = r.get("status", "ok")
         name = label if status == "ok" else f"{label} ({_status(r)})"
-        ax.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=3, label=name, **kw)
+        ax.plot(xs, ys, markersize=4, markerfacecolor="none", label=name, **kw)  # a marker at every evaluation
         if status != "ok":
             ax.plot(xs[-1:], ys[-1:], marker="x", markersize=9, color=kw["color"], linestyle="none")
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no validation losses recorded", ha="center", va="center", transform=ax.transAxes)
     _token_axis(ax)
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel("validation loss (nats/token), lower is better")
     return drawn
 
 
@@ -203,7 +225,7 @@ def loss_figure(results: dict):
                 continue
             xs, ys = gap_curve(runs[label], runs[ref])
             if xs:
-                axg.plot(xs, ys, marker="o" if len(xs) < 3 else None, markersize=3, label=label, **_style(i))
+                axg.plot(xs, ys, markersize=4, markerfacecolor="none", label=label, **_style(i))
                 drawn += 1
     if drawn:
         axg.legend(fontsize=8)
@@ -211,7 +233,7 @@ def loss_figure(results: dict):
         axg.text(0.5, 0.5, "no gap to plot (reference missing or single run)", ha="center", va="center",
                  transform=axg.transAxes)
     _token_axis(axg)
-    axg.set_ylabel(f"val loss − {ref} val loss")
+    axg.set_ylabel(f"val loss − {ref} val loss (below 0: better than {ref})")
     axg.set_title(f"gap to {ref}")
     fig.suptitle(_title(results))
     return fig
@@ -253,7 +275,7 @@ def sweep_figure(results: dict, param: str):
         pts.sort()
         ok = [(x, y) for x, y in pts if _finite(y)]
         if ok:
-            ax.plot(*zip(*ok), marker="o", label=name, **_style(i))
+            ax.plot(*zip(*ok), label=name, **_style(i))
         bad = [x for x, y in pts if not _finite(y)]
         if bad:
             lo, hi = ax.get_ylim() if ok else (0, 1)
@@ -308,7 +330,8 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
                 f"![sweep of {param}]({name})", ""]
     qt = format_quant_table(results)
     if qt:
-        out += ["## Quantization statistics", "", qt, ""]
+        out += ["## Quantization statistics", "", "Fractions of entries, at the last logged step, mean over the "
+                "quantized layers. Underflow: nonzero entries that quantized to zero.", "", qt, ""]
     if results.get("samples"):
         out += ["## Samples", "", f"Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
                 f"RUN --temperature 0`):", ""]

@@ -101,9 +101,11 @@ def add_cli(subparsers):
 
 def default_eval_interval(cfg) -> int:
     """About ten validation points per run, so loss.png has curves to compare (a comparison is about the
-    curves; `lowbit train`'s fixed default of 100 steps gives a short run only one or two points)."""
+    curves; `lowbit train`'s fixed default of 100 steps gives a short run only one or two points); runs of
+    fewer than 40 steps get about five, never one per step (evaluation would dominate their wall time)."""
     steps = cfg.tokens // (cfg.batch_size * cfg.seq_len * cfg.grad_accum)
-    return max(1, min(cfg.eval_interval, steps // 10))
+    points = 10 if steps >= 40 else 5
+    return max(1, min(cfg.eval_interval, -(-steps // points) if steps < 40 else steps // points))
 
 
 def _config_sets(path: str | None, key: str) -> bool:

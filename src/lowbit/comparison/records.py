@@ -75,7 +75,7 @@ def check_same_setup(prev: dict, base_cfg: dict, out: Path) -> None:
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {base_cfg.get(k)!r}" for k in diff)
         raise ValueError(f"{out} holds a comparison with a different configuration ({shown}); "
-                         "pass overwrite=True (--overwrite) to start over, or use another out directory")
+                         "pass --overwrite (overwrite=True in Python) to start over, or use another --out")
 
 
 def model_info(base, vocab_size: int) -> dict:

@@ -6,7 +6,7 @@ trainer run directory each), `recipes/<label>.toml` (swept or custom recipes, pa
 
 Resuming: calling compare again with the same arguments reuses runs whose directory holds a `result.json`,
 resumes a run that has a checkpoint, and retries failed ones. A different base configuration in the same
-`out` raises (use overwrite=True or another out).
+`out` raises (use --overwrite / overwrite=True, or another out).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _run_config(spec: RunSpec, base, out: Path, prev_runs: dict):
     old = (prev_runs.get(spec.label) or {}).get("config", {}).get("recipe")
     if old is not None and old != json_safe(spec.recipe.to_dict()) and run_dir.exists():
         raise ValueError(f"recipe {spec.label!r} differs from the one its run in {run_dir} was trained with; "
-                         "pass overwrite=True (--overwrite) to start over, or use another out directory")
+                         "pass --overwrite (overwrite=True in Python) to start over, or use another --out")
     return dataclasses.replace(base, recipe=recipe_arg, out=str(run_dir), resume=False, overwrite=False)
 
 

@@ -176,5 +176,7 @@ def plan_runs(recipe_list: list, sweep: dict[str, list] | None = None) -> list[R
 
 
 def dirname(label: str) -> str:
-    """A filesystem-safe directory name for a run label (labels may come from TOML recipe names)."""
-    return re.sub(r"[^\w.\-\[\]=,+]", "_", label)
+    """A directory name for a run label that needs no quoting in any shell: `fp4-paper[dge.k=3]` ->
+    `fp4-paper_dge.k-3` (labels may also come from TOML recipe names)."""
+    name = label.replace("[", "_").replace("]", "").replace("=", "-")
+    return re.sub(r"[^\w.\-,+]", "_", name)

@@ -262,6 +262,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun prints a banner and sets 1 thread per process when OMP_NUM_THREADS is unset: set it ourselves,
+    # to this machine's cores shared out over the processes
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "lowbit", *argv])
     try:
         run(args)
