@@ -118,7 +118,17 @@ def fake(monkeypatch):
         return types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab_size=256))
 
     monkeypatch.setattr(importlib.import_module("lowbit.data"), "prepare_dataset", prepare_dataset)
+    # the timing phase builds real models: a stand-in that "measures" the fake trainer's step times
+    monkeypatch.setattr(importlib.import_module("lowbit.comparison.timing"), "measure", fake_measure)
     return trainer, cls, prepared
+
+
+def fake_measure(cfgs, dataset, reference, device=None, rounds=3, steps=2):
+    from lowbit.comparison import timing
+
+    cost = {lab: 0.5 + len(recipes.get(cfg.recipe).name) / 100 for lab, cfg in cfgs.items()}
+    return timing.summarize({lab: [[(c, 2 * c)] * steps] * rounds for lab, c in cost.items()}, reference,
+                            0.0, 0.0, 2, rounds, steps)
 
 
 def test_orchestration_records_and_shares_dataset(fake, tmp_path):
@@ -348,6 +358,12 @@ def test_real_compare_three_recipes(corpus, tmp_path, capsys):
     assert runs["fp4-paper"]["val_gap_abs"] == pytest.approx(gap)
     assert runs["fp4-paper"]["val_gap_pct"] == pytest.approx(100 * gap / ref)
     assert runs["bf16"]["step_time_rel"] == pytest.approx(1.0)
+    # issue 14: the step-time ratios come from the interleaved timing phase, not from the training runs
+    t = res["timing"]
+    assert set(t["per_recipe"]) == set(runs) and t["rounds"] == 3
+    for label, r in runs.items():
+        assert r["step_time_rel"] == pytest.approx(t["per_recipe"][label]["rel"])
+        assert r["step_ms"] == pytest.approx(1e3 * t["per_recipe"][label]["step_s"])
     assert runs["fp4-paper"]["quant_stats"], "fp4-paper reports quantization statistics"
     md = (out / "report.md").read_text()
     assert "| fp4-paper |" in md and "(loss.png)" in md and "lowbit compare --recipes fp32,bf16,fp4-paper" in md

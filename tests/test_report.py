@@ -144,12 +144,13 @@ def test_table_every_column():
     head, _, *rows = report.format_table(res).splitlines()
     cols = [c.strip() for c in head.strip("|").split("|")]
     assert cols == ["Recipe", "Status", "Train loss", "Val loss", "Δ val vs bf16", "Δ %", "Tokens/s",
-                    "Step time vs bf16", "Peak mem (MiB)", "Wall (s)"]
+                    "Step time vs bf16", "Step ms (CPU ms)", "Peak mem (MiB)", "Wall (s)"]
     cells = dict(zip(cols, [c.strip() for c in rows[1].strip("|").split("|")]))
     r = runs["fp8"]
     assert cells == {"Recipe": "fp8", "Status": "ok", "Train loss": f"{r['final_train_loss']:.4f}",
                      "Val loss": "4.2000", "Δ val vs bf16": "+0.2000", "Δ %": "+5.00%", "Tokens/s": "4,000",
-                     "Step time vs bf16": "2.00×", "Peak mem (MiB)": "96.0", "Wall (s)": "71.2"}
+                     "Step time vs bf16": "2.00×", "Step ms (CPU ms)": "–", "Peak mem (MiB)": "96.0",
+                     "Wall (s)": "71.2"}
 
 
 def _lines(ax) -> dict[str, tuple[list, list]]:
@@ -198,3 +199,17 @@ def test_loss_figure_tells_overlapping_curves_apart():
     assert len(looks) == len(lines) == 5
     assert all(ln.get_marker() not in (None, "None", "") for ln in lines)
     assert "lower is better" in ax.get_ylabel()
+
+
+def test_timing_phase_ratios_replace_training_ratios_in_the_table():
+    runs = {"bf16": _run(4.0, step=0.1), "fp4-paper": _run(4.1, step=0.9)}  # training: 9x (a busy machine)
+    res = {"base_config": {}, "runs": runs, "timing": {
+        "rounds": 3, "steps": 2, "reference": "bf16", "load_before": 0.5, "load_after": 3.5, "cores": 2,
+        "per_recipe": {"bf16": {"step_s": 0.1, "cpu_s": 0.19, "rel": 1.0, "spread": 1.0},
+                       "fp4-paper": {"step_s": 0.15, "cpu_s": 0.28, "rel": 1.5, "spread": 1.05}},
+        "warnings": ["the machine was busy"]}}
+    summary = records.summarize(res)
+    row = [c.strip() for c in report.format_table(summary).splitlines()[3].strip("|").split("|")]
+    assert row[0] == "fp4-paper" and row[7] == "1.50×" and row[8] == "150.0 (280.0)"
+    md = report.render_markdown(summary)
+    assert "**Warning:** the machine was busy." in md and "timing phase after training: 3 rounds of 2" in md

@@ -78,7 +78,7 @@ def format_table(results: dict) -> str:
     """Markdown table, one row per run: losses, gaps to the reference, speed, memory, wall time."""
     ref = results.get("reference")
     head = ["Recipe", "Status", "Train loss", "Val loss", f"Δ val vs {ref}", "Δ %",
-            "Tokens/s", f"Step time vs {ref}", "Peak mem (MiB)", "Wall (s)"]
+            "Tokens/s", f"Step time vs {ref}", "Step ms (CPU ms)", "Peak mem (MiB)", "Wall (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results.get("runs", {}).items():
         mem = r.get("peak_mem_bytes")
@@ -91,6 +91,7 @@ def format_table(results: dict) -> str:
             _f(r.get("val_gap_pct"), "+.2f") + ("%" if _finite(r.get("val_gap_pct")) else ""),
             _f(r.get("tokens_per_s"), ",.0f"),
             _f(r.get("step_time_rel"), ".2f") + ("×" if _finite(r.get("step_time_rel")) else ""),
+            _f(r.get("step_ms"), ".1f") + (f" ({r['cpu_ms']:.1f})" if _finite(r.get("cpu_ms")) else ""),
             _f(mem / 2**20 if _finite(mem) else None, ".1f"),
             _f(r.get("wall_time_s"), ".1f"),
         ]
@@ -310,6 +311,17 @@ def _machine_lines(m: dict) -> list[str]:
     return [f"- {k}: {m[k]}" for k in keys]
 
 
+def _timing_note(timing: dict | None) -> str:
+    if not timing:
+        return ("Step times are those of training (no timing phase): they measure the machine's load as much as "
+                "the recipe. Tokens/s: training throughput.")
+    return (f"Step times come from a timing phase after training: {timing['rounds']} rounds of {timing['steps']} "
+            f"steps per recipe, recipes interleaved within each round, median per recipe (wall ms, with the "
+            f"process's CPU ms beside it); 1-min load average {timing['load_before']:.2f} before, "
+            f"{timing['load_after']:.2f} after, on {timing['cores']} cores. Tokens/s: training throughput, under "
+            "whatever load the machine had then.")
+
+
 def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[str, str] | None = None) -> str:
     """The text of report.md: title, reference note, table, charts, quantization stats, command, machine."""
     cfg = results.get("base_config") or {}
@@ -319,9 +331,11 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
         out.append(f"Reference for gaps and relative step time: `{ref}`.")
     if results.get("reference_note"):
         out.append(f"**Note:** {results['reference_note']}")
+    out += [""] + [f"**Warning:** {w}." for w in (results.get("timing") or {}).get("warnings", [])]
     out += ["", format_table(results), "",
             "Δ val: final validation loss minus the reference's (lower is better); "
-            "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower."
+            "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower. "
+            + _timing_note(results.get("timing"))
             + (f" Peak mem: {results['peak_mem_note']}." if results.get("peak_mem_note") else ""), "",
             f"![validation loss and gap to {ref}]({plot_name})", ""]
     failed = {lab: r for lab, r in results.get("runs", {}).items() if str(r.get("status", "")).startswith("failed")}

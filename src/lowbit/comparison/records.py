@@ -150,6 +150,19 @@ def gaps(runs: dict[str, dict], reference: str | None) -> dict[str, dict]:
     return out
 
 
+def _timed_ratios(runs: dict, timing: dict | None) -> None:
+    """With a timing phase, each run's step_time_rel (and step_ms / cpu_ms) are the timing phase's, in place (a
+    reused label takes the run it is the same as); training's own step_time_s stays as measured."""
+    if not timing:
+        return
+    per = timing.get("per_recipe") or {}
+    for label, r in runs.items():
+        t = per.get(r.get("same_run_as") or label)
+        if t is not None:
+            r["step_time_rel"] = t.get("rel")
+            r["step_ms"], r["cpu_ms"] = 1e3 * t["step_s"], 1e3 * t["cpu_s"]
+
+
 def summarize(results: dict) -> dict:
     """A copy of `results` with the reference picked, every run's gaps filled and the failed / diverged
     runs and the peak-memory note listed."""
@@ -159,6 +172,7 @@ def summarize(results: dict) -> dict:
     results["reference"], results["reference_note"] = ref, note
     for label, g in gaps(runs, ref).items():
         runs[label].update(g)
+    _timed_ratios(runs, results.get("timing"))
     results["failed"] = [lab for lab, r in runs.items() if str(r["status"]).startswith("failed")]
     results["diverged"] = [lab for lab, r in runs.items() if r["status"] == "diverged"]
     sources = sorted({r.get("peak_mem_source") for r in runs.values() if r.get("peak_mem_source")})

@@ -34,7 +34,7 @@ SAMPLE_TOKENS = 48
 
 def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: dict[str, list] | None = None,
             progress: bool = True, *, overwrite: bool | None = None, command: str | None = None,
-            train_fn=None) -> dict:
+            train_fn=None, timing_rounds: int = 3) -> dict:
     """Train `base` once per recipe (x sweep value) from identical weights and batches; write the report.
 
     recipes:   names, `.toml` paths or Recipe objects, e.g. ["bf16", "fp8-tensor", "fp4-paper"].
@@ -45,6 +45,8 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     overwrite: discard an earlier comparison in `out` (default: base.overwrite); otherwise resume it.
     command:   the command line to record in the report (default: the equivalent `lowbit compare` command).
     train_fn:  the trainer, train(cfg, progress=, dataset=) -> TrainResult (default: lowbit.train.train).
+    timing_rounds: rounds of the timing phase after training (lowbit.comparison.timing; 0 = none: the step-time
+               ratios are then those of training, under whatever load the machine had).
     Returns the content of results.json. Raises RuntimeError if runs did not share initial weights/batches.
     A run that diverges is recorded with status "diverged"; one that raises, "failed: <error>"; the others run.
     """
@@ -75,7 +77,21 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             report.write_report(summary, out)
             records.check_hashes(summary["runs"])
             bar.done(records.one_line(summary["runs"][spec.label]))
-    results["samples"] = samples(records.summarize(results), device)
+    return _finish(results, runner, cfgs, device, out, timing_rounds)
+
+
+def _finish(results: dict, runner, cfgs: dict, device, out: Path, timing_rounds: int) -> dict:
+    """After training: the timing phase, the samples, and the final results.json and report."""
+    from lowbit.comparison import timing
+
+    summary = records.summarize(results)
+    timed = [lab for lab, r in summary["runs"].items() if r["status"] == "ok" and not r.get("same_run_as")]
+    if timing_rounds and timed:
+        results["timing"] = timing.measure({lab: cfgs[lab] for lab in timed}, runner.ensure_dataset(),
+                                           summary["reference"], device, rounds=timing_rounds)
+        for w in results["timing"]["warnings"]:
+            log.warning("%s", w)
+    results["samples"] = samples(summary, device)
     summary = records.summarize(results)
     write_json(out / RESULTS_JSON, summary)
     report.write_report(summary, out)
@@ -141,13 +157,19 @@ class _Runner:
             self.trained[key] = spec.label
         return rec
 
-    def _train(self, spec: RunSpec, cfg, run) -> dict:
-        if self.dataset is None:  # once for all runs (what train() would do per run from the same fields)
+    def ensure_dataset(self):
+        """The dataset every run shares, prepared once, lazily (what train() would do per run from the same
+        config fields)."""
+        if self.dataset is None:
             from lowbit.data import prepare_dataset
 
             b = self.base
             self.dataset = prepare_dataset(b.data, tokenizer=b.tokenizer, vocab_size=b.vocab_size,
                                            val_fraction=b.val_fraction)
+        return self.dataset
+
+    def _train(self, spec: RunSpec, cfg, run) -> dict:
+        self.ensure_dataset()
         if run.has_checkpoint():
             cfg = dataclasses.replace(cfg, resume=True)
         elif run.path.exists():  # interrupted before its first checkpoint: start it again
