@@ -477,3 +477,17 @@ def test_run_directories_need_no_shell_quoting():
         assert not set(dirname(label)) & set("[]=() *?$'\"\\"), dirname(label)
     assert dirname("fp4-paper[dge.k=3]") == "fp4-paper_dge.k-3"
     assert len({dirname(x) for x in ("a[k=1]", "a[k=2]", "a[j=1]")}) == 3
+
+
+def test_eta_from_the_cost_of_finished_runs():
+    """Issue 14: bf16 took 60 s, fp8 200 s: two more quantized runs are ~400 s, one bf16-like run 60 s (not the
+    mean over runs times their count); after a resume the reused runs count with the time they recorded."""
+    from lowbit.comparison.records import eta_seconds
+
+    assert eta_seconds([(False, 60.0), (True, 200.0)], [True, True]) == pytest.approx(400.0)
+    assert eta_seconds([(False, 60.0), (True, 200.0)], [False]) == pytest.approx(60.0)
+    assert eta_seconds([(False, 60.0)], [True]) == pytest.approx(60.0)  # no quantized run yet: the mean of all
+    assert eta_seconds([], [True]) is None and eta_seconds([(True, 1.0)], []) == 0.0
+    fresh = eta_seconds([(False, 60.0), (True, 200.0)], [True])
+    resumed = eta_seconds([(False, 60.0), (True, 200.0)], [True])  # the same runs, reused from result.json
+    assert fresh == resumed == pytest.approx(200.0)

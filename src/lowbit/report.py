@@ -347,8 +347,8 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
         out += ["## Quantization statistics", "", "Fractions of entries, at the last logged step, mean over the "
                 "quantized layers. Underflow: nonzero entries that quantized to zero.", "", qt, ""]
     if results.get("samples"):
-        out += ["## Samples", "", f"Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
-                f"RUN --temperature 0`):", ""]
+        out += ["## Samples", "", "Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
+                "RUN --temperature 0`):", ""]
         for label, text in results["samples"].items():
             out += [f"**{label}**", "", "```", text, "```", ""]
     if failed:

@@ -190,3 +190,20 @@ def one_line(rec: dict) -> str:
     if rec.get("tokens_per_s"):
         s += f", {rec['tokens_per_s']:,.0f} tokens/s"
     return s + (" [reused]" if rec.get("reused") else "")
+
+
+def eta_seconds(finished: list[tuple[bool, float]], remaining: list[bool]) -> float | None:
+    """Seconds the remaining runs will take, from what the finished ones cost: `finished` holds (quantized,
+    wall seconds) of each finished run, reused ones with the wall time they recorded (so the estimate after a
+    resume is what it was before the interruption); `remaining` the quantized flag of each run still to go.
+    Each remaining run costs the mean of the finished runs of its kind (quantized recipes simulate their GeMMs
+    and cost more), or of all finished runs when none of its kind has finished. None before any run finished."""
+    walls = [w for _, w in finished if _finite(w)]
+    if not walls:
+        return None if remaining else 0.0
+    mean = sum(walls) / len(walls)
+    by_kind = {}
+    for q, w in finished:
+        if _finite(w):
+            by_kind.setdefault(q, []).append(w)
+    return sum(sum(by_kind[q]) / len(by_kind[q]) if q in by_kind else mean for q in remaining)

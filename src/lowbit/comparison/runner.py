@@ -76,7 +76,8 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             write_json(out / RESULTS_JSON, summary)
             report.write_report(summary, out)
             records.check_hashes(summary["runs"])
-            bar.done(records.one_line(summary["runs"][spec.label]))
+            bar.done(records.one_line(summary["runs"][spec.label]), spec.recipe.quantized, rec.get("wall_time_s"),
+                     [s.recipe.quantized for s in specs[i:]])
     return _finish(results, runner, cfgs, device, out, timing_rounds)
 
 
@@ -194,6 +195,10 @@ class _Runner:
         return None
 
 
+def _duration(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
 def _status_record(spec: RunSpec, cfg, result: dict) -> dict:
     return records.record(spec, cfg, "diverged" if result.get("diverged_at_step") is not None else "ok", result)
 
@@ -204,13 +209,16 @@ class _Progress:
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total, self.bar = enabled, total, None
         self.tty = sys.stderr.isatty()
+        self.finished: list[tuple[bool, float]] = []
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
             from tqdm.auto import tqdm
 
+            # no tqdm ETA (runs per second counts a reused run as free): ours, from what finished runs cost
+            fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
             self.bar = tqdm(total=self.total, desc="compare", unit="run", position=0, leave=True,
-                            disable=not self.tty)
+                            disable=not self.tty, bar_format=fmt)
         return self
 
     def start(self, i: int, label: str) -> None:
@@ -219,10 +227,16 @@ class _Progress:
             if not self.tty:
                 print(f"[compare] recipe {i}/{self.total}: {label}", file=sys.stderr, flush=True)
 
-    def done(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.write(f"[compare] {line}", file=sys.stderr)
+    def done(self, line: str, quantized: bool, wall_s, remaining: list[bool]) -> None:
+        """A run finished (`wall_s`: its recorded wall time); `remaining`: quantized flags of the runs to go."""
+        self.finished.append((quantized, wall_s if isinstance(wall_s, (int, float)) else float("nan")))
+        if self.bar is None:
+            return
+        eta = records.eta_seconds(self.finished, remaining)
+        left = f", ~{_duration(eta)} left" if eta else ""
+        self.bar.set_postfix_str(left.lstrip(", "), refresh=False)
+        self.bar.update(1)
+        self.bar.write(f"[compare] {line}{left}", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
