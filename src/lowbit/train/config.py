@@ -15,6 +15,7 @@ Unknown keys raise, naming them and listing the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import typing
@@ -218,6 +219,26 @@ class TrainConfig:
         `saved` (a checkpoint's config dict)."""
         return {f.name: (saved.get(f.name), getattr(self, f.name)) for f in dataclasses.fields(self)
                 if not f.metadata["free"] and f.name in saved and saved.get(f.name) != getattr(self, f.name)}
+
+    def check_resume(self, saved: dict, ckpt_dir) -> None:
+        """Refuse to resume checkpoint `ckpt_dir` (trained with config dict `saved`) with a setting that changes
+        what is trained (model, data, tokenizer, vocabulary, sequence length, recipe, optimizer, seed...): the run
+        would silently become another one. Settings free on resume (tokens, intervals, device...) are accepted
+        with a warning."""
+        if saved.get("model") != self.model:
+            raise ValueError(f"checkpoint {ckpt_dir} was trained with model={saved.get('model')!r}, this run has "
+                             f"model={self.model!r}; resume with the same --model or use another --out")
+        refused = self.changed_on_resume(saved)
+        if refused:
+            what = ", ".join(f"--{k.replace('_', '-')} {b!r} (the run has {a!r})" for k, (a, b) in refused.items())
+            raise ValueError(f"cannot resume {Path(ckpt_dir).parent.parent} with {what}: that changes what is "
+                             "trained; resume with the run's own settings, or start again with --overwrite or "
+                             "another --out")
+        free = {k: (saved.get(k), v) for k, v in self.to_dict().items()
+                if k in saved and saved.get(k) != v and k not in ("resume", "overwrite", "out")}
+        if free:
+            logging.getLogger("lowbit.train").warning(
+                "resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in free.items()))
 
     def shared_dict(self) -> dict:
         """The fields a comparison's runs share: all but the per-run ones (recipe, out, resume, overwrite)."""

@@ -113,7 +113,7 @@ class Trainer:
         if cfg.resume and self.resume_from is None:
             log.warning("resume: no checkpoint in %s yet; starting from step 0", self.run.ckpt_root)
         if self.resume_from is not None:
-            _check_resume_config(self.resume_from[1], cfg, self.resume_from[0])
+            cfg.check_resume(self.resume_from[1].get("config", {}), self.resume_from[0])
 
     def _finished_result(self) -> TrainResult | None:
         """The run's result.json when --resume finds the run already finished at this token budget."""
@@ -380,25 +380,6 @@ class Trainer:
         if self.di.is_main:
             self.run.write_result(result.to_dict())
         return result
-
-
-def _check_resume_config(meta: dict, cfg: TrainConfig, ckpt_dir) -> None:
-    """Refuse to resume with a setting that changes what is trained (model, data, tokenizer, vocabulary, sequence
-    length, recipe, optimizer, seed...): the run would silently become another one. Settings that are free on
-    resume (TrainConfig metadata: tokens, intervals, device...) are accepted with a warning."""
-    saved = meta.get("config", {})
-    if saved.get("model") != cfg.model:
-        raise ValueError(f"checkpoint {ckpt_dir} was trained with model={saved.get('model')!r}, this run has "
-                         f"model={cfg.model!r}; resume with the same --model or use another --out")
-    refused = cfg.changed_on_resume(saved)
-    if refused:
-        what = ", ".join(f"--{k.replace('_', '-')} {b!r} (the run has {a!r})" for k, (a, b) in refused.items())
-        raise ValueError(f"cannot resume {ckpt_dir.parent.parent} with {what}: that changes what is trained; resume "
-                         "with the run's own settings, or start again with --overwrite or another --out")
-    free = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
-            if k in saved and saved.get(k) != v and k not in ("resume", "overwrite", "out")}
-    if free:
-        log.warning("resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in free.items()))
 
 
 def _progress_bar(progress: bool, steps: int, start: int):

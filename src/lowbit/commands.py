@@ -1,0 +1,110 @@
+"""The `lowbit` subcommands other than train and compare: eval, generate, export, flops, recipes.
+Each takes the parsed arguments and returns the exit status; lowbit.cli parses and handles errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+
+from lowbit import recipes
+
+
+def cmd_eval(args) -> int:
+    from lowbit.data import prepare_dataset
+    from lowbit.train.evaluation import evaluate, load_run
+
+    # --recipe: the trained weights under another recipe, prepared exactly as training prepares a model
+    from lowbit.comparison.runner import resolve_run
+
+    model, tok, cfg, recipe, ckpt_dir = load_run(resolve_run(args.ckpt, args.run), args.device, recipe=args.recipe)
+    changes = {k: getattr(args, k) for k in ("eval_batches", "batch_size") if getattr(args, k) is not None}
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    data = cfg.data if args.data is None else args.data
+    ds = prepare_dataset(data, tokenizer=tok, val_fraction=cfg.val_fraction)
+    res = evaluate(model, ds, cfg, recipe=recipe)
+    res.update(checkpoint=str(ckpt_dir), recipe=recipe.name, batches=cfg.eval_batches,
+               tokens=cfg.eval_batches * cfg.batch_size * cfg.seq_len)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"checkpoint {ckpt_dir} (recipe {recipe.name}): {res['tokens']:,} validation tokens")
+        print(f"val_loss {res['val_loss']:.4f}")
+        print(f"perplexity {res['perplexity']:.3f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lowbit.comparison.runner import resolve_run
+    from lowbit.train.evaluation import load_run
+    from lowbit.train.runtime import autocast
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # the fp32 master weights by default: a recipe's quantized GeMMs are a training-time simulation (slow on a CPU)
+    model, tok, _, recipe, _ = load_run(resolve_run(args.ckpt, args.run), args.device, recipe=args.recipe or "fp32")
+    if args.recipe is None:
+        logging.getLogger("lowbit").info("sampling from the run's high-precision master weights (fp32); "
+                                         "--recipe NAME samples through a recipe's simulated GeMMs")
+    device = next(model.parameters()).device
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty prompt: start a new document
+    idx = torch.tensor([ids[-model.config.block_size:]], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    new, shown = [], ""
+    with autocast(recipe, device):
+        for nxt in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                generator=gen):
+            new.append(int(nxt))
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # a partial UTF-8 character waits for its next byte
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from lowbit.export import export
+        res = export(args.ckpt, args.out, to=args.to, weights_format=args.weights_format)
+    except ImportError as e:  # transformers missing: name the extra to install
+        raise ValueError(str(e)) from None
+    print(export_summary(res))
+    return 0
+
+
+def export_summary(res: dict) -> str:
+    """The line `lowbit export` prints: where, what, and the size on disk as a multiple of the bf16 size."""
+    ratio = res["weights_bytes"] / res["bf16_bytes"] if res["bf16_bytes"] else float("nan")
+    return (f"wrote {res['out']} ({res['architecture']}, {res['weights_format']} weights): "
+            f"{res['weights_bytes'] / 1e6:.2f} MB of weights on disk, {ratio:.2f}x the "
+            f"{res['bf16_bytes'] / 1e6:.2f} MB they take in bf16")
+
+
+def cmd_flops(args) -> int:
+    from lowbit import flops
+    from lowbit.models import get_config
+
+    over = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    config = get_config(args.model, **over)
+    peak = None if args.peak is None else args.peak * 1e12
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"--peak must be a positive number of TFLOP/s, got {args.peak}")
+    print(flops.format_report(config, seq_len=args.seq, mfu=args.mfu, peak=peak, name=args.model))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    if args.show:
+        sys.stdout.write(recipes.get(args.show).to_toml())
+        return 0
+    names = recipes.names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {recipes.get(name).description}")
+    return 0
