@@ -222,6 +222,32 @@ def test_delayed_scaling_uses_the_history_max():
     assert out.abs().max() == pytest.approx(xs[0].abs().amax().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("bad_steps", [(2,), (1, 4)])
+def test_delayed_scaling_survives_a_non_finite_input(bad, bad_steps):
+    """Issue 11: one inf made every later output NaN (inf entered the history), one NaN silently switched to
+    current scaling for a whole history. Now a non-finite amax never enters the history: every later finite
+    step is finite and uses the max of the finite amaxes seen (the documented scale)."""
+    r = R.get("fp8-tensor-delayed").replace(amax_history_len=3)
+    lin, q = make(r)
+    W = lin.weight.detach()
+    finite = []
+    torch.manual_seed(1)
+    for step in range(7):
+        x = torch.randn(6, 64) * (1 + step)
+        if step in bad_steps:
+            x[0, 3] = bad
+        y = q(x).detach()
+        if step in bad_steps:
+            continue  # this step's own input is non-finite
+        used = max(finite[-3:]) if finite else x.abs().amax()
+        y_ref = fake_quantize(x, r.input, amax=used) @ fake_quantize(W, r.weight, amax=W.abs().amax()).t() + lin.bias
+        assert torch.isfinite(y).all(), step
+        assert torch.equal(y, y_ref.detach()), step
+        finite.append(x.abs().amax())
+    assert torch.isfinite(q.qstate.amax_history_input).all()
+
+
 def test_delayed_scaling_grad_output_history():
     lin, q = make("fp8-tensor-delayed")
     x = torch.randn(4, 64)

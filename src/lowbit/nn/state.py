@@ -49,13 +49,16 @@ class LayerQuantState(nn.Module):
 
     def delayed_amax(self, op: str, t: torch.Tensor, record: bool) -> torch.Tensor:
         """The amax delayed scaling uses for operand `op`: the history's max (t's own amax while the history
-        is empty); with `record`, t's amax is pushed into the history. 0-d fp32."""
+        is empty); with `record`, t's amax is pushed into the history -- only when it is finite: one inf or NaN
+        in an input must not poison the scale of every later step (as Transformer Engine, the last finite
+        history carries on). 0-d fp32. Branch-free (torch.where), so it traces under torch.compile."""
         hist = getattr(self, f"amax_history_{op}")
         cur = t.abs().amax().float()
         hmax = hist.max()
         amax = torch.where(hmax > 0, hmax, cur)
         if record:
-            hist.copy_(torch.cat([cur.view(1).to(hist.dtype), hist[:-1]]))
+            pushed = torch.cat([cur.view(1).to(hist.dtype), hist[:-1]])
+            hist.copy_(torch.where(torch.isfinite(cur), pushed, hist))
         return amax
 
     def add_stat(self, key: str, value: torch.Tensor) -> None:
