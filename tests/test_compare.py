@@ -55,7 +55,7 @@ def test_plan_runs_labels_and_reference_unswept():
     assert by["fp4-paper[dge.k=3]"].recipe.dge.k == 3.0
     assert by["fp4-paper[dge.k=3]"].recipe.occ == recipes.get("fp4-paper").occ  # nothing else changed
     fmt = by["fp4-paper[fmt=e1m2]"].recipe
-    assert (fmt.input.fmt, fmt.weight.fmt, fmt.grad_output.fmt) == ("e1m2",) * 3
+    assert (fmt.input.fmt, fmt.weight.fmt, fmt.grad_output.fmt) == ("e1m2", "e1m2", "e5m2")  # FP4 operands only
     assert fmt.dge.k == recipes.get("fp4-paper").dge.k
 
 

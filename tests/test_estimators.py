@@ -232,3 +232,67 @@ def test_occ_bad_input():
         occ_clamp(torch.randn(0), 0.99)
     with pytest.raises(TypeError):
         occ_clamp(torch.arange(10), 0.99)
+
+
+# --- OCC per token (the authors' index rule) ---------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lowbit.estimators import occ_clamp_rows  # noqa: E402
+
+
+def _rows_ref(x: np.ndarray, alpha: float):
+    """Per row: numpy's sort, the bounds at int((1-a)K) and int(aK) (K-1 at most), numpy's clip."""
+    K = x.shape[1]
+    srt = np.sort(x, axis=1)
+    lo, hi = srt[:, int((1 - alpha) * K)][:, None], srt[:, min(int(alpha * K), K - 1)][:, None]
+    return np.clip(x, lo, hi), lo, hi
+
+
+@pytest.mark.parametrize("alpha", [0.99, 0.97, 0.999, 0.75])
+@pytest.mark.parametrize("K", [7, 64, 130])
+def test_occ_rows_match_the_index_rule(alpha, K):
+    torch.manual_seed(K)
+    x = torch.randn(9, K) * torch.logspace(0, 2, K)
+    xc, res, lo, hi = occ_clamp_rows(x, alpha)
+    want, wlo, whi = _rows_ref(x.double().numpy(), alpha)
+    np.testing.assert_array_equal(xc.double().numpy(), want)
+    np.testing.assert_array_equal(lo.double().numpy(), wlo)
+    np.testing.assert_array_equal(hi.double().numpy(), whi)
+    assert torch.equal(res, x - xc) and lo.shape == (9, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), K=st.integers(1, 40), alpha=st.floats(0.51, 1.0),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       special=st.sampled_from([None, "zeros", "ties", "inf"]))
+def test_occ_rows_properties(rows, K, alpha, dtype, special):
+    g = torch.Generator().manual_seed(rows * 100 + K)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    if special == "zeros":
+        x = torch.zeros_like(x)
+    elif special == "ties":
+        x = torch.round(x)
+    elif special == "inf":
+        x[0, 0] = float("inf")
+    xc, res, lo, hi = occ_clamp_rows(x, alpha)
+    assert xc.dtype == res.dtype == lo.dtype == dtype and xc.shape == x.shape
+    assert ((xc >= lo) & (xc <= hi)).all() and (lo <= hi).all()
+    inside = (x >= lo) & (x <= hi) & torch.isfinite(x)  # (an inf that is its own bound leaves inf - inf = NaN)
+    assert torch.equal(xc[inside], x[inside]) and (res[inside] == 0).all()  # only the outliers move
+    want, _, _ = _rows_ref(x.double().numpy(), alpha)
+    np.testing.assert_array_equal(xc.double().numpy(), want)
+
+
+def test_occ_rows_nan_and_bad_input():
+    x = torch.randn(3, 16)
+    x[1, 4] = float("nan")
+    xc, _, lo, hi = occ_clamp_rows(x, 0.9)
+    assert torch.isfinite(xc[[0, 2]]).all()  # other tokens unaffected
+    with pytest.raises(TypeError):
+        occ_clamp_rows(torch.randn(2, 3, 4), 0.9)
+    with pytest.raises(ValueError, match="alpha"):
+        occ_clamp_rows(x, 0.4)
+    with pytest.raises(ValueError, match="non-empty"):
+        occ_clamp_rows(torch.randn(0, 4), 0.9)

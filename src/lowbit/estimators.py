@@ -202,3 +202,24 @@ def occ_clamp(x: torch.Tensor, alpha: float = 0.99
     lo, hi = lo.to(x.dtype), hi.to(x.dtype)
     xc = torch.clamp(x, lo, hi)
     return xc, x - xc, lo, hi
+
+
+def occ_clamp_rows(x: torch.Tensor, alpha: float = 0.99
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OCC per token, as the FP4 paper's authors' code does it: clamp each row of x [M, K] to its own
+    [sorted_row[int((1−alpha)·K)], sorted_row[int(alpha·K)]] (their index rule, no interpolation).
+
+    Returns (x_clamped, residual, lo [M, 1], hi [M, 1]) in x's dtype; alpha in (0.5, 1) (alpha == 1 clamps
+    nothing: the bounds are each row's min and max). A NaN in a row sorts last (torch.sort), as on a GPU."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
+        raise TypeError(f"x must be a 2-D floating-point torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not 0.5 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0.5, 1], got {alpha}")
+    K = x.shape[1]
+    if K == 0 or x.shape[0] == 0:
+        raise ValueError("occ_clamp_rows needs a non-empty tensor, got shape " + str(tuple(x.shape)))
+    srt = torch.sort(x, dim=1).values
+    i_lo, i_hi = int((1 - alpha) * K), min(int(alpha * K), K - 1)  # Python floats, as the reference computes them
+    lo, hi = srt[:, i_lo:i_lo + 1], srt[:, i_hi:i_hi + 1]
+    xc = torch.minimum(torch.maximum(x, lo), hi)
+    return xc, x - xc, lo, hi

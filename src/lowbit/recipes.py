@@ -28,6 +28,7 @@ SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
 ROUNDINGS = ("nearest", "stochastic")
 COMPUTE_DTYPES = ("fp32", "bf16")
 SCALINGS = ("current", "delayed")
+OCC_GRANULARITIES = ("token", "tensor")
 # Number formats a tensor may be quantized to (names understood by lowbit.formats).
 QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
 
@@ -93,15 +94,19 @@ class DGE:
 class OCC:
     """Outlier clamping and compensation for activations: clamp to the
     [1−alpha, alpha] quantiles before quantizing; if `compensate`, add the
-    sparse residual product ΔX·Wᵀ computed in high precision."""
+    sparse residual product ΔX·Wᵀ computed in high precision.
+    granularity: "token" (each token's vector at its own quantiles, sorted[int(q·K)]: the
+    authors' code) or "tensor" (one pair of quantiles over the whole activation tensor)."""
 
     enabled: bool = False
     alpha: float = 0.99
     compensate: bool = True
+    granularity: str = "tensor"
 
     def __post_init__(self):
         if not 0.5 < self.alpha <= 1.0:
             raise ValueError(f"occ.alpha must be in (0.5, 1], got {self.alpha}")
+        _check("occ.granularity", self.granularity, OCC_GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -235,9 +240,14 @@ for _r in (
            grad_output=TensorQuant("e4m3", "tile", 128)),
     Recipe("fp4-direct", "FP4 (E2M1) direct casting, vector-wise absmax scaling, no DGE, no OCC (paper ablation)",
            compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4()),
-    Recipe("fp4-paper", "FP4 (E2M1) GeMMs with DGE (k=5) for weights and OCC (alpha=0.99) for activations "
-           "(Wang et al. 2025)", compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4(),
-           dge=DGE(enabled=True), occ=OCC(enabled=True)),
+    Recipe("fp4-paper", "Wang et al. 2025 as their code runs it: E2M1 activations/weights with DGE (k=5) and "
+           "per-token OCC (alpha=0.99); output gradients E5M2, per-tensor scale", compute_dtype="bf16",
+           input=_fp4(), weight=_fp4(), grad_output=_E5M2_T, dge=DGE(enabled=True),
+           occ=OCC(enabled=True, granularity="token")),
+    Recipe("fp4-paper-allfp4", "Wang et al. 2025 read as all-FP4: E2M1 output gradients too (per token row), OCC "
+           "quantiles over the whole tensor (lowbit's fp4-paper before it followed the authors' code)",
+           compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4(), dge=DGE(enabled=True),
+           occ=OCC(enabled=True)),
     Recipe("mxfp4", "OCP MXFP4: E2M1 in 1x32 tiles with power-of-two (E8M0) shared scales",
            compute_dtype="bf16",
            input=TensorQuant("e2m1", "tile", 32, "e8m0"), weight=TensorQuant("e2m1", "tile", 32, "e8m0"),

@@ -14,6 +14,8 @@ from typing import Any
 from lowbit import recipes
 from lowbit.recipes import Recipe
 
+FP4_FORMATS = ("e2m1", "e1m2", "e3m0")
+
 
 def _default_value(dc, f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
@@ -125,8 +127,11 @@ def value_str(v) -> str:
 def apply_sweep(recipe: Recipe, key: str, value) -> Recipe:
     """`recipe` with one swept parameter set, renamed `name[key=value]`."""
     label = f"{recipe.name}[{key}={value_str(value)}]"
-    if key == "fmt":
-        changes = {f"{op}.fmt": value for op in ("input", "weight", "grad_output") if getattr(recipe, op) is not None}
+    if key == "fmt":  # the paper's FP4 layout ablation: every 4-bit operand (fp4-paper's E5M2 gradients stay)
+        changes = {f"{op}.fmt": value for op in ("input", "weight", "grad_output")
+                   if getattr(recipe, op) is not None and getattr(recipe, op).fmt in FP4_FORMATS}
+        if not changes:
+            raise ValueError(f"cannot sweep fmt on recipe {recipe.name!r}: it has no 4-bit operand")
     else:
         changes = {key: value}
     try:

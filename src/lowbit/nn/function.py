@@ -7,7 +7,7 @@ compute dtype, as a bf16 GeMM's epilogue does (added outside, a bf16 output woul
 
   * DGE (spec.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative` on the
     forward weight divided by its scale (the same scale the forward GeMM used).
-  * OCC (spec.occ_on): X is clamped to its [1−α, α] quantiles before quantizing; with `compensate` the
+  * OCC (spec.occ_on): X is clamped to its [1−α, α] quantiles (per token, or over the tensor) before quantizing; with `compensate` the
     residual product ΔX·Wᵀ is added to Y, from ΔX and W in the compute dtype (not quantized) with fp32
     accumulation (sparse CSR on CPU; dense elsewhere). The weight-gradient GeMM uses the *same* clamped
     activation (quantized along tokens) plus the matching compensation dYᵀ·ΔX, so dW is the exact gradient
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import cpu_bf16
-from lowbit.estimators import dge_derivative, occ_clamp
+from lowbit.estimators import dge_derivative, occ_clamp, occ_clamp_rows
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
@@ -96,7 +96,8 @@ class QLinearFunction(torch.autograd.Function):
         lo = hi = res = None
         xc = x
         if spec.occ_on and x.numel():
-            xc, res, lo, hi = occ_clamp(x, spec.occ.alpha)
+            clamp = occ_clamp_rows if spec.occ.granularity == "token" else occ_clamp
+            xc, res, lo, hi = clamp(x, spec.occ.alpha)
             if state.collect:
                 state.add_stat("occ_clamped_frac", (res != 0).float().mean())
         xq, _ = quantize_operand(xc, spec, "input", state)
