@@ -5,7 +5,7 @@
 For a 4096-token x 1024 -> 1024 linear layer (fp32 compute, seeds fixed) on Gaussian activations and on
 activations with 0.5% outliers of 30x, prints the relative error ||Q-product - exact|| / ||exact|| of Y, dX and
 dW for `fp4-paper` (per-token OCC, E5M2 per-tensor output gradient) and `fp4-paper-allfp4` (tensor-wide OCC,
-E2M1 output gradient), and how far the two readings' forward outputs are apart. With --write the table goes
+E2M1 output gradient), DGE off, and how far the two readings' forward outputs are apart. With --write the table goes
 into bench/RESULTS.md (section below), with the command and the machine.
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def errors(recipe: str, x: torch.Tensor, dy: torch.Tensor, lin: nn.Linear) -> dict:
-    q = QLinear.from_linear(lin, recipes.get(recipe).replace(compute_dtype="fp32"))
+    # DGE off: it multiplies dW by f'(W) on purpose (not an approximation of the exact product); Y and dX do not
+    # depend on it
+    q = QLinear.from_linear(lin, recipes.get(recipe).replace(compute_dtype="fp32", **{"dge.enabled": False}))
     xi = x.clone().requires_grad_(True)
     y = q(xi)
     y.backward(dy)
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         write_section(SECTION, f"{SECTION}\n\nCommand: `{cmd}`\n\nOne 1024 -> 1024 linear layer, 4096 tokens, fp32 "
                       f"compute, on {cpu_description()} (torch {torch.__version__}, {torch.get_num_threads()} threads; "
                       f"load {before} before, {load_avg()} after; {time.perf_counter() - t0:.0f} s). Relative error "
-                      f"against the exact fp32 products.\n\n{table}\n\nForward outputs of the two readings differ by "
+                      f"against the exact fp32 products, DGE off (it scales dW by f'(W) on purpose; Y and dX do "
+                      f"not depend on it).\n\n{table}\n\nForward outputs of the two readings differ by "
                       f"(relative norm): {'; '.join(gaps)}.\n")
     return 0
 
