@@ -33,6 +33,8 @@ def errors(recipe: str, x: torch.Tensor, dy: torch.Tensor, lin: nn.Linear) -> di
     # DGE off: it multiplies dW by f'(W) on purpose (not an approximation of the exact product); Y and dX do not
     # depend on it
     q = QLinear.from_linear(lin, recipes.get(recipe).replace(compute_dtype="fp32", **{"dge.enabled": False}))
+    for prm in q.parameters():  # q shares lin's Parameters: no gradient left from the previous recipe
+        prm.grad = None
     xi = x.clone().requires_grad_(True)
     y = q(xi)
     y.backward(dy)
