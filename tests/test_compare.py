@@ -171,8 +171,9 @@ def test_resume_skips_finished_and_retries_failed(fake, tmp_path):
     assert res["runs"]["fp32"]["reused"] and not res["runs"]["bf16"]["reused"]
     assert res["failed"] == [] and res["runs"]["fp32"]["val_gap_abs"] is not None
 
-    with pytest.raises(ValueError, match="different configuration.*tokens"):
+    with pytest.raises(ValueError, match="different configuration.*tokens") as e:
         cmp.compare(["fp32"], dataclasses.replace(base, tokens=8000), tmp_path, progress=False)
+    assert "pass --overwrite (overwrite=True in Python)" in str(e.value)  # the CLI's words first
     trainer.calls = []
     cmp.compare(["fp32"], dataclasses.replace(base, tokens=8000), tmp_path, progress=False, overwrite=True)
     assert len(trainer.calls) == 1
