@@ -2,7 +2,7 @@
 one process, so that machine load hits every recipe alike. Training-time tokens/s stays in results.json as what
 it is (a throughput under whatever else the machine did); the step-time ratios of the report come from here.
 
-    timing = measure({"bf16": cfg_a, "fp4-paper": cfg_b}, dataset, "bf16", rounds=3, steps=2)
+    timing = measure({"bf16": cfg_a, "fp4-paper": cfg_b}, dataset, "bf16", rounds=3, steps=4)
     timing["per_recipe"]["fp4-paper"]["rel"]     # median step time / the reference's
 
 `summarize` is the pure part (medians, ratios, spread, warnings) and is tested with a fake clock.
@@ -79,7 +79,7 @@ class _Probe:
             torch.cuda.synchronize(self.device)
 
 
-def measure(cfgs: dict, dataset, reference: str | None, device=None, rounds: int = 3, steps: int = 2,
+def measure(cfgs: dict, dataset, reference: str | None, device=None, rounds: int = 3, steps: int = 4,
             clock=time.perf_counter, cpu_clock=time.process_time, probe=_Probe) -> dict:
     """Time `steps` training steps of every run config in `cfgs` ({label: TrainConfig}) in each of `rounds`
     rounds, recipes interleaved within a round (each built afresh, after one untimed warm-up step). Returns `summarize`'s
