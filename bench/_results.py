@@ -66,3 +66,20 @@ def machine_meta(dev, load_before: float) -> dict:
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
     return {"device": device, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"}
+
+
+def timeit(fn, repeats: int, sync, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn() after `warmup` untimed ones; sync() (e.g.
+    torch.cuda.synchronize) before each clock read so asynchronous devices are timed whole."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times

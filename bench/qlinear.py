@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _results import machine_meta, write_section  # bench/ is on sys.path when a script here runs
+from _results import machine_meta, timeit, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 from torch import nn
@@ -39,18 +39,6 @@ def step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
             y = layer(x)
         y.backward(dy.to(y.dtype))
     return step
-
-
-def timeit(fn, repeats: int, sync) -> list[float]:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int) -> tuple[str, dict]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
-from _results import machine_meta, write_section  # bench/ is on sys.path when a script here runs
+from _results import machine_meta, timeit, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -44,19 +43,6 @@ SETTINGS = [
 ]
 
 
-def timeit(fn, repeats: int, sync) -> list[float]:
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def run(size: int, repeats: int, device: str) -> tuple[str, dict]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -67,7 +53,7 @@ def run(size: int, repeats: int, device: str) -> tuple[str, dict]:
     load_before = os.getloadavg()
 
     def add(label, recipe, fn):
-        ts = timeit(fn, repeats, sync)
+        ts = timeit(fn, repeats, sync, warmup=2)
         med, best = statistics.median(ts), min(ts)
         rows.append((label, recipe, med * 1e3, best * 1e3, gbytes / med))
 
