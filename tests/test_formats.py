@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.formats import FORMATS, cast, get_format
+from lowbit.formats import cast, get_format
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOWBIT = ["e2m1", "e1m2", "e3m0", "e4m3", "e5m2"]
