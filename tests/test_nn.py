@@ -108,37 +108,42 @@ def test_fp4_paper_allfp4_matches_closed_form():
     assert torch.equal(db, G.sum(0))
 
 
-def authors_fp4_layer(X, W, b, G, alpha=0.99, k=5.0):
+def authors_fp4_layer(X, W, b, G, alpha=0.99, k=5.0, in_axis=False):
     """The FP4 paper's layer, written from the authors' formulas (public code Mr-Philo/MS-AMP, branch fp4): each
     token's activations clamped at its own sorted[int((1-a)K)], sorted[int(aK)] (numpy sort), E2M1 per token and
     per output channel, the compensation ΔX·Wᵀ in full precision; the output gradient E5M2 with one per-tensor
     scale (torch's float8_e5m2) in both backward GeMMs; DGE on the weight gradient. lowbit's one deliberate
     difference is kept: W is requantized per input channel for dX (the authors reuse the forward's Q(W)).
-    Returns (y, dx, dw, db) in fp32."""
+    in_axis: the authors' weight scaling exactly (W quantized once per input channel, reused for dX; DGE on
+    those scales). Returns (y, dx, dw, db) in fp32."""
     Xn = X.double().numpy()
     srt = np.sort(Xn, axis=1)
     K = X.shape[1]
     lo, hi = srt[:, int((1 - alpha) * K)][:, None], srt[:, int(alpha * K)][:, None]
     Xc = torch.from_numpy(np.clip(Xn, lo, hi)).float()
     res = X - Xc
-    y = fake_quantize(Xc, FP4_ROW) @ fake_quantize(W, FP4_ROW).t() + b + res @ W.t()
+    Wq_in = fake_quantize(W.t().contiguous(), FP4_ROW).t()  # per input channel (along N)
+    y = fake_quantize(Xc, FP4_ROW) @ (Wq_in if in_axis else fake_quantize(W, FP4_ROW)).t() + b + res @ W.t()
     Gq = f8_ref(G, torch.float8_e5m2, 57344.0)
-    dx = Gq @ fake_quantize(W.t().contiguous(), FP4_ROW).t()
+    dx = Gq @ Wq_in
     dw = Gq.t() @ fake_quantize(Xc.t().contiguous(), FP4_ROW).t() + G.t() @ res
-    s = W.abs().amax(1, keepdim=True) / 6.0
+    s = W.abs().amax(0, keepdim=True) / 6.0 if in_axis else W.abs().amax(1, keepdim=True) / 6.0
     fprime = torch.from_numpy(ref_dge_np((W / s).double().numpy(), k=k)).float()
     return y, dx, dw * fprime, G.sum(0)
 
 
-def test_fp4_paper_matches_the_authors_layer():
-    """Issue 11: fp4-paper (fp32 compute) against the independent reference above, on data with outliers."""
-    lin, q = make(R.get("fp4-paper").replace(compute_dtype="fp32"), K=64, N=48)
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_fp4_paper_matches_the_authors_layer(axis):
+    """Issue 11: fp4-paper (fp32 compute) against the independent reference above, on data with outliers; with
+    weight_scale_axis="in" exactly the authors' weight scaling."""
+    lin, q = make(R.get("fp4-paper").replace(compute_dtype="fp32", weight_scale_axis=axis), K=64, N=48)
     torch.manual_seed(5)
     x = torch.randn(4, 8, 64)
     x[torch.rand_like(x) < 0.01] *= 30  # outliers in some tokens
     dy = torch.randn(4, 8, 48)
     y, dx, dw, db = run(q, x, dy)
-    want = authors_fp4_layer(x.reshape(-1, 64), lin.weight.detach(), lin.bias.detach(), dy.reshape(-1, 48))
+    want = authors_fp4_layer(x.reshape(-1, 64), lin.weight.detach(), lin.bias.detach(), dy.reshape(-1, 48),
+                             in_axis=axis == "in")
     # the compensation sums in another order (sparse CSR), and E5M2 of x/s·s agrees to fp32 rounding
     for got, ref in zip((y.reshape(-1, 48), dx.reshape(-1, 64), dw, db), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,10 @@ ROUNDINGS = ("nearest", "stochastic")
 COMPUTE_DTYPES = ("fp32", "bf16")
 SCALINGS = ("current", "delayed")
 OCC_GRANULARITIES = ("token", "tensor")
+# "out": the forward weight is scaled per output channel (along K, the axis a real FP4 GeMM applies after its
+# accumulation) and requantized per input channel for dX; "in": scaled once per input channel (along N) and
+# reused by both GeMMs, as the FP4 paper's simulation does.
+WEIGHT_SCALE_AXES = ("out", "in")
 # Number formats a tensor may be quantized to (names understood by lowbit.formats).
 QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
 
@@ -125,9 +129,11 @@ class Recipe:
     scaling: str = "current"
     amax_history_len: int = 16
     quantize_head: bool = False
+    weight_scale_axis: str = "out"
 
     def __post_init__(self):
         _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
         _check("scaling", self.scaling, SCALINGS)
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")

@@ -127,10 +127,18 @@ def _run_config(spec: RunSpec, base, out: Path, prev_runs: dict):
         recipes.save(spec.recipe, path)
         recipe_arg = str(path)
     old = (prev_runs.get(spec.label) or {}).get("config", {}).get("recipe")
-    if old is not None and old != json_safe(spec.recipe.to_dict()) and run_dir.exists():
+    if old is not None and run_dir.exists() and _as_recipe(old) != spec.recipe:
         raise ValueError(f"recipe {spec.label!r} differs from the one its run in {run_dir} was trained with; "
                          "pass --overwrite (overwrite=True in Python) to start over, or use another --out")
     return dataclasses.replace(base, recipe=recipe_arg, out=str(run_dir), resume=False, overwrite=False)
+
+
+def _as_recipe(d: dict):
+    """A recorded recipe dict as a Recipe (fields added since it was written take their defaults), or None."""
+    try:
+        return recipes.Recipe.from_dict(d)
+    except (TypeError, ValueError):
+        return None
 
 
 class _Runner:

@@ -116,8 +116,9 @@ def check_block_sizes(model: nn.Module, recipe: Recipe, model_name: str) -> None
     for role, q in ((op, getattr(recipe, op)) for op in OPERANDS):
         if q is None or q.granularity not in ("tile", "block"):
             continue
+        w_axis = ("out_features",) if recipe.weight_scale_axis == "in" else ("in_features",)
         dims = {"input": ("in_features",), "grad_output": ("out_features",),
-                "weight": ("out_features", "in_features") if q.granularity == "block" else ("in_features",)}[role]
+                "weight": ("out_features", "in_features") if q.granularity == "block" else w_axis}[role]
         widths = sorted({getattr(m, d) for _, m in layers for d in dims})
         for name, m in layers:
             for d in dims:

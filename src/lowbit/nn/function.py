@@ -101,7 +101,11 @@ class QLinearFunction(torch.autograd.Function):
             if state.collect:
                 state.add_stat("occ_clamped_frac", (res != 0).float().mean())
         xq, _ = quantize_operand(xc, spec, "input", state)
-        wq, w_amax = quantize_operand(w, spec, "weight", state)
+        if spec.weight_in_axis:  # once along N (per input channel); dX reuses it
+            wq_t, w_amax = quantize_operand(w.t().contiguous(), spec, "weight", state)
+            wq = wq_t.t()
+        else:
+            wq, w_amax = quantize_operand(w, spec, "weight", state)
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
         if res is not None and spec.occ.compensate:
             y += residual_mm(res, w).to(cdtype)
@@ -132,8 +136,10 @@ class QLinearFunction(torch.autograd.Function):
             if need_dw:
                 xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
                 dw = weight_grad(spec, state, xc, res, dy, dyq, xq_saved)
-                if spec.dge.enabled:
-                    ws = scaled_values_2d(weight.to(cdtype), spec.weight, amax=ctx.w_amax)
+                if spec.dge.enabled:  # f' on W divided by the very scales the forward used
+                    wc = weight.to(cdtype)
+                    ws = scaled_values_2d(wc.t().contiguous(), spec.weight, amax=ctx.w_amax).t() \
+                        if spec.weight_in_axis else scaled_values_2d(wc, spec.weight, amax=ctx.w_amax)
                     dw = dw.float() * dge_derivative(ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)
                 dw = dw.to(weight.dtype)
             if need_db and ctx.bias_dtype is not None:

@@ -47,6 +47,7 @@ class LinearSpec:
     reuse_xq:      the forward's Q(X) is Q(Xᵀ)ᵀ of the dW GeMM (no requantization, no X kept).
     reuse_wq:      the forward's Q(W) is the dX GeMM's (W quantized once per step).
     reuse_dyq:     the dX GeMM's Q(dY) is Q(dYᵀ)ᵀ of the dW GeMM.
+    weight_in_axis: W is quantized once along N (per input channel) for both GeMMs (recipe.weight_scale_axis "in").
     uses_function: False when nothing is quantized and OCC is off: the layer is plain F.linear.
     """
 
@@ -61,6 +62,7 @@ class LinearSpec:
     reuse_wq: bool
     reuse_dyq: bool
     uses_function: bool
+    weight_in_axis: bool = False
 
     @property
     def occ_on(self) -> bool:
@@ -73,7 +75,8 @@ class LinearSpec:
         return cls(input=r.input, weight=r.weight, grad_output=r.grad_output, occ=r.occ, dge=r.dge,
                    delayed=r.scaling == "delayed", hadamard_size=had,
                    reuse_xq=r.input is not None and _layout_free(r.input) and not had,
-                   reuse_wq=r.weight is not None and _layout_free(r.weight),
+                   reuse_wq=r.weight is not None and (_layout_free(r.weight) or r.weight_scale_axis == "in"),
+                   weight_in_axis=r.weight is not None and r.weight_scale_axis == "in",
                    reuse_dyq=_layout_free(r.grad_output) and not had,
                    uses_function=r.quantized or r.occ.enabled)
 
