@@ -291,6 +291,29 @@ def test_delayed_scaling_survives_a_non_finite_input(bad, bad_steps):
     assert torch.isfinite(q.qstate.amax_history_input).all()
 
 
+@pytest.mark.parametrize("name", ["fp8-tensor", "nvfp4", "fp4-paper"])
+def test_exact_gemm_multiplies_the_dequantized_values_unrounded(name):
+    """Issue 11 item 7: gemm="exact" under bf16 autocast is the product of the fp32 dequantized operands (quantized
+    from the bf16-rounded inputs), rounded to bf16 once: within one bf16 ulp of an fp64 product built here; the
+    default ("rounded") rounds the dequantized operands to bf16 first and so differs."""
+    r = R.get(name).replace(gemm="exact", **({"grad_output.rounding": "nearest"} if name == "nvfp4" else {}))
+    r = r.replace(occ=r.occ.__class__()) if r.occ.enabled else r  # OCC off: the GeMM alone
+    lin, q = make(r, K=64, N=48)
+    torch.manual_seed(3)
+    x = torch.randn(32, 64) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x).detach()
+    xb, wb = x.bfloat16().float(), lin.weight.detach().bfloat16().float()
+    want = (fake_quantize(xb, r.input).double() @ fake_quantize(wb, r.weight).double().t()
+            + lin.bias.detach().bfloat16().double())
+    torch.testing.assert_close(y.double(), want.bfloat16().double(), rtol=2 ** -7, atol=1e-6)  # one bf16 ulp
+    default = QLinear.from_linear(lin, r.replace(gemm="rounded"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_default = default(x).detach()
+    if name == "fp8-tensor":  # E4M3 values x a non-power-of-two scale are not bf16 numbers
+        assert not torch.equal(y, y_default)
+
+
 def test_delayed_scaling_grad_output_history():
     lin, q = make("fp8-tensor-delayed")
     x = torch.randn(4, 64)

@@ -33,6 +33,10 @@ OCC_GRANULARITIES = ("token", "tensor")
 # accumulation) and requantized per input channel for dX; "in": scaled once per input channel (along N) and
 # reused by both GeMMs, as the FP4 paper's simulation does.
 WEIGHT_SCALE_AXES = ("out", "in")
+# "rounded": under bf16 compute the dequantized operands are bf16 tensors (one more rounding than hardware, which
+# multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
+# only the output is rounded to the compute dtype.
+GEMM_MODES = ("rounded", "exact")
 # Number formats a tensor may be quantized to (names understood by lowbit.formats).
 QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
 
@@ -130,10 +134,12 @@ class Recipe:
     amax_history_len: int = 16
     quantize_head: bool = False
     weight_scale_axis: str = "out"
+    gemm: str = "rounded"
 
     def __post_init__(self):
         _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
+        _check("gemm", self.gemm, GEMM_MODES)
         _check("scaling", self.scaling, SCALINGS)
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")

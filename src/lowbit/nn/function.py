@@ -92,7 +92,11 @@ class QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
-        x, w = x2.to(cdtype), weight.to(cdtype)
+        # gemm="exact": operands rounded to the compute dtype (as autocast gives them), then quantized and
+        # multiplied in fp32 -- the dequantized values are not rounded to bf16 again; the output is, once
+        odtype, cdtype = cdtype, torch.float32 if spec.exact_gemm and cdtype in (torch.bfloat16, torch.float16) \
+            else cdtype
+        x, w = x2.to(odtype).to(cdtype), weight.to(odtype).to(cdtype)
         lo = hi = res = None
         xc = x
         if spec.occ_on and x.numel():
@@ -106,15 +110,16 @@ class QLinearFunction(torch.autograd.Function):
             wq = wq_t.t()
         else:
             wq, w_amax = quantize_operand(w, spec, "weight", state)
-        y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
+        y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(odtype).to(cdtype))
         if res is not None and spec.occ.compensate:
             y += residual_mm(res, w).to(cdtype)
         ctx.spec, ctx.state, ctx.cdtype, ctx.w_amax, ctx.x_dtype = spec, state, cdtype, w_amax, x2.dtype
+        ctx.odtype = odtype
         ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
         keep_x = not spec.reuse_xq or ctx.occ  # x itself: to requantize it along tokens or rebuild ΔX
         ctx.save_for_backward(x if keep_x else None, weight, xq if spec.reuse_xq else None,
                               wq if spec.reuse_wq else None, lo, hi)
-        return y
+        return y.to(odtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -123,21 +128,21 @@ class QLinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.to(cdtype).contiguous()
+            dy = dy.to(ctx.odtype).to(cdtype).contiguous()
             dyq = None
             if need_dx or (need_dw and spec.reuse_dyq):
                 dyq, _ = quantize_operand(dy, spec, "grad_output", state)  # along N
             if need_dx:
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
-                    wt = weight.to(cdtype).t().contiguous()
+                    wt = weight.to(ctx.odtype).to(cdtype).t().contiguous()
                     wq = quantize_operand(wt, spec, "weight", state, amax=ctx.w_amax, record=False)[0].t()
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
                 dw = weight_grad(spec, state, xc, res, dy, dyq, xq_saved)
                 if spec.dge.enabled:  # f' on W divided by the very scales the forward used
-                    wc = weight.to(cdtype)
+                    wc = weight.to(ctx.odtype).to(cdtype)
                     ws = scaled_values_2d(wc.t().contiguous(), spec.weight, amax=ctx.w_amax).t() \
                         if spec.weight_in_axis else scaled_values_2d(wc, spec.weight, amax=ctx.w_amax)
                     dw = dw.float() * dge_derivative(ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)

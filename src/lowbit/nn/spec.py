@@ -48,6 +48,7 @@ class LinearSpec:
     reuse_wq:      the forward's Q(W) is the dX GeMM's (W quantized once per step).
     reuse_dyq:     the dX GeMM's Q(dY) is Q(dYᵀ)ᵀ of the dW GeMM.
     weight_in_axis: W is quantized once along N (per input channel) for both GeMMs (recipe.weight_scale_axis "in").
+    exact_gemm:    recipe.gemm == "exact": dequantized operands stay fp32 (not rounded to bf16) in the GeMMs.
     uses_function: False when nothing is quantized and OCC is off: the layer is plain F.linear.
     """
 
@@ -63,6 +64,7 @@ class LinearSpec:
     reuse_dyq: bool
     uses_function: bool
     weight_in_axis: bool = False
+    exact_gemm: bool = False
 
     @property
     def occ_on(self) -> bool:
@@ -77,6 +79,7 @@ class LinearSpec:
                    reuse_xq=r.input is not None and _layout_free(r.input) and not had,
                    reuse_wq=r.weight is not None and (_layout_free(r.weight) or r.weight_scale_axis == "in"),
                    weight_in_axis=r.weight is not None and r.weight_scale_axis == "in",
+                   exact_gemm=r.gemm == "exact",
                    reuse_dyq=_layout_free(r.grad_output) and not had,
                    uses_function=r.quantized or r.occ.enabled)
 
