@@ -492,3 +492,17 @@ def test_eta_from_the_cost_of_finished_runs():
     fresh = eta_seconds([(False, 60.0), (True, 200.0)], [True])
     resumed = eta_seconds([(False, 60.0), (True, 200.0)], [True])  # the same runs, reused from result.json
     assert fresh == resumed == pytest.approx(200.0)
+
+
+def test_cli_timing_rounds_zero_skips_the_timing_phase(fake, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lowbit")
+    cmp.add_cli(parser.add_subparsers(dest="cmd"))
+    args = ["compare", "--recipes", "bf16,fp4-paper", "--tokens", "4000", "--no-progress", "--out"]
+    assert cmp.run_cli(parser.parse_args(args + [str(tmp_path / "a"), "--timing-rounds", "0"])) == 0
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert "timing" not in res and res["runs"]["fp4-paper"]["step_time_rel"] == pytest.approx(
+        res["runs"]["fp4-paper"]["step_time_s"] / res["runs"]["bf16"]["step_time_s"])  # training's own ratio
+    assert cmp.run_cli(parser.parse_args(args + [str(tmp_path / "b")])) == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["timing"]["rounds"] == 3

@@ -199,3 +199,15 @@ def test_quantizers_work_or_raise_documented_errors(case):
     assert torch.isfinite(yg[finite]).all()  # finite groups stay finite
     zeros = (xg == 0) & finite[:, None]
     assert (yg[zeros] == 0).all()  # zeros stay zero
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_toml_strings_round_trip(value):
+    """Regression (hypothesis found out = "\\x1f"): control characters and DEL are escaped, so a config or recipe
+    with any string reads back as written."""
+    import tomllib
+
+    from lowbit._io import toml_value
+
+    assert tomllib.loads(f"k = {toml_value(value)}")["k"] == value

@@ -55,7 +55,9 @@ def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes (\\, \", \n, \uXXXX for control characters) are TOML basic-string escapes too;
+        # DEL is the one character TOML forbids raw that JSON leaves alone
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)

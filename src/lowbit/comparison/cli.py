@@ -95,6 +95,9 @@ def add_cli(subparsers):
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each model")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier comparison in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--timing-rounds", type=int, default=3, metavar="N",
+                   help="rounds of the timing phase after training (every recipe a few steps, interleaved; the "
+                        "report's step-time ratios); 0 skips it and reports training's own step times (default: 3)")
     p.set_defaults(func=run_cli)
     return p
 
@@ -135,8 +138,10 @@ def run_cli(args) -> int:
         r.strip() for r in args.recipes.split(",") if r.strip()]
     sweep = parse_sweep(args.sweep)
     command = command_line(names, base, args.out, sweep, config_path=args.config)
+    if args.timing_rounds < 0:
+        raise ValueError(f"--timing-rounds must be >= 0, got {args.timing_rounds}")
     results = compare(names, base, args.out, sweep=sweep, progress=not args.no_progress,
-                      overwrite=args.overwrite, command=command)
+                      overwrite=args.overwrite, command=command, timing_rounds=args.timing_rounds)
     out = Path(args.out)
     print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
     print(report.format_table(results))
