@@ -272,13 +272,14 @@ def resolve_run(path: str | Path, label: str | None = None) -> Path:
 def samples(summary: dict, device) -> dict:
     """{label: text}: a greedy continuation of SAMPLE_PROMPT from the reference and from the quantized run with the
     lowest validation loss, each from its run's fp32 master weights (what the model is after training)."""
-    from lowbit import recipes as registry
+    import torch
+
     from lowbit.train.evaluation import load_run
     from lowbit.train.rundir import RunDir
 
     runs, ref = summary["runs"], summary.get("reference")
     ok = {lab: r for lab, r in runs.items() if r.get("status") == "ok" and RunDir(r["out"]).has_checkpoint()}
-    quantized = [lab for lab, r in ok.items() if registry.Recipe.from_dict(r["config"]["recipe"]).quantized
+    quantized = [lab for lab, r in ok.items() if recipes.Recipe.from_dict(r["config"]["recipe"]).quantized
                  and records._finite(r.get("final_val_loss"))]
     best = min(quantized, key=lambda lab: ok[lab]["final_val_loss"], default=None)
     out = {}
@@ -288,8 +289,6 @@ def samples(summary: dict, device) -> dict:
         except (ValueError, OSError) as e:  # a sample is a courtesy: it never fails the comparison
             log.warning("no sample from %s: %s", label, e)
             continue
-        import torch
-
         idx = torch.tensor([tok.encode(SAMPLE_PROMPT)], dtype=torch.long, device=next(model.parameters()).device)
         new = model.generate(idx, SAMPLE_TOKENS, temperature=0.0)[0, idx.size(1):].tolist()
         out[label] = SAMPLE_PROMPT + tok.decode(new)

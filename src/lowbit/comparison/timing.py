@@ -53,7 +53,7 @@ class _Probe:
         from lowbit import recipes
         from lowbit.data import Batcher
         from lowbit.models import build_model
-        from lowbit.train.runtime import apply_recipe, make_optimizer, seed_everything
+        from lowbit.train.runtime import apply_recipe, autocast, make_optimizer, seed_everything
 
         self.recipe = recipes.get(cfg.recipe)
         seed_everything(cfg.seed)
@@ -62,14 +62,12 @@ class _Probe:
         self.opt = make_optimizer(self.model, cfg, device)
         b = Batcher(dataset.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, device=device)
         self.batches = [b.next() for _ in range(cfg.grad_accum)]
-        self.cfg, self.device, self.torch = cfg, device, torch
+        self.cfg, self.device, self.torch, self.autocast = cfg, device, torch, autocast
 
     def step(self) -> None:
         torch, cfg = self.torch, self.cfg
-        from lowbit.train.runtime import autocast
-
         for x, y in self.batches:
-            with autocast(self.recipe, self.device):
+            with self.autocast(self.recipe, self.device):
                 _, loss = self.model(x, y.contiguous())
             (loss / cfg.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
