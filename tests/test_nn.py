@@ -265,6 +265,25 @@ def test_delayed_scaling_uses_the_history_max():
     assert out.abs().max() == pytest.approx(xs[0].abs().amax().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("algo, margin", [("most_recent", 0), ("max", 1), ("most_recent", 2)])
+def test_delayed_scaling_most_recent_and_margin(algo, margin):
+    """Issue 11 item 6, TE's DelayedScaling options: the amax is the history's newest entry ("most_recent") or its
+    max, times 2^margin (computed here from the inputs' own amaxes)."""
+    r = R.get("fp8-tensor-delayed").replace(amax_history_len=3, amax_compute_algo=algo, margin=margin)
+    lin, q = make(r)
+    W = lin.weight.detach()
+    amaxes = []
+    for step, c in enumerate((1.0, 4.0, 0.5, 0.25, 2.0)):
+        x = torch.randn(6, 64) * c
+        y = q(x).detach()
+        base = x.abs().amax() if not amaxes else (amaxes[-1] if algo == "most_recent" else max(amaxes[-3:]))
+        y_ref = (fake_quantize(x, r.input, amax=base * 2 ** margin)
+                 @ fake_quantize(W, r.weight, amax=W.abs().amax() * 2 ** margin).t()
+                 + lin.bias)
+        assert torch.equal(y, y_ref.detach()), step
+        amaxes.append(x.abs().amax())
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("bad_steps", [(2,), (1, 4)])
 def test_delayed_scaling_survives_a_non_finite_input(bad, bad_steps):

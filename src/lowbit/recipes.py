@@ -33,6 +33,9 @@ OCC_GRANULARITIES = ("token", "tensor")
 # accumulation) and requantized per input channel for dX; "in": scaled once per input channel (along N) and
 # reused by both GeMMs, as the FP4 paper's simulation does.
 WEIGHT_SCALE_AXES = ("out", "in")
+# Delayed scaling, as Transformer Engine's DelayedScaling: the amax a scale comes from is the history's "max" or
+# its "most_recent" entry, times 2^margin (headroom against growth between steps).
+AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # "rounded": under bf16 compute the dequantized operands are bf16 tensors (one more rounding than hardware, which
 # multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
 # only the output is rounded to the compute dtype.
@@ -132,6 +135,8 @@ class Recipe:
     occ: OCC = field(default_factory=OCC)
     scaling: str = "current"
     amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+    margin: int = 0
     quantize_head: bool = False
     weight_scale_axis: str = "out"
     gemm: str = "rounded"
@@ -141,6 +146,9 @@ class Recipe:
         _check("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
         _check("gemm", self.gemm, GEMM_MODES)
         _check("scaling", self.scaling, SCALINGS)
+        _check("amax_compute_algo", self.amax_compute_algo, AMAX_COMPUTE_ALGOS)
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise ValueError(f"margin must be an integer >= 0 (scales get 2^margin headroom), got {self.margin!r}")
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.scaling == "delayed" and any(

@@ -36,8 +36,9 @@ class QLinear(nn.Linear):
         self.recipe = recipes.get(recipe)
         self.spec = LinearSpec.from_recipe(self.recipe)
         self.layer_idx = int(layer_idx)
-        self.qstate = LayerQuantState(self.spec, self.layer_idx, self.recipe.amax_history_len,
-                                      device=self.weight.device)
+        r = self.recipe
+        self.qstate = LayerQuantState(self.spec, self.layer_idx, r.amax_history_len, device=self.weight.device,
+                                      amax_compute_algo=r.amax_compute_algo, margin=r.margin)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: "str | Recipe", layer_idx: int = 0) -> "QLinear":

@@ -24,9 +24,11 @@ RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: RHT_SEED + i
 class LayerQuantState(nn.Module):
     """Mutable state of one layer under `spec`; `layer_idx` seeds its random streams."""
 
-    def __init__(self, spec: LinearSpec, layer_idx: int, history_len: int, device=None):
+    def __init__(self, spec: LinearSpec, layer_idx: int, history_len: int, device=None,
+                 amax_compute_algo: str = "max", margin: int = 0):
         super().__init__()
         self.layer_idx = int(layer_idx)
+        self.most_recent, self.headroom = amax_compute_algo == "most_recent", float(2 ** margin)
         self.collect = False
         self.stats: dict[str, list] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -48,14 +50,15 @@ class LayerQuantState(nn.Module):
         return g
 
     def delayed_amax(self, op: str, t: torch.Tensor, record: bool) -> torch.Tensor:
-        """The amax delayed scaling uses for operand `op`: the history's max (t's own amax while the history
-        is empty); with `record`, t's amax is pushed into the history -- only when it is finite: one inf or NaN
-        in an input must not poison the scale of every later step (as Transformer Engine, the last finite
-        history carries on). 0-d fp32. Branch-free (torch.where), so it traces under torch.compile."""
+        """The amax delayed scaling uses for operand `op`: the history's max, or its newest entry with
+        amax_compute_algo "most_recent" (t's own amax while the history is empty), times 2^margin; with
+        `record`, t's amax is pushed into the history -- only when it is finite: one inf or NaN in an input must
+        not poison the scale of every later step (as Transformer Engine, the last finite history carries on).
+        0-d fp32. Branch-free (torch.where), so it traces under torch.compile."""
         hist = getattr(self, f"amax_history_{op}")
         cur = t.abs().amax().float()
-        hmax = hist.max()
-        amax = torch.where(hmax > 0, hmax, cur)
+        hmax = hist[0] if self.most_recent else hist.max()
+        amax = torch.where(hmax > 0, hmax, cur) * self.headroom
         if record:
             pushed = torch.cat([cur.view(1).to(hist.dtype), hist[:-1]])
             hist.copy_(torch.where(torch.isfinite(cur), pushed, hist))
