@@ -8,11 +8,10 @@
 (gloo on CPU, nccl on CUDA, one GPU per local rank); otherwise it is a no-op and everything below
 degrades to single-process behaviour, so the trainer has one code path.
 
-Checkpoints: the full (unsharded) model and optimizer state is gathered and written by rank 0 in the
-single-process format (`full_state_dict`, `full_optim_state`). So any checkpoint resumes on any number of
-ranks, with or without FSDP, as long as the global batch divides by the new world size; the cost is that
-rank 0 must hold the whole model and optimizer state in CPU memory at save time (fine up to a few billion
-parameters; a sharded torch.distributed.checkpoint writer would be needed beyond that).
+Checkpoints: under FSDP2 every rank writes its own shards (lowbit.train.sharded); one process and DDP write
+the single-process format from rank 0. `load_full_optim_state` re-shards a single-process optimizer state
+onto FSDP2 parameters (resuming such a checkpoint under --fsdp); `full_state_dict` / `full_optim_state`
+gather a sharded model's full state in the single-process layout, for callers that want one file.
 """
 from __future__ import annotations
 
