@@ -72,6 +72,7 @@ class Trainer:
         self._setup_data(dataset)
         self._setup_model()
         self.optimizer = self.make_optimizer(self.model)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the clip sees
         self._setup_batches()
         if self.di.is_main:  # every input is checked by now: only from here on is the run directory changed
             self.run.commit(cfg.overwrite, cfg.to_toml(), self.tokenizer)
@@ -291,9 +292,8 @@ class Trainer:
                     _, loss = self.forward(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = dist.clip_norm_value(torch.nn.utils.clip_grad_norm_(params, clip))  # global norm on every rank
+        norm = dist.clip_norm_value(torch.nn.utils.clip_grad_norm_(self.params, clip))  # global norm on every rank
         # mean loss over ranks and "a rank got SIGINT/SIGTERM" in one all-reduce: every rank decides alike
         asked = float(stop is not None and stop.signum is not None)
         shared = torch.stack([loss_sum / (cfg.grad_accum * di.world_size), torch.tensor(asked, device=self.device)])
