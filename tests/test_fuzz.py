@@ -126,8 +126,10 @@ def quant_cases(draw):
     block = draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32])) if gran in ("tile", "block") else 0
     scale_fmt = draw(st.sampled_from(["fp32", "e8m0", "e4m3"]))
     rounding = draw(st.sampled_from(["nearest", "stochastic"]))
+    conventions = dict(scale_round=draw(st.sampled_from(["floor", "ceil"])), reciprocal=draw(st.booleans()),
+                       four_over_six=draw(st.booleans()))
     try:
-        q = TensorQuant(fmt, gran, block, scale_fmt, rounding=rounding)
+        q = TensorQuant(fmt, gran, block, scale_fmt, rounding=rounding, **conventions)
     except ValueError:  # an invalid combination is refused by the recipe itself (tested in test_recipes)
         assume(False)
     shape = tuple(draw(st.lists(st.integers(0, 12), min_size=0, max_size=3)))
@@ -166,7 +168,7 @@ def groups(t: torch.Tensor, q: TensorQuant) -> torch.Tensor:
     return t.reshape(R // b, b, C // b, b).permute(0, 2, 1, 3).reshape(-1, b * b)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(case=quant_cases())
 def test_quantizers_work_or_raise_documented_errors(case):
     q, shape, dtype, vals = case

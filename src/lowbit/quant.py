@@ -43,11 +43,7 @@ import torch
 
 from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.recipes import TensorQuant
-
-_E4M3_MAX = 448.0
-_E4M3_MIN_SUBNORMAL = 2.0 ** -9
-_FP32_MIN_NORMAL = 2.0 ** -126
-_E4M3 = get_format("e4m3")
+from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, scale_from_amax
 
 
 # --- group layout --------------------------------------------------------------------------
@@ -104,33 +100,10 @@ def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
     return amax
 
 
-# --- scales --------------------------------------------------------------------------------
-
-def _scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
-                     tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Effective fp32 scale per group from the fp32 group absmax (>= 0, inf or NaN; same shape).
-    Few, in-place ops: it runs once per chunk on up to 64k groups."""
-    if q.scale_fmt == "fp32":
-        # at least fp32's smallest normal, 2^-126: a subnormal scale would lose relative precision,
-        # and x / s could then exceed max (see `saturate` in _run)
-        s = (amax / fmt.max).clamp_min_(_FP32_MIN_NORMAL)
-    elif q.scale_fmt == "e8m0":
-        # 2^floor(log2 amax) is amax's exponent bits; times 2^-emax it is exact (a power of two)
-        s = torch.bitwise_and(amax.view(torch.int32), 0x7F800000).view(torch.float32)
-        s = s.mul_(2.0 ** -fmt.emax).clamp_min_(2.0 ** -127)  # amax < 2^-126 -> 2^-127 (E8M0's min)
-    else:  # "e4m3": NVFP4's fp32 tensor scale times an E4M3 group scale
-        t = (amax.amax() if tensor_amax is None else tensor_amax).float()
-        s_t = t / (fmt.max * _E4M3_MAX)
-        s_t = torch.where((t == 0) | (s_t == 0), 1.0, s_t)
-        s = amax / fmt.max / s_t
-        round_to_grid_(s.view(-1), _E4M3, torch.empty_like(s).view(-1))  # cast to E4M3 (saturating)
-        s = s.clamp_min_(_E4M3_MIN_SUBNORMAL).mul_(s_t)
-        s.masked_fill_(~(t < math.inf), math.nan)  # a non-finite tensor absmax: every group
-    s.masked_fill_(amax == 0, 1.0)
-    return s.masked_fill_(~(amax < math.inf), math.nan)  # inf or NaN absmax: NaN scale
-
+# --- scales (the rules live in lowbit.scales) ---------------------------------------------
 
 def _scales3(x3, q, fmt, amax):
+    """(decode scales, encode factors or None) as [R|1, G, 1] fp32, from `amax` (delayed) or x3's groups."""
     if amax is not None:
         if q.granularity != "tensor":
             raise ValueError(f"amax= (delayed scaling) is only defined for granularity='tensor', "
@@ -141,7 +114,11 @@ def _scales3(x3, q, fmt, amax):
         a = a.reshape(1, 1, 1).abs()
     else:
         a = _absmax3(x3, q)
-    return _scale_from_amax(a, q, fmt)
+    return scale_from_amax(a, q, fmt, block_max=_block_max(q))
+
+
+def _block_max(q: TensorQuant) -> float:
+    return E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX
 
 
 def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
@@ -153,7 +130,7 @@ def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
     x3 = _as3d(x.contiguous(), q)
     if x.numel() == 0:
         return torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
-    return _group_scales(_scales3(x3, q, fmt, amax), x.shape, q)
+    return _group_scales(_scales3(x3, q, fmt, amax)[0], x.shape, q)
 
 
 def _group_scales(s3, x_shape, q):
@@ -189,12 +166,12 @@ def _group_absmax(xc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return torch.maximum(xc.amax(-1, keepdim=True), xc.amin(-1, keepdim=True).neg()).float()
 
 
-def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused, tensor_amax):
-    """out3 = round(x3 / s3) (· s3 if dequant), in chunks of rows that stay in cache.
+def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tensor_amax):
+    """out3 = round(x3 / s3) or round(x3 · e3) (· s3 if dequant), in chunks of rows that stay in cache.
 
-    x3: [R, G, B] any float dtype; out3: like x3 (fp32 if not dequant); s3: [R|1, G, 1] fp32
-    scales, or (fused) an empty [R, G, 1] that is filled here from each chunk's absmax, so x is
-    read from memory once. Zeros come out as +0 (the sign of zero is not kept).
+    x3: [R, G, B] any float dtype; out3: like x3 (fp32 if not dequant); s3: [R|1, G, 1] fp32 decode
+    scales, e3: encode factors (q.reciprocal) or None; or (fused) empty [R, G, 1] buffers filled here
+    from each chunk's absmax, so x is read from memory once. Zeros come out as +0.
     """
     R = x3.shape[0]
     per_row = max(1, x3[0].numel())
@@ -209,22 +186,48 @@ def _kernel(x3, s3, q, fmt, rounding, generator, saturate, out3, dequant, fused,
         xc = x3[i:j]
         t = tmp[: xc.numel()]
         if fused:
-            sc = _scale_from_amax(_group_absmax(xc, t), q, fmt, tensor_amax)
+            sc, ec = scale_from_amax(_group_absmax(xc, t), q, fmt, tensor_amax)
             s3[i:j] = sc
+            if ec is not None:
+                e3[i:j] = ec
         else:
             sc = s3[i:j] if s3.shape[0] > 1 else s3
+            ec = None if e3 is None else (e3[i:j] if e3.shape[0] > 1 else e3)
         a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
         if x3.dtype == torch.float32:
-            torch.div(xc, sc, out=a)
-        else:
-            a.copy_(xc).div_(sc)  # scale and round in fp32, not in the input dtype
-        round_to_grid_(a.view(-1), fmt, t, rounding, generator, saturate)
+            torch.div(xc, sc, out=a) if ec is None else torch.mul(xc, ec, out=a)
+        else:  # scale and round in fp32, not in the input dtype
+            a.copy_(xc).div_(sc) if ec is None else a.copy_(xc).mul_(ec)
+        round_to_grid_(a.view(-1), fmt, t, q.rounding, generator, saturate)
         if fmt.has_inf and saturate:  # e5m2 keeps ±inf (the clamp made it ±max)
             torch.where(xc.isinf(), xc.float(), a, out=a)
         if dequant:
             a.mul_(sc)
         if not direct:
             out3[i:j].copy_(a)
+
+
+def _four_over_six(x3, q, fmt, generator, out3, dequant):
+    """NVFP4 with "4 over 6" (whole tensor, not chunked): per group, the candidate (block max to 6, or
+    to 4 via the block scale ×1.5) with the smaller squared error. Returns the chosen scales [R, G, 1]."""
+    amax = _absmax3(x3, q)
+    t = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
+    x = x3.float()
+    best = err = s_best = None
+    for mult in (1.0, 1.5):
+        s, _ = scale_from_amax(amax * mult, q, fmt, t, block_max=E4M3_MAX_4OVER6)
+        v = round_to_grid_(x / s, fmt, torch.empty_like(x), q.rounding, generator)
+        e = (v * s - x).square_().sum(-1, keepdim=True)
+        if q.granularity == "block":  # the error of the whole square block
+            R, G, _ = e.shape
+            e = e.view(R // q.block, q.block, G).sum(1, keepdim=True).expand(-1, q.block, -1).reshape(R, G, 1)
+        if best is None:
+            best, err, s_best = v, e, s
+        else:  # ties keep "max to 6"
+            pick = e < err
+            best, s_best = torch.where(pick, v, best), torch.where(pick, s, s_best)
+    out3.copy_(best * s_best if dequant else best)
+    return s_best
 
 
 def _run(x, q, generator, amax, dequant):
@@ -239,18 +242,24 @@ def _run(x, q, generator, amax, dequant):
     out = empty(x.shape, x.dtype if dequant else torch.float32, x.device)
     if x.numel() == 0:
         return out, torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
+    if q.four_over_six:
+        if amax is not None:
+            raise ValueError("four_over_six takes its scales from the current tensor; drop amax= "
+                             "(delayed scaling) or set four_over_six=false")
+        return out, _group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
     fused = q.granularity in ("row", "tile") and amax is None
     tensor_amax = None
     if fused:
         s3 = torch.empty((x3.shape[0], x3.shape[1], 1), dtype=torch.float32, device=x.device)
+        e3 = torch.empty_like(s3) if q.reciprocal else None
         if q.scale_fmt == "e4m3":  # NVFP4's tensor-level scale needs the global absmax first
             tensor_amax = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
     else:
-        s3 = _scales3(x3, q, fmt, amax)
-    # With fp32 current scaling |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
+        s3, e3 = _scales3(x3, q, fmt, amax)
+    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
     # rounds to at most max: the saturating clamp can be skipped.
-    saturate = not (q.scale_fmt == "fp32" and amax is None)
-    _kernel(x3, s3, q, fmt, q.rounding, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
+    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal)
+    _kernel(x3, s3, e3, q, fmt, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
     return out, _group_scales(s3, x.shape, q)
 
 
@@ -276,8 +285,8 @@ def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Ten
     if x.numel() == 0:
         return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
                 torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
-    s3 = _scales3(x3, q, fmt, amax)
-    xs = (x3.float() / _rows_scales(_group_scales(s3, x.shape, q), x3, q)).view(x.shape)
+    s3, e3 = _scales3(x3, q, fmt, amax)
+    xs = (x3.float() / s3 if e3 is None else x3.float() * e3).view(x.shape)
     return xs, _group_scales(s3, x.shape, q)
 
 

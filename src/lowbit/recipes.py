@@ -26,6 +26,7 @@ from lowbit._io import to_toml
 GRANULARITIES = ("tensor", "row", "tile", "block")
 SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
 ROUNDINGS = ("nearest", "stochastic")
+SCALE_ROUNDS = ("floor", "ceil")
 COMPUTE_DTYPES = ("fp32", "bf16")
 SCALINGS = ("current", "delayed")
 OCC_GRANULARITIES = ("token", "tensor")
@@ -56,6 +57,14 @@ class TensorQuant:
     scale_fmt:   "fp32", "e4m3" (NVFP4: E4M3 block scale × FP32 tensor scale) or
                  "e8m0" (MX: power-of-two scale).
     rounding:    "nearest" (ties to even) or "stochastic".
+    scale_round: power-of-two ("e8m0") scales: "floor" (OCP MX: 2^(floor(log2 amax) − emax_elem), the
+                 top values may saturate) or "ceil" (2^ceil(log2(amax/max)): torchao's RCEIL, TE's
+                 MXFP8, DeepSeek's UE8M0; nothing saturates).
+    reciprocal:  multiply by the reciprocal scale computed as Transformer Engine and torchao do
+                 (e = max/amax) instead of dividing by amax/max: flips exact ties only; see lowbit.scales.
+    four_over_six: (scale_fmt "e4m3") per group, keep whichever of "max to 6" and "max to 4" (the block
+                 scale ×1.5) has the smaller squared error; the tensor scale maps to 256, not 448
+                 (Cook et al. 2025, "Four Over Six"; TE's NVFP4 4over6).
     hadamard:    (on `grad_output` only) apply a random block-Hadamard transform of size
                  `hadamard_size` along the token dim to both operands of the weight-gradient
                  GeMM dW = dYᵀ·X before quantizing them (NVFP4's RHT; exact in real
@@ -69,9 +78,18 @@ class TensorQuant:
     rounding: str = "nearest"
     hadamard: bool = False
     hadamard_size: int = 16
+    scale_round: str = "floor"
+    reciprocal: bool = False
+    four_over_six: bool = False
 
     def __post_init__(self):
         _check("fmt", self.fmt, QUANT_FORMATS)
+        _check("scale_round", self.scale_round, SCALE_ROUNDS)
+        if self.four_over_six and (self.scale_fmt != "e4m3" or self.fmt != "e2m1"):
+            raise ValueError("four_over_six needs fmt='e2m1' with scale_fmt='e4m3' (NVFP4); "
+                             f"got fmt={self.fmt!r}, scale_fmt={self.scale_fmt!r}")
+        if self.four_over_six and self.reciprocal:
+            raise ValueError("four_over_six has no reciprocal (TE-convention) variant; set reciprocal=false")
         _check("granularity", self.granularity, GRANULARITIES)
         _check("scale_fmt", self.scale_fmt, SCALE_FORMATS)
         _check("rounding", self.rounding, ROUNDINGS)

@@ -1,0 +1,104 @@
+"""Group scales from group absmaxes: the scale rules of `TensorQuant.scale_fmt`, `scale_round` and
+`reciprocal` (quant.py's quantizers call these; nothing here touches the elements).
+
+A scale rule returns, per group, the fp32 *decode* scale s (dequantized value = code · s) and, with
+`q.reciprocal`, the fp32 *encode* factor e the elements are multiplied by before rounding (code =
+round(x · e)); without it the elements are divided by s (code = round(x / s)). The two conventions
+differ only in the last bit of x/s, i.e. on exact ties of the element grid:
+
+    divide (lowbit's default)        s = amax / fmax; x / s
+    reciprocal (TE / torchao)        e = fmax / amax, s = 1 / e; x · e          (fp32 scales)
+    NVFP4, divide                    s_t = amax_t / (fmax·448); s = e4m3(amax / fmax / s_t) · s_t
+    NVFP4, reciprocal (TE's rule)    g = fmax·448 / amax_t; d = e4m3(min(amax / fmax · g, 448));
+                                     s = d · (1/g); e = min(1 / s, fp32 max)   (d may round to 0: the
+                                     group then dequantizes to 0, as in TE; divide raises d to 2^-9)
+    e8m0 floor (OCP MX)              s = 2^(floor(log2 amax) − emax_elem): the top values may saturate
+    e8m0 ceil (RCEIL: torchao, TE    s = 2^ceil(log2(amax / fmax)): nothing saturates
+      MXFP8, DeepSeek UE8M0)
+
+Powers of two are exact, so for e8m0 scales the two conventions agree bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.formats import Format, get_format, round_to_grid_
+from lowbit.recipes import TensorQuant
+
+E4M3_MAX = 448.0
+E4M3_MIN_SUBNORMAL = 2.0 ** -9
+FP32_MIN_NORMAL = 2.0 ** -126
+FP32_MAX = torch.finfo(torch.float32).max
+# "4 over 6" (Cook et al. 2025): the tensor scale leaves the block scales headroom for the ×1.5 of the
+# map-to-4 candidate (256 · 1.5 = 384 <= 448).
+E4M3_MAX_4OVER6 = 256.0
+_E4M3 = get_format("e4m3")
+
+
+def _to_e4m3_(s: torch.Tensor) -> torch.Tensor:
+    """Round fp32 s onto the E4M3 grid in place (saturating at 448)."""
+    round_to_grid_(s.view(-1), _E4M3, torch.empty_like(s).view(-1))
+    return s
+
+
+def _pow2(amax: torch.Tensor, q: TensorQuant, fmt: Format) -> torch.Tensor:
+    if q.scale_round == "floor":
+        # 2^floor(log2 amax) is amax's exponent bits; times 2^-emax it is exact (a power of two)
+        s = torch.bitwise_and(amax.view(torch.int32), 0x7F800000).view(torch.float32)
+        return s.mul_(2.0 ** -fmt.emax).clamp_min_(2.0 ** -127)  # amax < 2^-126 -> 2^-127 (E8M0's min)
+    # ceil, exactly (no log2 rounding): r = m·2^k with m in [0.5, 1); 2^ceil(log2 r) = 2^(k-1) iff m == 0.5
+    m, k = torch.frexp(amax / fmt.max)
+    k = k - (m == 0.5).to(k.dtype)
+    return torch.ldexp(torch.ones_like(amax), k.clamp_(-127, 127))
+
+
+def _tensor_scale(amax, tensor_amax, fmt, block_max):
+    t = (amax.amax() if tensor_amax is None else tensor_amax).float()
+    s_t = t / (fmt.max * block_max)
+    return t, torch.where((t == 0) | (s_t == 0), 1.0, s_t)
+
+
+def _nvfp4(amax, q, fmt, tensor_amax, block_max=E4M3_MAX):
+    """(decode s, encode e or None) of NVFP4's two-level scale."""
+    if q.reciprocal:  # Transformer Engine's reference rule (quantization_nvfp4), step by step
+        t = (amax.amax() if tensor_amax is None else tensor_amax).float()
+        g = (fmt.max * block_max / t).clamp_max_(FP32_MAX)
+        g = torch.where(g == 0, 1.0, g)
+        d = _to_e4m3_((amax / fmt.max * g).clamp_max_(E4M3_MAX))
+        s = d * (1.0 / g)
+        e = (1.0 / s).clamp_max_(FP32_MAX)
+        return s.masked_fill_(~(t < math.inf), math.nan), e
+    t, s_t = _tensor_scale(amax, tensor_amax, fmt, block_max)
+    s = _to_e4m3_(amax / fmt.max / s_t).clamp_min_(E4M3_MIN_SUBNORMAL).mul_(s_t)
+    return s.masked_fill_(~(t < math.inf), math.nan), None  # a non-finite tensor absmax: every group
+
+
+def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
+                    tensor_amax: torch.Tensor | None = None,
+                    block_max: float = E4M3_MAX) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(decode scale s, encode factor e or None) per group from the fp32 group absmax (>= 0, inf or NaN;
+    same shape as amax). e is None unless q.reciprocal. tensor_amax: NVFP4's tensor absmax when amax holds
+    only part of the groups; block_max: the E4M3 value the tensor's largest group scale maps to.
+    An all-zero group gets s = e = 1 (zeros stay zeros); an inf/NaN absmax a NaN scale. Few, in-place ops:
+    it runs once per chunk on up to 64k groups."""
+    e = None
+    if q.scale_fmt == "fp32":
+        if q.reciprocal:
+            e = torch.where(amax == 0, 1.0, fmt.max / amax).clamp_max_(FP32_MAX)
+            s = 1.0 / e
+        else:
+            # at least fp32's smallest normal, 2^-126: a subnormal scale would lose relative precision,
+            # and x / s could then exceed max (see `saturate` in quant._run)
+            s = (amax / fmt.max).clamp_min_(FP32_MIN_NORMAL)
+    elif q.scale_fmt == "e8m0":
+        s = _pow2(amax, q, fmt)
+        e = 1.0 / s if q.reciprocal else None  # exact: a power of two
+    else:
+        s, e = _nvfp4(amax, q, fmt, tensor_amax, block_max)
+    zero, bad = amax == 0, ~(amax < math.inf)
+    s.masked_fill_(zero, 1.0).masked_fill_(bad, math.nan)
+    if e is not None:
+        e = e.masked_fill(zero, 1.0).masked_fill_(bad, math.nan)
+    return s, e
