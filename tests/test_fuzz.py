@@ -127,7 +127,8 @@ def quant_cases(draw):
     scale_fmt = draw(st.sampled_from(["fp32", "e8m0", "e4m3"]))
     rounding = draw(st.sampled_from(["nearest", "stochastic"]))
     conventions = dict(scale_round=draw(st.sampled_from(["floor", "ceil"])), reciprocal=draw(st.booleans()),
-                       four_over_six=draw(st.booleans()))
+                       four_over_six=draw(st.booleans()), scale_rule=draw(st.sampled_from(["absmax", "quest"])),
+                       scale_mult=draw(st.sampled_from([1.0, 4 / 3, 0.75])))
     try:
         q = TensorQuant(fmt, gran, block, scale_fmt, rounding=rounding, **conventions)
     except ValueError:  # an invalid combination is refused by the recipe itself (tested in test_recipes)

@@ -524,7 +524,7 @@ def test_convert_filter_head_and_recipe_forms(tmp_path):
     path = tmp_path / "r.toml"
     R.save(R.get("nvfp4").replace(name="mine"), path)
     m = convert(Tiny(), str(path))
-    assert m.blocks[1].attn.recipe.name == "mine"
+    assert m.blocks[0].attn.recipe.name == "mine" and type(m.blocks[1].attn) is nn.Linear  # share:16%: the last block
     q = lowbit.convert(nn.Linear(8, 4), "fp32")  # the root itself
     assert isinstance(q, QLinear) and q.recipe.name == "fp32"
     with pytest.raises(ValueError, match="unknown recipe"):

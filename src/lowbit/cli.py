@@ -255,6 +255,8 @@ def _add_recipes(sub) -> None:
                        description="List the registered recipes, or print one as TOML (a starting point for a "
                                    "custom recipe file: lowbit train --recipe my.toml).")
     p.add_argument("--show", metavar="NAME", help="print this recipe as TOML")
+    p.add_argument("--model", metavar="PRESET", help="with --show: also list the layers the recipe keeps in high "
+                                                     "precision on this model preset")
     p.set_defaults(func=commands.cmd_recipes)
 
 

@@ -99,9 +99,33 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def high_precision_summary(recipe, model_name: str) -> str:
+    """TOML comment lines naming the linear layers `recipe` keeps in high precision on the `model_name` preset."""
+    import torch
+
+    from lowbit.models import build_model
+    from lowbit.nn.convert import convert
+    from lowbit.nn.module import QLinear
+    from lowbit.nn.select import block_list
+
+    model = convert(build_model(model_name, vocab_size=256), recipe)
+    kept = [n for n, m in model.named_modules()
+            if (type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D") and not isinstance(m, QLinear)]
+    prefix, n = block_list(model)
+    blocks = sorted({int(k[len(prefix) + 1:].split(".")[0]) for k in kept if prefix and k.startswith(prefix + ".")})
+    lines = [f"# on {model_name} ({n} blocks): {len(kept)} linear layers stay in high precision"]
+    if blocks:
+        lines.append(f"#   blocks {', '.join(map(str, blocks))} of {prefix}")
+    lines += [f"#   {k}" for k in kept if not (prefix and k.startswith(prefix + "."))]
+    return "\n".join(lines)
+
+
 def cmd_recipes(args) -> int:
     if args.show:
-        sys.stdout.write(recipes.get(args.show).to_toml())
+        r = recipes.get(args.show)
+        sys.stdout.write(r.to_toml())
+        if args.model:
+            print(high_precision_summary(r, args.model))
         return 0
     names = recipes.names()
     width = max(map(len, names))

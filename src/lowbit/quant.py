@@ -43,7 +43,7 @@ import torch
 
 from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.recipes import TensorQuant
-from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, scale_from_amax
+from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 
 
 # --- group layout --------------------------------------------------------------------------
@@ -112,6 +112,9 @@ def _scales3(x3, q, fmt, amax):
         if a.numel() != 1:
             raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(a.shape)}")
         a = a.reshape(1, 1, 1).abs()
+    elif q.scale_rule == "quest":
+        s = quest_scale(x3.reshape(1, 1, -1) if q.granularity == "tensor" else x3, fmt)
+        return (s if q.scale_mult == 1.0 else s * q.scale_mult), None
     else:
         a = _absmax3(x3, q)
     return scale_from_amax(a, q, fmt, block_max=_block_max(q))
@@ -247,7 +250,7 @@ def _run(x, q, generator, amax, dequant):
             raise ValueError("four_over_six takes its scales from the current tensor; drop amax= "
                              "(delayed scaling) or set four_over_six=false")
         return out, _group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
-    fused = q.granularity in ("row", "tile") and amax is None
+    fused = q.granularity in ("row", "tile") and amax is None and q.scale_rule == "absmax"
     tensor_amax = None
     if fused:
         s3 = torch.empty((x3.shape[0], x3.shape[1], 1), dtype=torch.float32, device=x.device)
@@ -258,7 +261,7 @@ def _run(x, q, generator, amax, dequant):
         s3, e3 = _scales3(x3, q, fmt, amax)
     # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
     # rounds to at most max: the saturating clamp can be skipped.
-    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal)
+    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
     _kernel(x3, s3, e3, q, fmt, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
     return out, _group_scales(s3, x.shape, q)
 

@@ -16,6 +16,7 @@ the forward weight, as in the FP4 paper.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,12 @@ GRANULARITIES = ("tensor", "row", "tile", "block")
 SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
 ROUNDINGS = ("nearest", "stochastic")
 SCALE_ROUNDS = ("floor", "ceil")
+SCALE_RULES = ("absmax", "quest")
+# "lowbit": every GeMM quantizes its operands from the high-precision tensors. "quartet" (Castro et al. 2025):
+# the forward rotates X and W by a 32-point Hadamard along K before quantizing; the backward is the
+# straight-through estimator masked where the forward clipped, and its GeMMs requantize the forward's
+# quantized operands and dY after a fresh random-sign Hadamard along their own reduction dims.
+SCHEMES = ("lowbit", "quartet")
 COMPUTE_DTYPES = ("fp32", "bf16")
 SCALINGS = ("current", "delayed")
 OCC_GRANULARITIES = ("token", "tensor")
@@ -41,6 +48,8 @@ AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
 # only the output is rounded to the compute dtype.
 GEMM_MODES = ("rounded", "exact")
+# Layer-selection patterns over transformer blocks (the grammar: lowbit.nn.select); anything else is a glob.
+HIGH_PRECISION_BLOCK = re.compile(r"^(first|last|share):(\d+(?:\.\d+)?)(%?)$")
 # Number formats a tensor may be quantized to (names understood by lowbit.formats).
 QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
 
@@ -65,6 +74,11 @@ class TensorQuant:
     four_over_six: (scale_fmt "e4m3") per group, keep whichever of "max to 6" and "max to 4" (the block
                  scale ×1.5) has the smaller squared error; the tensor scale maps to 256, not 448
                  (Cook et al. 2025, "Four Over Six"; TE's NVFP4 4over6).
+    scale_rule:  "absmax" (the group's absmax maps to the format's max) or "quest" (QuEST, Panferov et al.
+                 2025, as Quartet's code: s = 2^floor(log2(2.92247856/6 · std(group) + 1e-8)), the MSE-optimal
+                 Gaussian clip; values beyond ±max·s are clipped; with scale_fmt "e8m0" only).
+    scale_mult:  the decode scale times this after its rule (Quartet's backward: 4/3, so the scaled absmax
+                 lies in [3, 6) and stochastic rounding never clips).
     hadamard:    (on `grad_output` only) apply a random block-Hadamard transform of size
                  `hadamard_size` along the token dim to both operands of the weight-gradient
                  GeMM dW = dYᵀ·X before quantizing them (NVFP4's RHT; exact in real
@@ -81,8 +95,17 @@ class TensorQuant:
     scale_round: str = "floor"
     reciprocal: bool = False
     four_over_six: bool = False
+    scale_rule: str = "absmax"
+    scale_mult: float = 1.0
 
     def __post_init__(self):
+        _check("scale_rule", self.scale_rule, SCALE_RULES)
+        if self.scale_rule == "quest" and (self.scale_fmt != "e8m0" or self.granularity == "block"):
+            raise ValueError(f"scale_rule='quest' makes power-of-two scales over rows or tiles; set "
+                             f"scale_fmt='e8m0' and granularity 'tile'/'row'/'tensor' (got {self.scale_fmt!r}, "
+                             f"{self.granularity!r})")
+        if not (isinstance(self.scale_mult, (int, float)) and 0 < self.scale_mult < float("inf")):
+            raise ValueError(f"scale_mult must be a positive finite number, got {self.scale_mult!r}")
         _check("fmt", self.fmt, QUANT_FORMATS)
         _check("scale_round", self.scale_round, SCALE_ROUNDS)
         if self.four_over_six and (self.scale_fmt != "e4m3" or self.fmt != "e2m1"):
@@ -141,7 +164,12 @@ class OCC:
 @dataclass(frozen=True)
 class Recipe:
     """A named low-precision training recipe. `None` for an operand means it is
-    not quantized (kept in the compute dtype)."""
+    not quantized (kept in the compute dtype).
+
+    Per-GeMM exceptions (torchao's cast_config_*_for_grad_*): `dgrad_weight` quantizes W in the input-
+    gradient GeMM dX = dY·W differently from the forward (None: as `weight`); `wgrad_high_precision` runs
+    the weight-gradient GeMM dW = dYᵀ·X on unquantized operands in the compute dtype.
+    `high_precision`: layers kept out of quantization (patterns: lowbit.nn.select)."""
 
     name: str
     description: str = ""
@@ -158,15 +186,30 @@ class Recipe:
     quantize_head: bool = False
     weight_scale_axis: str = "out"
     gemm: str = "rounded"
+    dgrad_weight: TensorQuant | None = None
+    wgrad_high_precision: bool = False
+    high_precision: tuple[str, ...] = ()
+    scheme: str = "lowbit"
 
     def __post_init__(self):
         _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
         _check("gemm", self.gemm, GEMM_MODES)
+        _check("scheme", self.scheme, SCHEMES)
+        if self.scheme == "quartet" and not (self.input and self.weight and self.grad_output):
+            raise ValueError("scheme='quartet' quantizes input, weight and grad_output; set all three")
         _check("scaling", self.scaling, SCALINGS)
         _check("amax_compute_algo", self.amax_compute_algo, AMAX_COMPUTE_ALGOS)
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ValueError(f"margin must be an integer >= 0 (scales get 2^margin headroom), got {self.margin!r}")
+        if isinstance(self.high_precision, (list, str)):
+            hp = [self.high_precision] if isinstance(self.high_precision, str) else self.high_precision
+            object.__setattr__(self, "high_precision", tuple(p.strip() for p in ",".join(hp).split(",") if p.strip()))
+        if not all(isinstance(p, str) for p in self.high_precision):
+            raise ValueError(f"high_precision must be a list of patterns (strings), got {self.high_precision!r}")
+        check_patterns(self.high_precision)
+        if self.dgrad_weight is not None and self.weight is None:
+            raise ValueError("dgrad_weight is set but weight is not quantized; set weight or drop dgrad_weight")
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.scaling == "delayed" and any(
@@ -201,7 +244,9 @@ class Recipe:
         return dataclasses.replace(self, **top)
 
     def to_dict(self) -> dict:
-        return _drop_none(dataclasses.asdict(self))
+        d = _drop_none(dataclasses.asdict(self))
+        d["high_precision"] = list(self.high_precision)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -212,7 +257,7 @@ class Recipe:
         if "name" not in d:
             raise ValueError("a recipe needs a 'name'")
         for key, sub in (("input", TensorQuant), ("weight", TensorQuant), ("grad_output", TensorQuant),
-                         ("dge", DGE), ("occ", OCC)):
+                         ("dgrad_weight", TensorQuant), ("dge", DGE), ("occ", OCC)):
             if key in d and d[key] is not None:
                 if not isinstance(d[key], dict):
                     raise ValueError(f"recipe field {key!r} must be a table, got {d[key]!r}")
@@ -234,6 +279,19 @@ class Recipe:
         return cls.from_dict(data)
 
 
+def check_patterns(patterns: tuple[str, ...]) -> None:
+    """ValueError naming a malformed high-precision pattern and the grammar (lowbit.nn.select)."""
+    for p in patterns:
+        m = HIGH_PRECISION_BLOCK.match(p)
+        if p.split(":", 1)[0] in ("first", "last", "share") and not m:
+            raise ValueError(f"bad high_precision pattern {p!r}: use first:N, last:N (N a count or a share like "
+                             "12.5%), share:P% or a module-name glob such as *.attn.c_proj")
+        if m and m.group(1) == "share" and not m.group(3):
+            raise ValueError(f"bad high_precision pattern {p!r}: share takes a percentage, e.g. share:16%")
+        if m and m.group(3) and float(m.group(2)) > 100:
+            raise ValueError(f"bad high_precision pattern {p!r}: a share is at most 100%")
+
+
 def _check(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -253,7 +311,14 @@ def _fp4(fmt="e2m1"):
     return TensorQuant(fmt=fmt, granularity="row")
 
 
+def _mx(fmt, scale_round="floor"):
+    return TensorQuant(fmt, "tile", 32, "e8m0", scale_round=scale_round)
+
+
 _E4M3_T = TensorQuant(fmt="e4m3", granularity="tensor")
+_E4M3_ROW = TensorQuant("e4m3", "row", scale_fmt="e8m0", scale_round="ceil")
+_NV_TILE = TensorQuant("e2m1", "tile", 16, "e4m3")
+_QUEST = TensorQuant("e2m1", "tile", 32, "e8m0", scale_rule="quest")
 _E5M2_T = TensorQuant(fmt="e5m2", granularity="tensor")
 
 _RECIPES: dict[str, Recipe] = {}
@@ -286,14 +351,42 @@ for _r in (
            "quantiles over the whole tensor (lowbit's fp4-paper before it followed the authors' code)",
            compute_dtype="bf16", input=_fp4(), weight=_fp4(), grad_output=_fp4(), dge=DGE(enabled=True),
            occ=OCC(enabled=True)),
+    Recipe("fp8-rowwise", "torchao rowwise FP8: E4M3 everywhere, one power-of-two scale per row along each "
+           "GeMM's reduction dim (scales rounded up: 2^ceil(log2(amax/448)))", compute_dtype="bf16",
+           input=_E4M3_ROW, weight=_E4M3_ROW, grad_output=_E4M3_ROW),
+    Recipe("fp8-rowwise-gw-hp", "torchao rowwise_with_gw_hp: rowwise E4M3 forward and dY, tensorwise E4M3 W in "
+           "dX, the weight-gradient GeMM in BF16", compute_dtype="bf16",
+           input=_E4M3_ROW, weight=_E4M3_ROW, grad_output=_E4M3_ROW,
+           dgrad_weight=TensorQuant("e4m3", "tensor", scale_fmt="e8m0", scale_round="ceil"),
+           wgrad_high_precision=True),
+    Recipe("mxfp8", "OCP MXFP8: E4M3 in 1x32 tiles with E8M0 scales rounded down (OCP, torchao's default)",
+           compute_dtype="bf16", input=_mx("e4m3"), weight=_mx("e4m3"), grad_output=_mx("e4m3")),
+    Recipe("mxfp8-rceil", "MXFP8 with E8M0 scales rounded up (RCEIL: Transformer Engine, cuBLAS, torchao "
+           "RCEIL): nothing saturates", compute_dtype="bf16",
+           input=_mx("e4m3", "ceil"), weight=_mx("e4m3", "ceil"), grad_output=_mx("e4m3", "ceil")),
     Recipe("mxfp4", "OCP MXFP4: E2M1 in 1x32 tiles with power-of-two (E8M0) shared scales",
-           compute_dtype="bf16",
-           input=TensorQuant("e2m1", "tile", 32, "e8m0"), weight=TensorQuant("e2m1", "tile", 32, "e8m0"),
-           grad_output=TensorQuant("e2m1", "tile", 32, "e8m0")),
-    Recipe("nvfp4", "NVFP4: E2M1 in 1x16 tiles, E4M3 tile scales x FP32 tensor scale; stochastic rounding of "
-           "gradients and 16x16 random Hadamard transform on the weight-gradient GeMM",
-           compute_dtype="bf16",
-           input=TensorQuant("e2m1", "tile", 16, "e4m3"), weight=TensorQuant("e2m1", "tile", 16, "e4m3"),
+           compute_dtype="bf16", input=_mx("e2m1"), weight=_mx("e2m1"), grad_output=_mx("e2m1")),
+    Recipe("nvfp4", "NVIDIA's NVFP4 recipe (arXiv 2509.25149, TE NVFP4BlockScaling): E2M1, E4M3 x FP32 scales; "
+           "1x16 activations/gradients, 16x16 weight blocks, 16-point RHT on the weight-gradient GeMM, stochastic "
+           "rounding of gradients, 16% of the blocks in BF16 (share:16%, weighted to the last)",
+           compute_dtype="bf16", input=_NV_TILE, weight=TensorQuant("e2m1", "block", 16, "e4m3"),
+           grad_output=TensorQuant("e2m1", "tile", 16, "e4m3", rounding="stochastic", hadamard=True),
+           high_precision=("share:16%",)),
+    Recipe("nvfp4-4over6", "nvfp4 with Four Over Six block scales (each 1x16 tile and 16x16 block scaled to 4 or "
+           "6, whichever has the smaller error)", compute_dtype="bf16",
+           input=dataclasses.replace(_NV_TILE, four_over_six=True),
+           weight=TensorQuant("e2m1", "block", 16, "e4m3", four_over_six=True),
+           grad_output=TensorQuant("e2m1", "tile", 16, "e4m3", rounding="stochastic", hadamard=True,
+                                   four_over_six=True),
+           high_precision=("share:16%",)),
+    Recipe("quartet", "Quartet (Castro et al. 2025): MXFP4 forward on 32-point Hadamard-rotated X and W with QuEST "
+           "scales and trust masks; backward GeMMs on fresh random-sign rotations with stochastic rounding",
+           compute_dtype="bf16", scheme="quartet",
+           input=_QUEST, weight=_QUEST,
+           grad_output=TensorQuant("e2m1", "tile", 32, "e8m0", rounding="stochastic", scale_mult=4 / 3)),
+    Recipe("nvfp4-tiles", "NVFP4 numerics everywhere: 1x16 tiles on every operand (weights too), every block "
+           "quantized (lowbit's nvfp4 before it followed NVIDIA's recipe)", compute_dtype="bf16",
+           input=_NV_TILE, weight=_NV_TILE,
            grad_output=TensorQuant("e2m1", "tile", 16, "e4m3", rounding="stochastic", hadamard=True)),
 ):
     register(_r)

@@ -75,6 +75,30 @@ def _nvfp4(amax, q, fmt, tensor_amax, block_max=E4M3_MAX):
     return s.masked_fill_(~(t < math.inf), math.nan), None  # a non-finite tensor absmax: every group
 
 
+QUEST_CLIP = 2.92247856  # QuEST's MSE-optimal clip for E2M1 on Gaussian data, in standard deviations
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = x.square().mean(-1, keepdim=True) - mean.square()
+    return torch.where(var >= 0, var.clamp_min(0).sqrt(), 1.0), var
+
+
+def quest_scale(x3: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """QuEST's power-of-two scale per group of x3 [R, G, B] -> [R, G, 1] fp32, as Quartet's code computes it:
+    2^floor(log2(QUEST_CLIP/fmax · std + 1e-8)), std from E[x²] − E[x]² (1 where that is negative by
+    rounding). Groups whose squares overflow fp32 take the std of x/absmax times absmax instead; a group
+    holding NaN or inf gets a NaN scale."""
+    x = x3.float()
+    std, var = _std(x)
+    a = x.abs().amax(-1, keepdim=True)
+    big = ~torch.isfinite(var) & torch.isfinite(a)
+    std = torch.where(big, _std(x / torch.where(big, a, 1.0))[0] * a, std)
+    m, k = torch.frexp(std * (QUEST_CLIP / fmt.max) + 1e-8)
+    s = torch.ldexp(torch.ones_like(std), (k - 1).clamp_(-127, 127))  # 2^floor(log2 v), v = m·2^k, m in [0.5, 1)
+    return s.masked_fill_(~torch.isfinite(a), math.nan)
+
+
 def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
                     tensor_amax: torch.Tensor | None = None,
                     block_max: float = E4M3_MAX) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,6 +121,9 @@ def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
         e = 1.0 / s if q.reciprocal else None  # exact: a power of two
     else:
         s, e = _nvfp4(amax, q, fmt, tensor_amax, block_max)
+    if q.scale_mult != 1.0:
+        s = s * q.scale_mult
+        e = None if e is None else e / q.scale_mult
     zero, bad = amax == 0, ~(amax < math.inf)
     s.masked_fill_(zero, 1.0).masked_fill_(bad, math.nan)
     if e is not None:

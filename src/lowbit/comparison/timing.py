@@ -50,12 +50,11 @@ class _Probe:
     def __init__(self, cfg, dataset, device):
         import torch
 
-        from lowbit import recipes
         from lowbit.data import Batcher
         from lowbit.models import build_model
         from lowbit.train.runtime import apply_recipe, autocast, make_optimizer, seed_everything
 
-        self.recipe = recipes.get(cfg.recipe)
+        self.recipe = cfg.resolved_recipe()
         seed_everything(cfg.seed)
         self.model = apply_recipe(build_model(cfg.model, vocab_size=dataset.tokenizer.vocab_size), self.recipe)
         self.model.to(device).train()

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit import recipes
 from lowbit.nn.module import QConv1D, QLinear, is_conv1d
+from lowbit.nn.select import high_precision_names
 from lowbit.nn.spec import OPERANDS, check_recipe_for_linear
 from lowbit.recipes import Recipe
 
@@ -26,6 +27,7 @@ def _is_head(fqn: str) -> bool:
 def _targets(model: nn.Module, r: Recipe, filter_fn: FilterFn | None) -> list[tuple[str, nn.Module]]:
     """(fqn, module) of the layers to swap, in module order; raises for a QLinear of another recipe."""
     out = []
+    keep = high_precision_names(model, r.high_precision)
     for fqn, mod in model.named_modules():
         if isinstance(mod, QLinear):
             if mod.recipe != r:
@@ -34,7 +36,7 @@ def _targets(model: nn.Module, r: Recipe, filter_fn: FilterFn | None) -> list[tu
             continue
         if type(mod) is not nn.Linear and not is_conv1d(mod):
             continue
-        if _is_head(fqn) and not r.quantize_head:
+        if (_is_head(fqn) and not r.quantize_head) or fqn in keep:
             continue
         if filter_fn is None or filter_fn(mod, fqn):
             out.append((fqn, mod))
@@ -60,6 +62,8 @@ def convert(model: nn.Module, recipe: "str | Recipe", filter_fn: FilterFn | None
 
     recipe: a registered name, a path to a .toml recipe, or a Recipe.
     filter_fn(module, fqn) -> bool: convert only layers for which it returns True.
+    `recipe.high_precision` patterns (lowbit.nn.select: first:N, last:N, share:P%, module globs) leave the
+    layers they select as they are (high precision), like the head.
     The output head (any Linear whose name is `lm_head`) stays in high precision unless
     `recipe.quantize_head`: the paper quantizes the transformer blocks' GeMMs and keeps the output
     projection precise, since the logits feed a softmax over the whole vocabulary and small relative

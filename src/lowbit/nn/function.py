@@ -36,11 +36,12 @@ _SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product u
 
 
 def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, amax=None,
-                     record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     record: bool = True, q=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fake-quantized 2-D t along its last dim, the amax used or None) for operand `op` ("input", "weight",
     "grad_output"). Delayed scaling reads the operand's amax history (and, with `record`, pushes t's amax);
-    statistics are recorded only with `record` (a requantization of the same operand is not counted twice)."""
-    q = getattr(spec, op)
+    statistics are recorded only with `record` (a requantization of the same operand is not counted twice).
+    q: a quantizer other than the spec's for `op` (dgrad_weight)."""
+    q = getattr(spec, op) if q is None else q
     if q is None:
         return t, None
     if amax is None and spec.delayed:
@@ -116,7 +117,7 @@ class QLinearFunction(torch.autograd.Function):
         ctx.spec, ctx.state, ctx.cdtype, ctx.w_amax, ctx.x_dtype = spec, state, cdtype, w_amax, x2.dtype
         ctx.odtype = odtype
         ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
-        keep_x = not spec.reuse_xq or ctx.occ  # x itself: to requantize it along tokens or rebuild ΔX
+        keep_x = not spec.reuse_xq or ctx.occ or spec.wgrad_hp  # to requantize along tokens, rebuild ΔX, or dW
         ctx.save_for_backward(x if keep_x else None, weight, xq if spec.reuse_xq else None,
                               wq if spec.reuse_wq else None, lo, hi)
         return y.to(odtype)
@@ -136,7 +137,8 @@ class QLinearFunction(torch.autograd.Function):
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
                     wt = weight.to(ctx.odtype).to(cdtype).t().contiguous()
-                    wq = quantize_operand(wt, spec, "weight", state, amax=ctx.w_amax, record=False)[0].t()
+                    wq = quantize_operand(wt, spec, "weight", state, amax=ctx.w_amax, record=False,
+                                          q=spec.dgrad_weight)[0].t()
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
@@ -161,6 +163,8 @@ def _clamped(x, lo, hi, spec: LinearSpec):
 def weight_grad(spec: LinearSpec, state: LayerQuantState, xc, res, dy, dyq, xq_saved) -> torch.Tensor:
     """dW [N, K] = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX, fp32 accumulation), Xc the (clamped) activation [M, K].
     xc is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
+    if spec.wgrad_hp:  # unquantized operands; (x - xc) + xc = x, so OCC's compensation is already in it
+        return cpu_bf16.mm(dy.t(), xc if res is None else xc + res)
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
         R = state.hadamard_rotation

@@ -17,6 +17,7 @@ from torch import nn
 from lowbit import recipes
 from lowbit.cpu_bf16 import upcast_linear
 from lowbit.nn.function import QLinearFunction
+from lowbit.nn.quartet import QuartetFunction
 from lowbit.nn.spec import LinearSpec
 from lowbit.nn.state import LayerQuantState
 from lowbit.recipes import Recipe
@@ -77,8 +78,8 @@ class QLinear(nn.Linear):
                             "or run under torch.autocast")
         lead = x.shape[:-1]
         with torch.autocast(dev, enabled=False):
-            y = QLinearFunction.apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate,
-                                      cdtype)
+            fn = QuartetFunction if self.spec.rotation_size else QLinearFunction
+            y = fn.apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate, cdtype)
         return y.view(*lead, self.out_features)
 
     def _weight_nk(self) -> torch.Tensor:

@@ -80,6 +80,10 @@ class TrainConfig:
                               "llama-1.3b")
     recipe: str = _opt("fp32", "training recipe name (see `lowbit recipes`) or path to a recipe .toml file",
                        per_run=True)
+    high_precision: str | None = _opt(None, "layers kept in high precision, replacing the recipe's own selection: "
+                                            "comma-separated first:N, last:N (N a count or a share like 10%%), "
+                                            "share:P%% (NVIDIA's split), module globs like *.attn.c_proj; "
+                                            "'none' quantizes every block")
     data: str | None = _opt(None, "text/JSONL/Parquet file, directory or glob (default: the embedded "
                                   "Shakespeare corpus)")
     tokenizer: str = _opt("bpe", "bpe (trained locally on the corpus), bytes, or a saved tokenizer directory")
@@ -172,12 +176,22 @@ class TrainConfig:
 
     def check_names(self) -> None:
         """Registry lookups: the model preset and the recipe (name or file) must exist."""
-        from lowbit import recipes
         from lowbit.models import PRESETS
 
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
-        recipes.get(self.recipe)  # unknown name / missing file -> ValueError / FileNotFoundError naming it
+        self.resolved_recipe()  # unknown name / missing file / bad pattern -> ValueError / FileNotFoundError
+
+    def resolved_recipe(self):
+        """The Recipe this run trains with: `recipe` looked up, with `high_precision` (when set) as its
+        layer selection."""
+        from lowbit import recipes
+
+        r = recipes.get(self.recipe)
+        if self.high_precision is None:
+            return r
+        hp = () if self.high_precision.strip().lower() == "none" else self.high_precision
+        return r.replace(high_precision=hp)
 
     # --- TOML ---------------------------------------------------------------------------------
 

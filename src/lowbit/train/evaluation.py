@@ -37,7 +37,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: TrainConfig, recipe: recipes.
     """Validation loss over `cfg.eval_batches` fixed batches of `dataset.val` (the run's own batches) and
     its perplexity exp(loss). `recipe` (default: cfg.recipe) sets the autocast dtype; `device` defaults
     to the model's."""
-    recipe = recipes.get(cfg.recipe) if recipe is None else recipe
+    recipe = cfg.resolved_recipe() if recipe is None else recipe
     device = next(model.parameters()).device if device is None else torch.device(device)
     if len(dataset.val) == 0:
         raise ValueError("the dataset has no validation split (val_fraction=0); nothing to evaluate")

@@ -8,7 +8,6 @@ leaves it afterwards. The names below are re-exported for older import paths (`l
 """
 from __future__ import annotations
 
-from lowbit import recipes
 from lowbit.nn import check_block_sizes  # noqa: F401  (re-export)
 from lowbit.train import dist
 from lowbit.train.config import TrainConfig
@@ -25,7 +24,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, trainer: type[T
     (cfg.data/tokenizer/vocab_size/val_fraction are then not used); `trainer`: a Trainer subclass to run.
     Returns the TrainResult. SIGINT/SIGTERM: the current step finishes, a checkpoint is written,
     TrainingInterrupted is raised."""
-    recipes.get(cfg.recipe)  # an unknown recipe fails before any process group is joined
+    cfg.resolved_recipe()  # an unknown recipe fails before any process group is joined
     di, device = dist.setup(resolve_device(cfg.device))
     try:
         return trainer(cfg, progress, dataset, di=di, device=device).train()

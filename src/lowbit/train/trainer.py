@@ -26,7 +26,6 @@ import time
 import torch
 
 from lowbit import flops as flops_mod
-from lowbit import recipes
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.nn import check_block_sizes, collect_stats, quant_stats
 from lowbit.train import dist
@@ -62,7 +61,7 @@ class Trainer:
                  device: torch.device | None = None):
         self.t_call = time.perf_counter()
         self.cfg, self.progress = cfg, progress
-        self.recipe = recipes.get(cfg.recipe)
+        self.recipe = cfg.resolved_recipe()
         self.di = dist.DistInfo() if di is None else di
         self.device = resolve_device(cfg.device) if device is None else device
         self._setup_run_dir()

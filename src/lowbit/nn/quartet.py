@@ -1,0 +1,103 @@
+"""Quartet (Castro et al. 2025, "Quartet: Native FP4 Training Can Be Optimal for LLMs"): the autograd Function
+of a linear layer under `recipe.scheme == "quartet"`, re-derived from the paper and its public reference code
+(IST-DASLab/Quartet: QuestMXFP4Quantizer for X and W, AlbertTsengQuantizer for the backward, backward scheme
+Q(E)Q(Wt)t_Q(Et)Q(Xt)t).
+
+Shapes: X [M, K], W [N, K], dY [M, N]; H = the Sylvester Hadamard matrix of order n (32) over √n, applied to
+runs of n along a dim; R = diag(s)·H with fresh random signs s at every backward call.
+
+    forward    Xh = X·H, Wh = W·H along K;  Y = Q_f(Xh) · Q_f(Wh)ᵀ            (= X·Wᵀ up to quantization)
+               Q_f = `input` / `weight` quantizers (QuEST: power-of-two scale from the group's std, RTN, clip)
+    dX         dXh = Q_b(dY·R) · Q_b(Q_f(Wh)ᵀ·R)ᵀ along N;  dX = (dXh ⊙ m_X) · Hᵀ
+    dW         dWh = Q_b(dYᵀ·R) · Q_b(Q_f(Xh)ᵀ·R)ᵀ along M;  dW = (dWh ⊙ m_W) · Hᵀ
+               Q_b = `grad_output` quantizer (absmax power-of-two scale × 4/3, stochastic rounding)
+    m_X, m_W   QuEST's trust masks: 1 where the forward did not clip (|Xh / s| < max)
+
+The backward GeMMs re-quantize the forward's *quantized* operands (the reference does so), so no
+high-precision copy of X is kept. The token dim M is zero-padded to a multiple of n for its rotation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowbit import cpu_bf16
+from lowbit.formats import get_format
+from lowbit.nn.hadamard import hadamard_matrix, rotate
+from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
+from lowbit.nn.state import LayerQuantState
+from lowbit.quant import underflow_fraction
+
+
+def forward_rotation(n: int, device) -> torch.Tensor:
+    """H/√n, fp32 [n, n] (orthogonal, symmetric)."""
+    return (hadamard_matrix(n) / math.sqrt(n)).to(device)
+
+
+def _check_width(name: str, size: int, n: int) -> None:
+    if size % n:
+        raise ValueError(f"scheme='quartet' rotates runs of {n} along {name}, but {name}={size} is not a multiple "
+                         f"of {n}; choose widths divisible by {n} or another recipe")
+
+
+def _quantize_fwd(t, q, state: LayerQuantState, op: str):
+    """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
+    tq = fake_quantize_2d(t, q)
+    mask = scaled_values_2d(t, q).abs() < get_format(q.fmt).max
+    if state.collect:
+        state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, tq))
+    return tq, mask
+
+
+def _quantize_bwd(t, R, spec: LinearSpec, state: LayerQuantState, cdtype):
+    """Q_b(t·R) along the last dim of t [rows, L], in cdtype."""
+    q = spec.grad_output
+    gen = state.generator(t.device) if q.rounding == "stochastic" else None
+    return fake_quantize_2d(rotate(t, R).to(cdtype), q, gen)
+
+
+class QuartetFunction(torch.autograd.Function):
+    """x2 [M, K], weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
+        n = spec.rotation_size
+        M, K = x2.shape
+        _check_width("in_features", K, n)
+        _check_width("out_features", weight.shape[0], n)
+        H = forward_rotation(n, x2.device)
+        xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state, "input")
+        wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state, "weight")
+        y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
+        ctx.spec, ctx.state, ctx.cdtype, ctx.x_dtype = spec, state, cdtype, x2.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(xq, wq, mx, mw, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, wq, mx, mw, weight = ctx.saved_tensors
+        spec, state, cdtype = ctx.spec, ctx.state, ctx.cdtype
+        n = spec.rotation_size
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.to(cdtype).contiguous()
+            H = forward_rotation(n, dy.device)
+            signs = torch.randint(0, 2, (n,), device=dy.device, generator=state.generator(dy.device)) * 2 - 1
+            R = signs.to(H.dtype)[:, None] * H
+            if need_dx:  # along N
+                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, state, cdtype),
+                                  _quantize_bwd(wq.t().contiguous(), R, spec, state, cdtype).t())
+                dx = rotate(dxh * mx, H.t()).to(ctx.x_dtype)
+            if need_dw:  # along M, zero-padded to a multiple of n
+                pad = (-dy.shape[0]) % n
+                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, state, cdtype)
+                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, state, cdtype)
+                dwh = cpu_bf16.mm(g, xt.t())
+                dw = rotate(dwh * mw, H.t()).to(weight.dtype)
+            if need_db and ctx.bias_dtype is not None:
+                db = dy.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None
