@@ -3,7 +3,11 @@
 A CPU without native bf16 GeMMs (AVX2) runs torch's bf16 matmul some 60x slower than fp32. The fp32 GeMM
 of the upcast operands gives the same numbers a bf16 GeMM with fp32 accumulation gives (every product of
 two bf16 values is exact in fp32), up to summation order, rounded once to the compute dtype at the end.
-Everything else (CUDA, fp32/fp64 operands) runs torch's own kernel.
+A CPU with bf16 matrix units (AMX-BF16, AVX512-BF16) runs torch's native bf16 GeMM several times faster
+than fp32, with the same numbers up to summation order: there lowbit uses it. Which path a dtype takes is
+decided once per process (`cpu_gemm_path`): the CPU's flags, confirmed by a short timing probe; the
+environment variable LOWBIT_CPU_GEMM=native|upcast overrides it. Everything else (CUDA, fp32/fp64
+operands) runs torch's own kernel.
 
     linear(a, b, bias)   a·bᵀ (+ bias) in a's dtype
     mm(a, b)             a·b in a's dtype
@@ -12,16 +16,65 @@ Everything else (CUDA, fp32/fp64 operands) runs torch's own kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _LOW = (torch.bfloat16, torch.float16)
+_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+_PATH: dict[torch.dtype, str] = {}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _probe_native_faster(dtype: torch.dtype, n: int = 384, reps: int = 3) -> bool:
+    """True when torch's native `dtype` GeMM beats the fp32 GeMM of the same size by 20% or more (best of reps)."""
+    import time
+
+    a = torch.randn(n, n)
+    best = {}
+    for dt in (torch.float32, dtype):
+        x = a.to(dt)
+        torch.mm(x, x)  # warm-up (kernel selection)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(x, x)
+            times.append(time.perf_counter() - t)
+        best[dt] = min(times)
+    return best[dtype] <= 0.8 * best[torch.float32]
+
+
+def cpu_gemm_path(dtype: torch.dtype = torch.bfloat16) -> str:
+    """"native" or "upcast": how CPU GeMMs of `dtype` (bf16/fp16) run in this process. Native needs the CPU
+    flag of a matrix unit for that dtype and a probe showing it faster than fp32; LOWBIT_CPU_GEMM overrides."""
+    path = _PATH.get(dtype)
+    if path is None:
+        env = os.environ.get("LOWBIT_CPU_GEMM", "auto").strip().lower()
+        if env not in ("auto", "native", "upcast"):
+            raise ValueError(f"LOWBIT_CPU_GEMM={env!r}: use auto, native or upcast")
+        if env == "auto":
+            native = bool(cpu_flags() & set(_FLAGS[dtype])) and _probe_native_faster(dtype)
+            env = "native" if native else "upcast"
+        path = _PATH[dtype] = env
+    return path
 
 
 def emulated(t: torch.Tensor) -> bool:
-    """True when a GeMM of `t` runs as the fp32 GeMM of the upcast operands: bf16/fp16 on CPU."""
-    return t.device.type == "cpu" and t.dtype in _LOW
+    """True when a GeMM of `t` runs as the fp32 GeMM of the upcast operands: bf16/fp16 on a CPU without
+    (faster) native GeMMs for that dtype."""
+    return t.device.type == "cpu" and t.dtype in _LOW and cpu_gemm_path(t.dtype) == "upcast"
 
 
 def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,12 +94,12 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), except under CPU bf16/fp16 autocast, where the operands are rounded to the
     autocast dtype and multiplied in fp32 (see `linear`): the same numbers as a native bf16 GeMM,
-    differentiable, and some 10x faster on CPUs without bf16 units."""
+    differentiable, and some 10x faster on CPUs without bf16 units (where the CPU has them: F.linear)."""
     dev = x.device.type
     if dev != "cpu" or not torch.is_autocast_enabled(dev):
         return F.linear(x, weight, bias)
     cdtype = torch.get_autocast_dtype(dev)
-    if cdtype not in _LOW:
+    if cdtype not in _LOW or cpu_gemm_path(cdtype) == "native":
         return F.linear(x, weight, bias)
     with torch.autocast(dev, enabled=False):
         b = None if bias is None else bias.to(cdtype)

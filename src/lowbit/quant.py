@@ -213,7 +213,9 @@ def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tenso
 def _four_over_six(x3, q, fmt, generator, out3, dequant):
     """NVFP4 with "4 over 6" (whole tensor, not chunked): per group, the candidate (block max to 6, or
     to 4 via the block scale ×1.5) with the smaller squared error. Returns the chosen scales [R, G, 1]."""
-    amax = _absmax3(x3, q)
+    if q.granularity == "tensor":  # one group: the whole tensor
+        x3, out3 = x3.reshape(1, 1, -1), out3.view(1, 1, -1)
+    amax = _absmax3(x3, q) if q.granularity != "tensor" else _absmax3(x3, TensorQuant(q.fmt, "row"))
     t = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
     x = x3.float()
     best = err = s_best = None

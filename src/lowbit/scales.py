@@ -123,7 +123,7 @@ def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
         s, e = _nvfp4(amax, q, fmt, tensor_amax, block_max)
     if q.scale_mult != 1.0:
         s = s * q.scale_mult
-        e = None if e is None else e / q.scale_mult
+        e = None if e is None else (e / q.scale_mult).clamp_max_(FP32_MAX)
     zero, bad = amax == 0, ~(amax < math.inf)
     s.masked_fill_(zero, 1.0).masked_fill_(bad, math.nan)
     if e is not None:

@@ -43,6 +43,11 @@ def machine_info() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
+    from lowbit.cpu_bf16 import cpu_flags, cpu_gemm_path
+
+    flags = cpu_flags()
+    info["cpu_flags"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_fp16") if f in flags)
+    info["cpu_bf16_gemm"] = cpu_gemm_path(torch.bfloat16)
     try:
         from importlib.metadata import version
 

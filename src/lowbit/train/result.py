@@ -19,6 +19,8 @@ class TrainResult:
     peak_mem_bytes    peak memory of this run; peak_mem_source says how it was measured: "cuda" (peak
                       allocated), "rss" (Linux: the process's resident-set high-water mark, reset at the start
                       of the run) or "trainer" (the process's peak RSS so far, which only grows across runs).
+    cpu_gemm          on CPU under a bf16/fp16 recipe: "native" (torch's bf16 GeMMs) or "upcast" (fp32 GeMMs of
+                      the upcast operands), as lowbit.cpu_bf16 decided for this machine; else None.
     quant_stats       the recipe's quantization statistics (lowbit.nn.quant_stats) at the last logged step
                       ({} if the recipe quantizes nothing).
     wall_time_s       seconds from the call to the end, everything included.
@@ -47,6 +49,7 @@ class TrainResult:
     mfu: float | None = None
     resumed_from_step: int | None = None
     peak_mem_source: str | None = None
+    cpu_gemm: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

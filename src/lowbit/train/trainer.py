@@ -234,6 +234,13 @@ class Trainer:
                 "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash}
         self.ckpt.save(step, self.model_fwd if self.sharded else self.model, self.optimizer, self.states(), meta)
 
+    def _cpu_gemm(self) -> str | None:
+        from lowbit.cpu_bf16 import cpu_gemm_path
+
+        if self.device.type != "cpu" or self.recipe.compute_dtype != "bf16":
+            return None
+        return cpu_gemm_path(torch.bfloat16)
+
     # --- the loop -------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -371,7 +378,7 @@ class Trainer:
         result = TrainResult(
             final_train_loss=float(last_row.get("train_loss", float("nan"))), final_val_loss=final_val,
             steps=final_step, tokens=final_step * self.tokens_per_step, tokens_per_s=tps, step_time_s=step_time,
-            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source,
+            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source, cpu_gemm=self._cpu_gemm(),
             quant_stats={k: v for k, v in last_row.items() if k not in BASE_COLUMNS},
             wall_time_s=time.perf_counter() - self.t_call, diverged_at_step=diverged_at, history=list(history),
             init_hash=self.init_hash, data_hash=self.data_hash, out=str(self.run.path), mfu=self._mfu(tps),
