@@ -54,15 +54,16 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
-def seven_table(res: dict) -> str:
+def seven_table(res: dict, names: list[str] = SEVEN, seed: int = 1) -> str:
+    """The per-recipe table of one comparison (reference bf16), rows in `names` order."""
     runs, ref = res["runs"], val(res, "bf16")
     m = res["model"]
     head = (f"Model `{m['name']}` ({m['params']:,} parameters, {m['non_embedding_params']:,} non-embedding), "
-            f"{runs['bf16']['tokens']:,} training tokens (≈{m['tokens_per_param']:.2f} tokens/parameter), seed 1, "
+            f"{runs['bf16']['tokens']:,} training tokens (≈{m['tokens_per_param']:.2f} tokens/parameter), seed {seed}, "
             "batch 16×128, AdamW lr 1e-3 warmup+cosine; validation = the same 10 held-out batches for every recipe.\n")
     rows = ["| recipe | val loss | Δ vs bf16 | Δ % | train loss | tokens/s | step time vs bf16 | OCC clamped | "
             "underflow (in/w/grad) | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in SEVEN:
+    for name in names:
         r = runs[name]
         v = float(r["final_val_loss"])
         q = r.get("quant_stats") or {}

@@ -209,6 +209,13 @@ def test_errors_name_the_fix(corpus, tmp_path):
             train(tiny_cfg(corpus, tmp_path / "c", device="cuda"), progress=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-tensor", "fp4-paper", "nvfp4", "quartet"])
+def test_cuda_device(corpus, tmp_path, recipe):
+    res = train(tiny_cfg(corpus, tmp_path / recipe, device="cuda", recipe=recipe), progress=False)
+    assert math.isfinite(res.final_val_loss) and res.steps == 8
+
+
 def test_deterministic_on_cpu(corpus, tmp_path):
     a = train(tiny_cfg(corpus, tmp_path / "a", tokens=3 * 2 * 4 * 32), progress=False)
     b = train(tiny_cfg(corpus, tmp_path / "b", tokens=3 * 2 * 4 * 32), progress=False)
