@@ -27,4 +27,5 @@ def rotate(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """a [rows, L] (L a multiple of n) times blockdiag(R, R, ...) [L, L] along the last dim, in fp32."""
     rows, L = a.shape
     n = R.shape[0]
-    return (a.float().view(rows, L // n, n) @ R.float()).view(rows, L)
+    # one [rows·L/n, n] × [n, n] GeMM (a batched matmul would broadcast R into rows·L/n copies)
+    return (a.float().reshape(-1, n) @ R.float()).view(rows, L)
