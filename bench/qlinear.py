@@ -71,7 +71,10 @@ def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int) -> 
             m, b = med(QLinear.from_linear(lin, r), bf16)
             vs16 = (f"{m / base16[0]:.3f}" if base16 else "not measured") if bf16 else "-"
             lines.append(f"| {name} | {width} | {m * 1e3:.1f} | {b * 1e3:.1f} | {m / base32[0]:.2f} | {vs16} |")
+    from lowbit.cpu_bf16 import cpu_gemm_path
+
     meta = {**machine_meta(dev, load_before[0]), "tokens": tokens, "repeats": repeats,
+            "cpu_gemm": cpu_gemm_path(torch.bfloat16) if dev.type == "cpu" else "-",
             "bf16_max_width": bf16_max_width, "wall": time.perf_counter() - t_start}
     return "\n".join(lines), meta
 
@@ -83,13 +86,12 @@ def write_results(table: str, meta: dict, command: str, path: Path) -> None:
             f"fp32 master weights, on {meta['device']} ({meta['cpus']} CPUs, torch {meta['torch']}, "
             f"{meta['threads']} threads); median and min of {meta['repeats']} repeats after 1 warm-up "
             f"(total {meta['wall']:.0f} s). Machine load: {meta['load']}.\n"
-            f"bf16 recipes run under torch.autocast(bf16). On CPU QLinear computes bf16 GeMMs as fp32 GeMMs of "
-            f"the bf16 operands (this AVX2 CPU has no native bf16 matmul: torch's own bf16 GeMM is ~60x slower "
-            f"than fp32), so the fair baseline on CPU is nn.Linear fp32; nn.Linear under bf16 autocast is "
-            f"timed only up to width {meta['bf16_max_width']}. The quantizers are simulated "
-            f"(quantize-dequantize, then a high-precision GeMM), so every quantized recipe costs more than "
-            f"nn.Linear here; the table measures the simulation overhead, not FP4/FP8 hardware speed. "
-            f"On the shared 2-core VM, repeated runs differ by up to about ±20%.\n\n"
+            f"bf16 recipes run under torch.autocast(bf16). CPU bf16 GeMMs: {meta.get('cpu_gemm', '-')} "
+            f"(lowbit.cpu_bf16 decides per process: native bf16 GeMMs where the CPU has bf16 matrix units and they "
+            f"are faster, else fp32 GeMMs of the bf16 operands); nn.Linear under bf16 autocast is timed up to width "
+            f"{meta['bf16_max_width']}. The quantizers are simulated (quantize-dequantize, then a high-precision "
+            f"GeMM), so every quantized recipe costs more than nn.Linear here; the table measures the simulation "
+            f"overhead, not FP4/FP8 hardware speed.\n\n"
             f"{table}\n")
     write_section(SECTION, body, path)
 
@@ -99,11 +101,17 @@ def main():
     p.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--bf16-max-width", type=int, default=1024,
-                   help="time nn.Linear under bf16 autocast only up to this width")
+    p.add_argument("--bf16-max-width", type=int, default=None,
+                   help="time nn.Linear under bf16 autocast only up to this width (default: every width where bf16 "
+                        "GeMMs are native, i.e. on CUDA or a CPU with fast bf16 units; else 1024)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     args = p.parse_args()
+    if args.bf16_max_width is None:
+        from lowbit.cpu_bf16 import cpu_gemm_path
+
+        native = args.device.startswith("cuda") or cpu_gemm_path(torch.bfloat16) == "native"
+        args.bf16_max_width = max(args.widths) if native else 1024
     table, meta = run(args.widths, args.tokens, args.repeats, args.device, args.bf16_max_width)
     print(table)
     print(f"\nload: {meta['load']}; wall {meta['wall']:.0f} s")
@@ -112,7 +120,7 @@ def main():
               (f" --widths {' '.join(map(str, args.widths))}" if args.widths != [1024, 4096] else "") + \
               (f" --tokens {args.tokens}" if args.tokens != 2048 else "") + \
               (f" --repeats {args.repeats}" if args.repeats != 3 else "") + \
-              (f" --bf16-max-width {args.bf16_max_width}" if args.bf16_max_width != 1024 else "")
+              (f" --bf16-max-width {args.bf16_max_width}" if args.bf16_max_width < max(args.widths) else "")
         write_results(table, meta, cmd + " --write", Path(__file__).parent / "RESULTS.md")
 
 

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowbit", description="Train GPT-2/LLaMA-style language models in FP4/FP8 (BF16/FP32 reference) "
                                    "and compare recipes side by side.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_recipes, _add_export):
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_recipes, _add_inspect, _add_export):
         add(sub)
     from lowbit.comparison import add_cli  # train the same model under several recipes, one report
 
@@ -258,6 +258,18 @@ def _add_recipes(sub) -> None:
     p.add_argument("--model", metavar="PRESET", help="with --show: also list the layers the recipe keeps in high "
                                                      "precision on this model preset")
     p.set_defaults(func=commands.cmd_recipes)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show where a run loses precision (per-layer quantization statistics)",
+                       description="Print the layers with the largest quantization error, underflow and "
+                                   "saturation at the run's last statistics step (from RUN_DIR/quant_stats.jsonl) "
+                                   "and write RUN_DIR/precision.png: heatmaps of layers x GeMM operands.")
+    p.add_argument("run_dir", help="a run directory (lowbit train --out); with --run, a comparison directory")
+    p.add_argument("--run", help=_RUN_HELP)
+    p.add_argument("--over-time", action="store_true", help="heatmaps of layers x steps instead (mean over operands)")
+    p.add_argument("--top", type=int, default=5, help="layers listed per statistic (default: 5)")
+    p.set_defaults(func=commands.cmd_inspect)
 
 
 def _add_export(sub) -> None:

@@ -132,3 +132,14 @@ def cmd_recipes(args) -> int:
     for name in names:
         print(f"{name:<{width}}  {recipes.get(name).description}")
     return 0
+
+
+def cmd_inspect(args) -> int:
+    from lowbit.comparison.runner import resolve_run
+    from lowbit.precision import inspect_run
+
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    run_dir = resolve_run(args.run_dir, args.run)
+    print(inspect_run(run_dir, args.over_time, args.top))
+    return 0

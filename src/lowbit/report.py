@@ -322,7 +322,8 @@ def _timing_note(timing: dict | None) -> str:
             "whatever load the machine had then.")
 
 
-def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[str, str] | None = None) -> str:
+def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[str, str] | None = None,
+                    precision_plots: dict[str, str] | None = None) -> str:
     """The text of report.md: title, reference note, table, charts, quantization stats, command, machine."""
     cfg = results.get("base_config") or {}
     out = [f"# {_title(results)}", ""]
@@ -346,6 +347,10 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
     if qt:
         out += ["## Quantization statistics", "", "Fractions of entries, at the last logged step, mean over the "
                 "quantized layers. Underflow: nonzero entries that quantized to zero.", "", qt, ""]
+    if precision_plots:
+        out += ["## Precision per layer", "", "Relative quantization error and underflow per layer and GeMM operand "
+                "at each run's last statistics step (`lowbit inspect RUN_DIR` lists the worst).", ""]
+        out += [f"![{label}]({name})" for label, name in precision_plots.items()] + [""]
     if results.get("samples"):
         out += ["## Samples", "", "Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
                 "RUN --temperature 0`):", ""]
@@ -371,7 +376,26 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         name = sweep_plot_name(param)
         paths[f"sweep:{param}"] = plot_sweep(results, param, out / name)
         sweep_plots[param] = name
+    precision_plots = _write_precision_plots(results, out)
     md = out / REPORT_MD
-    md.write_text(render_markdown(results, LOSS_PNG, sweep_plots))
+    md.write_text(render_markdown(results, LOSS_PNG, sweep_plots, precision_plots))
     paths["report"] = md
     return paths
+
+
+def _write_precision_plots(results: dict, out: Path) -> dict[str, str]:
+    """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics."""
+    import matplotlib.pyplot as plt
+
+    from lowbit import precision
+    from lowbit.train import qstats
+
+    plots = {}
+    for label in results.get("runs", {}):
+        recs = qstats.read(out / "runs" / label)
+        if recs:
+            fig = precision.figure(recs, title=f"{label}: quantization statistics per layer")
+            fig.savefig(out / f"precision_{label}.png", dpi=100)
+            plt.close(fig)
+            plots[label] = f"precision_{label}.png"
+    return plots

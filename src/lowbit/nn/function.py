@@ -30,17 +30,19 @@ from lowbit.estimators import dge_derivative, occ_clamp, occ_clamp_rows
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
+from lowbit.nn.stats import record_operand
 from lowbit.quant import underflow_fraction
 
 _SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product uses CSR
 
 
 def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, amax=None,
-                     record: bool = True, q=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     record: bool = True, q=None, gemm: str = "fprop") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fake-quantized 2-D t along its last dim, the amax used or None) for operand `op` ("input", "weight",
     "grad_output"). Delayed scaling reads the operand's amax history (and, with `record`, pushes t's amax);
     statistics are recorded only with `record` (a requantization of the same operand is not counted twice).
-    q: a quantizer other than the spec's for `op` (dgrad_weight)."""
+    q: a quantizer other than the spec's for `op` (dgrad_weight); gemm: the GeMM it feeds, for the per-layer
+    statistics (lowbit.nn.stats), which every quantization records when the state collects."""
     q = getattr(spec, op) if q is None else q
     if q is None:
         return t, None
@@ -48,8 +50,10 @@ def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQua
         amax = state.delayed_amax(op, t, record)
     gen = state.generator(t.device) if q.rounding == "stochastic" else None
     out = fake_quantize_2d(t, q, gen, amax)
-    if state.collect and record:
-        state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, out))
+    if state.collect:
+        if record:
+            state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, out))
+        record_operand(state, gemm, op, t, out, q, amax)
     return out, amax
 
 
@@ -104,7 +108,9 @@ class QLinearFunction(torch.autograd.Function):
             clamp = occ_clamp_rows if spec.occ.granularity == "token" else occ_clamp
             xc, res, lo, hi = clamp(x, spec.occ.alpha)
             if state.collect:
-                state.add_stat("occ_clamped_frac", (res != 0).float().mean())
+                clamped = (res != 0).float().mean()
+                state.add_stat("occ_clamped_frac", clamped)
+                state.add_layer_stats("fprop", "input", {"occ_clamped": clamped})
         xq, _ = quantize_operand(xc, spec, "input", state)
         if spec.weight_in_axis:  # once along N (per input channel); dX reuses it
             wq_t, w_amax = quantize_operand(w.t().contiguous(), spec, "weight", state)
@@ -113,7 +119,11 @@ class QLinearFunction(torch.autograd.Function):
             wq, w_amax = quantize_operand(w, spec, "weight", state)
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(odtype).to(cdtype))
         if res is not None and spec.occ.compensate:
-            y += residual_mm(res, w).to(cdtype)
+            comp = residual_mm(res, w).to(cdtype)
+            y += comp
+            if state.collect:
+                state.add_layer_stats("fprop", "input", {"occ_residual_share": comp.float().norm() /
+                                                         y.float().norm().clamp_min(1e-30)})
         ctx.spec, ctx.state, ctx.cdtype, ctx.w_amax, ctx.x_dtype = spec, state, cdtype, w_amax, x2.dtype
         ctx.odtype = odtype
         ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
@@ -132,13 +142,13 @@ class QLinearFunction(torch.autograd.Function):
             dy = dy.to(ctx.odtype).to(cdtype).contiguous()
             dyq = None
             if need_dx or (need_dw and spec.reuse_dyq):
-                dyq, _ = quantize_operand(dy, spec, "grad_output", state)  # along N
+                dyq, _ = quantize_operand(dy, spec, "grad_output", state, gemm="dgrad")  # along N
             if need_dx:
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
                     wt = weight.to(ctx.odtype).to(cdtype).t().contiguous()
                     wq = quantize_operand(wt, spec, "weight", state, amax=ctx.w_amax, record=False,
-                                          q=spec.dgrad_weight)[0].t()
+                                          q=spec.dgrad_weight, gemm="dgrad")[0].t()
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
@@ -170,17 +180,17 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, xc, res, dy, dyq, xq_s
         R = state.hadamard_rotation
         dyt = rotate(F.pad(dy.t(), (0, pad)), R).to(dy.dtype)
         xt = rotate(F.pad(xc.t(), (0, pad)), R).to(xc.dtype)
-        gq, _ = quantize_operand(dyt, spec, "grad_output", state, record=False)
-        xq, _ = quantize_operand(xt, spec, "input", state, record=False)
+        gq, _ = quantize_operand(dyt, spec, "grad_output", state, record=False, gemm="wgrad")
+        xq, _ = quantize_operand(xt, spec, "input", state, record=False, gemm="wgrad")
         dw = cpu_bf16.mm(gq, xq.t())
     else:
         if dyq is not None and spec.reuse_dyq:
             gq = dyq.t()
         else:
-            gq, _ = quantize_operand(dy.t().contiguous(), spec, "grad_output", state, record=False)
+            gq, _ = quantize_operand(dy.t().contiguous(), spec, "grad_output", state, record=False, gemm="wgrad")
         xq = xq_saved
         if xq is None:
-            xq = quantize_operand(xc.t().contiguous(), spec, "input", state, record=False)[0].t()
+            xq = quantize_operand(xc.t().contiguous(), spec, "input", state, record=False, gemm="wgrad")[0].t()
         dw = cpu_bf16.mm(gq, xq)
     if res is not None:
         comp = residual_tmm(dy, res)

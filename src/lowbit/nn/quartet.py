@@ -28,6 +28,7 @@ from lowbit.formats import get_format
 from lowbit.nn.hadamard import hadamard_matrix, rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
+from lowbit.nn.stats import record_operand
 from lowbit.quant import underflow_fraction
 
 
@@ -48,14 +49,21 @@ def _quantize_fwd(t, q, state: LayerQuantState, op: str):
     mask = scaled_values_2d(t, q).abs() < get_format(q.fmt).max
     if state.collect:
         state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, tq))
+        record_operand(state, "fprop", op, t, tq, q)
     return tq, mask
 
 
-def _quantize_bwd(t, R, spec: LinearSpec, state: LayerQuantState, cdtype):
+def _quantize_bwd(t, R, spec: LinearSpec, state: LayerQuantState, cdtype, gemm: str, op: str):
     """Q_b(t·R) along the last dim of t [rows, L], in cdtype."""
     q = spec.grad_output
     gen = state.generator(t.device) if q.rounding == "stochastic" else None
-    return fake_quantize_2d(rotate(t, R).to(cdtype), q, gen)
+    tr = rotate(t, R).to(cdtype)
+    tq = fake_quantize_2d(tr, q, gen)
+    if state.collect:
+        if op == "grad_output" and gemm == "dgrad":
+            state.add_stat("underflow_frac_grad_output", underflow_fraction(tr, tq))
+        record_operand(state, gemm, op, tr, tq, q)
+    return tq
 
 
 class QuartetFunction(torch.autograd.Function):
@@ -89,13 +97,13 @@ class QuartetFunction(torch.autograd.Function):
             signs = torch.randint(0, 2, (n,), device=dy.device, generator=state.generator(dy.device)) * 2 - 1
             R = signs.to(H.dtype)[:, None] * H
             if need_dx:  # along N
-                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, state, cdtype),
-                                  _quantize_bwd(wq.t().contiguous(), R, spec, state, cdtype).t())
+                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, state, cdtype, "dgrad", "grad_output"),
+                                  _quantize_bwd(wq.t().contiguous(), R, spec, state, cdtype, "dgrad", "weight").t())
                 dx = rotate(dxh * mx, H.t()).to(ctx.x_dtype)
             if need_dw:  # along M, zero-padded to a multiple of n
                 pad = (-dy.shape[0]) % n
-                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, state, cdtype)
-                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, state, cdtype)
+                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, state, cdtype, "wgrad", "grad_output")
+                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, state, cdtype, "wgrad", "input")
                 dwh = cpu_bf16.mm(g, xt.t())
                 dw = rotate(dwh * mw, H.t()).to(weight.dtype)
             if need_db and ctx.bias_dtype is not None:

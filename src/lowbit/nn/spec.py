@@ -142,8 +142,14 @@ def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, ama
 
 def scaled_values_2d(t: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
     """t [R, C] divided by its quantization scale (fp32, t's shape), padded like fake_quantize_2d."""
+    return scaled_and_scales_2d(t, q, amax)[0]
+
+
+def scaled_and_scales_2d(t: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale as fp32 [R, C], the decode scales of the padded tensor), padded like fake_quantize_2d."""
     pc, pr = _pads(t, q)
     if pc or pr:
         R, C = t.shape
-        return scaled_values(F.pad(t, (0, pc, 0, pr)), q, amax=amax)[0][:R, :C]
-    return scaled_values(t, q, amax=amax)[0]
+        xs, sc = scaled_values(F.pad(t, (0, pc, 0, pr)), q, amax=amax)
+        return xs[:R, :C], sc
+    return scaled_values(t, q, amax=amax)

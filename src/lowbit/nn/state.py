@@ -74,9 +74,23 @@ class LayerQuantState(nn.Module):
             s[1] += 1
 
     def pop_stats(self) -> dict[str, float]:
-        """Mean of each statistic since the last call, then reset."""
-        out = {k: float(total) / count for k, (total, count) in self.stats.items()}
-        self.stats = {}
+        """Mean of each statistic since the last call, then reset (per-layer records: pop_layer_stats)."""
+        out = {k: float(total) / count for k, (total, count) in self.stats.items() if not isinstance(k, tuple)}
+        self.stats = {k: v for k, v in self.stats.items() if isinstance(k, tuple)}
+        return out
+
+    def add_layer_stats(self, gemm: str, op: str, values: dict[str, torch.Tensor]) -> None:
+        """Accumulate one quantization's statistics (lowbit.nn.stats) under (gemm, operand)."""
+        for name, v in values.items():
+            self.add_stat((gemm, op, name), v)
+
+    def pop_layer_stats(self) -> dict[tuple[str, str], dict[str, float]]:
+        """{(gemm, operand): {statistic: mean since the last call}}, then reset those."""
+        out: dict[tuple[str, str], dict[str, float]] = {}
+        for key, (total, count) in self.stats.items():
+            if isinstance(key, tuple):
+                out.setdefault(key[:2], {})[key[2]] = float(total) / count
+        self.stats = {k: v for k, v in self.stats.items() if not isinstance(k, tuple)}
         return out
 
     def quant_state_dict(self) -> dict:

@@ -108,6 +108,9 @@ class TrainConfig:
                               free=True, positive=True)
     eval_batches: int = _opt(10, "fixed validation batches per evaluation", free=True, positive=True)
     log_interval: int = _opt(10, "steps between logged metric rows", free=True, positive=True)
+    stats_interval: int | None = _opt(None, "steps between per-layer quantization statistics (quant_stats.jsonl "
+                                            "in the run directory; default: --log-interval; 0 = off, no cost)",
+                                      free=True)
     ckpt_interval: int = _opt(200, "steps between checkpoints (a final one is always written)", free=True,
                               positive=True)
     keep_last: int = _opt(2, "checkpoints kept on disk (older ones are deleted)", free=True, positive=True)
@@ -155,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.stats_interval is not None and self.stats_interval < 0:
+            raise ValueError(f"stats_interval must be >= 0 (0 = no statistics), got {self.stats_interval}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (or None for 5% of the steps), got {self.warmup_steps}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

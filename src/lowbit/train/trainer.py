@@ -27,12 +27,13 @@ import torch
 
 from lowbit import flops as flops_mod
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
-from lowbit.nn import check_block_sizes, collect_stats, quant_stats
+from lowbit.nn import check_block_sizes, quant_stats
 from lowbit.train import dist
 from lowbit.train.checkpointer import CheckpointManager
 from lowbit.train.config import TrainConfig
 from lowbit.train.evaluation import eval_loss
 from lowbit.train.metrics import BASE_COLUMNS, MetricsLogger, RowsOnly
+from lowbit.train.qstats import StatsSchedule
 from lowbit.train.result import StepTimer, TrainResult
 from lowbit.train.rundir import RunDir
 from lowbit.train.runtime import (
@@ -214,9 +215,11 @@ class Trainer:
         keep = self.state.step if cfg.resume else None
         self.logger = MetricsLogger(self.run.path, keep_until=keep) if self.di.is_main else RowsOnly()
         self.timer = StepTimer()
-        self.always_stats = bool(cfg.compile)  # under --compile toggling them would compile a second graph
-        collect_stats(self.model, self.always_stats)
-        self.stats_on = self.always_stats
+        interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
+        # under --compile toggling statistics would compile a second graph: they stay on (when wanted at all)
+        self.qstats = StatsSchedule(self.model, self.run.path, interval, self.steps, always=bool(cfg.compile) and
+                                    interval > 0, write=self.di.is_main, keep_until=keep,
+                                    tb=getattr(self.logger, "_tb", None))
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class Trainer:
                 self.model.train()
                 while self.state.step < self.steps:
                     n, stop_now = self.train_step(stop)
+                    self.qstats.after_step(n)
                     bar.update(1)
                     diverged_at = self._diverged()
                     self._log_if_due(n, bar, last=n == self.steps or diverged_at is not None)
@@ -287,7 +291,7 @@ class Trainer:
         lr = lr_at(step, self.steps, cfg.lr, self.warmup, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self._stats_for(n)
+        self.qstats.before_step(n)
         loss_sum = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
             x, y = self.batcher.next()
@@ -320,13 +324,6 @@ class Trainer:
         self.timer.add(time.perf_counter() - t0, first=step == self.start_step)
         return n, bool(stop_now)
 
-    def _stats_for(self, n: int) -> None:
-        """Quantization statistics are sampled on the last step of each log window (they cost time)."""
-        want = n % self.cfg.log_interval == 0 or n == self.steps or self.always_stats
-        if want != self.stats_on:
-            collect_stats(self.model, want)
-            self.stats_on = want
-
     def _diverged(self) -> int | None:
         """The step the non-finite streak began, once it is longer than max_bad_steps."""
         s = self.state
@@ -345,9 +342,7 @@ class Trainer:
     def _log_if_due(self, n: int, bar, last: bool) -> None:
         if not self.should_log(n, last):
             return
-        qstats = quant_stats(self.model)  # this window's last step (under --compile: the window's mean)
-        collect_stats(self.model, self.always_stats)
-        self.stats_on = self.always_stats
+        qstats = quant_stats(self.model)  # this window's sampled steps (under --compile: the window's mean)
         val_loss = eval_loss(self.forward, self.val, self.recipe, self.device, self.di) \
             if self.evaluate_due(n, last) else None
         tps = self.timer.window_tokens_per_s(self.tokens_per_step)

@@ -1,0 +1,55 @@
+"""Per-layer, per-GeMM quantization statistics: what one quantization of one operand lost.
+
+The three GeMMs and the operands each quantizes (lowbit.nn.spec's layout):
+    fprop  Y = X·Wᵀ      input, weight
+    dgrad  dX = dY·W     grad_output, weight
+    wgrad  dW = dYᵀ·X    grad_output, input
+A statistic is recorded for a GeMM's operand when that GeMM quantizes it (an operand reused from another GeMM,
+e.g. per-tensor W in dgrad, is recorded once, under the GeMM that quantized it).
+
+For t (the operand as the GeMM receives it, in the compute dtype) and tq = Q(t):
+    underflow   fraction of t's nonzero entries that became 0
+    saturated   fraction of entries clipped: |t / scale| > the format's max (beyond rounding) (absmax scaling clips none; delayed
+                scaling, amax margins and QuEST's clip do)
+    rel_err     ‖tq − t‖ / ‖t‖ (0 for an all-zero t), and sqnr_db = −20·log10(rel_err)
+    scale_log2_min / _mean / _max   over the operand's scales (log2 of the decode scale)
+For OCC (fprop's input): occ_clamped (fraction of entries clamped) and occ_residual_share (‖ΔX·Wᵀ‖ / ‖Y‖).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.formats import get_format
+from lowbit.nn.spec import scaled_and_scales_2d
+from lowbit.recipes import TensorQuant
+
+GEMMS = ("fprop", "dgrad", "wgrad")
+STATS = ("underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean", "scale_log2_max")
+
+
+def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: torch.Tensor,
+                  scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """0-d fp32 tensors (no host sync) of one quantization: t, tq [R, C] (any float dtype); scaled = t / scale
+    (fp32, t's shape); scales: the decode scales (any shape)."""
+    tf, qf = t.float(), tq.float()
+    nz = tf != 0
+    n_nz = nz.sum().clamp_min(1).float()
+    norm = tf.norm()
+    err = (qf - tf).norm() / torch.where(norm > 0, norm, torch.ones_like(norm))
+    ls = torch.log2(scales.float().flatten())
+    ls = ls[torch.isfinite(ls)]
+    if ls.numel() == 0:
+        ls = torch.full((1,), math.nan, device=t.device)
+    return {"underflow": (nz & (qf == 0)).sum().float() / n_nz,
+            # beyond max by more than the rounding of x / s (the group's absmax itself lands within 2^-22 of max)
+            "saturated": (scaled.abs() > get_format(q.fmt).max * (1 + 2 ** -20)).float().mean(),
+            "rel_err": err, "sqnr_db": -20 * torch.log10(err.clamp_min(1e-30)),
+            "scale_log2_min": ls.min(), "scale_log2_mean": ls.mean(), "scale_log2_max": ls.max()}
+
+
+def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None) -> None:
+    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics)."""
+    scaled, scales = scaled_and_scales_2d(t, q, amax)
+    state.add_layer_stats(gemm, op, operand_stats(t, tq, q, scaled, scales))

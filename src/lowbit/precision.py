@@ -1,0 +1,130 @@
+"""`lowbit inspect RUN_DIR` (lowbit.precision): where a run loses precision, from its quant_stats.jsonl (lowbit.train.qstats).
+
+    precision_matrix(records, stat, step)   the array a heatmap draws: layers × (GeMM, operand) columns
+    over_time(records, stat)                layers × steps, the stat averaged over each layer's operands
+    worst(records, stat, step, n)           the n (layer, GeMM, operand) cells with the largest value
+    figure(records, over_time=False)        a matplotlib Figure: relative error and underflow panels
+    inspect_run(run_dir, over_time, top)    the text report; writes RUN_DIR/precision.png
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.nn.stats import GEMMS
+from lowbit.train import qstats
+
+OPERAND_ORDER = ("input", "weight", "grad_output")
+PANELS = (("rel_err", "relative error ‖Q(x) − x‖ / ‖x‖"), ("underflow", "underflow (nonzero → 0)"))
+
+
+def _layers(records: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        seen.setdefault(r["layer"], None)
+    return list(seen)  # module order (records are written in it)
+
+
+def last_step(records: list[dict]) -> int | None:
+    return max((r["step"] for r in records), default=None)
+
+
+def columns(records: list[dict]) -> list[tuple[str, str]]:
+    """(gemm, operand) pairs present, in GeMM then operand order."""
+    have = {(r["gemm"], r["operand"]) for r in records}
+    return [(g, o) for g in GEMMS for o in OPERAND_ORDER if (g, o) in have]
+
+
+def precision_matrix(records: list[dict], stat: str, step: int | None = None
+                     ) -> tuple[list[str], list[tuple[str, str]], np.ndarray]:
+    """(layers, columns, values [len(layers), len(columns)]) of `stat` at `step` (default: the last);
+    NaN where a layer has no such record."""
+    step = last_step(records) if step is None else step
+    rs = [r for r in records if r["step"] == step]
+    layers, cols = _layers(rs), columns(rs)
+    a = np.full((len(layers), len(cols)), np.nan)
+    li, ci = {name: i for i, name in enumerate(layers)}, {c: j for j, c in enumerate(cols)}
+    for r in rs:
+        v = r.get(stat)
+        if v is not None:
+            a[li[r["layer"]], ci[(r["gemm"], r["operand"])]] = v
+    return layers, cols, a
+
+
+def over_time(records: list[dict], stat: str) -> tuple[list[str], list[int], np.ndarray]:
+    """(layers, steps, values [layers, steps]): the mean of `stat` over each layer's (GeMM, operand) records."""
+    layers, steps = _layers(records), sorted({r["step"] for r in records})
+    sums, counts = np.zeros((len(layers), len(steps))), np.zeros((len(layers), len(steps)))
+    li, si = {n: i for i, n in enumerate(layers)}, {s: j for j, s in enumerate(steps)}
+    for r in records:
+        v = r.get(stat)
+        if v is not None and math.isfinite(v):
+            sums[li[r["layer"]], si[r["step"]]] += v
+            counts[li[r["layer"]], si[r["step"]]] += 1
+    with np.errstate(invalid="ignore"):
+        return layers, steps, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def worst(records: list[dict], stat: str, step: int | None = None, n: int = 5) -> list[dict]:
+    """The n records at `step` (default: the last) with the largest finite `stat`, largest first."""
+    step = last_step(records) if step is None else step
+    rs = [r for r in records if r["step"] == step and isinstance(r.get(stat), (int, float)) and math.isfinite(r[stat])]
+    return sorted(rs, key=lambda r: -r[stat])[:n]
+
+
+def figure(records: list[dict], over_time_view: bool = False, title: str = ""):
+    """Two heatmaps (relative error, underflow): layers × (GeMM, operand) at the last step, or layers × steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = _layers(records)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.28 * max(len(layers), 4)), squeeze=False)
+    for ax, (stat, label) in zip(axes[0], PANELS):
+        if over_time_view:
+            rows, steps, a = over_time(records, stat)
+            xlabels, xlabel = [str(s) for s in steps], "step"
+        else:
+            rows, cols, a = precision_matrix(records, stat)
+            xlabels, xlabel = [f"{g}\n{o}" for g, o in cols], f"GeMM / operand (step {last_step(records)})"
+        im = ax.imshow(a, aspect="auto", cmap="magma_r", interpolation="nearest")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        step_x = max(1, len(xlabels) // 12)
+        ax.set_xticks(range(0, len(xlabels), step_x), xlabels[::step_x], fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title or "quantization statistics per layer")
+    fig.tight_layout()
+    return fig
+
+
+def report_text(records: list[dict], top: int = 5) -> str:
+    step = last_step(records)
+    out = [f"step {step}: {len(_layers(records))} quantized layers"]
+    for stat, label in (("rel_err", "relative error"), ("underflow", "underflow"), ("saturated", "saturated")):
+        rows = worst(records, stat, n=top)
+        if not rows or all(r[stat] == 0 for r in rows):
+            out.append(f"\nworst by {label}: none above 0")
+            continue
+        out.append(f"\nworst by {label}:")
+        out += [f"  {r[stat]:9.4g}  {r['layer']}  {r['gemm']}/{r['operand']}" for r in rows]
+    return "\n".join(out)
+
+
+def inspect_run(run_dir, over_time_view: bool = False, top: int = 5) -> str:
+    """The report of RUN_DIR's quant_stats.jsonl; writes RUN_DIR/precision.png. ValueError when there is none."""
+    run_dir = Path(run_dir)
+    records = qstats.read(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir} has no {qstats.FILE}: train with a quantized recipe and statistics on "
+                         "(--stats-interval, default every --log-interval steps)")
+    fig = figure(records, over_time_view, title=str(run_dir))
+    fig.savefig(run_dir / "precision.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return report_text(records, top) + f"\n\nwrote {run_dir / 'precision.png'}"

@@ -1,0 +1,94 @@
+"""When quantization statistics are collected, and `quant_stats.jsonl`: the one owner of that schedule.
+
+Statistics cost time (an extra pass per quantized operand), so they are sampled: collection is switched on for
+the last step of every `stats_interval` window (default: the log interval; 0 = never, which costs nothing: no
+extra pass runs) and for the last step. After a sampled step every QLinear's per-(GeMM, operand) statistics
+(lowbit.nn.stats) become one JSON line each in RUN_DIR/quant_stats.jsonl:
+
+    {"step": 40, "layer": "transformer.h.0.attn.c_attn", "gemm": "fprop", "operand": "input",
+     "underflow": 0.08, "saturated": 0.0, "rel_err": 0.11, "sqnr_db": 19.2, "scale_log2_min": -9.0, ...}
+
+and TensorBoard scalars `quant/<layer>/<gemm>/<operand>/<stat>` when the metrics logger has a writer. Under
+DDP/FSDP2 rank 0 writes the statistics of its own micro-batches (the other ranks collect and drop theirs);
+weights are the same on every rank, activations and gradients are rank 0's sample. On resume, records after
+the checkpoint's step are dropped, as for metrics.jsonl. Under --compile collection stays on (toggling it
+would compile a second graph) and a record is the mean over its window.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lowbit.nn import collect_stats
+from lowbit.nn.module import QLinear
+
+FILE = "quant_stats.jsonl"
+
+
+def layer_stats(model) -> list[dict]:
+    """Records {layer, gemm, operand, stat: value} of every QLinear's statistics since the last call; resets."""
+    out = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            for (gemm, op), stats in mod.qstate.pop_layer_stats().items():
+                out.append({"layer": _clean(fqn), "gemm": gemm, "operand": op, **stats})
+    return out
+
+
+def _clean(fqn: str) -> str:
+    """The module's name in the user's model: without DDP's `module.` or torch.compile's `_orig_mod.`."""
+    parts = [p for p in fqn.split(".") if p not in ("_orig_mod", "module", "_fsdp_wrapped_module")]
+    return ".".join(parts)
+
+
+def read(run_dir) -> list[dict]:
+    """Every record of RUN_DIR/quant_stats.jsonl (NaN written as null comes back as NaN)."""
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in recs]
+
+
+class StatsSchedule:
+    """Switches statistics on for the steps that sample them and writes quant_stats.jsonl after them."""
+
+    def __init__(self, model, run_path, interval: int, steps: int, always: bool, write: bool,
+                 keep_until: int | None = None, tb=None):
+        self.model, self.interval, self.steps, self.always = model, interval, steps, always
+        self.path = Path(run_path) / FILE if write else None
+        self.tb = tb
+        self.on = always
+        collect_stats(model, always)
+        if self.path is not None and self.path.exists():
+            kept = [r for r in read(run_path) if keep_until is not None and r["step"] <= keep_until]
+            self.path.write_text("".join(json.dumps(_json(r)) + "\n" for r in kept))
+
+    def sampled(self, n: int) -> bool:
+        return self.interval > 0 and (n % self.interval == 0 or n == self.steps)
+
+    def before_step(self, n: int) -> None:
+        want = self.always or self.sampled(n)
+        if want != self.on:
+            collect_stats(self.model, want)
+            self.on = want
+
+    def after_step(self, n: int) -> list[dict]:
+        """Write step n's records (if it was sampled); returns them."""
+        if not self.sampled(n):
+            return []
+        recs = [{"step": n, **r} for r in layer_stats(self.model)]
+        if self.path is not None and recs:
+            with self.path.open("a") as f:
+                f.writelines(json.dumps(_json(r)) + "\n" for r in recs)
+            if self.tb is not None:
+                for r in recs:
+                    for k, v in r.items():
+                        if isinstance(v, float) and math.isfinite(v):
+                            self.tb.add_scalar(f"quant/{r['layer']}/{r['gemm']}/{r['operand']}/{k}", v, n)
+        return recs
+
+
+def _json(r: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
