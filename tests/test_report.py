@@ -144,12 +144,14 @@ def test_table_every_column():
     head, _, *rows = report.format_table(res).splitlines()
     cols = [c.strip() for c in head.strip("|").split("|")]
     assert cols == ["Recipe", "Status", "Train loss", "Val loss", "Δ val vs bf16", "Δ %", "Tokens/s",
-                    "Step time vs bf16", "Step ms (CPU ms)", "Peak mem (MiB)", "Wall (s)"]
+                    "Step time vs bf16", "Tokens to bf16's loss ×", "Matched-loss cost", "Step ms (CPU ms)",
+                    "Peak mem (MiB)", "Wall (s)"]
     cells = dict(zip(cols, [c.strip() for c in rows[1].strip("|").split("|")]))
     r = runs["fp8"]
     assert cells == {"Recipe": "fp8", "Status": "ok", "Train loss": f"{r['final_train_loss']:.4f}",
                      "Val loss": "4.2000", "Δ val vs bf16": "+0.2000", "Δ %": "+5.00%", "Tokens/s": "4,000",
-                     "Step time vs bf16": "2.00×", "Step ms (CPU ms)": "–", "Peak mem (MiB)": "96.0",
+                     "Step time vs bf16": "2.00×", "Tokens to bf16's loss ×": "not reached", "Matched-loss cost": "not reached",
+                     "Step ms (CPU ms)": "–", "Peak mem (MiB)": "96.0",
                      "Wall (s)": "71.2"}
 
 
@@ -210,6 +212,6 @@ def test_timing_phase_ratios_replace_training_ratios_in_the_table():
         "warnings": ["the machine was busy"]}}
     summary = records.summarize(res)
     row = [c.strip() for c in report.format_table(summary).splitlines()[3].strip("|").split("|")]
-    assert row[0] == "fp4-paper" and row[7] == "1.50×" and row[8] == "150.0 (280.0)"
+    assert row[0] == "fp4-paper" and row[7] == "1.50×" and row[10] == "150.0 (280.0)"  # after the two iso-loss columns
     md = report.render_markdown(summary)
     assert "**Warning:** the machine was busy." in md and "timing phase after training: 3 rounds of 2" in md

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lowbit import report_charts
+
 LOSS_PNG = "loss.png"
 REPORT_MD = "report.md"
 
@@ -78,7 +80,8 @@ def format_table(results: dict) -> str:
     """Markdown table, one row per run: losses, gaps to the reference, speed, memory, wall time."""
     ref = results.get("reference")
     head = ["Recipe", "Status", "Train loss", "Val loss", f"Δ val vs {ref}", "Δ %",
-            "Tokens/s", f"Step time vs {ref}", "Step ms (CPU ms)", "Peak mem (MiB)", "Wall (s)"]
+            "Tokens/s", f"Step time vs {ref}", f"Tokens to {ref}'s loss ×", "Matched-loss cost",
+            "Step ms (CPU ms)", "Peak mem (MiB)", "Wall (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results.get("runs", {}).items():
         mem = r.get("peak_mem_bytes")
@@ -91,12 +94,21 @@ def format_table(results: dict) -> str:
             _f(r.get("val_gap_pct"), "+.2f") + ("%" if _finite(r.get("val_gap_pct")) else ""),
             _f(r.get("tokens_per_s"), ",.0f"),
             _f(r.get("step_time_rel"), ".2f") + ("×" if _finite(r.get("step_time_rel")) else ""),
+            _iso(r, "iso_token_ratio"), _iso(r, "matched_loss_cost"),
             _f(r.get("step_ms"), ".1f") + (f" ({r['cpu_ms']:.1f})" if _finite(r.get("cpu_ms")) else ""),
             _f(mem / 2**20 if _finite(mem) else None, ".1f"),
             _f(r.get("wall_time_s"), ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _iso(r: dict, key: str) -> str:
+    """An iso-loss cell: the ratio, "not reached" for a finished run that never got to the target, else "–"."""
+    v = r.get(key)
+    if _finite(v):
+        return f"{v:.2f}×"
+    return "not reached" if r.get("status") == "ok" and r.get("iso_tokens") is None and "iso_tokens" in r else "–"
 
 
 QUANT_STAT_NAMES = {
@@ -336,9 +348,14 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
     out += ["", format_table(results), "",
             "Δ val: final validation loss minus the reference's (lower is better); "
             "Δ %: the same relative to the reference's loss. Step time vs reference: >1 is slower. "
+            "Tokens to the reference's loss: where the run's validation curve first reaches the reference's final "
+            "validation loss (interpolated between evaluations), over where the reference does; matched-loss cost "
+            "= step time ratio × that token ratio (the compute for the same loss). "
             + _timing_note(results.get("timing"))
             + (f" Peak mem: {results['peak_mem_note']}." if results.get("peak_mem_note") else ""), "",
             f"![validation loss and gap to {ref}]({plot_name})", ""]
+    if any(_finite(r.get("iso_token_ratio")) for r in results.get("runs", {}).values()):
+        out += [f"![step time, tokens to {ref}'s loss and matched-loss cost]({report_charts.ISO_PNG})", ""]
     failed = {lab: r for lab, r in results.get("runs", {}).items() if str(r.get("status", "")).startswith("failed")}
     for param, name in (sweep_plots or {}).items():
         out += [f"## Sweep of `{param}`", "", f"Values: {', '.join(map(str, results['sweep'][param]))}.", "",
@@ -376,26 +393,11 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
         name = sweep_plot_name(param)
         paths[f"sweep:{param}"] = plot_sweep(results, param, out / name)
         sweep_plots[param] = name
-    precision_plots = _write_precision_plots(results, out)
+    precision_plots = report_charts.write_precision_plots(results, out)
+    if report_charts.plot_iso_loss(results, out / report_charts.ISO_PNG):
+        paths["iso"] = out / report_charts.ISO_PNG
     md = out / REPORT_MD
     md.write_text(render_markdown(results, LOSS_PNG, sweep_plots, precision_plots))
     paths["report"] = md
     return paths
 
-
-def _write_precision_plots(results: dict, out: Path) -> dict[str, str]:
-    """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics."""
-    import matplotlib.pyplot as plt
-
-    from lowbit import precision
-    from lowbit.train import qstats
-
-    plots = {}
-    for label in results.get("runs", {}):
-        recs = qstats.read(out / "runs" / label)
-        if recs:
-            fig = precision.figure(recs, title=f"{label}: quantization statistics per layer")
-            fig.savefig(out / f"precision_{label}.png", dpi=100)
-            plt.close(fig)
-            plots[label] = f"precision_{label}.png"
-    return plots

@@ -14,6 +14,7 @@ import os
 import platform
 from pathlib import Path
 
+from lowbit.comparison.isoloss import iso_loss
 from lowbit.comparison.sweep import RunSpec
 from lowbit.recipes import Recipe
 
@@ -178,6 +179,8 @@ def summarize(results: dict) -> dict:
     for label, g in gaps(runs, ref).items():
         runs[label].update(g)
     _timed_ratios(runs, results.get("timing"))
+    for label, g in iso_loss(runs, ref).items():  # after the timed ratios: the matched cost uses them
+        runs[label].update(g)
     results["failed"] = [lab for lab, r in runs.items() if str(r["status"]).startswith("failed")]
     results["diverged"] = [lab for lab, r in runs.items() if r["status"] == "diverged"]
     sources = sorted({r.get("peak_mem_source") for r in runs.values() if r.get("peak_mem_source")})

@@ -105,7 +105,8 @@ def _prepare_out(out: Path, base, overwrite: bool) -> dict:
     if overwrite:
         for name in ("runs", "recipes"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, *out.glob("sweep_*.png"), *out.glob("precision_*.png")]:
+        for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, out / "iso_loss.png",
+                  *out.glob("sweep_*.png"), *out.glob("precision_*.png")]:
             p.unlink(missing_ok=True)
     prev_runs = {}
     if not overwrite and results_path.is_file():

@@ -1,0 +1,67 @@
+"""The comparison report's per-run charts beside lowbit.report's: the iso-loss bars and the per-layer precision
+heatmaps (lowbit.precision). Rendering only: they read a results dict and the runs' files, and write PNGs."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+ISO_PNG = "iso_loss.png"
+_ISO_BARS = (("step_time_rel", "step time"), ("iso_token_ratio", "tokens to the reference's loss"),
+             ("matched_loss_cost", "matched-loss cost"))
+
+
+def iso_series(results: dict) -> tuple[list[str], dict[str, list[float]]]:
+    """(labels, {bar key: values}) the iso-loss chart draws: every run with a finite token ratio (NaN where a
+    value is missing)."""
+    runs = results.get("runs", {})
+    labels = [lab for lab, r in runs.items() if _finite(r.get("iso_token_ratio"))]
+    return labels, {k: [runs[lab][k] if _finite(runs[lab].get(k)) else math.nan for lab in labels]
+                    for k, _ in _ISO_BARS}
+
+
+def plot_iso_loss(results: dict, path: Path) -> Path | None:
+    """Grouped bars per recipe: step time, tokens to the reference's loss, matched-loss cost (all relative to
+    the reference, 1 = the same). None (nothing written) when no run reached the reference's loss."""
+    labels, series = iso_series(results)
+    if not labels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4))
+    w = 0.8 / len(_ISO_BARS)
+    for i, (key, name) in enumerate(_ISO_BARS):
+        ax.bar([j + (i - 1) * w for j in range(len(labels))], series[key], w, label=name)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"× {results.get('reference')}")
+    ax.set_title("what each recipe costs to reach the reference's final validation loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_precision_plots(results: dict, out: Path) -> dict[str, str]:
+    """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics."""
+    import matplotlib.pyplot as plt
+
+    from lowbit import precision
+    from lowbit.train import qstats
+
+    plots = {}
+    for label in results.get("runs", {}):
+        recs = qstats.read(Path(out) / "runs" / label)
+        if recs:
+            fig = precision.figure(recs, title=f"{label}: quantization statistics per layer")
+            fig.savefig(Path(out) / f"precision_{label}.png", dpi=100)
+            plt.close(fig)
+            plots[label] = f"precision_{label}.png"
+    return plots
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
