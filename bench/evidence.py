@@ -8,8 +8,7 @@ Runs it expects (each one `lowbit compare` command; all on the embedded Shakespe
     lowbit compare --recipes bf16,fp4-paper --sweep dge.k=1,3,10 --sweep dge.enabled=false \\
         --sweep occ.alpha=0.999,0.97 --sweep occ.compensate=false --sweep occ.enabled=false \\
         --sweep fmt=e1m2,e3m0 --model tiny --tokens 300k --seed 1 --out $R/ablate
-    lowbit compare --recipes bf16,fp4-paper,fp4-direct --model tiny --tokens 300k --seed 2 --out $R/seed2
-    lowbit compare --recipes bf16,fp4-paper,fp4-direct --model tiny --tokens 300k --seed 3 --out $R/seed3
+    lowbit compare --recipes bf16,fp4-paper,fp4-direct --model tiny --tokens 300k --seeds 2,3 --out $R/seeds
     lowbit compare --recipes fp32 --model tiny --tokens 300k --seed 1 --out $R/fp32      # optional check
     python bench/evidence.py --runs $R --write     # -> bench/RESULTS.md section + bench/evidence.png
 
@@ -239,19 +238,20 @@ def chart(seven: dict, ablate: dict, noise: float, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/ev", help="directory holding seven/ ablate/ seed2/ seed3/")
+    p.add_argument("--runs", default="runs/ev", help="directory holding seven/ ablate/ seeds/")
     p.add_argument("--write", action="store_true", help="record the section in bench/RESULTS.md and the chart")
     a = p.parse_args(argv)
     root = Path(a.runs)
     seven, ablate = load(root / "seven"), load(root / "ablate")
-    others = [load(d) for d in sorted(root.glob("seed[2-9]"))]
+    # `--seeds 2,3 --out $R/seeds` writes seeds/seed2, seeds/seed3 (earlier evidence: separate seed2/, seed3/)
+    others = [load(d) for d in sorted((root / "seeds").glob("seed[2-9]")) or sorted(root.glob("seed[2-9]"))]
     same = val(ablate, "bf16") == val(seven, "bf16")
     st_table, st = seed_table(seeds(seven, others))
     noise = st["gap"][1]
     machine = seven["machine"]
     text = "\n\n".join([
         SECTION,
-        "Commands: see the docstring of `bench/evidence.py` (four `lowbit compare` runs, then "
+        "Commands: see the docstring of `bench/evidence.py` (three `lowbit compare` runs, then "
         "`python bench/evidence.py --runs runs/ev --write`). Machine: "
         f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch thread per run, two runs "
         f"in parallel), torch {machine['torch']}, {machine['device']}. Chart: [evidence.png](evidence.png).",

@@ -80,6 +80,7 @@ class FakeTrainer:
         self.calls, self.datasets = [], []
         self.fail, self.init_hash_for, self.diverge = set(fail), init_hash_for or {}, set(diverge)
         self.data_hash_for: dict[str, str] = {}
+        self.loss_fn = None  # (recipe name, seed) -> final loss, to override the per-name default
 
     def __call__(self, cfg, progress=True, dataset=None):
         self.calls.append(cfg)
@@ -87,7 +88,7 @@ class FakeTrainer:
         name = recipes.get(cfg.recipe).name
         if name in self.fail:
             raise RuntimeError(f"simulated crash in {name}")
-        loss = 3.0 + (sum(map(ord, name)) % 100) / 100
+        loss = 3.0 + (sum(map(ord, name)) % 100) / 100 if self.loss_fn is None else self.loss_fn(name, cfg.seed)
         diverged = 3 if cfg.lr > 100 or name in self.diverge else None
         hist = [{"step": s, "tokens": 1000 * s, "train_loss": loss + 1 / s, "val_loss": loss + 1 / s}
                 for s in (1, 2, 3, 4)]
@@ -506,3 +507,62 @@ def test_cli_timing_rounds_zero_skips_the_timing_phase(fake, tmp_path):
         res["runs"]["fp4-paper"]["step_time_s"] / res["runs"]["bf16"]["step_time_s"])  # training's own ratio
     assert cmp.run_cli(parser.parse_args(args + [str(tmp_path / "b")])) == 0
     assert json.loads((tmp_path / "b" / "results.json").read_text())["timing"]["rounds"] == 3
+
+
+# --- seeds -------------------------------------------------------------------------------------------
+
+def test_t_interval_hand_computed():
+    from lowbit.comparison.seeds import t975, t_interval
+
+    lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975,2} = 4.303: 2 ± 4.303/sqrt(3)
+    assert (lo, hi) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert t_interval([1.0]) is None
+    assert t975(40) == pytest.approx(2.021, abs=1e-3) and t975(120) == pytest.approx(1.980, abs=1e-3)
+
+
+def test_seeds_aggregate_verdicts_and_resume(fake, tmp_path):
+    """Three seeds: "worse" is 0.1 above bf16 in every seed (a clear gap), "noisy" alternates around it."""
+    from lowbit.comparison.seeds import compare_seeds
+
+    trainer, Cfg, _ = fake
+    noise = {1: 0.02, 2: -0.03, 3: 0.015}
+    trainer.loss_fn = lambda name, seed: {"bf16": 3.0 + noise[seed], "fp8-tensor": 3.0 + noise[seed] + 0.1,
+                                          "fp4-paper": 3.0 + noise[seed] * (-2)}[name]
+    trainer.fail = {"fp4-paper"}  # interrupted: fp4-paper fails in every seed on the first attempt
+    agg = compare_seeds(["bf16", "fp8-tensor", "fp4-paper"], Cfg(tokens=4000), tmp_path, [1, 2, 3], cmp.compare,
+                        progress=False)
+    assert len(trainer.calls) == 9 and agg["failed"] == [f"fp4-paper (seed {s})" for s in (1, 2, 3)]
+    trainer.fail = set()
+    agg = compare_seeds(["bf16", "fp8-tensor", "fp4-paper"], Cfg(tokens=4000), tmp_path, [1, 2, 3], cmp.compare,
+                        progress=False)
+    assert len(trainer.calls) == 12  # only the failed runs were retried
+    assert {c.seed for c in trainer.calls[-3:]} == {1, 2, 3}
+    r = agg["runs"]
+    assert r["fp8-tensor"]["gap_mean"] == pytest.approx(0.1) and r["fp8-tensor"]["verdict"] == "worse"
+    assert r["fp8-tensor"]["gap_ci95"] == pytest.approx([0.1, 0.1], abs=1e-9)
+    gaps = [-3 * noise[s] for s in (1, 2, 3)]
+    from lowbit.comparison.seeds import t_interval
+
+    assert r["fp4-paper"]["gap_ci95"] == pytest.approx(list(t_interval(gaps)))
+    assert r["fp4-paper"]["verdict"] == "within noise" and r["bf16"]["verdict"] == "reference"
+    assert r["bf16"]["val_loss_mean"] == pytest.approx(3.0 + sum(noise.values()) / 3)
+    assert (tmp_path / "seed2" / "results.json").is_file() and (tmp_path / "seeds.md").is_file()
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [1, 2, 3]
+
+
+def test_seed_band_is_min_to_max_over_seeds():
+    from lowbit.report_charts import seed_band_series
+
+    def res(v):
+        return {"runs": {"bf16": {"history": [{"tokens": 10, "val_loss": v}, {"tokens": 20, "val_loss": v - 1}]}}}
+    ts, mean, lo, hi = seed_band_series({1: res(5.0), 2: res(4.0), 3: res(6.0)})["bf16"]
+    assert ts == [10, 20] and mean == [5.0, 4.0] and lo == [4.0, 3.0] and hi == [6.0, 5.0]
+
+
+def test_seeds_cli_errors():
+    from lowbit.comparison.cli import parse_seeds
+
+    assert parse_seeds("1,2, 3") == [1, 2, 3]
+    for bad in ("1,x", "1,1", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)

@@ -45,6 +45,49 @@ def plot_iso_loss(results: dict, path: Path) -> Path | None:
     return path
 
 
+def seed_band_series(per_seed: dict[int, dict]) -> dict[str, tuple[list, list, list, list]]:
+    """{label: (tokens, mean, low, high)} of the validation curves over seeds: at each evaluation point every seed
+    that has it (same config per seed, so the same points), mean and min..max."""
+    from lowbit.comparison.isoloss import val_curve
+
+    by_label: dict[str, dict[float, list[float]]] = {}
+    for res in per_seed.values():
+        for label, r in res.get("runs", {}).items():
+            for t, v in val_curve(r.get("history")):
+                by_label.setdefault(label, {}).setdefault(t, []).append(v)
+    out = {}
+    for label, pts in by_label.items():
+        ts = sorted(pts)
+        out[label] = (ts, [sum(pts[t]) / len(pts[t]) for t in ts], [min(pts[t]) for t in ts],
+                      [max(pts[t]) for t in ts])
+    return out
+
+
+def plot_seed_band(per_seed: dict[int, dict], reference: str | None, path: Path) -> Path | None:
+    """Validation loss against tokens per recipe: the mean over seeds and the band from the lowest to the highest
+    seed. None (nothing written) without curves."""
+    series = seed_band_series(per_seed)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (ts, mean, lo, hi) in series.items():
+        (line,) = ax.plot(ts, mean, label=label, lw=2.2 if label == reference else 1.4)
+        ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"validation loss over seeds {', '.join(map(str, sorted(per_seed)))} (mean, min-max band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_precision_plots(results: dict, out: Path) -> dict[str, str]:
     """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics."""
     import matplotlib.pyplot as plt

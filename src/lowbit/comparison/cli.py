@@ -95,6 +95,10 @@ def add_cli(subparsers):
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each model")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier comparison in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="run the whole comparison once per seed (into --out/seed<N>/) and report mean ± sd, the "
+                        "paired gap to the reference with its 95%% confidence interval and a verdict "
+                        "(--out/seeds.md, seeds.json, seeds_loss.png); overrides --seed")
     p.add_argument("--timing-rounds", type=int, default=3, metavar="N",
                    help="rounds of the timing phase after training (every recipe a few steps, interleaved; the "
                         "report's step-time ratios); 0 skips it and reports training's own step times (default: 3)")
@@ -140,6 +144,8 @@ def run_cli(args) -> int:
     command = command_line(names, base, args.out, sweep, config_path=args.config)
     if args.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be >= 0, got {args.timing_rounds}")
+    if args.seeds:
+        return _run_seeds(args, names, base, sweep)
     results = compare(names, base, args.out, sweep=sweep, progress=not args.no_progress,
                       overwrite=args.overwrite, command=command, timing_rounds=args.timing_rounds)
     out = Path(args.out)
@@ -150,5 +156,36 @@ def run_cli(args) -> int:
     if results["failed"]:
         print(f"error: {len(results['failed'])} run(s) failed: {', '.join(results['failed'])} "
               f"(tracebacks in {out}/runs/<label>/error.txt)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give distinct integers, e.g. --seeds 1,2,3")
+    return seeds
+
+
+def _run_seeds(args, names, base, sweep) -> int:
+    from lowbit.comparison.seeds import compare_seeds, format_table
+
+    seeds = parse_seeds(args.seeds)
+
+    def one(recipe_list, cfg, out, **kw):
+        return compare(recipe_list, cfg, out, command=command_line(recipe_list, cfg, out, sweep, args.config), **kw)
+
+    agg = compare_seeds(names, base, args.out, seeds, one, sweep=sweep, progress=not args.no_progress,
+                        overwrite=args.overwrite, timing_rounds=args.timing_rounds)
+    out = Path(args.out)
+    print(f"wrote {out / 'seeds.json'}, {out / 'seeds.md'}, {out / 'seeds_loss.png'} and one comparison per seed "
+          f"in {out}/seed<N>/")
+    print(format_table(agg))
+    if agg["failed"]:
+        print(f"error: run(s) failed: {', '.join(agg['failed'])} (tracebacks in {out}/seed<N>/runs/<label>/error.txt)",
+              file=sys.stderr)
         return 1
     return 0
