@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _results import cpu_description, write_section  # bench/ is on sys.path when a script here runs
+from _results import write_section  # bench/ is on sys.path when a script here runs
 from evidence import seven_table
 
 HERE = Path(__file__).parent
