@@ -379,6 +379,28 @@ def test_divergence_stops_run_and_never_checkpoints_nan(corpus, tmp_path, monkey
     assert any("not writing a checkpoint" in r.message for r in caplog.records)
     for _, d in ckpt_mod.list_checkpoints(out / "ckpt"):
         assert all(torch.isfinite(t).all() for t in load_file(d / "model.safetensors").values())
+    # forensics: the NaN weight of h.0's c_fc is the first non-finite tensor, and the warning names it
+    doc = json.loads((out / "divergence.json").read_text())
+    assert doc["step"] == 7
+    assert {k: doc["first"][k] for k in ("phase", "layer", "tensor")} == \
+        {"phase": "forward", "layer": "transformer.h.0.mlp.c_fc", "tensor": "weight"}
+    assert doc["first"]["nonfinite_frac"] == pytest.approx(1 / doc["first"]["shape"][0] / doc["first"]["shape"][1])
+    before = [e for e in doc["events"] if e["order"] < doc["first"]["order"]]
+    assert before and all(e["nonfinite_frac"] == 0 for e in before)  # the attention layers before it were clean
+    stop = [r.message for r in caplog.records if r.message.startswith("stopping")][0]
+    assert "transformer.h.0.mlp.c_fc weight in the forward pass" in stop
+
+
+def test_forensics_names_the_quantized_operand(corpus, tmp_path):
+    """Under a quantized recipe the per-GeMM statistics of the failing step are in divergence.json too."""
+    poisoned = poison(set(range(3, 100)), params_too=True)
+    out = tmp_path / "q"
+    train(tiny_cfg(corpus, out, grad_accum=1, recipe="fp8-tensor", max_bad_steps=1), progress=False, trainer=poisoned)
+    doc = json.loads((out / "divergence.json").read_text())
+    w = [r for r in doc["quant_stats"] if r["layer"] == "transformer.h.0.mlp.c_fc" and r["operand"] == "weight"]
+    assert w and w[0]["nonfinite"] > 0
+    ok = [r for r in doc["quant_stats"] if r["layer"] == "transformer.h.0.attn.c_attn" and r["gemm"] == "fprop"]
+    assert ok and all(r["nonfinite"] == 0 for r in ok)
 
 
 # --- eval / load -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ A statistic is recorded for a GeMM's operand when that GeMM quantizes it (an ope
 e.g. per-tensor W in dgrad, is recorded once, under the GeMM that quantized it).
 
 For t (the operand as the GeMM receives it, in the compute dtype) and tq = Q(t):
+    nonfinite   fraction of t's entries that are inf or NaN; amax: the largest finite |t|
     underflow   fraction of t's nonzero entries that became 0
     saturated   fraction of entries clipped: |t / scale| > the format's max (beyond rounding) (absmax scaling clips none; delayed
                 scaling, amax margins and QuEST's clip do)
@@ -26,7 +27,7 @@ from lowbit.nn.spec import scaled_and_scales_2d
 from lowbit.recipes import TensorQuant
 
 GEMMS = ("fprop", "dgrad", "wgrad")
-STATS = ("underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean", "scale_log2_max")
+STATS = ("nonfinite", "amax", "underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean", "scale_log2_max")
 
 
 def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: torch.Tensor,
@@ -34,6 +35,7 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
     """0-d fp32 tensors (no host sync) of one quantization: t, tq [R, C] (any float dtype); scaled = t / scale
     (fp32, t's shape); scales: the decode scales (any shape)."""
     tf, qf = t.float(), tq.float()
+    bad = ~torch.isfinite(tf)
     nz = tf != 0
     n_nz = nz.sum().clamp_min(1).float()
     norm = tf.norm()
@@ -42,7 +44,8 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
     ls = ls[torch.isfinite(ls)]
     if ls.numel() == 0:
         ls = torch.full((1,), math.nan, device=t.device)
-    return {"underflow": (nz & (qf == 0)).sum().float() / n_nz,
+    return {"nonfinite": bad.float().mean(), "amax": torch.where(bad, 0.0, tf).abs().amax(),
+            "underflow": (nz & (qf == 0)).sum().float() / n_nz,
             # beyond max by more than the rounding of x / s (the group's absmax itself lands within 2^-22 of max)
             "saturated": (scaled.abs() > get_format(q.fmt).max * (1 + 2 ** -20)).float().mean(),
             "rel_err": err, "sqnr_db": -20 * torch.log10(err.clamp_min(1e-30)),

@@ -28,7 +28,7 @@ import torch
 from lowbit import flops as flops_mod
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.nn import check_block_sizes, quant_stats
-from lowbit.train import dist
+from lowbit.train import dist, forensics
 from lowbit.train.checkpointer import CheckpointManager
 from lowbit.train.config import TrainConfig
 from lowbit.train.evaluation import eval_loss
@@ -302,6 +302,7 @@ class Trainer:
                     _, loss = self.forward(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+        self._last_batch = (x, y)  # for the divergence forensics (lowbit.train.forensics)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = dist.clip_norm_value(torch.nn.utils.clip_grad_norm_(self.params, clip))  # global norm on every rank
         # mean loss over ranks and "a rank got SIGINT/SIGTERM" in one all-reduce: every rank decides alike
@@ -329,8 +330,11 @@ class Trainer:
         s = self.state
         if s.bad_streak <= self.cfg.max_bad_steps:
             return None
-        log.warning("stopping: %d non-finite steps in a row since step %d (max_bad_steps=%d)", s.bad_streak,
-                    s.streak_start, self.cfg.max_bad_steps)
+        first = forensics.diagnose(self.model, self._last_batch, autocast(self.recipe, self.device), s.step,
+                                   self.run.path if self.di.is_main else None)
+        log.warning("stopping: %d non-finite steps in a row since step %d (max_bad_steps=%d); %s (details in %s)",
+                    s.bad_streak, s.streak_start, self.cfg.max_bad_steps, forensics.describe(first),
+                    self.run.path / forensics.FILE)
         return s.streak_start
 
     def evaluate_due(self, n: int, last: bool) -> bool:
