@@ -92,7 +92,7 @@ def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
     if q.granularity == "tensor":
         # amax/amin read x once each and make no |x| temporary; both propagate NaN.
         return torch.maximum(x3.amax(), x3.amin().neg()).float().view(1, 1, 1)
-    amax = torch.maximum(x3.amax(-1, keepdim=True), x3.amin(-1, keepdim=True).neg()).float()
+    amax = _group_absmax(x3, torch.empty(x3.shape, dtype=torch.float32, device=x3.device))
     if q.granularity == "block":
         R, G, _ = amax.shape
         b = q.block
@@ -161,12 +161,13 @@ def _group_absmax(xc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """fp32 max |x| over the last dim of xc [r, G, B] -> [r, G, 1]; propagates NaN.
     scratch: fp32 buffer of xc's size, may be overwritten."""
     r, G, B = xc.shape
-    if B < 32 and G > 1:  # torch's inner-dim reduction is slow for short groups; max_pool is not
-        a = scratch.view(xc.shape)
-        torch.abs(xc, out=a) if xc.dtype == torch.float32 else a.copy_(xc).abs_()
+    # |x| into the fp32 scratch first: a reduction of contiguous fp32 runs is 3-10x faster than amax/amin of
+    # bf16 groups; for short groups max_pool beats torch's inner-dim reduction again
+    a = scratch.view(xc.shape)
+    torch.abs(xc, out=a) if xc.dtype == torch.float32 else a.copy_(xc).abs_()
+    if B < 32 and G > 1:
         return torch.nn.functional.max_pool1d(a.view(r, 1, G * B), B, B).view(r, G, 1)
-    # amax and amin read x without writing an |x| temporary
-    return torch.maximum(xc.amax(-1, keepdim=True), xc.amin(-1, keepdim=True).neg()).float()
+    return a.amax(-1, keepdim=True)
 
 
 def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tensor_amax):
