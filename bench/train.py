@@ -31,6 +31,7 @@ from _results import corpus_file, load_avg, write_section  # bench/ is on sys.pa
 import torch
 
 from lowbit import flops, recipes
+from lowbit.cpu_bf16 import cpu_gemm_path
 from lowbit.data import prepare_dataset
 from lowbit.models import get_config
 from lowbit.train import TrainConfig, resolve_device, train
@@ -63,7 +64,8 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
             tps = statistics.median(h["tokens_per_s"] for h in timed)
             fpt = flops.flops_per_token(get_config(model, vocab_size=ds.tokenizer.vocab_size), T)["train"]
             rows.append({"model": model, "recipe": r, "batch": B, "seq": T, "tokens_per_s": tps,
-                         "step_ms": B * T / tps * 1e3, "flops_per_token": fpt})
+                         "step_ms": B * T / tps * 1e3, "flops_per_token": fpt,
+                         "peak_mib": res.peak_mem_bytes / 2 ** 20 if res.peak_mem_bytes else None})
             print(f"{model:>6} {r:<20} {tps:>10,.0f} tok/s  {B * T / tps * 1e3:>9.1f} ms/step  load {load_avg()}",
                   file=sys.stderr, flush=True)
     return rows
@@ -71,15 +73,18 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
 
 def table(rows, peak_flops: float) -> str:
     ref = {(r["model"], r["recipe"]): r["tokens_per_s"] for r in rows}
-    out = ["| model | recipe | batch x seq | tokens/s | ms/step | MFU | × bf16 | × fp32 |",
-           "|---|---|---|---:|---:|---:|---:|---:|"]
+    mem = {(r["model"], r["recipe"]): r.get("peak_mib") for r in rows}
+    out = ["| model | recipe | batch x seq | tokens/s | ms/step | MFU | step × bf16 | step × fp32 | peak MiB | "
+           "peak × bf16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        def ratio(base):
+        def ratio(base):  # step time over the base's (tokens/s the other way round)
             b = ref.get((r["model"], base))
-            return f"{r['tokens_per_s'] / b:.2f}" if b else "-"
+            return f"{b / r['tokens_per_s']:.2f}" if b else "-"
         mfu = f"{flops.mfu(r['tokens_per_s'], r['flops_per_token'], peak_flops):.2%}"
+        m, mb = r.get("peak_mib"), mem.get((r["model"], "bf16"))
         out.append(f"| {r['model']} | {r['recipe']} | {r['batch']}x{r['seq']} | {r['tokens_per_s']:,.0f} | "
-                   f"{r['step_ms']:.1f} | {mfu} | {ratio('bf16')} | {ratio('fp32')} |")
+                   f"{r['step_ms']:.1f} | {mfu} | {ratio('bf16')} | {ratio('fp32')} | "
+                   f"{f'{m:,.0f}' if m else '-'} | {f'{m / mb:.2f}' if m and mb else '-'} |")
     return "\n".join(out)
 
 
@@ -131,10 +136,12 @@ def main(argv=None) -> int:
         + ("peak = dense BF16 tensor-core peak of the GPU." if device.type == "cuda" else
            f"peak = this CPU's measured fp32 1024^3 matmul throughput, best of before/after the runs "
            f"({best_peak / 1e9:.0f} GFLOP/s; measured {', '.join(f'{p / 1e9:.0f}' for p in peaks)}), so bf16 cells are "
-           "measured against an fp32 peak. On CPU lowbit runs bf16 GeMMs and attention as fp32 GeMMs of the "
-           "bf16-rounded operands (same numbers; torch's CPU bf16 kernels are ~8x slower without AMX), and every "
-           "quantized recipe adds simulated (quantize-dequantize) FP8/FP4 casts around them, so the × bf16 column "
-           "is the cost of the quantization simulation itself. No FP4/FP8 hardware speed-up is possible here."),
+           f"measured against an fp32 peak. CPU bf16 GeMMs: {cpu_gemm_path(torch.bfloat16)} (lowbit.cpu_bf16: "
+           "native where the CPU has fast bf16 units, else fp32 GeMMs of the bf16 operands; attention always on "
+           "the fp32 upcast). Every quantized recipe adds simulated (quantize-dequantize) FP8/FP4 casts around "
+           "its GeMMs, so 'step × bf16' is the cost of the quantization simulation itself. No FP4/FP8 hardware "
+           "speed-up is possible here. Peak memory: the run's resident-set high-water mark (CPU; reset per run "
+           "where Linux allows) or CUDA's peak allocation."),
         "", table(rows, best_peak), "",
     ])
     print(text)

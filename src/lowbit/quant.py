@@ -198,16 +198,17 @@ def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tenso
             sc = s3[i:j] if s3.shape[0] > 1 else s3
             ec = None if e3 is None else (e3[i:j] if e3.shape[0] > 1 else e3)
         a = out3[i:j] if direct else buf[: xc.numel()].view(xc.shape)
-        if x3.dtype == torch.float32:
-            torch.div(xc, sc, out=a) if ec is None else torch.mul(xc, ec, out=a)
-        else:  # scale and round in fp32, not in the input dtype
-            a.copy_(xc).div_(sc) if ec is None else a.copy_(xc).mul_(ec)
+        # scale and round in fp32 (a bf16 input is promoted exactly inside the op: no separate copy pass)
+        torch.div(xc, sc, out=a) if ec is None else torch.mul(xc, ec, out=a)
         round_to_grid_(a.view(-1), fmt, t, q.rounding, generator, saturate)
         if fmt.has_inf and saturate:  # e5m2 keeps ±inf (the clamp made it ±max)
             torch.where(xc.isinf(), xc.float(), a, out=a)
-        if dequant:
-            a.mul_(sc)
-        if not direct:
+        if direct:
+            if dequant:
+                a.mul_(sc)
+        elif dequant:
+            torch.mul(a, sc, out=out3[i:j])  # the fp32 product, rounded once to the output dtype
+        else:
             out3[i:j].copy_(a)
 
 

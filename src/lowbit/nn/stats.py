@@ -13,6 +13,7 @@ For t (the operand as the GeMM receives it, in the compute dtype) and tq = Q(t):
     saturated   fraction of entries clipped: |t / scale| > the format's max (beyond rounding) (absmax scaling clips none; delayed
                 scaling, amax margins and QuEST's clip do)
     rel_err     ‖tq − t‖ / ‖t‖ (0 for an all-zero t), and sqnr_db = −20·log10(rel_err)
+    (element-wise ones from every k-th row of operands above 64k entries: see record_operand)
     scale_log2_min / _mean / _max   over the operand's scales (log2 of the decode scale)
 For OCC (fprop's input): occ_clamped (fraction of entries clamped) and occ_residual_share (‖ΔX·Wᵀ‖ / ‖Y‖).
 """
@@ -55,7 +56,16 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
             "scale_log2_min": ls.min(), "scale_log2_mean": ls.mean(), "scale_log2_max": ls.max()}
 
 
+SAMPLE_ELEMS = 1 << 16  # element-wise statistics of a larger operand come from an even spread of its rows
+
+
 def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None) -> None:
-    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics)."""
+    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). The scales are
+    those of the whole operand; the element-wise statistics (nonfinite, amax, underflow, saturated, rel_err) of
+    an operand above SAMPLE_ELEMS entries are estimated on every k-th row (at least SAMPLE_ELEMS entries), which
+    keeps a sampled step's extra cost to a fraction of the step."""
     scaled, scales = scaled_and_scales_2d(t, q, amax)
+    k = max(1, t.numel() // SAMPLE_ELEMS) if t.dim() == 2 else 1
+    if k > 1:
+        t, tq, scaled = t[::k], tq[::k], scaled[::k]
     state.add_layer_stats(gemm, op, operand_stats(t, tq, q, scaled, scales))
