@@ -60,8 +60,14 @@ def _interval(a: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]
     The step at a is 2^(max(floor(log2 a), emin) − mbits) for every IEEE-style format
     (subnormals included), and q_lo = floor(a / δ)·δ (exact: δ is a power of two).
     """
-    e = torch.frexp(a).exponent - 1  # floor(log2 a) for a > 0; a = 0 gives -1 (clamped below)
-    delta = torch.ldexp(torch.ones_like(a), e.clamp_min(fmt.emin) - fmt.mbits)
+    if a.dtype == torch.float32:
+        # 2^floor(log2 a) is a's exponent bits (0 for a subnormal or zero a, raised to 2^emin below): three cheap
+        # passes where frexp + ldexp cost ~10x more
+        p2 = torch.bitwise_and(a.view(torch.int32), 0x7F800000).view(torch.float32)
+        delta = p2.clamp_min_(2.0 ** fmt.emin).mul_(2.0 ** -fmt.mbits)
+    else:
+        e = torch.frexp(a).exponent - 1  # floor(log2 a) for a > 0; a = 0 gives -1 (clamped below)
+        delta = torch.ldexp(torch.ones_like(a), e.clamp_min(fmt.emin) - fmt.mbits)
     return torch.floor(a / delta) * delta, delta
 
 
