@@ -60,12 +60,21 @@ SAMPLE_ELEMS = 1 << 16  # element-wise statistics of a larger operand come from 
 
 
 def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None) -> None:
-    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). The scales are
-    those of the whole operand; the element-wise statistics (nonfinite, amax, underflow, saturated, rel_err) of
-    an operand above SAMPLE_ELEMS entries are estimated on every k-th row (at least SAMPLE_ELEMS entries), which
-    keeps a sampled step's extra cost to a fraction of the step."""
-    scaled, scales = scaled_and_scales_2d(t, q, amax)
+    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). An operand above
+    SAMPLE_ELEMS entries is summarised from every k-th row (at least SAMPLE_ELEMS entries): its element-wise
+    statistics always, its scale statistics too where a row's scales depend on that row only (row and tile
+    granularity with fp32/e8m0 scales); that keeps a sampled step's extra cost to a fraction of the step."""
     k = max(1, t.numel() // SAMPLE_ELEMS) if t.dim() == 2 else 1
-    if k > 1:
-        t, tq, scaled = t[::k], tq[::k], scaled[::k]
+    if k > 1 and _row_local(q):  # each row's scales depend on that row only: sample before scaling
+        t, tq = t[::k], tq[::k]
+        scaled, scales = scaled_and_scales_2d(t, q, amax)
+    else:
+        scaled, scales = scaled_and_scales_2d(t, q, amax)
+        if k > 1:
+            t, tq, scaled = t[::k], tq[::k], scaled[::k]
     state.add_layer_stats(gemm, op, operand_stats(t, tq, q, scaled, scales))
+
+
+def _row_local(q: TensorQuant) -> bool:
+    """True when a row's scales come from that row alone (not from a tensor-wide absmax or a 2-D block)."""
+    return q.granularity in ("row", "tile") and q.scale_fmt in ("fp32", "e8m0") and not q.four_over_six
