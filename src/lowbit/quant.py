@@ -281,6 +281,18 @@ def fake_quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | 
     return _run(x, q, generator, amax, dequant=True)[0]
 
 
+def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,
+                              amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake_quantize(x, q, generator, amax), the decode scales it used: absmax_scale's shape)."""
+    return _run(x, q, generator, amax, dequant=True)
+
+
+def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> torch.Tensor:
+    """x / the scale of its group (fp32, x's shape), `scales` in absmax_scale's shape for x."""
+    x3 = _as3d(x.contiguous(), q)
+    return (x3.float() / _rows_scales(scales, x3, q)).view(x.shape)
+
+
 def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / scale as fp32 of x's shape, scale as from absmax_scale): the scaled,
     not yet rounded values (what DGE evaluates f' on)."""

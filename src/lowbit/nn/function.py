@@ -49,11 +49,12 @@ def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQua
     if amax is None and spec.delayed:
         amax = state.delayed_amax(op, t, record)
     gen = state.generator(t.device) if q.rounding == "stochastic" else None
-    out = fake_quantize_2d(t, q, gen, amax)
-    if state.collect:
-        if record:
-            state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, out))
-        record_operand(state, gemm, op, t, out, q, amax)
+    if not state.collect:
+        return fake_quantize_2d(t, q, gen, amax), amax
+    out, scales = fake_quantize_2d(t, q, gen, amax, with_scales=True)
+    if record:
+        state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, out))
+    record_operand(state, gemm, op, t, out, q, amax, scales)
     return out, amax
 
 

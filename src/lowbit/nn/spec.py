@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.quant import fake_quantize, scaled_values
+from lowbit.quant import fake_quantize, fake_quantize_with_scales, scaled_values
 from lowbit.recipes import DGE, OCC, Recipe, TensorQuant
 
 OPERANDS = ("input", "weight", "grad_output")
@@ -128,15 +128,20 @@ def _pads(t: torch.Tensor, q: TensorQuant) -> tuple[int, int]:
     return ((-C) % q.block if _tiled(q) else 0), ((-R) % q.block if q.granularity == "block" else 0)
 
 
-def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, amax=None) -> torch.Tensor:
+def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, amax=None,
+                     with_scales: bool = False):
     """fake_quantize of a 2-D tensor [R, C] along its last dim, zero-padding the last dim (tile, block) and
-    the rows (block) up to a multiple of q.block first; same shape and dtype. None passes t through."""
+    the rows (block) up to a multiple of q.block first; same shape and dtype. None passes t through.
+    with_scales: return (values, the decode scales, or None when t was padded) instead."""
     if q is None:
-        return t
+        return (t, None) if with_scales else t
     pc, pr = _pads(t, q)
     if pc or pr:
         R, C = t.shape
-        return fake_quantize(F.pad(t, (0, pc, 0, pr)), q, generator, amax)[:R, :C]
+        out = fake_quantize(F.pad(t, (0, pc, 0, pr)), q, generator, amax)[:R, :C]
+        return (out, None) if with_scales else out
+    if with_scales:
+        return fake_quantize_with_scales(t, q, generator, amax)
     return fake_quantize(t, q, generator, amax)
 
 

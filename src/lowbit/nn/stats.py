@@ -25,6 +25,7 @@ import torch
 
 from lowbit.formats import get_format
 from lowbit.nn.spec import scaled_and_scales_2d
+from lowbit.quant import divide_by_scales
 from lowbit.recipes import TensorQuant
 
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -59,12 +60,18 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
 SAMPLE_ELEMS = 1 << 16  # element-wise statistics of a larger operand come from an even spread of its rows
 
 
-def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None) -> None:
-    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). An operand above
-    SAMPLE_ELEMS entries is summarised from every k-th row (at least SAMPLE_ELEMS entries): its element-wise
-    statistics always, its scale statistics too where a row's scales depend on that row only (row and tile
-    granularity with fp32/e8m0 scales); that keeps a sampled step's extra cost to a fraction of the step."""
+def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None,
+                   scales: torch.Tensor | None = None) -> None:
+    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). `scales`: the decode
+    scales the quantizer used (absmax_scale's shape for t), which makes the scale statistics free and exact; without
+    them they are recomputed. An operand above SAMPLE_ELEMS entries is summarised from every k-th row (at least
+    SAMPLE_ELEMS entries) for its element-wise statistics, which keeps a sampled step's extra cost small."""
     k = max(1, t.numel() // SAMPLE_ELEMS) if t.dim() == 2 else 1
+    if scales is not None and q.granularity != "block":  # scales per row (or one): sample rows and their scales
+        ts, tqs = (t[::k], tq[::k]) if k > 1 else (t, tq)
+        ss = scales if q.granularity == "tensor" or k == 1 else scales[::k]
+        state.add_layer_stats(gemm, op, operand_stats(ts, tqs, q, divide_by_scales(ts, q, ss), scales))
+        return
     if k > 1 and _row_local(q):  # each row's scales depend on that row only: sample before scaling
         t, tq = t[::k], tq[::k]
         scaled, scales = scaled_and_scales_2d(t, q, amax)
