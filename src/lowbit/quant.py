@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import Format, check_float, chunk_elems, empty, get_format, round_to_grid_
+from lowbit.codes import decode4, encode4, pack4, unpack4
+from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.recipes import TensorQuant
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 
@@ -345,7 +346,7 @@ def quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None 
     if q.fmt in _FP8_DTYPES:  # exact: v is on the format's grid and within its range
         codes = v.to(_FP8_DTYPES[q.fmt]).view(torch.uint8)
     else:
-        codes = _pack4(_encode4(v, fmt))
+        codes = pack4(encode4(v, fmt))
     return QTensor(codes, scales, x.shape, q, x.dtype)
 
 
@@ -356,41 +357,12 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if q.fmt in _FP8_DTYPES:
         v = qt.codes.view(_FP8_DTYPES[q.fmt]).float()
     else:
-        v = _decode4(_unpack4(qt.codes, qt.shape), fmt)
+        v = decode4(unpack4(qt.codes, qt.shape), fmt)
     out = torch.empty(qt.shape, dtype=torch.float32, device=qt.codes.device)
     if out.numel():
         x3 = _as3d(out, q)
         torch.mul(v.view(x3.shape), _rows_scales(qt.scales, x3, q), out=x3)
     return out.to(dtype or qt.dtype)
-
-
-def _encode4(v: torch.Tensor, fmt: Format) -> torch.Tensor:
-    table = fmt.values().to(torch.float32).to(v.device)
-    mag = torch.searchsorted(table, v.abs().nan_to_num(0.0)).to(torch.uint8)  # exact: v is on the grid
-    neg = (v < 0).to(torch.uint8) << 3
-    code = mag | neg
-    return torch.where(v.isnan(), torch.tensor(8, dtype=torch.uint8, device=v.device), code)
-
-
-def _decode4(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
-    vals = fmt.values().to(torch.float32)
-    table = torch.cat([vals, torch.tensor([math.nan]), -vals[1:]]).to(codes.device)
-    return table[codes.long()]
-
-
-def _pack4(codes: torch.Tensor) -> torch.Tensor:
-    lead, C = (tuple(codes.shape[:-1]), codes.shape[-1]) if codes.dim() else ((), 1)
-    c = codes.reshape(math.prod(lead), C)
-    if C % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(*lead, (C + 1) // 2)
-
-
-def _unpack4(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    lead, C = (tuple(shape[:-1]), shape[-1]) if len(shape) else ((), 1)
-    p = packed.reshape(math.prod(lead), (C + 1) // 2)
-    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], 2 * p.shape[1])[:, :C]
-    return codes.reshape(shape)
 
 
 # --- statistics ----------------------------------------------------------------------------
