@@ -67,7 +67,7 @@ def test_fp8_rowwise_gw_hp_weight_gradient_is_unquantized():
     x, dy = torch.randn(16, 64), torch.randn(16, 32)
     _, _, dw = grads(QLinear.from_linear(copy.deepcopy(lin), R.get("fp8-rowwise-gw-hp").replace(compute_dtype="fp32")),
                      x, dy)
-    torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-6, atol=1e-6)  # the same fp32 GeMM, another summation order
 
 
 def mx(t, mode):
@@ -84,6 +84,7 @@ def test_mxfp8_gemms_match_torchao_to_mx(name, mode):
     x, dy = torch.randn(64, 64) * 3, torch.randn(64, 96)
     y, dx, dw = grads(QLinear.from_linear(copy.deepcopy(lin), R.get(name).replace(compute_dtype="fp32")), x, dy)
     w = lin.weight.detach()
+    # identical quantized operands (bit-exact with to_mx, test_conventions); only the fp32 summation order differs
     torch.testing.assert_close(y, mx(x, mode) @ mx(w, mode).t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, mx(dy, mode) @ mx(w.t(), mode).t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, mx(dy.t(), mode) @ mx(x.t(), mode).t(), rtol=1e-5, atol=1e-5)
@@ -127,6 +128,7 @@ def test_nvfp4_is_nvidias_recipe():
     x, dy = torch.randn(32, 64), torch.randn(32, 48)
     y, dx, _ = grads(QLinear.from_linear(copy.deepcopy(lin), r), x, dy)
     wq = nvfp4_ref(lin.weight.detach(), rows=16)
+    # the reference's fp64 scales are rounded to fp32 afterwards, and the GeMMs sum in another order
     torch.testing.assert_close(y, nvfp4_ref(x) @ wq.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, nvfp4_ref(dy) @ wq, rtol=1e-5, atol=1e-5)
 

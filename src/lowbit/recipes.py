@@ -16,13 +16,13 @@ the forward weight, as in the FP4 paper.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
 from lowbit._io import to_toml
+from lowbit.layer_patterns import normalize_patterns
 
 GRANULARITIES = ("tensor", "row", "tile", "block")
 SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
@@ -48,8 +48,6 @@ AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
 # only the output is rounded to the compute dtype.
 GEMM_MODES = ("rounded", "exact")
-# Layer-selection patterns over transformer blocks (the grammar: lowbit.nn.select); anything else is a glob.
-HIGH_PRECISION_BLOCK = re.compile(r"^(first|last|share):(\d+(?:\.\d+)?)(%?)$")
 # Number formats a tensor may be quantized to (names understood by lowbit.formats).
 QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
 
@@ -202,12 +200,7 @@ class Recipe:
         _check("amax_compute_algo", self.amax_compute_algo, AMAX_COMPUTE_ALGOS)
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ValueError(f"margin must be an integer >= 0 (scales get 2^margin headroom), got {self.margin!r}")
-        if isinstance(self.high_precision, (list, str)):
-            hp = [self.high_precision] if isinstance(self.high_precision, str) else self.high_precision
-            object.__setattr__(self, "high_precision", tuple(p.strip() for p in ",".join(hp).split(",") if p.strip()))
-        if not all(isinstance(p, str) for p in self.high_precision):
-            raise ValueError(f"high_precision must be a list of patterns (strings), got {self.high_precision!r}")
-        check_patterns(self.high_precision)
+        object.__setattr__(self, "high_precision", normalize_patterns(self.high_precision))
         if self.dgrad_weight is not None and self.weight is None:
             raise ValueError("dgrad_weight is set but weight is not quantized; set weight or drop dgrad_weight")
         if self.amax_history_len < 1:
@@ -277,19 +270,6 @@ class Recipe:
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"invalid recipe TOML: {e}") from None
         return cls.from_dict(data)
-
-
-def check_patterns(patterns: tuple[str, ...]) -> None:
-    """ValueError naming a malformed high-precision pattern and the grammar (lowbit.nn.select)."""
-    for p in patterns:
-        m = HIGH_PRECISION_BLOCK.match(p)
-        if p.split(":", 1)[0] in ("first", "last", "share") and not m:
-            raise ValueError(f"bad high_precision pattern {p!r}: use first:N, last:N (N a count or a share like "
-                             "12.5%), share:P% or a module-name glob such as *.attn.c_proj")
-        if m and m.group(1) == "share" and not m.group(3):
-            raise ValueError(f"bad high_precision pattern {p!r}: share takes a percentage, e.g. share:16%")
-        if m and m.group(3) and float(m.group(2)) > 100:
-            raise ValueError(f"bad high_precision pattern {p!r}: a share is at most 100%")
 
 
 def _check(name, value, allowed):

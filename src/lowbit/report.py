@@ -94,21 +94,13 @@ def format_table(results: dict) -> str:
             _f(r.get("val_gap_pct"), "+.2f") + ("%" if _finite(r.get("val_gap_pct")) else ""),
             _f(r.get("tokens_per_s"), ",.0f"),
             _f(r.get("step_time_rel"), ".2f") + ("×" if _finite(r.get("step_time_rel")) else ""),
-            _iso(r, "iso_token_ratio"), _iso(r, "matched_loss_cost"),
+            report_charts.iso_cell(r, "iso_token_ratio"), report_charts.iso_cell(r, "matched_loss_cost"),
             _f(r.get("step_ms"), ".1f") + (f" ({r['cpu_ms']:.1f})" if _finite(r.get("cpu_ms")) else ""),
             _f(mem / 2**20 if _finite(mem) else None, ".1f"),
             _f(r.get("wall_time_s"), ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _iso(r: dict, key: str) -> str:
-    """An iso-loss cell: the ratio, "not reached" for a finished run that never got to the target, else "–"."""
-    v = r.get(key)
-    if _finite(v):
-        return f"{v:.2f}×"
-    return "not reached" if r.get("status") == "ok" and r.get("iso_tokens") is None and "iso_tokens" in r else "–"
 
 
 QUANT_STAT_NAMES = {

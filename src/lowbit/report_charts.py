@@ -1,5 +1,5 @@
-"""The comparison report's per-run charts beside lowbit.report's: the iso-loss bars and the per-layer precision
-heatmaps (lowbit.precision). Rendering only: they read a results dict and the runs' files, and write PNGs."""
+"""The comparison report's iso-loss pieces (table cells, bars), seed bands and per-layer precision heatmaps
+(lowbit.precision), beside lowbit.report. Rendering only: they read a results dict and the runs' files, and write PNGs."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,15 @@ from pathlib import Path
 ISO_PNG = "iso_loss.png"
 _ISO_BARS = (("step_time_rel", "step time"), ("iso_token_ratio", "tokens to the reference's loss"),
              ("matched_loss_cost", "matched-loss cost"))
+
+
+def iso_cell(r: dict, key: str) -> str:
+    """A report-table cell of an iso-loss value: the ratio, "not reached" for a finished run that never got to
+    the target, else "–"."""
+    v = r.get(key)
+    if _finite(v):
+        return f"{v:.2f}×"
+    return "not reached" if r.get("status") == "ok" and r.get("iso_tokens") is None and "iso_tokens" in r else "–"
 
 
 def iso_series(results: dict) -> tuple[list[str], dict[str, list[float]]]:

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from lowbit import cpu_bf16
 from lowbit.formats import get_format
 from lowbit.nn.hadamard import hadamard_matrix, rotate
-from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
+from lowbit.nn.spec import LinearSpec, fake_quantize_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
-from lowbit.quant import underflow_fraction
+from lowbit.quant import divide_by_scales, underflow_fraction
 
 
 def forward_rotation(n: int, device) -> torch.Tensor:
@@ -45,11 +45,11 @@ def _check_width(name: str, size: int, n: int) -> None:
 
 def _quantize_fwd(t, q, state: LayerQuantState, op: str):
     """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
-    tq = fake_quantize_2d(t, q)
-    mask = scaled_values_2d(t, q).abs() < get_format(q.fmt).max
+    tq, scales = fake_quantize_2d(t, q, with_scales=True)  # L is a multiple of the tile: no padding
+    mask = divide_by_scales(t, q, scales).abs() < get_format(q.fmt).max  # the quantizer's own scales
     if state.collect:
         state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, tq))
-        record_operand(state, "fprop", op, t, tq, q)
+        record_operand(state, "fprop", op, t, tq, q, scales=scales)
     return tq, mask
 
 
@@ -58,11 +58,12 @@ def _quantize_bwd(t, R, spec: LinearSpec, state: LayerQuantState, cdtype, gemm: 
     q = spec.grad_output
     gen = state.generator(t.device) if q.rounding == "stochastic" else None
     tr = rotate(t, R).to(cdtype)
-    tq = fake_quantize_2d(tr, q, gen)
-    if state.collect:
-        if op == "grad_output" and gemm == "dgrad":
-            state.add_stat("underflow_frac_grad_output", underflow_fraction(tr, tq))
-        record_operand(state, gemm, op, tr, tq, q)
+    if not state.collect:
+        return fake_quantize_2d(tr, q, gen)
+    tq, scales = fake_quantize_2d(tr, q, gen, with_scales=True)
+    if op == "grad_output" and gemm == "dgrad":
+        state.add_stat("underflow_frac_grad_output", underflow_fraction(tr, tq))
+    record_operand(state, gemm, op, tr, tq, q, scales=scales)
     return tq
 
 

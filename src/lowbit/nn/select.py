@@ -19,8 +19,8 @@ import fnmatch
 
 from torch import nn
 
-from lowbit.recipes import HIGH_PRECISION_BLOCK as _BLOCK
-from lowbit.recipes import check_patterns
+from lowbit.layer_patterns import HIGH_PRECISION_BLOCK as _BLOCK
+from lowbit.layer_patterns import check_patterns
 
 def block_list(model: nn.Module) -> tuple[str, int]:
     """(qualified name, length) of the model's longest ModuleList that contains linear layers; ("", 0) if none."""

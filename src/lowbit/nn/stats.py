@@ -10,8 +10,8 @@ e.g. per-tensor W in dgrad, is recorded once, under the GeMM that quantized it).
 For t (the operand as the GeMM receives it, in the compute dtype) and tq = Q(t):
     nonfinite   fraction of t's entries that are inf or NaN; amax: the largest |t| (inf/NaN if t holds any)
     underflow   fraction of t's nonzero entries that became 0
-    saturated   fraction of entries clipped: |t / scale| > the format's max (beyond rounding) (absmax scaling clips none; delayed
-                scaling, amax margins and QuEST's clip do)
+    saturated   fraction of entries clipped: |t / scale| > the format's max, beyond rounding (absmax scaling
+                clips none; delayed scaling, amax margins and QuEST's clip do)
     rel_err     ‖tq − t‖ / ‖t‖ (0 for an all-zero t), and sqnr_db = −20·log10(rel_err)
     (element-wise ones from every k-th row of operands above 64k entries: see record_operand)
     scale_log2_min / _mean / _max   over the operand's scales (log2 of the decode scale)
@@ -29,7 +29,8 @@ from lowbit.quant import divide_by_scales
 from lowbit.recipes import TensorQuant
 
 GEMMS = ("fprop", "dgrad", "wgrad")
-STATS = ("nonfinite", "amax", "underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean", "scale_log2_max")
+STATS = ("nonfinite", "amax", "underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean",
+         "scale_log2_max")
 
 
 def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: torch.Tensor,
@@ -62,26 +63,18 @@ SAMPLE_ELEMS = 1 << 16  # element-wise statistics of a larger operand come from 
 
 def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None,
                    scales: torch.Tensor | None = None) -> None:
-    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). `scales`: the decode
-    scales the quantizer used (absmax_scale's shape for t), which makes the scale statistics free and exact; without
-    them they are recomputed. An operand above SAMPLE_ELEMS entries is summarised from every k-th row (at least
-    SAMPLE_ELEMS entries) for its element-wise statistics, which keeps a sampled step's extra cost small."""
+    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). `scales`: the
+    decode scales the quantizer used (absmax_scale's shape for t), which makes the scale statistics free and
+    exact; without them they are recomputed. An operand above SAMPLE_ELEMS entries is summarised from every
+    k-th row (at least SAMPLE_ELEMS entries) for its element-wise statistics, which keeps a sampled step's
+    extra cost small."""
     k = max(1, t.numel() // SAMPLE_ELEMS) if t.dim() == 2 else 1
     if scales is not None and q.granularity != "block":  # scales per row (or one): sample rows and their scales
         ts, tqs = (t[::k], tq[::k]) if k > 1 else (t, tq)
         ss = scales if q.granularity == "tensor" or k == 1 else scales[::k]
         state.add_layer_stats(gemm, op, operand_stats(ts, tqs, q, divide_by_scales(ts, q, ss), scales))
         return
-    if k > 1 and _row_local(q):  # each row's scales depend on that row only: sample before scaling
-        t, tq = t[::k], tq[::k]
-        scaled, scales = scaled_and_scales_2d(t, q, amax)
-    else:
-        scaled, scales = scaled_and_scales_2d(t, q, amax)
-        if k > 1:
-            t, tq, scaled = t[::k], tq[::k], scaled[::k]
+    scaled, scales = scaled_and_scales_2d(t, q, amax)  # padded or 2-D blocks: recompute (weights, rare shapes)
+    if k > 1:
+        t, tq, scaled = t[::k], tq[::k], scaled[::k]
     state.add_layer_stats(gemm, op, operand_stats(t, tq, q, scaled, scales))
-
-
-def _row_local(q: TensorQuant) -> bool:
-    """True when a row's scales come from that row alone (not from a tensor-wide absmax or a 2-D block)."""
-    return q.granularity in ("row", "tile") and q.scale_fmt in ("fp32", "e8m0") and not q.four_over_six
