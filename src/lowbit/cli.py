@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.comparison import add_cli  # train the same model under several recipes, one report
 
     add_cli(sub)
+    from lowbit.comparison.ladder_cli import add_cli as add_ladder  # compare over sizes x tokens per parameter
+
+    add_ladder(sub)
     return parser
 
 

@@ -298,11 +298,33 @@ def _resolve(data: str) -> list[Path] | Path:
     return [path]
 
 
+def _load_docs(cache_dir):
+    from .docs import load_docs
+
+    return load_docs(cache_dir)
+
+
+# --data names of the built-in corpora; "debian-docs+shakespeare" concatenates them in that order
+NAMED_CORPORA = {"shakespeare": load_shakespeare, "debian-docs": _load_docs}
+
+
+def named_sources(data: str) -> list[str]:
+    """The built-in corpora ``data`` names ("debian-docs", "shakespeare", "debian-docs+shakespeare"), or [] when it is
+    a path (an existing file or directory of that name wins)."""
+    names = data.split("+")
+    if Path(data).expanduser().exists() or not all(n in NAMED_CORPORA for n in names):
+        return []
+    if len(set(names)) != len(names):
+        raise ValueError(f"--data {data!r} names a corpus twice; name each of {sorted(NAMED_CORPORA)} once")
+    return names
+
+
 def load_corpus(data: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
                 max_chars: int | None = None) -> list[str]:
     """Documents of the corpus named by ``data`` (None: the default Shakespeare corpus).
 
-    ``data``: a .txt file (one document), .jsonl (one document per record's "text"), .parquet ("text"
+    ``data``: a built-in corpus name ("shakespeare", "debian-docs" -- see lowbit.data.docs -- or both joined
+    with "+"), a .txt file (one document), .jsonl (one document per record's "text"), .parquet ("text"
     column), a glob or a directory of those (recursive, sorted), or a ``datasets.save_to_disk`` folder.
     ``max_chars`` keeps only the first ``max_chars`` characters of the corpus (handy for tests).
     Empty documents are dropped; a corpus with no text raises ValueError.
@@ -312,6 +334,11 @@ def load_corpus(data: str | os.PathLike | None = None, *, cache_dir: str | os.Pa
     if data is None:
         docs = load_shakespeare(cache_dir)
         where = "the default Shakespeare corpus"
+    elif named_sources(os.fspath(data)):
+        docs = []
+        for name in named_sources(os.fspath(data)):
+            docs += NAMED_CORPORA[name](cache_dir)
+        where = f"--data {os.fspath(data)!r}"
     else:
         target = _resolve(os.fspath(data))
         if isinstance(target, Path):

@@ -13,6 +13,9 @@ prints the full accounting; tests/test_models.py checks every count):
   gpt2-small   gpt     12      768      12         3072   1024     50257   163,009,536
   llama-tiny   llama   4       128      4          352    128      2048    1,328,256
   llama-small  llama   6       384      6          1024   256      2048    12,194,688
+  llama-nano   llama   1       64       2          192    128      2048    315,584   (53,440 non-emb.)
+  llama-micro  llama   2       64       2          192    128      2048    368,960   (106,816 non-emb.)
+  llama-mini   llama   3       96       3          256    128      2048    725,664   (332,448 non-emb.)
   llama-400m   llama   24      1024     16         2816   2048     32000   373,867,520
   llama-1.3b   llama   24      2048     16         5504   2048     32000   1,345,423,360
 
@@ -62,6 +65,11 @@ PRESETS: dict[str, GPTConfig | LlamaConfig] = {
     # CPU-sized LLaMA-2 family.
     "llama-tiny": LlamaConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, multiple_of=32),
     "llama-small": LlamaConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048),
+    # Below tiny, for tokens-per-parameter ladders a CPU can reach (`lowbit ladder`): D/N = 100 on llama-micro is
+    # 10.7M tokens (non-embedding count), under one pass over the debian-docs corpus.
+    "llama-nano": LlamaConfig(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
+    "llama-micro": LlamaConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
+    "llama-mini": LlamaConfig(n_layer=3, n_head=3, n_embd=96, block_size=128, vocab_size=2048, multiple_of=32),
     # FP4-paper sizes (see module docstring for the shape choices).
     "llama-400m": LlamaConfig(n_layer=24, n_head=16, n_embd=1024, block_size=2048, vocab_size=32000),
     "llama-1.3b": LlamaConfig(
