@@ -3,6 +3,7 @@ from kept summaries, the paired gaps and their interval, the verdict rules, the 
 The trainer is test_compare's FakeTrainer (deterministic losses per recipe and seed)."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -232,3 +233,18 @@ def test_cli_errors_before_any_work(capsys):
     assert "--recipes must include bf16" in capsys.readouterr().err
     assert main(["ladder", "--shard", "1of2"]) != 0
     assert "give K/N" in capsys.readouterr().err
+
+
+def test_a_stop_mid_cell_keeps_the_runs_that_finished(fake, tmp_path, monkeypatch):  # noqa: F811
+    trainer = fake[0]
+
+    def stop_at_nvfp4(cfg, progress=True, dataset=None):
+        if "nvfp4" in cfg.recipe:
+            raise KeyboardInterrupt  # the session is stopped while nvfp4 trains
+        return trainer(cfg, progress, dataset)
+
+    monkeypatch.setattr(importlib.import_module("lowbit.train"), "train", stop_at_nvfp4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(fake, tmp_path, tmp_path / "out", tmp_path / "keep")
+    kept = sorted(p.name for p in (tmp_path / "keep").rglob("*.result.json"))
+    assert kept == ["bf16.result.json", "fp8-tensor.result.json"]  # lost: only the run in progress

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.comparison.seeds import t_interval
-from lowbit.comparison.sweep import dirname
 
 log = logging.getLogger("lowbit")
 MAX_PASSES = 4.0  # a ladder point trained on more than 4 passes over its data measures memorisation
@@ -121,13 +120,17 @@ def restore(keep: Path, cell: Cell, cell_dir: Path) -> int:
     return n
 
 
-def save(keep: Path, cell: Cell, results: dict) -> None:
-    """Keep every finished ("ok" or "diverged") run's result.json of a cell's comparison."""
-    for label, rec in results.get("runs", {}).items():
-        src = Path(rec.get("out", "")) / "result.json"
-        if rec.get("status") in ("ok", "diverged") and src.is_file():
-            (keep / cell.key).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, keep / cell.key / f"{dirname(label)}.result.json")
+def save(keep: Path, cell: Cell, cell_dir: Path) -> int:
+    """Keep every finished run's result.json of a cell's comparison (the trainer writes result.json only when a
+    run has finished, diverged runs included); returns how many were new."""
+    n = 0
+    for src in sorted((cell_dir / "runs").glob("*/result.json")):
+        dst = keep / cell.key / f"{src.parent.name}.result.json"
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            n += 1
+    return n
 
 
 def run_ladder(recipe_names: list[str], cells: list[Cell], base, out, keep=None, *, progress: bool = True,
@@ -149,9 +152,11 @@ def run_ladder(recipe_names: list[str], cells: list[Cell], base, out, keep=None,
         cfg = dataclasses.replace(base, model=cell.model, tokens=cell.tokens, seed=cell.seed)
         if eval_points:
             cfg = dataclasses.replace(cfg, eval_interval=default_eval_interval(cfg))
-        results = compare_fn(recipe_names, cfg, cell_dir, progress=progress, timing_rounds=0)
-        if keep is not None:
-            save(keep, cell, results)
+        try:
+            compare_fn(recipe_names, cfg, cell_dir, progress=progress, timing_rounds=0)
+        finally:  # also when stopped mid-cell: the runs that finished are kept
+            if keep is not None:
+                save(keep, cell, cell_dir)
     return aggregate(cells, out, keep)
 
 

@@ -48,6 +48,8 @@ def add_cli(subparsers):
                                   "the ladder resumes from it")
     p.add_argument("--shard", metavar="K/N", help="run only shard K of N of the cells (parallel processes); "
                                                   "the report covers every cell found")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild ladder.json/md/png from the runs in --out and --keep (no data needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for field, typ, help_ in _options():
         if field not in ("model", "tokens", "seed"):
@@ -71,17 +73,22 @@ def run_cli(args) -> int:
         raise ValueError("--recipes must include bf16: the ladder reports every gap against it")
     seeds_at = _floats(args.seeds_at, "--seeds-at") if args.seeds_at else None
     shard_of = _shard(args.shard)
-    ds = prepare_dataset(base.data, tokenizer=base.tokenizer, vocab_size=base.vocab_size,
-                         val_fraction=base.val_fraction)
-    cells = plan_ladder(models, _floats(args.dn, "--dn"), parse_seeds(args.seeds), seeds_at=seeds_at,
-                        tokens_per_step=base.batch_size * base.seq_len * base.grad_accum,
-                        vocab_size=ds.tokenizer.vocab_size, count=args.count)
-    for w in check_passes(cells, len(ds.train)):
-        log.warning("%s", w)
-    mine = shard(cells, *shard_of) if shard_of else cells
-    train_tokens = len(ds.train)
-    del ds
-    run_ladder(recipe_names, mine, base, args.out, args.keep, progress=not args.no_progress)
+    plan = dict(seeds_at=seeds_at, tokens_per_step=base.batch_size * base.seq_len * base.grad_accum,
+                count=args.count)
+    dns, seeds = _floats(args.dn, "--dn"), parse_seeds(args.seeds)
+    train_tokens = None
+    if args.report_only:  # the BPE vocabulary is --vocab-size; nothing is tokenized
+        cells = plan_ladder(models, dns, seeds, vocab_size=base.vocab_size, **plan)
+    else:
+        ds = prepare_dataset(base.data, tokenizer=base.tokenizer, vocab_size=base.vocab_size,
+                             val_fraction=base.val_fraction)
+        cells = plan_ladder(models, dns, seeds, vocab_size=ds.tokenizer.vocab_size, **plan)
+        train_tokens = len(ds.train)
+        for w in check_passes(cells, train_tokens):
+            log.warning("%s", w)
+        del ds
+        mine = shard(cells, *shard_of) if shard_of else cells
+        run_ladder(recipe_names, mine, base, args.out, args.keep, progress=not args.no_progress)
     from lowbit.comparison.ladder import aggregate
 
     agg = aggregate(cells, args.out, args.keep)
