@@ -50,10 +50,11 @@ subnormals included (c = 1.5·2^(...) makes it work for both signs; see round_to
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
+
+from lowbit.rng import uniform
 
 ROUNDINGS = ("nearest", "stochastic")
 # Elements per chunk of the elementwise passes. On CPU a 4 MiB fp32 chunk stays in the last-level
@@ -65,26 +66,6 @@ _CHUNK_ACCEL = 1 << 24
 
 def chunk_elems(device: torch.device) -> int:
     return _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCEL
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(n: int, device: torch.device, slot: int = 0) -> torch.Tensor:
-    """An fp32 work buffer of n elements, reused across calls on CPU (per thread, per slot; contents
-    undefined). Why: a fresh multi-MiB CPU buffer is mapped page by page on first write, which cost
-    the quantizer 5-8x a copy of its input (measured on a [512, 1536] bf16 operand). Accelerators
-    have caching allocators: there this is a plain torch.empty. The caller must not keep the buffer
-    past its own call (the next call on this thread reuses it)."""
-    if device.type != "cpu":
-        return torch.empty(n, dtype=torch.float32, device=device)
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    b = bufs.get(slot)
-    if b is None or b.numel() < n:
-        b = bufs[slot] = torch.empty(max(n, 1 << 16), dtype=torch.float32)
-    return b[:n]
 
 
 _MADV_HUGEPAGE = 14
@@ -251,7 +232,7 @@ def round_to_grid_(a: torch.Tensor, fmt: Format, tmp: torch.Tensor, rounding: st
         # floor(a/step + u)·step, u ~ U[0, 1): rounds up with probability frac(a/step), so E[result] = a.
         tmp.mul_(2.0 ** -fmt.mbits)  # the step at a (exact power of two)
         a.div_(tmp)
-        a.add_(torch.rand(a.shape, device=a.device, generator=generator)).floor_().mul_(tmp)
+        a.add_(uniform(a.numel(), a.device, generator).view(a.shape)).floor_().mul_(tmp)
     return a
 
 
