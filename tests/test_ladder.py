@@ -224,6 +224,8 @@ def test_scaling_fit_recovers_a_known_efficiency():
     got = scaling.fit(pts)
     assert got["status"] == "fitted" and got["eff"]["fp4"] == pytest.approx(0.6, rel=0.03)
     assert scaling.fit({"bf16": pts["bf16"][:2]})["status"].startswith("not fitted")
+    one_line = [(n, 25 * n, references.scaling_loss(law, n, 25 * n)) for n in (5e4, 1e5, 2e5, 4e5)]
+    assert "1 D/N value" in scaling.fit({"bf16": one_line})["status"]  # N and D confounded on one D/N line
 
 
 def test_cli_errors_before_any_work(capsys):

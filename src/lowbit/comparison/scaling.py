@@ -4,8 +4,8 @@
 
 Fitted in log space (as QuEST fits): for each (alpha, beta) on a grid, A, B, E come from linear least squares on
 the bf16 points and every other recipe's eff from a 1-D search on its own points; the grid point with the smallest
-total squared log residual wins. Needs bf16 points at >= 2 distinct N and >= 2 distinct D, and more bf16 points
-than the three linear constants.
+total squared log residual wins. Needs bf16 points at >= 2 distinct N and >= 2 distinct D/N, and at least four
+bf16 runs.
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ def fit(points: dict[str, list[tuple[float, float, float]]], reference: str = "b
     """points: {recipe: [(N, D, loss), ...]}. Returns {"status": "fitted" | "not fitted: <why>", "A", "alpha",
     "B", "beta", "E", "eff": {recipe: value}, "eff_at_bound": [recipes whose eff hit the search bound]}."""
     ref = points.get(reference) or []
-    if len({p[0] for p in ref}) < 2 or len({p[1] for p in ref}) < 2 or len(ref) < 4:
+    # >= 2 D/N values, not just >= 2 D: on one D/N line N and D move together and cannot be told apart
+    if len({p[0] for p in ref}) < 2 or len({round(p[1] / p[0], 6) for p in ref}) < 2 or len(ref) < 4:
         return {"status": f"not fitted: needs {reference} runs at >= 2 sizes and >= 2 D/N values (>= 4 runs); "
-                          f"has {len(ref)}"}
+                          f"has {len(ref)} run(s) at {len({round(p[1] / p[0], 6) for p in ref})} D/N value(s)"}
     n, d, loss = (np.array(v, dtype=float) for v in zip(*ref))
     best = None
     for alpha in _ALPHAS:
