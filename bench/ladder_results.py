@@ -1,0 +1,51 @@
+"""The tokens-per-parameter ladder of issue 15, recorded in bench/RESULTS.md from the kept summaries.
+
+    # the runs (two processes; each finished run's result.json is kept in bench/ladder/, the ladder resumes from it)
+    lowbit ladder $LADDER --shard 0/2 &  lowbit ladder $LADDER --shard 1/2
+    python bench/ladder_results.py --write        # rebuilds the report from bench/ladder/ alone (no training)
+
+LADDER below is the command's options. The section gives the table, the verdicts, the fit, the wall time (the sum
+of the runs' wall times, and per process) and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from _results import cpu_description, write_section  # bench/ is on sys.path when a script here runs
+
+HERE = Path(__file__).parent
+KEEP = HERE / "ladder"
+SECTION = "## Tokens-per-parameter ladder beside the published tables (bench/ladder_results.py)"
+LADDER = ("--models llama-nano,llama-micro --dn 25,100 --recipes bf16,fp8-tensor,fp4-direct,fp4-paper,nvfp4,quartet "
+          "--seeds 1,2,3 --seeds-at 25 --data debian-docs --batch-size 32 --lr 2e-3 --stats-interval 0 "
+          "--eval-batches 16 --high-precision none --out runs/ladder --keep bench/ladder")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/ladder-report", help="where the rebuilt ladder.json/md/png go")
+    p.add_argument("--write", action="store_true", help=f"record the section '{SECTION}' in RESULTS.md")
+    a = p.parse_args()
+    cmd = [sys.executable, "-m", "lowbit", "ladder", *LADDER.replace("--out runs/ladder", f"--out {a.out}").split(),
+           "--report-only"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    md = (Path(a.out) / "ladder.md").read_text()
+    walls = [json.loads(f.read_text()).get("wall_time_s") or 0 for f in KEEP.rglob("*.result.json")]
+    text = "\n".join([
+        SECTION, "",
+        f"Command: `lowbit ladder {LADDER}`, run as two processes (`--shard 0/2`, `--shard 1/2`, 1 thread each: "
+        f"OMP_NUM_THREADS=1); then `python bench/ladder_results.py --write`.",
+        "", f"Machine: {cpu_description()}. {len(walls)} runs, {sum(walls) / 3600:.2f} h of run wall time in all.",
+        "", md.split("\n", 4)[4].replace("## ", "### "),
+    ])
+    print(text)
+    if a.write:
+        write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
