@@ -14,7 +14,7 @@ def scratch(n: int, device: torch.device, slot: int = 0) -> torch.Tensor:
     the quantizer 5-8x a copy of its input (measured on a [512, 1536] bf16 operand). Accelerators
     have caching allocators: there this is a plain torch.empty. The caller must not keep the buffer
     past its own call (the next call on this thread reuses it)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph must not capture shared buffers
         return torch.empty(n, dtype=torch.float32, device=device)
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
