@@ -25,6 +25,17 @@ LADDER = ("--models llama-nano,llama-micro --dn 25,100 --recipes bf16,fp8-tensor
           "--eval-batches 16 --high-precision none --out runs/ladder --keep bench/ladder")
 
 
+NOTES = """Read with: `nvfp4` runs with `--high-precision none` (NVIDIA's numerics on every block: its 16% BF16 share
+would be the whole one-block llama-nano and half of llama-micro); the models are 0.05M-0.1M non-embedding
+parameters on Linux/Python documentation (13.2M BPE-2048 tokens; D/N = 100 on llama-micro is 0.85 passes), the
+published runs 30M-200M on C4, so the comparison is of trends and signs, not of values. D/N = 100 has one seed:
+its single-seed gaps count as resolved only beyond twice the seed spread of the D/N = 25 gaps. The fit has four
+distinct (N, D) bf16 points for its five constants, so its efficiencies are a reading of these points, not a
+law. Session of 2026-12-02: wall clock 16:34-18:19 UTC with two processes (restarted once at 16:53 to run
+nvfp4 on every block; finished runs were restored from bench/ladder/). The SR recipes (nvfp4, quartet) drew
+torch.rand numbers: the ladder ran on the code before lowbit.rng."""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/ladder-report", help="where the rebuilt ladder.json/md/png go")
@@ -40,7 +51,7 @@ def main() -> None:
         f"Command: `lowbit ladder {LADDER}`, run as two processes (`--shard 0/2`, `--shard 1/2`, 1 thread each: "
         f"OMP_NUM_THREADS=1); then `python bench/ladder_results.py --write`.",
         "", f"Machine: {cpu_description()}. {len(walls)} runs, {sum(walls) / 3600:.2f} h of run wall time in all.",
-        "", md.split("\n", 4)[4].replace("## ", "### "),
+        "", NOTES, "", md.split("\n", 4)[4].replace("## ", "### "),
     ])
     print(text)
     if a.write:
