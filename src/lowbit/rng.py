@@ -39,10 +39,9 @@ def _xorshift_(h: torch.Tensor, shift: int, t: torch.Tensor) -> None:
 
 def hash_uniform(index: torch.Tensor, key: int) -> torch.Tensor:
     """fp32 numbers in [0, 1) from int32 `index` and a key in [0, 2^31): the reference form of `uniform`."""
-    h = torch.empty_like(index)
-    t = torch.empty_like(index)
+    h, t = torch.empty_like(index), torch.empty_like(index)
     _hash_into(index, key, h, t)
-    return h.bitwise_right_shift(8).bitwise_and_(0xFFFFFF).float().mul_(2.0 ** -24)
+    return _to_unit(h, t, torch.empty(index.shape, dtype=torch.float32, device=index.device))
 
 
 def _hash_into(index: torch.Tensor, key: int, h: torch.Tensor, t: torch.Tensor) -> None:
@@ -63,6 +62,11 @@ def uniform(n: int, device: torch.device, generator: torch.Generator | None = No
     h = scratch(n, device, 3).view(torch.int32)
     t = scratch(n, device, 4).view(torch.int32)
     _hash_into(_counters(n, device), key, h, t)
-    torch.bitwise_right_shift(h, 8, out=t)  # the top 24 bits, the best mixed
+    return _to_unit(h, t, scratch(n, device, 3))  # h is no longer needed: its buffer takes the result
+
+
+def _to_unit(h: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = (top 24 bits of h, the best mixed) * 2^-24; t: int32 scratch."""
+    torch.bitwise_right_shift(h, 8, out=t)
     t.bitwise_and_(0xFFFFFF)
-    return torch.mul(t, 2.0 ** -24, out=scratch(n, device, 3))
+    return torch.mul(t, 2.0 ** -24, out=out)

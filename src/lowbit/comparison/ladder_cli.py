@@ -60,7 +60,7 @@ def add_cli(subparsers):
 
 def run_cli(args) -> int:
     from lowbit.comparison.cli import _options, parse_seeds
-    from lowbit.comparison.ladder import check_passes, log, plan_ladder, run_ladder, shard
+    from lowbit.comparison.ladder import aggregate, check_passes, log, plan_ladder, run_ladder, shard
     from lowbit.comparison.ladder_report import write_report
     from lowbit.data import prepare_dataset
     from lowbit.train import TrainConfig
@@ -89,8 +89,6 @@ def run_cli(args) -> int:
         del ds
         mine = shard(cells, *shard_of) if shard_of else cells
         run_ladder(recipe_names, mine, base, args.out, args.keep, progress=not args.no_progress)
-    from lowbit.comparison.ladder import aggregate
-
     agg = aggregate(cells, args.out, args.keep)
     meta = {"command": " ".join(shlex.quote(a) for a in ["lowbit", *sys.argv[1:]]), "count": args.count,
             "recipes": recipe_names, "models": models, "train_tokens": train_tokens, "data": base.data}
