@@ -17,23 +17,31 @@ def fresh(monkeypatch):
     return monkeypatch
 
 
-def test_no_bf16_flag_means_upcast_without_probing(fresh):
+def test_no_bf16_flag_means_upcast(fresh):
     fresh.setattr(cpu_bf16, "cpu_flags", lambda: {"avx2", "fma"})
-    fresh.setattr(cpu_bf16, "_probe_native_faster", lambda dtype: pytest.fail("probed a CPU without bf16 units"))
     assert cpu_bf16.cpu_gemm_path(torch.bfloat16) == "upcast"
     assert cpu_bf16.emulated(torch.zeros(2, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("faster,want", [(True, "native"), (False, "upcast")])
-def test_flag_and_probe_decide_once(fresh, faster, want):
+@pytest.mark.parametrize("flags,want", [({"avx512_bf16"}, "native"), ({"amx_bf16", "avx2"}, "native"),
+                                        ({"avx512_fp16"}, "upcast")])
+def test_flags_alone_decide_once(fresh, flags, want):
     calls = []
-    fresh.setattr(cpu_bf16, "cpu_flags", lambda: {"avx512_bf16"})
-    fresh.setattr(cpu_bf16, "_probe_native_faster", lambda dtype: calls.append(dtype) or faster)
+    fresh.setattr(cpu_bf16, "cpu_flags", lambda: calls.append(1) or flags)
     assert cpu_bf16.cpu_gemm_path(torch.bfloat16) == want
     assert cpu_bf16.cpu_gemm_path(torch.bfloat16) == want
-    assert calls == [torch.bfloat16]  # decided once per process
+    assert calls == [1]  # decided once per process
     assert cpu_bf16.emulated(torch.zeros(2, dtype=torch.bfloat16)) == (want == "upcast")
     assert not cpu_bf16.emulated(torch.zeros(2))  # fp32 is never emulated
+
+
+def test_no_timing_decides_the_path(fresh):
+    """The path is a function of the CPU's flags: a machine where native bf16 is slow still takes it."""
+    import time
+
+    fresh.setattr(cpu_bf16, "cpu_flags", lambda: {"avx512_bf16"})
+    fresh.setattr(time, "perf_counter", lambda: pytest.fail("a timing was taken to choose the GeMM path"))
+    assert cpu_bf16.cpu_gemm_path(torch.bfloat16) == "native"
 
 
 def test_env_override(fresh):
@@ -68,3 +76,27 @@ def test_machine_info_records_the_path():
     info = machine_info()
     assert info["cpu_bf16_gemm"] == cpu_bf16.cpu_gemm_path(torch.bfloat16)
     assert "cpu_flags" in info
+
+
+def test_resume_on_another_path_is_refused_or_warned(fresh, tmp_path, private_cache, caplog):
+    """A checkpoint written on one path, resumed on the other: refused with the override named; with the override
+    set explicitly to the new path, it continues with a warning; on the recorded path it continues silently."""
+    from conftest import write_corpus
+    from lowbit.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path, "kings")
+    kw = dict(model="tiny", data=str(corpus), tokenizer="bytes", batch_size=2, seq_len=16, device="cpu",
+              eval_interval=100, log_interval=1, ckpt_interval=2, out=str(tmp_path / "run"), recipe="bf16")
+    fresh.setattr(cpu_bf16, "_PATH", {torch.bfloat16: "upcast"})
+    train(TrainConfig(tokens=2 * 32, **kw), progress=False)
+    fresh.setattr(cpu_bf16, "_PATH", {torch.bfloat16: "native"})  # e.g. the same run on an AVX512-BF16 machine
+    with pytest.raises(ValueError, match="LOWBIT_CPU_GEMM=upcast to continue exactly"):
+        train(TrainConfig(tokens=3 * 32, resume=True, **kw), progress=False)
+    fresh.setenv("LOWBIT_CPU_GEMM", "native")
+    with caplog.at_level("WARNING", logger="lowbit.train"):
+        assert train(TrainConfig(tokens=3 * 32, resume=True, **kw), progress=False).steps == 3
+    assert "no longer bit for bit" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.train"):  # now recorded native, running native: no warning
+        assert train(TrainConfig(tokens=4 * 32, resume=True, **kw), progress=False).steps == 4
+    assert "bit for bit" not in caplog.text

@@ -5,9 +5,10 @@ of the upcast operands gives the same numbers a bf16 GeMM with fp32 accumulation
 two bf16 values is exact in fp32), up to summation order, rounded once to the compute dtype at the end.
 A CPU with bf16 matrix units (AMX-BF16, AVX512-BF16) runs torch's native bf16 GeMM several times faster
 than fp32, with the same numbers up to summation order: there lowbit uses it. Which path a dtype takes is
-decided once per process (`cpu_gemm_path`): the CPU's flags, checked by a short timing probe; the
-environment variable LOWBIT_CPU_GEMM=native|upcast overrides it. Everything else (CUDA, fp32/fp64
-operands) runs torch's own kernel.
+decided once per process (`cpu_gemm_path`) from the CPU's capabilities alone (never from a timing: the two
+paths differ in summation order, hence in bits); the environment variable LOWBIT_CPU_GEMM=native|upcast
+overrides it. A checkpoint records the path, and resuming on another path is refused (`check_resumed_path`).
+Everything else (CUDA, fp32/fp64 operands) runs torch's own kernel.
 
     linear(a, b, bias)   a·bᵀ (+ bias) in a's dtype
     mm(a, b)             a·b in a's dtype
@@ -16,6 +17,7 @@ operands) runs torch's own kernel.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -38,39 +40,39 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def _probe_native_faster(dtype: torch.dtype, n: int = 384, reps: int = 5) -> bool:
-    """True unless torch's native `dtype` GeMM is slower than the fp32 GeMM of the same size (best of `reps`
-    interleaved timings each, after two warm-up calls: the first bf16 call JIT-compiles oneDNN's kernel). Where the
-    CPU has the units it is typically 3-7x faster, so only a CPU whose flag promises more than it delivers fails."""
-    import time
-
-    a = torch.randn(n, n)
-    xs = {dt: a.to(dt) for dt in (torch.float32, dtype)}
-    best = {dt: float("inf") for dt in xs}
-    for x in xs.values():
-        torch.mm(x, x)
-        torch.mm(x, x)
-    for _ in range(reps):
-        for dt, x in xs.items():
-            t = time.perf_counter()
-            torch.mm(x, x)
-            best[dt] = min(best[dt], time.perf_counter() - t)
-    return best[dtype] < best[torch.float32]
+def _env_path() -> str | None:
+    """LOWBIT_CPU_GEMM as "native"/"upcast", None when unset or "auto"."""
+    env = os.environ.get("LOWBIT_CPU_GEMM", "auto").strip().lower()
+    if env not in ("auto", "native", "upcast"):
+        raise ValueError(f"LOWBIT_CPU_GEMM={env!r}: use auto, native or upcast")
+    return None if env == "auto" else env
 
 
 def cpu_gemm_path(dtype: torch.dtype = torch.bfloat16) -> str:
-    """"native" or "upcast": how CPU GeMMs of `dtype` (bf16/fp16) run in this process. Native needs the CPU
-    flag of a matrix unit for that dtype and a probe not showing it slower than fp32; LOWBIT_CPU_GEMM overrides."""
+    """"native" or "upcast": how CPU GeMMs of `dtype` (bf16/fp16) run in this process. Native where the CPU has
+    the flag of a matrix unit for that dtype (amx_bf16/avx512_bf16; amx_fp16/avx512_fp16), upcast elsewhere;
+    LOWBIT_CPU_GEMM overrides. A pure function of the CPU and the environment: no timing decides numerics."""
     path = _PATH.get(dtype)
     if path is None:
-        env = os.environ.get("LOWBIT_CPU_GEMM", "auto").strip().lower()
-        if env not in ("auto", "native", "upcast"):
-            raise ValueError(f"LOWBIT_CPU_GEMM={env!r}: use auto, native or upcast")
-        if env == "auto":
-            native = bool(cpu_flags() & set(_FLAGS[dtype])) and _probe_native_faster(dtype)
-            env = "native" if native else "upcast"
-        path = _PATH[dtype] = env
+        path = _env_path() or ("native" if cpu_flags() & set(_FLAGS[dtype]) else "upcast")
+        _PATH[dtype] = path
     return path
+
+
+def check_resumed_path(recorded: str | None, where: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Refuse to continue a run whose CPU GeMMs ran on path `recorded` (from checkpoint `where`) on another path:
+    the bits would differ from an uninterrupted run. An explicit LOWBIT_CPU_GEMM that differs only warns."""
+    if recorded is None or recorded == cpu_gemm_path(dtype):
+        return
+    now = cpu_gemm_path(dtype)
+    if _env_path() is not None:  # the user chose this path: continue, but say what it costs
+        logging.getLogger("lowbit.train").warning(
+            "resuming %s, trained with %s CPU bf16 GeMMs, on the %s path (LOWBIT_CPU_GEMM=%s): the run continues "
+            "but is no longer bit for bit the uninterrupted one", where, recorded, now, now)
+        return
+    raise ValueError(f"checkpoint {where} was trained with {recorded} CPU bf16 GeMMs, this machine would run them "
+                     f"{now} (summation order differs, so the run would not continue bit for bit); set "
+                     f"LOWBIT_CPU_GEMM={recorded} to continue exactly, or LOWBIT_CPU_GEMM={now} to accept the change")
 
 
 def emulated(t: torch.Tensor) -> bool:

@@ -46,6 +46,16 @@ def autocast(recipe: recipes.Recipe, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.compute_dtype == "bf16")
 
 
+def cpu_gemm(recipe: recipes.Recipe, device: torch.device) -> str | None:
+    """The CPU bf16 GeMM path ("native"/"upcast") a run of `recipe` on `device` takes; None where none is taken
+    (CUDA, fp32 compute). Checkpoints record it: the two paths differ in summation order."""
+    from lowbit.cpu_bf16 import cpu_gemm_path
+
+    if device.type != "cpu" or recipe.compute_dtype != "bf16":
+        return None
+    return cpu_gemm_path(torch.bfloat16)
+
+
 def state_dict_hash(model: torch.nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every state_dict entry, in order."""
     h = hashlib.sha256()

@@ -26,6 +26,7 @@ import time
 import torch
 
 from lowbit import flops as flops_mod
+from lowbit.cpu_bf16 import check_resumed_path
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.nn import check_block_sizes, quant_stats
 from lowbit.train import dist, forensics
@@ -41,6 +42,7 @@ from lowbit.train.runtime import (
     apply_recipe,
     autocast,
     batch_hash,
+    cpu_gemm,
     make_optimizer,
     model_config_dict,
     resolve_device,
@@ -171,7 +173,9 @@ class Trainer:
             if meta.get("vocab_size") != vocab:
                 raise ValueError(f"checkpoint {ckpt_dir} has vocab_size {meta.get('vocab_size')}, the tokenizer has "
                                  f"{vocab}; resume with the same data and tokenizer")
-            self.ckpt.load_weights(self.resume_from[0], model, self.device)
+            if cpu_gemm(self.recipe, self.device) is not None:
+                check_resumed_path(meta.get("cpu_gemm"), str(ckpt_dir))
+            self.ckpt.load_weights(ckpt_dir, model, self.device)
         self.model = model
         self.model_fwd = dist.wrap(model, self.di, self.device, cfg.fsdp)  # the model itself in one process
         self.forward = self.compile(self.model_fwd) if cfg.compile else self.model_fwd
@@ -234,15 +238,9 @@ class Trainer:
         """Checkpoint `step` (every rank calls this: FSDP2 gathers shards on all of them)."""
         meta = {"config": self.cfg.to_dict(), "recipe": self.recipe.to_dict(),
                 "model_config": model_config_dict(self.model.config), "vocab_size": self.tokenizer.vocab_size,
-                "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash}
+                "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash,
+                "cpu_gemm": cpu_gemm(self.recipe, self.device)}
         self.ckpt.save(step, self.model_fwd if self.sharded else self.model, self.optimizer, self.states(), meta)
-
-    def _cpu_gemm(self) -> str | None:
-        from lowbit.cpu_bf16 import cpu_gemm_path
-
-        if self.device.type != "cpu" or self.recipe.compute_dtype != "bf16":
-            return None
-        return cpu_gemm_path(torch.bfloat16)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -377,7 +375,7 @@ class Trainer:
         result = TrainResult(
             final_train_loss=float(last_row.get("train_loss", float("nan"))), final_val_loss=final_val,
             steps=final_step, tokens=final_step * self.tokens_per_step, tokens_per_s=tps, step_time_s=step_time,
-            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source, cpu_gemm=self._cpu_gemm(),
+            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source, cpu_gemm=cpu_gemm(self.recipe, self.device),
             quant_stats={k: v for k, v in last_row.items() if k not in BASE_COLUMNS},
             wall_time_s=time.perf_counter() - self.t_call, diverged_at_step=diverged_at, history=list(history),
             init_hash=self.init_hash, data_hash=self.data_hash, out=str(self.run.path), mfu=self._mfu(tps),
