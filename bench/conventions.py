@@ -17,7 +17,7 @@ from _results import cpu_description, write_section  # bench/ is on sys.path whe
 import torch
 
 from lowbit.quant import absmax_scale, fake_quantize, quantize
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 SECTION = "## Scale conventions and NVFP4 weight blocks (bench/conventions.py)"
 

@@ -20,7 +20,7 @@ import torch
 
 from lowbit.formats import cast
 from lowbit.quant import fake_quantize
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 SECTION = "## Quantizer throughput (bench/quant.py)"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowbit.quant import absmax_scale, fake_quantize, quantize
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}

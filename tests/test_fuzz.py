@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lowbit.quant import dequantize, fake_quantize, quantize
-from lowbit.recipes import GRANULARITIES, QUANT_FORMATS, TensorQuant
+from lowbit.tensor_quant import GRANULARITIES, QUANT_FORMATS, TensorQuant
 from lowbit.train.config import TrainConfig, field_names, field_types
 
 # --- a small TOML writer (tomllib only reads) ------------------------------------------------------------

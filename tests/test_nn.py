@@ -13,7 +13,7 @@ import lowbit.nn as lnn
 from lowbit import recipes as R
 from lowbit.nn import QLinear, collect_stats, convert, quant_stats
 from lowbit.quant import fake_quantize
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 FP4_ROW = TensorQuant("e2m1", "row")
@@ -108,14 +108,15 @@ def test_fp4_paper_allfp4_matches_closed_form():
     assert torch.equal(db, G.sum(0))
 
 
-def authors_fp4_layer(X, W, b, G, alpha=0.99, k=5.0, in_axis=False):
+def authors_fp4_layer(X, W, b, G, alpha=0.99, k=5.0, w_axis="in", wgrad_x="forward"):
     """The FP4 paper's layer, written from the authors' formulas (public code Mr-Philo/MS-AMP, branch fp4): each
-    token's activations clamped at its own sorted[int((1-a)K)], sorted[int(aK)] (numpy sort), E2M1 per token and
-    per output channel, the compensation ΔX·Wᵀ in full precision; the output gradient E5M2 with one per-tensor
-    scale (torch's float8_e5m2) in both backward GeMMs; DGE on the weight gradient. lowbit's one deliberate
-    difference is kept: W is requantized per input channel for dX (the authors reuse the forward's Q(W)).
-    in_axis: the authors' weight scaling exactly (W quantized once per input channel, reused for dX; DGE on
-    those scales). Returns (y, dx, dw, db) in fp32."""
+    token's activations clamped at its own sorted[int((1-a)K)], sorted[int(aK)] (numpy sort), E2M1 per token,
+    the compensation ΔX·Wᵀ in full precision; the output gradient E5M2 with one per-tensor scale (torch's
+    float8_e5m2) in both backward GeMMs; DGE on the weight gradient. The defaults are the authors' layer
+    exactly: W quantized once per input channel and reused for dX (w_axis "in"; DGE on those scales) and the
+    forward's per-token Q(Xc) reused in dW (wgrad_x "forward"). lowbit's defaults: w_axis "out" (W per output
+    channel in the forward, requantized per input channel for dX) and wgrad_x "requantize" (Xc quantized along
+    tokens for dW). Returns (y, dx, dw, db) in fp32."""
     Xn = X.double().numpy()
     srt = np.sort(Xn, axis=1)
     K = X.shape[1]
@@ -123,32 +124,59 @@ def authors_fp4_layer(X, W, b, G, alpha=0.99, k=5.0, in_axis=False):
     Xc = torch.from_numpy(np.clip(Xn, lo, hi)).float()
     res = X - Xc
     Wq_in = fake_quantize(W.t().contiguous(), FP4_ROW).t()  # per input channel (along N)
-    y = fake_quantize(Xc, FP4_ROW) @ (Wq_in if in_axis else fake_quantize(W, FP4_ROW)).t() + b + res @ W.t()
+    Xq = fake_quantize(Xc, FP4_ROW)  # per token (along K)
+    y = Xq @ (Wq_in if w_axis == "in" else fake_quantize(W, FP4_ROW)).t() + b + res @ W.t()
     Gq = f8_ref(G, torch.float8_e5m2, 57344.0)
     dx = Gq @ Wq_in
-    dw = Gq.t() @ fake_quantize(Xc.t().contiguous(), FP4_ROW).t() + G.t() @ res
-    s = W.abs().amax(0, keepdim=True) / 6.0 if in_axis else W.abs().amax(1, keepdim=True) / 6.0
+    Xq_dw = Xq if wgrad_x == "forward" else fake_quantize(Xc.t().contiguous(), FP4_ROW).t()  # per token / channel
+    dw = Gq.t() @ Xq_dw + G.t() @ res
+    s = W.abs().amax(0, keepdim=True) / 6.0 if w_axis == "in" else W.abs().amax(1, keepdim=True) / 6.0
     fprime = torch.from_numpy(ref_dge_np((W / s).double().numpy(), k=k)).float()
     return y, dx, dw * fprime, G.sum(0)
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])
-def test_fp4_paper_matches_the_authors_layer(axis):
-    """Issue 11: fp4-paper (fp32 compute) against the independent reference above, on data with outliers; with
-    weight_scale_axis="in" exactly the authors' weight scaling."""
-    lin, q = make(R.get("fp4-paper").replace(compute_dtype="fp32", weight_scale_axis=axis), K=64, N=48)
+@pytest.mark.parametrize("wgrad_x", ["requantize", "forward"])
+def test_fp4_paper_matches_the_authors_layer(axis, wgrad_x):
+    """Issues 11, 20: fp4-paper (fp32 compute) against the independent reference above, on data with outliers;
+    weight_scale_axis="in" with wgrad_input="forward" is the authors' layer exactly."""
+    r = R.get("fp4-paper").replace(compute_dtype="fp32", weight_scale_axis=axis, wgrad_input=wgrad_x)
+    lin, q = make(r, K=64, N=48)
     torch.manual_seed(5)
     x = torch.randn(4, 8, 64)
     x[torch.rand_like(x) < 0.01] *= 30  # outliers in some tokens
     dy = torch.randn(4, 8, 48)
     y, dx, dw, db = run(q, x, dy)
-    want = authors_fp4_layer(x.reshape(-1, 64), lin.weight.detach(), lin.bias.detach(), dy.reshape(-1, 48),
-                             in_axis=axis == "in")
+    args = x.reshape(-1, 64), lin.weight.detach(), lin.bias.detach(), dy.reshape(-1, 48)
+    want = authors_fp4_layer(*args, w_axis=axis, wgrad_x=wgrad_x)
     # the compensation sums in another order (sparse CSR), and E5M2 of x/s·s agrees to fp32 rounding
     for got, ref in zip((y.reshape(-1, 48), dx.reshape(-1, 64), dw, db), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    other = authors_fp4_layer(*args, w_axis=axis, wgrad_x="forward" if wgrad_x == "requantize" else "requantize")
+    assert (dw - other[2]).norm() / other[2].norm() > 0.05  # the reference can tell the two dW readings apart
     allfp4 = QLinear.from_linear(lin, R.get("fp4-paper-allfp4").replace(compute_dtype="fp32"))
     assert not torch.allclose(run(allfp4, x, dy)[0].reshape(-1, 48), want[0], atol=1e-3)  # the reading matters
+
+
+def test_recipe_conflicts_are_refused_when_the_recipe_is_built():
+    """Every recipe-only check runs in Recipe.__post_init__ (so a TOML file or a replace() fails at once, not in
+    convert or the first forward)."""
+    fp4 = R.get("fp4-direct")
+    cases = [(dict(weight=None, **{"dge.enabled": True}), "DGE is enabled"),
+             (dict(dgrad_weight=FP4_ROW, weight=None), "dgrad_weight is set"),
+             (dict(weight_scale_axis="in", dgrad_weight=FP4_ROW), "contradicts dgrad_weight"),
+             (dict(wgrad_input="forward", wgrad_high_precision=True), "wgrad_input='forward'"),
+             (dict(wgrad_input="sideways"), "unknown wgrad_input")]
+    for changes, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fp4.replace(**changes)
+    with pytest.raises(ValueError, match="wgrad_input='forward'"):
+        R.get("nvfp4").replace(wgrad_input="forward")  # its dW operands are Hadamard-rotated
+    fp8 = R.get("fp8-tensor-delayed")
+    with pytest.raises(ValueError, match="dgrad_weight is not supported"):
+        fp8.replace(dgrad_weight=R.get("fp8-tensor").weight)
+    with pytest.raises(ValueError, match="Hadamard transform is not supported"):
+        fp8.replace(**{"grad_output.hadamard": True})
 
 
 def test_dge_changes_only_the_weight_gradient():

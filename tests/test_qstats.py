@@ -17,7 +17,7 @@ from lowbit.cli import main as cli_main
 from lowbit.nn import QLinear, collect_stats
 from lowbit.nn.stats import operand_stats
 from lowbit.quant import absmax_scale
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 from lowbit.train import TrainConfig, train
 from lowbit.train.qstats import layer_stats, read
 

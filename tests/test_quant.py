@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from lowbit.formats import cast, get_format
 from lowbit.quant import (QTensor, absmax_scale, dequantize, fake_quantize, quantize, scaled_values,
                           underflow_fraction)
-from lowbit.recipes import QUANT_FORMATS, TensorQuant
+from lowbit.tensor_quant import QUANT_FORMATS, TensorQuant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 B = 4  # tile/block size in the property tests: small, so groups are many and shapes small

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit import recipes as R
+from lowbit._io import to_toml
 from lowbit.nn import QLinear
 
 N_H = 32
@@ -112,9 +113,15 @@ def test_quartet_backward_is_unbiased_and_redraws_signs():
 
 
 def test_quartet_refuses_widths_it_cannot_rotate():
-    q = QLinear(48, 32, recipe="quartet")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        q(torch.randn(4, 48))
-    with pytest.raises(ValueError, match="own backward"):
-        R.get("quartet").replace(**{"dge.enabled": True}) and QLinear(64, 32, recipe=R.get("quartet").replace(
-            **{"dge.enabled": True}))
+    with pytest.raises(ValueError, match="in_features=48 is not a multiple of 32"):  # at construction, not forward
+        QLinear(48, 32, recipe="quartet")
+    with pytest.raises(ValueError, match="out_features=48 is not a multiple of 32"):
+        QLinear(64, 48, recipe="quartet")
+    with pytest.raises(ValueError, match="own backward"):  # a recipe-only conflict: the Recipe itself refuses
+        R.get("quartet").replace(**{"dge.enabled": True})
+    d = R.get("quartet").to_dict()
+    d["dge"]["enabled"] = True
+    with pytest.raises(ValueError, match="own backward"):  # also from TOML
+        R.Recipe.from_toml(to_toml(d))
+
+

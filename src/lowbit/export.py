@@ -26,7 +26,7 @@ import torch
 
 from lowbit import hf as hf_mod
 from lowbit.quant import QTensor, dequantize, quantize
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 WEIGHTS_FORMATS = ("fp32", "bf16", "fp4", "fp8")
 PACKED_QUANT = {"fp4": TensorQuant(fmt="e2m1", granularity="row"), "fp8": TensorQuant(fmt="e4m3", granularity="row")}

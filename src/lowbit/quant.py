@@ -44,7 +44,7 @@ import torch
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.buffers import scratch
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 
 

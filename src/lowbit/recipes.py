@@ -23,12 +23,10 @@ import tomllib
 
 from lowbit._io import to_toml
 from lowbit.layer_patterns import normalize_patterns
+from lowbit.tensor_quant import DGE, OCC, QUANT_FORMATS, TensorQuant, check_choice
 
-GRANULARITIES = ("tensor", "row", "tile", "block")
-SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
-ROUNDINGS = ("nearest", "stochastic")
-SCALE_ROUNDS = ("floor", "ceil")
-SCALE_RULES = ("absmax", "quest")
+__all__ = ["Recipe", "TensorQuant", "DGE", "OCC", "QUANT_FORMATS", "register", "names", "get", "load", "save"]
+
 # "lowbit": every GeMM quantizes its operands from the high-precision tensors. "quartet" (Castro et al. 2025):
 # the forward rotates X and W by a 32-point Hadamard along K before quantizing; the backward is the
 # straight-through estimator masked where the forward clipped, and its GeMMs requantize the forward's
@@ -36,11 +34,15 @@ SCALE_RULES = ("absmax", "quest")
 SCHEMES = ("lowbit", "quartet")
 COMPUTE_DTYPES = ("fp32", "bf16")
 SCALINGS = ("current", "delayed")
-OCC_GRANULARITIES = ("token", "tensor")
 # "out": the forward weight is scaled per output channel (along K, the axis a real FP4 GeMM applies after its
 # accumulation) and requantized per input channel for dX; "in": scaled once per input channel (along N) and
 # reused by both GeMMs, as the FP4 paper's simulation does.
 WEIGHT_SCALE_AXES = ("out", "in")
+# The Q(X) of the weight-gradient GeMM dW = dYᵀ·X (for row/tile inputs; tensor and block Q(X) are layout-free and
+# always reused): "requantize" quantizes X along tokens, dW's reduction dim, the axis a real FP4/FP8 GeMM can
+# scale; "forward" reuses the forward's Q(X), scaled along K, as every branch of the FP4 paper's code does (its
+# scales then sit inside dW's reduction: a simulation only, no low-precision GeMM can apply them).
+WGRAD_INPUTS = ("requantize", "forward")
 # Delayed scaling, as Transformer Engine's DelayedScaling: the amax a scale comes from is the history's "max" or
 # its "most_recent" entry, times 2^margin (headroom against growth between steps).
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -48,115 +50,6 @@ AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
 # only the output is rounded to the compute dtype.
 GEMM_MODES = ("rounded", "exact")
-# Number formats a tensor may be quantized to (names understood by lowbit.formats).
-QUANT_FORMATS = ("e2m1", "e1m2", "e3m0", "e4m3", "e5m2")
-
-
-@dataclass(frozen=True)
-class TensorQuant:
-    """How one GeMM operand is quantized.
-
-    fmt:         element format ("e2m1", "e4m3", ...).
-    granularity: "tensor" (one scale), "row" (one scale per vector along the
-                 reduction dim), "tile" (1×block along the reduction dim) or
-                 "block" (block×block).
-    block:       tile/block size; ignored for "tensor" and "row".
-    scale_fmt:   "fp32", "e4m3" (NVFP4: E4M3 block scale × FP32 tensor scale) or
-                 "e8m0" (MX: power-of-two scale).
-    rounding:    "nearest" (ties to even) or "stochastic".
-    scale_round: power-of-two ("e8m0") scales: "floor" (OCP MX: 2^(floor(log2 amax) − emax_elem), the
-                 top values may saturate) or "ceil" (2^ceil(log2(amax/max)): torchao's RCEIL, TE's
-                 MXFP8, DeepSeek's UE8M0; nothing saturates).
-    reciprocal:  multiply by the reciprocal scale computed as Transformer Engine and torchao do
-                 (e = max/amax) instead of dividing by amax/max: flips exact ties only; see lowbit.scales.
-    four_over_six: (scale_fmt "e4m3") per group, keep whichever of "max to 6" and "max to 4" (the block
-                 scale ×1.5) has the smaller squared error; the tensor scale maps to 256, not 448
-                 (Cook et al. 2025, "Four Over Six"; TE's NVFP4 4over6).
-    scale_rule:  "absmax" (the group's absmax maps to the format's max) or "quest" (QuEST, Panferov et al.
-                 2025, as Quartet's code: s = 2^floor(log2(2.92247856/6 · std(group) + 1e-8)), the MSE-optimal
-                 Gaussian clip; values beyond ±max·s are clipped; with scale_fmt "e8m0" only).
-    scale_mult:  the decode scale times this after its rule (Quartet's backward: 4/3, so the scaled absmax
-                 lies in [3, 6) and stochastic rounding never clips).
-    hadamard:    (on `grad_output` only) apply a random block-Hadamard transform of size
-                 `hadamard_size` along the token dim to both operands of the weight-gradient
-                 GeMM dW = dYᵀ·X before quantizing them (NVFP4's RHT; exact in real
-                 arithmetic since Hᵀ·H = I, it spreads outliers across each block).
-    """
-
-    fmt: str = "e2m1"
-    granularity: str = "row"
-    block: int = 0
-    scale_fmt: str = "fp32"
-    rounding: str = "nearest"
-    hadamard: bool = False
-    hadamard_size: int = 16
-    scale_round: str = "floor"
-    reciprocal: bool = False
-    four_over_six: bool = False
-    scale_rule: str = "absmax"
-    scale_mult: float = 1.0
-
-    def __post_init__(self):
-        _check("scale_rule", self.scale_rule, SCALE_RULES)
-        if self.scale_rule == "quest" and (self.scale_fmt != "e8m0" or self.granularity == "block"):
-            raise ValueError(f"scale_rule='quest' makes power-of-two scales over rows or tiles; set "
-                             f"scale_fmt='e8m0' and granularity 'tile'/'row'/'tensor' (got {self.scale_fmt!r}, "
-                             f"{self.granularity!r})")
-        if not (isinstance(self.scale_mult, (int, float)) and 0 < self.scale_mult < float("inf")):
-            raise ValueError(f"scale_mult must be a positive finite number, got {self.scale_mult!r}")
-        _check("fmt", self.fmt, QUANT_FORMATS)
-        _check("scale_round", self.scale_round, SCALE_ROUNDS)
-        if self.four_over_six and (self.scale_fmt != "e4m3" or self.fmt != "e2m1"):
-            raise ValueError("four_over_six needs fmt='e2m1' with scale_fmt='e4m3' (NVFP4); "
-                             f"got fmt={self.fmt!r}, scale_fmt={self.scale_fmt!r}")
-        if self.four_over_six and self.reciprocal:
-            raise ValueError("four_over_six has no reciprocal (TE-convention) variant; set reciprocal=false")
-        _check("granularity", self.granularity, GRANULARITIES)
-        _check("scale_fmt", self.scale_fmt, SCALE_FORMATS)
-        _check("rounding", self.rounding, ROUNDINGS)
-        if self.granularity in ("tile", "block") and self.block <= 0:
-            raise ValueError(
-                f"granularity={self.granularity!r} needs a positive block size, got block={self.block}; "
-                "set e.g. block=128"
-            )
-        if self.hadamard and (self.hadamard_size <= 0 or self.hadamard_size & (self.hadamard_size - 1)):
-            raise ValueError(f"hadamard_size must be a power of two, got {self.hadamard_size}")
-
-
-@dataclass(frozen=True)
-class DGE:
-    """Differentiable gradient estimator for weights (Wang et al. 2025, Eq. 8):
-    the weight gradient is multiplied by f'(x) = (1/k)·|2x/δ − 1|^(1/k − 1),
-    clamped at `clamp`, evaluated on the scaled weight."""
-
-    enabled: bool = False
-    k: float = 5.0
-    clamp: float = 3.0
-
-    def __post_init__(self):
-        if self.k <= 0:
-            raise ValueError(f"dge.k must be > 0, got {self.k}")
-        if self.clamp <= 0:
-            raise ValueError(f"dge.clamp must be > 0, got {self.clamp}")
-
-
-@dataclass(frozen=True)
-class OCC:
-    """Outlier clamping and compensation for activations: clamp to the
-    [1−alpha, alpha] quantiles before quantizing; if `compensate`, add the
-    sparse residual product ΔX·Wᵀ computed in high precision.
-    granularity: "token" (each token's vector at its own quantiles, sorted[int(q·K)]: the
-    authors' code) or "tensor" (one pair of quantiles over the whole activation tensor)."""
-
-    enabled: bool = False
-    alpha: float = 0.99
-    compensate: bool = True
-    granularity: str = "tensor"
-
-    def __post_init__(self):
-        if not 0.5 < self.alpha <= 1.0:
-            raise ValueError(f"occ.alpha must be in (0.5, 1], got {self.alpha}")
-        _check("occ.granularity", self.granularity, OCC_GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -188,27 +81,24 @@ class Recipe:
     wgrad_high_precision: bool = False
     high_precision: tuple[str, ...] = ()
     scheme: str = "lowbit"
+    wgrad_input: str = "requantize"
 
     def __post_init__(self):
-        _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        _check("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
-        _check("gemm", self.gemm, GEMM_MODES)
-        _check("scheme", self.scheme, SCHEMES)
-        if self.scheme == "quartet" and not (self.input and self.weight and self.grad_output):
-            raise ValueError("scheme='quartet' quantizes input, weight and grad_output; set all three")
-        _check("scaling", self.scaling, SCALINGS)
-        _check("amax_compute_algo", self.amax_compute_algo, AMAX_COMPUTE_ALGOS)
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("weight_scale_axis", self.weight_scale_axis, WEIGHT_SCALE_AXES)
+        check_choice("gemm", self.gemm, GEMM_MODES)
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_choice("scaling", self.scaling, SCALINGS)
+        check_choice("amax_compute_algo", self.amax_compute_algo, AMAX_COMPUTE_ALGOS)
+        check_choice("wgrad_input", self.wgrad_input, WGRAD_INPUTS)
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ValueError(f"margin must be an integer >= 0 (scales get 2^margin headroom), got {self.margin!r}")
-        object.__setattr__(self, "high_precision", normalize_patterns(self.high_precision))
-        if self.dgrad_weight is not None and self.weight is None:
-            raise ValueError("dgrad_weight is set but weight is not quantized; set weight or drop dgrad_weight")
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
-        if self.scaling == "delayed" and any(
-            q is not None and q.granularity != "tensor" for q in (self.input, self.weight, self.grad_output)
-        ):
-            raise ValueError("scaling='delayed' is only defined for granularity='tensor'; use scaling='current'")
+        object.__setattr__(self, "high_precision", normalize_patterns(self.high_precision))
+        problems = _conflicts(self)
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
 
     @property
     def quantized(self) -> bool:
@@ -272,9 +162,37 @@ class Recipe:
         return cls.from_dict(data)
 
 
-def _check(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+def _conflicts(r: Recipe) -> list[str]:
+    """What in `r` contradicts itself, each with the fix (empty when it is consistent). Every check that needs
+    only the recipe lives here; the ones that need a layer's widths are lowbit.nn.spec.check_layer's."""
+    hadamard = r.grad_output is not None and r.grad_output.hadamard
+    rules = [
+        (r.dgrad_weight is not None and r.weight is None,
+         "dgrad_weight is set but weight is not quantized; set weight or drop dgrad_weight"),
+        (r.scaling == "delayed" and any(q is not None and q.granularity != "tensor"
+                                        for q in (r.input, r.weight, r.grad_output)),
+         "scaling='delayed' is only defined for granularity='tensor'; use scaling='current'"),
+        (r.dge.enabled and r.weight is None, "DGE is enabled but the weight is not quantized; set weight or "
+         "disable dge"),
+        (r.scheme == "quartet" and not (r.input and r.weight and r.grad_output),
+         "scheme='quartet' quantizes input, weight and grad_output; set all three"),
+        (r.scheme == "quartet" and (r.dge.enabled or r.occ.enabled or r.scaling == "delayed" or r.dgrad_weight
+                                    or r.wgrad_high_precision or r.weight_scale_axis == "in"
+                                    or r.wgrad_input != "requantize"),
+         "scheme='quartet' has its own backward; it takes no DGE, OCC, delayed scaling, dgrad_weight, "
+         "wgrad_high_precision, weight_scale_axis='in' or wgrad_input='forward'"),
+        (r.scaling == "delayed" and r.dgrad_weight is not None,
+         "delayed scaling with dgrad_weight is not supported (one amax history per operand); use "
+         "scaling='current' or drop dgrad_weight"),
+        (r.weight_scale_axis == "in" and r.dgrad_weight is not None,
+         "weight_scale_axis='in' reuses the forward W in dX, which contradicts dgrad_weight; drop one of them"),
+        (r.scaling == "delayed" and hadamard, "delayed scaling with the Hadamard transform is not supported (the "
+         "rotated operands have no amax history); use scaling='current'"),
+        (r.wgrad_input == "forward" and (hadamard or r.wgrad_high_precision),
+         "wgrad_input='forward' reuses the forward's Q(X) in dW, which the Hadamard transform or "
+         "wgrad_high_precision replace; drop one of them"),
+    ]
+    return [msg for bad, msg in rules if bad]
 
 
 def _field_names(obj) -> str:

@@ -25,7 +25,7 @@ import math
 import torch
 
 from lowbit.formats import Format, get_format, round_to_grid_
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0 ** -9

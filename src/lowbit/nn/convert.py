@@ -14,7 +14,7 @@ from torch import nn
 from lowbit import recipes
 from lowbit.nn.module import QConv1D, QLinear, is_conv1d
 from lowbit.nn.select import high_precision_names
-from lowbit.nn.spec import OPERANDS, check_recipe_for_linear
+from lowbit.nn.spec import OPERANDS
 from lowbit.recipes import Recipe
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -73,8 +73,7 @@ def convert(model: nn.Module, recipe: "str | Recipe", filter_fn: FilterFn | None
     nothing (QLinear then runs F.linear, bit for bit). Converting again with the same recipe is a no-op; an
     existing QLinear with a different recipe raises ValueError (build the model afresh to change recipes).
     """
-    r = recipes.get(recipe)
-    check_recipe_for_linear(r)
+    r = recipes.get(recipe)  # a Recipe checked itself when it was built
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
 

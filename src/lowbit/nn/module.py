@@ -18,9 +18,12 @@ from lowbit import recipes
 from lowbit.cpu_bf16 import upcast_linear
 from lowbit.nn.function import QLinearFunction
 from lowbit.nn.quartet import QuartetFunction
-from lowbit.nn.spec import LinearSpec
+from lowbit.nn.spec import LinearSpec, check_layer
 from lowbit.nn.state import LayerQuantState
 from lowbit.recipes import Recipe
+
+# recipe.scheme -> the autograd Function that runs a layer's three GeMMs (a new scheme is one entry here)
+FUNCTIONS = {"lowbit": QLinearFunction, "quartet": QuartetFunction}
 
 
 class QLinear(nn.Linear):
@@ -36,6 +39,7 @@ class QLinear(nn.Linear):
     def _setup(self, recipe, layer_idx: int) -> None:
         self.recipe = recipes.get(recipe)
         self.spec = LinearSpec.from_recipe(self.recipe)
+        check_layer(self.spec, self.in_features, self.out_features)
         self.layer_idx = int(layer_idx)
         r = self.recipe
         self.qstate = LayerQuantState(self.spec, self.layer_idx, r.amax_history_len, device=self.weight.device,
@@ -78,8 +82,7 @@ class QLinear(nn.Linear):
                             "or run under torch.autocast")
         lead = x.shape[:-1]
         with torch.autocast(dev, enabled=False):
-            fn = QuartetFunction if self.spec.rotation_size else QLinearFunction
-            y = fn.apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate, cdtype)
+            y = FUNCTIONS[self.spec.scheme].apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate, cdtype)
         return y.view(*lead, self.out_features)
 
     def _weight_nk(self) -> torch.Tensor:

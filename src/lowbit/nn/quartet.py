@@ -37,12 +37,6 @@ def forward_rotation(n: int, device) -> torch.Tensor:
     return (hadamard_matrix(n) / math.sqrt(n)).to(device)
 
 
-def _check_width(name: str, size: int, n: int) -> None:
-    if size % n:
-        raise ValueError(f"scheme='quartet' rotates runs of {n} along {name}, but {name}={size} is not a multiple "
-                         f"of {n}; choose widths divisible by {n} or another recipe")
-
-
 def _quantize_fwd(t, q, state: LayerQuantState, op: str):
     """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
     tq, scales = fake_quantize_2d(t, q, with_scales=True)  # L is a multiple of the tile: no padding
@@ -73,9 +67,6 @@ class QuartetFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
         n = spec.rotation_size
-        M, K = x2.shape
-        _check_width("in_features", K, n)
-        _check_width("out_features", weight.shape[0], n)
         H = forward_rotation(n, x2.device)
         xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state, "input")
         wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state, "weight")

@@ -44,15 +44,15 @@ class LinearSpec:
     occ, dge:      the recipe's OCC and DGE settings (occ_on / dge.enabled say whether they apply).
     delayed:       per-tensor scales from an amax history (LayerQuantState holds the histories).
     hadamard_size: size of the random Hadamard rotation of both dW operands along tokens, 0 = none.
-    reuse_xq:      the forward's Q(X) is Q(Xᵀ)ᵀ of the dW GeMM (no requantization, no X kept).
+    reuse_xq:      the forward's Q(X) is the dW GeMM's (layout-free, or recipe.wgrad_input "forward").
     reuse_wq:      the forward's Q(W) is the dX GeMM's (W quantized once per step).
     reuse_dyq:     the dX GeMM's Q(dY) is Q(dYᵀ)ᵀ of the dW GeMM.
     weight_in_axis: W is quantized once along N (per input channel) for both GeMMs (recipe.weight_scale_axis "in").
     exact_gemm:    recipe.gemm == "exact": dequantized operands stay fp32 (not rounded to bf16) in the GeMMs.
     dgrad_weight:  W's quantizer in the dX GeMM when it is not `weight` (recipe.dgrad_weight), else None.
     wgrad_hp:      the dW GeMM runs on unquantized operands (recipe.wgrad_high_precision).
-    rotation_size: recipe.scheme "quartet": the Hadamard order of its rotations (the input's tile size); 0 = the
-                   lowbit scheme (QLinearFunction), else lowbit.nn.quartet.QuartetFunction.
+    scheme:        recipe.scheme: which autograd Function runs the layer (lowbit.nn.module.FUNCTIONS).
+    rotation_size: scheme "quartet": the Hadamard order of its rotations (the input's tile size), else 0.
     uses_function: False when nothing is quantized and OCC is off: the layer is plain F.linear.
     """
 
@@ -72,6 +72,7 @@ class LinearSpec:
     dgrad_weight: TensorQuant | None = None
     wgrad_hp: bool = False
     rotation_size: int = 0
+    scheme: str = "lowbit"
 
     @property
     def occ_on(self) -> bool:
@@ -79,16 +80,16 @@ class LinearSpec:
 
     @classmethod
     def from_recipe(cls, r: Recipe) -> "LinearSpec":
-        check_recipe_for_linear(r)
         had = r.grad_output.hadamard_size if r.grad_output is not None and r.grad_output.hadamard else 0
         hp = r.wgrad_high_precision
         return cls(input=r.input, weight=r.weight, grad_output=r.grad_output, occ=r.occ, dge=r.dge,
                    delayed=r.scaling == "delayed", hadamard_size=0 if hp else had,
-                   reuse_xq=r.input is not None and _layout_free(r.input) and not had and not hp,
+                   reuse_xq=r.input is not None and not had and not hp
+                   and (_layout_free(r.input) or r.wgrad_input == "forward"),
                    reuse_wq=r.weight is not None and r.dgrad_weight is None
                    and (_layout_free(r.weight) or r.weight_scale_axis == "in"),
                    dgrad_weight=r.dgrad_weight, wgrad_hp=hp,
-                   rotation_size=(r.input.block or 32) if r.scheme == "quartet" else 0,
+                   rotation_size=(r.input.block or 32) if r.scheme == "quartet" else 0, scheme=r.scheme,
                    weight_in_axis=r.weight is not None and r.weight_scale_axis == "in",
                    exact_gemm=r.gemm == "exact",
                    reuse_dyq=_layout_free(r.grad_output) and not had and not hp,
@@ -103,24 +104,14 @@ class LinearSpec:
         return math.lcm(self.hadamard_size, *(q.block for q in (self.grad_output, self.input) if _tiled(q)))
 
 
-def check_recipe_for_linear(r: Recipe) -> None:
-    """ValueError for a recipe a linear layer cannot run, naming the fix."""
-    if r.dge.enabled and r.weight is None:
-        raise ValueError(f"recipe {r.name!r} enables DGE but does not quantize the weight; "
-                         "set recipe.weight or disable dge")
-    if r.scheme == "quartet" and (r.dge.enabled or r.occ.enabled or r.scaling == "delayed" or r.dgrad_weight
-                                  or r.wgrad_high_precision or r.weight_scale_axis == "in"):
-        raise ValueError(f"recipe {r.name!r}: scheme='quartet' has its own backward; it takes no DGE, OCC, delayed "
-                         "scaling, dgrad_weight, wgrad_high_precision or weight_scale_axis='in'")
-    if r.scaling == "delayed" and r.dgrad_weight is not None:
-        raise ValueError(f"recipe {r.name!r}: delayed scaling with dgrad_weight is not supported (one amax "
-                         "history per operand); use scaling='current' or drop dgrad_weight")
-    if r.weight_scale_axis == "in" and r.dgrad_weight is not None:
-        raise ValueError(f"recipe {r.name!r}: weight_scale_axis='in' reuses the forward W in dX, which "
-                         "contradicts dgrad_weight; drop one of them")
-    if r.scaling == "delayed" and r.grad_output is not None and r.grad_output.hadamard:
-        raise ValueError(f"recipe {r.name!r}: delayed scaling with the Hadamard transform is not supported "
-                         "(the rotated operands have no amax history); use scaling='current'")
+def check_layer(spec: LinearSpec, in_features: int, out_features: int) -> None:
+    """ValueError when a layer of these widths cannot run `spec` (the checks that need a layer; the recipe's
+    own are lowbit.recipes'): Quartet rotates runs of `rotation_size` along both widths."""
+    n = spec.rotation_size
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if n and size % n:
+            raise ValueError(f"scheme='quartet' rotates runs of {n} along {name}, but {name}={size} is not a "
+                             f"multiple of {n}; choose widths divisible by {n} or another recipe")
 
 
 def _pads(t: torch.Tensor, q: TensorQuant) -> tuple[int, int]:

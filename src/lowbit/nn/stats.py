@@ -26,7 +26,7 @@ import torch
 from lowbit.formats import get_format
 from lowbit.nn.spec import scaled_and_scales_2d
 from lowbit.quant import divide_by_scales
-from lowbit.recipes import TensorQuant
+from lowbit.tensor_quant import TensorQuant
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 STATS = ("nonfinite", "amax", "underflow", "saturated", "rel_err", "sqnr_db", "scale_log2_min", "scale_log2_mean",
