@@ -114,7 +114,7 @@ def test_generate_streams_from_master_weights_by_default(corpus, tmp_path, capsy
     import torch
 
     from lowbit.models import build_model
-    from lowbit.train import checkpoint
+    from lowbit.train import checkpoint, weights
 
     run = tmp_path / "fp4"
     assert main(tiny_args(corpus, run, "--recipe", "fp4-direct")) == 0
@@ -127,10 +127,10 @@ def test_generate_streams_from_master_weights_by_default(corpus, tmp_path, capsy
     text = "".join(writes.parts)
     assert len(writes.parts) >= 10  # streamed, not one write at the end
     meta = checkpoint.resolve(run)[1]
-    from lowbit.train.runtime import model_config_from_dict
+    from lowbit.models import config_from_dict
 
-    plain = build_model(model_config_from_dict(meta["model_config"]))  # no convert: the master weights in fp32
-    checkpoint.load_weights(plain, checkpoint.resolve(run)[0])
+    plain = build_model(config_from_dict(meta["model_config"]))  # no convert: the master weights in fp32
+    weights.load_weights(plain, checkpoint.resolve(run)[0])
     plain.eval()
     ids = torch.tensor([list(b"the")])
     want = plain.generate(ids, 30, temperature=1.5, generator=torch.Generator().manual_seed(3))[0, 3:].tolist()
@@ -163,6 +163,27 @@ def test_flops(capsys):
     assert main(["flops", "--model", "tiny", "--seq", "64", "--mfu", "0.5", "--peak", "989"]) == 0
     text = capsys.readouterr().out
     assert "at seq 64" in text and "at 50% MFU" in text and "tokens/s" in text
+
+
+def test_flops_list_is_every_registered_preset(capsys):
+    from lowbit.models import PRESETS, build_model
+
+    assert main(["flops", "--list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == list(PRESETS)
+    for r in rows:  # the parameter column is the built model's count (meta device: no memory)
+        if int(r[-1].replace(",", "")) < 20_000_000:
+            assert int(r[-1].replace(",", "")) == build_model(r[0]).num_params()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["recipes"], ["recipes", "--show", "nvfp4"], ["train", "--help"],
+                                  ["train", "--tokenz", "5"], ["compare", "--help"], ["flops"]])
+def test_fast_commands_import_no_torch(args):
+    """Help, recipes and argument errors answer without importing torch or the training stack (2 s)."""
+    code = ("import sys\nfrom lowbit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % (args,))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip().splitlines()[-1] == "NO-TORCH", r.stderr[-2000:]
 
 
 def test_recipes(capsys):
@@ -203,6 +224,7 @@ def test_help(cmd, capsys):
     (["flops", "--model", "huge"], "lowbit: error: unknown model preset 'huge'"),
     (["flops", "--model", "tiny", "--mfu", "2"], "lowbit: error: mfu must be a fraction"),
     (["flops", "--model", "tiny", "--seq", "0"], "argument --seq: expected a positive integer"),
+    (["flops"], "lowbit: error: lowbit flops needs --model NAME (or --list"),
     (["recipes", "--show", "nope"], "lowbit: error: unknown recipe 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
@@ -235,7 +257,7 @@ def test_python_m_lowbit_and_console_script(tmp_path):
 
 
 def test_export_summary_states_size_against_bf16():
-    from lowbit.cli import export_summary
+    from lowbit.commands import export_summary
 
     res = {"out": "x", "architecture": "GPT2LMHeadModel", "weights_format": "fp32", "weights_bytes": 2_000_000,
            "bf16_bytes": 1_000_000}

@@ -26,6 +26,7 @@ from conftest import write_corpus
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from lowbit.train import checkpoint as ckpt_mod
+from lowbit.train import weights as weights_mod
 from lowbit.train import dist as dist_mod
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -76,7 +77,7 @@ def rows(out: Path) -> list[dict]:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     """The newest checkpoint's weights: model.safetensors, or an FSDP2 run's shards gathered here."""
-    return ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out / "ckpt")[0][1])
+    return weights_mod.read_weights(ckpt_mod.list_checkpoints(out / "ckpt")[0][1])
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def test_fsdp_checkpoints_are_sharded_per_rank(runs, tmp_path, capsys):
     meta = ckpt_mod.verify(d)
     assert {f"dcp/{s}" for s in shards} | {"dcp/.metadata", "state.pt"} <= set(meta["files"])
     assert "optimizer" not in torch.load(d / "state.pt", weights_only=True)  # the moments live in the shards
-    one = ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out["one"] / "ckpt")[0][1])
-    got = ckpt_mod.read_weights(d)
+    one = weights_mod.read_weights(ckpt_mod.list_checkpoints(out["one"] / "ckpt")[0][1])
+    got = weights_mod.read_weights(d)
     assert got.keys() == one.keys()
     for k in one:
         torch.testing.assert_close(got[k], one[k], rtol=0, atol=1e-4, msg=k)
@@ -211,7 +212,7 @@ def test_export_reads_a_sharded_checkpoint(runs, tmp_path):
     from safetensors.torch import load_file
 
     hf = load_file(tmp_path / "hf" / "model.safetensors")
-    full = ckpt_mod.read_weights(ckpt_mod.list_checkpoints(out["fsdp"] / "ckpt")[0][1])
+    full = weights_mod.read_weights(ckpt_mod.list_checkpoints(out["fsdp"] / "ckpt")[0][1])
     assert torch.equal(hf["transformer.wte.weight"], full["transformer.wte.weight"])  # the gathered shards
 
 
@@ -292,7 +293,7 @@ def test_full_state_dict_keeps_tied_weights_one_tensor(tmp_path):
     assert sd["lm_head.weight"] is sd["transformer.wte.weight"]  # one tensor: safetensors stores it once
     ckpt_mod.save(tmp_path, 1, sd, {}, {}, keep_last=1)  # the dict form FSDP2 checkpoints take
     m2 = build_model("tiny", vocab_size=300, tie_embeddings=True)
-    ckpt_mod.load_weights(m2, tmp_path / "step_0000001")
+    weights_mod.load_weights(m2, tmp_path / "step_0000001")
     for k, v in m.state_dict().items():
         assert torch.equal(m2.state_dict()[k], v), k
 

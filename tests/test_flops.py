@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lowbit import flops
 from lowbit.models import PRESETS, build_model, get_config
-from lowbit.models.gpt import KVCache
+from lowbit.models.base import KVCache
 
 
 def test_gpt_per_layer_split_is_24_d_squared_plus_attention():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from lowbit.flops import count_params
 from lowbit.models import PRESETS, GPTConfig, LlamaConfig, build_model, get_config
-from lowbit.models.gpt import KVCache
+from lowbit.models.base import KVCache
 from lowbit.models.llama import RMSNorm, apply_rope, rope_cos_sin
 
 FAMILIES = ["tiny", "llama-tiny"]
@@ -447,7 +447,7 @@ def test_cpu_bf16_attention_matches_fp64_reference(masked):
 def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
     """20,000 seeded draws from one row of logits: frequencies within 0.015 of softmax(logits / T)
     (binomial sd <= 0.0036 per token, so 0.015 is > 4 sd; logits * T would be off by > 0.1)."""
-    from lowbit.models.gpt import sample_next
+    from lowbit.models.base import sample_next
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20_000, 1)
     g = torch.Generator().manual_seed(0)
@@ -455,3 +455,36 @@ def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
     freq = torch.bincount(draws, minlength=5).double() / draws.numel()
     want = torch.softmax(logits[0].double() / temperature, dim=0)
     assert torch.allclose(freq, want, atol=0.015)
+
+
+def test_a_new_family_is_one_registration(monkeypatch):
+    """A family registered once (FAMILIES + its presets) is built, serialised, counted and reported everywhere:
+    build_model, checkpoint metadata, lowbit.flops. Here a GPT with its own config class and parameter formula."""
+    import dataclasses
+
+    import lowbit.models as M
+    from lowbit import flops
+    from lowbit.models import gpt
+    from lowbit.models.family import Family
+
+    @dataclasses.dataclass(frozen=True)
+    class EchoConfig(gpt.GPTConfig):
+        pass
+
+    class Echo(gpt.GPT):
+        def __init__(self, config):
+            super().__init__(dataclasses.replace(gpt.PRESETS["tiny"], **dataclasses.asdict(config)))
+            self.config = config
+
+    fam = Family("echo", "Echo family", EchoConfig, Echo, gpt.layer_params, {"echo-tiny": EchoConfig(
+        n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=100)})
+    monkeypatch.setitem(M.FAMILIES, "echo", fam)
+    monkeypatch.setitem(M.PRESETS, "echo-tiny", fam.presets["echo-tiny"])
+    model = M.build_model("echo-tiny")
+    assert type(model) is Echo and M.family_of(model.config) is fam
+    d = M.config_to_dict(model.config)
+    assert d["family"] == "echo" and M.config_from_dict(d) == model.config
+    assert flops.count_params(model.config)["total"] == sum(p.numel() for p in model.parameters())
+    assert "Echo family" in flops.format_report(model.config)
+    with pytest.raises(TypeError, match="expected a model config"):
+        M.family_of(object())

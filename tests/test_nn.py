@@ -634,7 +634,7 @@ def test_upcast_linear_matches_bf16_gemm_with_fp32_accumulation():
     GeMM with fp32 accumulation gives: reference = fp64 product of the bf16-rounded operands,
     rounded once to bf16. fp32 vs fp64 accumulation of 64 exact products can move the result
     across a bf16 rounding boundary, so allow 1 bf16 ulp (2^-7 relative), nothing more."""
-    from lowbit.nn import UpcastLinear, upcast_cpu_linears
+    from lowbit.cpu_bf16 import UpcastLinear, upcast_cpu_linears
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     x = torch.randn(5, 64, requires_grad=True)

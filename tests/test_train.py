@@ -19,6 +19,7 @@ from conftest import trainer_with_batch_hook, write_corpus
 from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, lr_at, parse_count, train
 from lowbit.train import checkpoint as ckpt_mod
+from lowbit.train import weights as weights_mod
 
 
 @pytest.fixture
@@ -317,7 +318,7 @@ def test_tied_weights_round_trip(tmp_path):
     m = build_model("tiny", vocab_size=300, tie_embeddings=True)
     ckpt_mod.save(tmp_path, 1, m, {}, {}, keep_last=1)
     m2 = build_model("tiny", vocab_size=300, tie_embeddings=True)
-    ckpt_mod.load_weights(m2, tmp_path / "step_0000001")
+    weights_mod.load_weights(m2, tmp_path / "step_0000001")
     assert m2.lm_head.weight.data_ptr() == m2.transformer.wte.weight.data_ptr()  # still tied
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k

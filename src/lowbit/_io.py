@@ -71,3 +71,15 @@ def to_toml(d: dict) -> str:
         if isinstance(v, dict):
             lines += ["", f"[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items() if vv is not None]
     return "\n".join(lines) + "\n"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The lowbit cache directory: ``cache_dir`` if given, else ``$LOWBIT_CACHE``, else
+    ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``. Not created here."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lowbit"
+    return Path.home() / ".cache" / "lowbit"

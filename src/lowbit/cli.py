@@ -22,13 +22,9 @@ import signal
 import sys
 
 from lowbit import commands
-from lowbit.commands import export_summary  # noqa: F401  (re-export)
+from lowbit.train.config import option_flag
 
 _LOG_HANDLER_NAME = "lowbit-cli"
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def _count(text: str) -> int:
     from lowbit.train.config import parse_count
@@ -61,13 +57,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help_ = option_help(name)  # TrainConfig's field metadata: the one description of each option
         if types[name] is bool:
             action = argparse.BooleanOptionalAction if name == "compile" else "store_true"
-            p.add_argument(_flag(name), dest=name, action=action, default=argparse.SUPPRESS, help=help_)
+            p.add_argument(option_flag(name), dest=name, action=action, default=argparse.SUPPRESS, help=help_)
             continue
         typ = _count if name == "tokens" else types[name]
         shown = f"{default:,}" if name == "tokens" else default
         if default is not None:
             help_ += f" (default: {shown})"
-        p.add_argument(_flag(name), dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
+        p.add_argument(option_flag(name), dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                    help="train in N processes on this machine (launches torchrun; DDP, or FSDP2 with --fsdp); "
@@ -244,7 +240,8 @@ def _add_generate(sub) -> None:
 def _add_flops(sub) -> None:
     p = sub.add_parser("flops", help="parameters, FLOPs per token, KV cache and MFU budget of a model preset",
                        description="Print the parameter / FLOPs / KV-cache accounting of a model preset.")
-    p.add_argument("--model", required=True, help="model preset name")
+    p.add_argument("--model", help="model preset name (required unless --list)")
+    p.add_argument("--list", action="store_true", help="list every model preset with its shape and parameters")
     p.add_argument("--seq", type=_positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--mfu", type=float, default=0.4, help="utilisation for the time estimate, a fraction (default: 0.4)")
     p.add_argument("--peak", type=float, default=None, metavar="TFLOPS",
@@ -336,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        if getattr(e, "signum", None) is not None and args.command == "train":  # loop.TrainingInterrupted
+        if getattr(e, "signum", None) is not None and args.command == "train":  # signals.TrainingInterrupted
             if rank == 0:
                 print(f"lowbit: stopped by {signal.Signals(e.signum).name} after step {e.step}; a checkpoint was "
                       "written: continue with the same command and --resume", file=sys.stderr)

@@ -87,9 +87,14 @@ def export_summary(res: dict) -> str:
 
 
 def cmd_flops(args) -> int:
+    if not (args.list or args.model):
+        raise ValueError("lowbit flops needs --model NAME (or --list to see the presets)")
     from lowbit import flops
     from lowbit.models import get_config
 
+    if args.list:
+        print(flops.presets_table())
+        return 0
     over = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     config = get_config(args.model, **over)
     peak = None if args.peak is None else args.peak * 1e12

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lowbit import hf as hf_mod
+from lowbit.models import build_model, config_from_dict, config_to_dict
 from lowbit.quant import QTensor, dequantize, quantize
 from lowbit.tensor_quant import TensorQuant
 
@@ -87,7 +88,7 @@ def save_packed(model, tok, out: str | os.PathLike, weights_format: str) -> Path
         else:
             tensors[name] = t.to(torch.bfloat16).contiguous()
     info = {"format": weights_format, "fmt": q.fmt, "granularity": q.granularity, "packed": shapes,
-            "model_config": hf_mod._config_dict(model.config)}
+            "model_config": config_to_dict(model.config)}
     save_file(tensors, str(out / _PACKED_FILE.format(fmt=weights_format)), metadata={_META_KEY: json.dumps(info)})
     return out
 
@@ -121,11 +122,9 @@ def load_packed_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
 def load_packed(path: str | os.PathLike, hf: bool = False):
     """(model, tokenizer) from a packed export: a lowbit model (fp32), or with hf=True a transformers model
     and PreTrainedTokenizerFast, with the dequantized weights."""
-    from lowbit.models import build_model
-
     sd, info = load_packed_state_dict(path)
-    model = build_model(hf_mod._config_from_dict(info["model_config"]))
-    hf_mod._load_exact(model, sd)
+    model = build_model(config_from_dict(info["model_config"]))
+    hf_mod.load_exact(model, sd)
     d = Path(path) if Path(path).is_dir() else Path(path).parent
     tok = hf_mod.tokenizer_from_dir(d)
     if hf:
@@ -151,9 +150,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, to: str = "hf", weig
     out = _prepare_dir(out)
     if weights_format in PACKED_QUANT:
         save_packed(model, tok, out, weights_format)
-        arch = ("GPT2LMHeadModel" if model.config.family == "gpt" else "LlamaForCausalLM") + " config, packed"
+        arch = hf_mod.architecture(model.config) + " config, packed"
     else:
         hf_mod.save_pretrained(model, tok, out, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[weights_format]))
-        arch = "GPT2LMHeadModel" if model.config.family == "gpt" else "LlamaForCausalLM"
+        arch = hf_mod.architecture(model.config)
     return {"out": str(out), "architecture": arch, "weights_format": weights_format,
             "weights_bytes": dir_bytes(out), "bf16_bytes": _bf16_bytes(model.state_dict())}

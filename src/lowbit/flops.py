@@ -1,8 +1,8 @@
 """Parameter, FLOPs, MFU and KV-cache accounting for lowbit's model configs.
 
-Pure functions of a GPTConfig / LlamaConfig (read through the shared attribute names
-n_layer, n_embd, n_head, kv_heads, head_dim, ffn_hidden, vocab_size, block_size,
-family, mlp, bias, use_qkv_bias, tie_embeddings), plus `peak_flops(device)`.
+Pure functions of a model config of any family (read through the shared attribute names n_layer, n_embd,
+n_head, kv_heads, head_dim, ffn_hidden, vocab_size, block_size, mlp, tie_embeddings; the parameter count
+per layer from the family's `layer_params`), plus `peak_flops(device)`.
 
 FLOPs convention (PaLM, Chowdhery et al. 2022, App. B; Chinchilla/Kaplan likewise):
 a multiply-add counts 2 FLOPs; per token, the forward pass of a GeMM with an
@@ -22,6 +22,8 @@ import functools
 import time
 
 import torch
+
+from lowbit.models import FAMILIES, family_of
 
 # Dense (no sparsity) BF16 tensor-core peak per device, FLOP/s, from vendor datasheets.
 # GeForce cards: the fp32-accumulate rate (what PyTorch's bf16 matmuls use).
@@ -58,24 +60,7 @@ def count_params(config) -> dict[str, int]:
     embedding and is counted once, inside `embedding`. An untied head is a GeMM and counts
     as non-embedding."""
     d, L, V = config.n_embd, config.n_layer, config.vocab_size
-    kv = config.kv_heads * config.head_dim
-    h = config.ffn_hidden
-    if config.family == "gpt":
-        b = int(config.bias)
-        ln = d * (1 + b)  # LayerNorm weight (+ bias)
-        attn = d * (d + 2 * kv) + (d + 2 * kv) * int(config.use_qkv_bias) + d * d + d * b
-        mlp = d * h + h * b + h * d + d * b
-        per_layer = 2 * ln + attn + mlp
-        embedding = V * d + config.block_size * d
-        final_norm = ln
-    elif config.family == "llama":
-        attn = d * d + 2 * d * kv + d * d  # wq, wk, wv, wo; no biases
-        mlp = 3 * d * h  # w1, w3, w2
-        per_layer = 2 * d + attn + mlp  # two RMSNorm weights
-        embedding = V * d
-        final_norm = d
-    else:
-        raise ValueError(f"count_params: unknown model family {config.family!r} (expected 'gpt' or 'llama')")
+    per_layer, embedding, final_norm = family_of(config).layer_params(config)
     head = 0 if config.tie_embeddings else V * d
     total = embedding + L * per_layer + final_norm + head
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
@@ -254,7 +239,7 @@ def format_report(
     p = count_params(config)
     f = flops_per_token(config, seq_len)
     T, L, d = f["seq_len"], config.n_layer, config.n_embd
-    fam = {"gpt": "GPT-2 family", "llama": "LLaMA-2 family"}.get(config.family, config.family)
+    fam = family_of(config).title
     mlp = "GELU 4x" if config.mlp == "gelu" else "SwiGLU"
     lines = [
         f"model {name or type(config).__name__} ({fam}): {L} layers, d_model {d}, "
@@ -290,4 +275,15 @@ def format_report(
             f"at {mfu:.0%} MFU{where} (peak {_si(peak, 'FLOP/s')}): {tps:,.0f} tokens/s; "
             f"Chinchilla budget in {_duration(budget / tps)}"
         )
+    return "\n".join(lines)
+
+
+def presets_table() -> str:
+    """Every registered model preset: family, shape and parameter count (`lowbit flops --list`)."""
+    lines = [f"{'name':<14}{'family':<8}{'layers':>7}{'d_model':>9}{'heads(kv)':>11}{'d_ff':>7}{'context':>9}"
+             f"{'vocab':>8}{'params':>15}"]
+    for family in FAMILIES.values():
+        for name, c in family.presets.items():
+            lines.append(f"{name:<14}{family.name:<8}{c.n_layer:>7}{c.n_embd:>9}{f'{c.n_head}({c.kv_heads})':>11}"
+                         f"{c.ffn_hidden:>7}{c.block_size:>9}{c.vocab_size:>8}{count_params(c)['total']:>15,}")
     return "\n".join(lines)

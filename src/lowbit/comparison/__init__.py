@@ -10,11 +10,21 @@ Where things are:
     cli.py       `lowbit compare` options (from TrainConfig's metadata), the reproducing command line
 Rendering (tables, charts, report.md) is lowbit.report's.
 """
-from lowbit.comparison.cli import DEFAULT_RECIPES, add_cli, command_line, default_eval_interval, run_cli
-from lowbit.comparison.records import machine_info
-from lowbit.comparison.runner import RESULTS_JSON, compare
-from lowbit.comparison.sweep import RunSpec, apply_sweep, parse_sweep, plan_runs, sweep_keys, validate_sweep
+import importlib
 
-__all__ = ["compare", "plan_runs", "parse_sweep", "validate_sweep", "sweep_keys", "apply_sweep", "RunSpec",
-           "command_line", "add_cli", "run_cli", "default_eval_interval", "machine_info", "DEFAULT_RECIPES",
-           "RESULTS_JSON"]
+# public name -> its module, imported on first use (the CLI's parser must not pull in torch)
+_LAZY = {"DEFAULT_RECIPES": "cli", "add_cli": "cli", "command_line": "command", "default_eval_interval": "cli",
+         "run_cli": "cli", "machine_info": "records", "RESULTS_JSON": "runner", "compare": "runner",
+         "RunSpec": "sweep", "apply_sweep": "sweep", "parse_sweep": "sweep", "plan_runs": "sweep",
+         "sweep_keys": "sweep", "validate_sweep": "sweep"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lowbit.comparison.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lowbit.comparison' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

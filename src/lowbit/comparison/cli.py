@@ -1,77 +1,19 @@
-"""`lowbit compare` on the command line: its options (generated from TrainConfig's field metadata), the
-command line that reproduces a comparison, and the entry point."""
+"""`lowbit compare` on the command line: the parser (options from lowbit.comparison.command) and the entry
+point."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
 from lowbit import recipes
 from lowbit import report
+from lowbit.comparison.command import command_line, shared_options
 from lowbit.comparison.runner import RESULTS_JSON, compare
-from lowbit.comparison.sweep import parse_sweep, value_str
-from lowbit.recipes import Recipe
+from lowbit.comparison.sweep import parse_sweep
+from lowbit.train.config import TrainConfig, option_flag
 
 DEFAULT_RECIPES = "bf16,fp8-tensor,fp4-direct,fp4-paper"
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _options() -> list[tuple[str, type, str]]:
-    """(TrainConfig field, argparse type, help) of every option `lowbit compare` passes to all runs."""
-    from lowbit.train.config import compare_fields, field_types, option_help
-
-    types = field_types()
-    return [(f, _count_arg if f == "tokens" else types[f], option_help(f)) for f in compare_fields()
-            if types[f] is not bool]
-
-
-def _count_arg(text: str) -> int:
-    from lowbit.train import parse_count
-
-    try:
-        return parse_count(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def command_line(recipe_list: list, base, out, sweep: dict[str, list] | None = None,
-                 config_path: str | None = None) -> str:
-    """The `lowbit compare` command that reproduces a comparison: recipes, model, tokens, seed, out, the sweep,
-    and every train option that differs from TrainConfig's defaults. Custom Recipe objects that are neither
-    registered nor files are named, with a note (their full definition is in results.json)."""
-    from lowbit.train import TrainConfig
-
-    default = TrainConfig()
-    names, custom = [], []
-    for r in recipe_list:
-        if isinstance(r, Recipe):
-            names.append(r.name)
-            if r.name not in recipes.names() or recipes.get(r.name) != r:
-                custom.append(r.name)
-        else:
-            names.append(str(r))
-    parts = ["lowbit", "compare", "--recipes", ",".join(names)]
-    if config_path:
-        parts += ["--config", str(config_path)]
-    for field, _, _ in _options():
-        v = getattr(base, field, None)
-        if field in ("model", "tokens", "seed") or v != getattr(default, field, None):
-            if v is not None:
-                parts += [_flag(field), value_str(v) if not isinstance(v, str) else v]
-    if getattr(base, "compile", False):
-        parts.append("--compile")
-    parts += ["--out", str(out)]
-    for key, values in (sweep or {}).items():
-        parts += ["--sweep", f"{key}={','.join(value_str(v) for v in values)}"]
-    cmd = " ".join(shlex.quote(p) for p in parts)
-    if custom:
-        cmd += f"  # custom recipe object(s) {custom}: definitions in results.json (config.recipe)"
-    return cmd
 
 
 def add_cli(subparsers):
@@ -90,8 +32,8 @@ def add_cli(subparsers):
                         "dge.k=1,3,5,10, occ.alpha=0.999,0.99,0.97, occ.compensate=true,false, fmt=e2m1,e1m2,e3m0; "
                         "repeatable (one parameter at a time)")
     p.add_argument("--config", help="TrainConfig TOML file used as the base; other options override it")
-    for field, typ, help_ in _options():
-        p.add_argument(_flag(field), dest=field, type=typ, default=None, help=help_)
+    for field, typ, help_ in shared_options():
+        p.add_argument(option_flag(field), dest=field, type=typ, default=None, help=help_)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each model")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier comparison in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,10 +71,8 @@ def _config_sets(path: str | None, key: str) -> bool:
 
 def run_cli(args) -> int:
     """Run `lowbit compare` from parsed args. Returns the exit status: 0, or 1 if any run failed."""
-    from lowbit.train import TrainConfig
-
     base = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
-    overrides = {f: getattr(args, f) for f, _, _ in _options() if getattr(args, f, None) is not None}
+    overrides = {f: getattr(args, f) for f, _, _ in shared_options() if getattr(args, f, None) is not None}
     if args.compile:
         overrides["compile"] = True
     base = dataclasses.replace(base, **overrides)

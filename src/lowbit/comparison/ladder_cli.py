@@ -28,7 +28,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def add_cli(subparsers):
-    from lowbit.comparison.cli import _flag, _options
+    from lowbit.comparison.command import shared_options
+    from lowbit.train.config import option_flag
 
     p = subparsers.add_parser(
         "ladder", help="run lowbit compare over model sizes x tokens-per-parameter; gap to bf16 vs D/N",
@@ -51,21 +52,22 @@ def add_cli(subparsers):
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild ladder.json/md/png from the runs in --out and --keep (no data needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for field, typ, help_ in _options():
+    for field, typ, help_ in shared_options():
         if field not in ("model", "tokens", "seed"):
-            p.add_argument(_flag(field), dest=field, type=typ, default=None, help=help_)
+            p.add_argument(option_flag(field), dest=field, type=typ, default=None, help=help_)
     p.set_defaults(func=run_cli)
     return p
 
 
 def run_cli(args) -> int:
-    from lowbit.comparison.cli import _options, parse_seeds
+    from lowbit.comparison.cli import parse_seeds
+    from lowbit.comparison.command import shared_options
     from lowbit.comparison.ladder import aggregate, check_passes, log, plan_ladder, run_ladder, shard
     from lowbit.comparison.ladder_report import write_report
     from lowbit.data import prepare_dataset
     from lowbit.train import TrainConfig
 
-    overrides = {f: getattr(args, f) for f, _, _ in _options() if getattr(args, f, None) is not None}
+    overrides = {f: getattr(args, f) for f, _, _ in shared_options() if getattr(args, f, None) is not None}
     base = dataclasses.replace(TrainConfig(), **overrides)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     recipe_names = [r.strip() for r in args.recipes.split(",") if r.strip()]

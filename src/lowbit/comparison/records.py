@@ -23,7 +23,7 @@ _RESULT_KEYS = ("final_train_loss", "final_val_loss", "steps", "tokens", "tokens
                 "peak_mem_bytes", "quant_stats", "wall_time_s", "diverged_at_step", "init_hash", "data_hash")
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -147,10 +147,10 @@ def gaps(runs: dict[str, dict], reference: str | None) -> dict[str, dict]:
     for label, r in runs.items():
         loss, step, ok = r.get("final_val_loss"), r.get("step_time_s"), r.get("status") == "ok"
         g = {"val_gap_abs": None, "val_gap_pct": None, "step_time_rel": None}
-        if ok and _finite(loss) and _finite(ref_loss):
+        if ok and finite(loss) and finite(ref_loss):
             g["val_gap_abs"] = loss - ref_loss
             g["val_gap_pct"] = 100.0 * (loss - ref_loss) / ref_loss if ref_loss != 0 else None
-        if ok and _finite(step) and _finite(ref_step) and ref_step > 0:
+        if ok and finite(step) and finite(ref_step) and ref_step > 0:
             g["step_time_rel"] = step / ref_step
         out[label] = g
     return out
@@ -206,12 +206,12 @@ def eta_seconds(finished: list[tuple[bool, float]], remaining: list[bool]) -> fl
     resume is what it was before the interruption); `remaining` the quantized flag of each run still to go.
     Each remaining run costs the mean of the finished runs of its kind (quantized recipes simulate their GeMMs
     and cost more), or of all finished runs when none of its kind has finished. None before any run finished."""
-    walls = [w for _, w in finished if _finite(w)]
+    walls = [w for _, w in finished if finite(w)]
     if not walls:
         return None if remaining else 0.0
     mean = sum(walls) / len(walls)
     by_kind = {}
     for q, w in finished:
-        if _finite(w):
+        if finite(w):
             by_kind.setdefault(q, []).append(w)
     return sum(sum(by_kind[q]) / len(by_kind[q]) if q in by_kind else mean for q in remaining)

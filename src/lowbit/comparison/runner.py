@@ -24,6 +24,7 @@ from lowbit import recipes
 from lowbit import report
 from lowbit._io import json_safe, write_json
 from lowbit.comparison import records
+from lowbit.comparison.command import command_line
 from lowbit.comparison.sweep import RunSpec, dirname, plan_runs, validate_sweep
 
 log = logging.getLogger("lowbit")
@@ -50,7 +51,6 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
     Returns the content of results.json. Raises RuntimeError if runs did not share initial weights/batches.
     A run that diverges is recorded with status "diverged"; one that raises, "failed: <error>"; the others run.
     """
-    from lowbit.comparison.cli import command_line
     from lowbit.train import TrainConfig, resolve_device, train
 
     base = TrainConfig() if base is None else base
@@ -281,7 +281,7 @@ def samples(summary: dict, device) -> dict:
     runs, ref = summary["runs"], summary.get("reference")
     ok = {lab: r for lab, r in runs.items() if r.get("status") == "ok" and RunDir(r["out"]).has_checkpoint()}
     quantized = [lab for lab, r in ok.items() if recipes.Recipe.from_dict(r["config"]["recipe"]).quantized
-                 and records._finite(r.get("final_val_loss"))]
+                 and records.finite(r.get("final_val_loss"))]
     best = min(quantized, key=lambda lab: ok[lab]["final_val_loss"], default=None)
     out = {}
     for label in dict.fromkeys(lab for lab in (ref, best) if lab in ok):

@@ -6,7 +6,9 @@
 """
 
 from .batcher import Batcher, eval_batches
-from .corpus import cache_root, corpus_hash, load_corpus, load_shakespeare, strip_gutenberg
+from lowbit._io import cache_root
+
+from .corpus import corpus_hash, load_corpus, load_shakespeare, strip_gutenberg
 from .dataset import Dataset, prepare_dataset, split_chunks, token_dtype
 from .tokenizer import EOT, Tokenizer, get_tokenizer, train_bpe
 

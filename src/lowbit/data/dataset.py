@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import cache_root, corpus_hash, load_corpus
+from lowbit._io import cache_root
+
+from .corpus import corpus_hash, load_corpus
 from .tokenizer import Tokenizer, get_tokenizer
 
 _FORMAT = 1

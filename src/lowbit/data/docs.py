@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit._io import sha256_file
+from lowbit._io import cache_root, sha256_file
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,6 @@ def _version_key(packages) -> str:
 
 def docs_dir(cache_dir=None, *, packages=DOCS_PACKAGES) -> Path:
     """Directory holding ``<package>/<path>.txt`` for every package, fetched and extracted on first use."""
-    from .corpus import cache_root  # corpus.py imports this module for --data debian-docs
 
     root = cache_root(cache_dir)
     out = root / f"debian-docs-{_version_key(packages)}"

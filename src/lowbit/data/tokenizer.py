@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lowbit._io import atomic_write_text
+from lowbit._io import atomic_write_text, cache_root
 
 EOT = "<|endoftext|>"
 _META = "lowbit_tokenizer.json"
@@ -47,6 +47,10 @@ class Tokenizer:
         else:
             self.eot_id = 256
             self.vocab_size = 257
+
+    def backend_json(self) -> str | None:
+        """The BPE model as `tokenizers` JSON (what `tokenizers.Tokenizer.from_str` reads); None for "bytes"."""
+        return None if self._hf is None else self._hf.to_str()
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -144,7 +148,7 @@ def get_tokenizer(kind: str = "bpe", vocab_size: int = 2048, texts: list[str] | 
     """A tokenizer by kind. ``kind``: "bytes", "bpe" (trained on ``texts``, cached by
     (corpus hash, vocab_size) under the cache dir), or a directory written by ``Tokenizer.save``.
     ``corpus_id`` (the corpus hash) skips re-hashing ``texts`` when the caller already has it."""
-    from .corpus import cache_root, corpus_hash
+    from .corpus import corpus_hash
 
     if kind == "bytes":
         return Tokenizer("bytes")

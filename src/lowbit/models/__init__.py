@@ -1,4 +1,8 @@
-"""Model families and named presets.
+"""Model families and named presets: the registry.
+
+A family (lowbit.models.family.Family) is one module that defines its config, its model, its presets, its
+parameter formula and its Hugging Face mapping as `FAMILY`; FAMILIES below lists them, and everything else
+(build_model, checkpoint metadata, lowbit.flops, lowbit.hf, export, the CLI's preset list) reads it.
 
     build_model("tiny", vocab_size=tok.vocab_size)      # GPT-2 family, 1.3M params
     build_model("llama-1.3b", block_size=1024)           # overrides any config field
@@ -50,55 +54,65 @@ import dataclasses
 
 import torch.nn as nn
 
+from lowbit.models import gpt, llama
+from lowbit.models.family import Family
 from lowbit.models.gpt import GPT, GPTConfig
 from lowbit.models.llama import Llama, LlamaConfig
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "PRESETS", "get_config", "build_model"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "FAMILIES", "PRESETS", "family_of", "get_config",
+           "build_model", "config_to_dict", "config_from_dict"]
 
-PRESETS: dict[str, GPTConfig | LlamaConfig] = {
-    # CPU-sized GPT-2 family: same layout as gpt2-small (no QKV bias, untied head).
-    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, qkv_bias=False),
-    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048, qkv_bias=False),
-    "gpt2-small": GPTConfig(
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True, qkv_bias=False
-    ),
-    # CPU-sized LLaMA-2 family.
-    "llama-tiny": LlamaConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, multiple_of=32),
-    "llama-small": LlamaConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048),
-    # Below tiny, for tokens-per-parameter ladders a CPU can reach (`lowbit ladder`): D/N = 100 on llama-micro is
-    # 10.7M tokens (non-embedding count), under one pass over the debian-docs corpus.
-    "llama-nano": LlamaConfig(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
-    "llama-micro": LlamaConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
-    "llama-mini": LlamaConfig(n_layer=3, n_head=3, n_embd=96, block_size=128, vocab_size=2048, multiple_of=32),
-    # FP4-paper sizes (see module docstring for the shape choices).
-    "llama-400m": LlamaConfig(n_layer=24, n_head=16, n_embd=1024, block_size=2048, vocab_size=32000),
-    "llama-1.3b": LlamaConfig(
-        n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=32000, multiple_of=128
-    ),
-}
+FAMILIES: dict[str, Family] = {f.name: f for f in (gpt.FAMILY, llama.FAMILY)}
+PRESETS: dict = {name: cfg for f in FAMILIES.values() for name, cfg in f.presets.items()}
+if len(PRESETS) != sum(len(f.presets) for f in FAMILIES.values()):
+    raise RuntimeError("two model families define the same preset name; rename one")
 
 
-def get_config(name: str, **overrides) -> GPTConfig | LlamaConfig:
+def family_of(config) -> Family:
+    """The Family whose config class is exactly `config`'s type (TypeError for anything else)."""
+    for f in FAMILIES.values():
+        if type(config) is f.config:
+            return f
+    names = "/".join(f.config.__name__ for f in FAMILIES.values())
+    raise TypeError(f"expected a model config ({names}), got {type(config).__name__}")
+
+
+def config_to_dict(config) -> dict:
+    """{"family": name, **fields}: how checkpoints, exports and HF configs store a model config."""
+    return {"family": family_of(config).name, **dataclasses.asdict(config)}
+
+
+def config_from_dict(d: dict):
+    """Inverse of config_to_dict (a dict without "family" is a GPT config: checkpoints before families)."""
+    d = dict(d)
+    name = d.pop("family", "gpt")
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r} in saved metadata; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name].config(**d)
+
+
+def get_config(name: str, **overrides):
     """Preset config by name, with any field overridden (e.g. vocab_size=4096, block_size=512)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return _replace(PRESETS[name], **overrides)
 
 
-def build_model(name_or_config: str | GPTConfig | LlamaConfig, vocab_size: int | None = None, **overrides) -> nn.Module:
-    """A freshly initialised model (fp32, on the CPU) from a preset name or a config.
+def build_model(name_or_config, vocab_size: int | None = None, **overrides) -> nn.Module:
+    """A freshly initialised model (fp32, on the CPU) from a preset name or a config of any family.
     vocab_size (the tokenizer's) and any other config field can be overridden."""
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     if isinstance(name_or_config, str):
         config = get_config(name_or_config, **overrides)
-    elif isinstance(name_or_config, (GPTConfig, LlamaConfig)):
-        config = _replace(name_or_config, **overrides)
     else:
-        raise TypeError(
-            f"build_model takes a preset name or a GPTConfig/LlamaConfig, got {type(name_or_config).__name__}"
-        )
-    return GPT(config) if isinstance(config, GPTConfig) else Llama(config)
+        config = _replace(name_or_config, **overrides) if dataclasses.is_dataclass(name_or_config) \
+            else name_or_config
+    try:
+        family = family_of(config)
+    except TypeError as e:
+        raise TypeError(f"build_model takes a preset name or a model config: {e}") from None
+    return family.model(config)
 
 
 def _replace(config, **overrides):

@@ -6,7 +6,8 @@ an output head `lm_head`. Every GeMM is a plain `nn.Linear`, so
 `lowbit.convert(model, recipe)` can swap them for quantized layers; attention
 scores, softmax, norms and the loss stay in high precision.
 
-Module names follow GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...).
+Module names follow GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...). At the end: the
+family's presets, parameter formula and Hugging Face mapping (GPT2LMHeadModel), registered as FAMILY.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.models.attention import sdpa
-from lowbit.models.base import CausalLM, KVCache, causal_mask, sample_next  # noqa: F401  (re-exports)
+from lowbit.models.base import CausalLM, KVCache, causal_mask
+from lowbit.models.family import Family, HFMapping, need
 
 
 @dataclass(frozen=True)
@@ -178,3 +180,85 @@ class GPT(CausalLM):
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[i], pos)
         return self.transformer.ln_f(x)
+
+
+# --- the family: presets, parameter count, Hugging Face mapping -----------------------------------------
+
+PRESETS = {
+    # CPU-sized, same layout as gpt2-small (no QKV bias, untied head).
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, qkv_bias=False),
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048, qkv_bias=False),
+    "gpt2-small": GPTConfig(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True, qkv_bias=False
+    ),
+}
+
+
+def layer_params(c: GPTConfig) -> tuple[int, int, int]:
+    """(parameters per layer, embedding parameters (token + position), final LayerNorm parameters)."""
+    d, b, h = c.n_embd, int(c.bias), c.ffn_hidden
+    ln = d * (1 + b)  # LayerNorm weight (+ bias)
+    attn = d * 3 * d + 3 * d * int(c.use_qkv_bias) + d * d + d * b
+    mlp = d * h + h * b + h * d + d * b
+    return 2 * ln + attn + mlp, c.vocab_size * d + c.block_size * d, ln
+
+
+# lowbit's nn.Linear projections are HF Conv1D ([in, out]); lowbit's absent biases become zeros (they add nothing)
+_PROJ = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _transposed(k: str) -> bool:
+    return k.endswith(".weight") and any(f".{p}." in k for p in _PROJ)
+
+
+def to_hf_config(tf, c: GPTConfig, special: dict):
+    return tf.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                         n_head=c.n_head, n_inner=c.ffn_hidden, activation_function="gelu", resid_pdrop=c.dropout,
+                         embd_pdrop=c.dropout, attn_pdrop=c.dropout, layer_norm_epsilon=1e-5,
+                         tie_word_embeddings=c.tie_embeddings, **special)
+
+
+def from_hf_config(hc) -> GPTConfig:
+    act = hc.activation_function
+    need(act == "gelu", f"activation_function={act!r}; lowbit's GPT uses exact GELU ('gelu')")
+    need(hc.n_inner in (None, 4 * hc.n_embd), f"n_inner={hc.n_inner}; lowbit's MLP is 4×n_embd")
+    need(abs(hc.layer_norm_epsilon - 1e-5) < 1e-12,
+         f"layer_norm_epsilon={hc.layer_norm_epsilon}; lowbit's LayerNorm uses 1e-5")
+    need(not hc.scale_attn_by_inverse_layer_idx and hc.scale_attn_weights,
+         "attention scaling other than 1/sqrt(head_dim)")
+    return GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
+                     n_embd=hc.n_embd, dropout=float(hc.resid_pdrop), bias=True, qkv_bias=True,
+                     tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
+
+
+def to_hf_state(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
+    out = {k: v.t().contiguous() if _transposed(k) else v for k, v in sd.items()}
+    d, zeros_like = c.n_embd, sd["transformer.wte.weight"]
+    zeros = {"attn.c_attn.bias": 3 * d, "attn.c_proj.bias": d, "mlp.c_fc.bias": c.ffn_hidden,
+             "mlp.c_proj.bias": d, "ln_1.bias": d, "ln_2.bias": d}
+    for i in range(c.n_layer):
+        for name, n in zeros.items():
+            out.setdefault(f"transformer.h.{i}.{name}", zeros_like.new_zeros(n))
+    out.setdefault("transformer.ln_f.bias", zeros_like.new_zeros(d))
+    return out
+
+
+def from_hf_state(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
+    want_bias = {"attn.c_attn.bias": c.use_qkv_bias, "attn.c_proj.bias": c.bias, "mlp.c_fc.bias": c.bias,
+                 "mlp.c_proj.bias": c.bias, "ln_1.bias": c.bias, "ln_2.bias": c.bias, "ln_f.bias": c.bias}
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):  # old HF causal-mask buffers
+            continue
+        suffix = next((s for s in want_bias if k.endswith("." + s)), None)
+        if suffix is not None and not want_bias[suffix]:
+            if torch.count_nonzero(v):
+                raise ValueError(f"{k} is nonzero but the lowbit config has no such bias; "
+                                 "load it into a config with bias=True / qkv_bias=True")
+            continue
+        out[k] = v.t().contiguous() if _transposed(k) else v
+    return out
+
+
+FAMILY = Family("gpt", "GPT-2 family", GPTConfig, GPT, layer_params, PRESETS,
+                HFMapping("GPT2LMHeadModel", "gpt2", to_hf_config, from_hf_config, to_hf_state, from_hf_state))

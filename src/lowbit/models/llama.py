@@ -7,7 +7,8 @@ embeddings (RoPE) on queries and keys, optional grouped-query attention
 `lowbit.convert` can quantize it); RoPE, softmax, norms and the loss run in fp32.
 
 Module names follow Meta's reference (`layers.0.attention.wq`, `feed_forward.w1`, ...),
-except that the head is called `lm_head` as everywhere in lowbit.
+except that the head is called `lm_head` as everywhere in lowbit. At the end: the family's presets, parameter
+formula and Hugging Face mapping (LlamaForCausalLM), registered as FAMILY.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from lowbit.models.attention import sdpa
 from lowbit.models.base import CausalLM, KVCache, causal_mask
+from lowbit.models.family import Family, HFMapping, need
 
 
 @dataclass(frozen=True)
@@ -224,3 +226,102 @@ class Llama(CausalLM):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], pos)
         return self.norm(x)
+
+
+# --- the family: presets, parameter count, Hugging Face mapping -----------------------------------------
+
+PRESETS = {
+    # CPU-sized.
+    "llama-tiny": LlamaConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, multiple_of=32),
+    "llama-small": LlamaConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048),
+    # Below tiny, for tokens-per-parameter ladders a CPU can reach (`lowbit ladder`): D/N = 100 on llama-micro is
+    # 10.7M tokens (non-embedding count), under one pass over the debian-docs corpus.
+    "llama-nano": LlamaConfig(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
+    "llama-micro": LlamaConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=2048, multiple_of=32),
+    "llama-mini": LlamaConfig(n_layer=3, n_head=3, n_embd=96, block_size=128, vocab_size=2048, multiple_of=32),
+    # FP4-paper sizes (lowbit.models' docstring gives the shape choices).
+    "llama-400m": LlamaConfig(n_layer=24, n_head=16, n_embd=1024, block_size=2048, vocab_size=32000),
+    "llama-1.3b": LlamaConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=32000,
+                              multiple_of=128),
+}
+
+
+def layer_params(c: LlamaConfig) -> tuple[int, int, int]:
+    """(parameters per layer, token-embedding parameters, final RMSNorm parameters); no biases anywhere."""
+    d, kv = c.n_embd, c.kv_heads * c.head_dim
+    attn = d * d + 2 * d * kv + d * d  # wq, wk, wv, wo
+    return 2 * d + attn + 3 * d * c.ffn_hidden, c.vocab_size * d, d  # two RMSNorm weights, w1/w3/w2
+
+
+# lowbit per-layer name -> HF per-layer name
+_HF_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+             "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+             "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+
+
+def rope_perm(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order taking lowbit's interleaved-pair q/k rows (Meta's RoPE layout) to HF's half-split layout, per
+    head: [0, 2, 4, ..., 1, 3, 5, ...]. q·k is unchanged, since q and k get the same permutation."""
+    per_head = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
+
+
+def to_hf_config(tf, c: LlamaConfig, special: dict):
+    return tf.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.ffn_hidden,
+                          num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
+                          head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+                          rope_theta=c.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                          attention_dropout=c.dropout, tie_word_embeddings=c.tie_embeddings, **special)
+
+
+def from_hf_config(hc) -> LlamaConfig:
+    need(hc.hidden_act == "silu", f"hidden_act={hc.hidden_act!r}; lowbit's Llama uses SwiGLU (silu)")
+    need(not hc.attention_bias and not getattr(hc, "mlp_bias", False), "biased projections")
+    hd = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    need(hd * hc.num_attention_heads == hc.hidden_size,
+         f"head_dim={hd} × {hc.num_attention_heads} heads != hidden_size={hc.hidden_size}")
+    rope = dict(getattr(hc, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))
+    need(rope.get("rope_type", "default") == "default" and not getattr(hc, "rope_scaling", None)
+         or rope.get("rope_type") == "default", f"RoPE scaling {rope.get('rope_type')!r}; lowbit implements plain RoPE")
+    return LlamaConfig(block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size, n_layer=hc.num_hidden_layers,
+                       n_head=hc.num_attention_heads, n_embd=hc.hidden_size, n_kv_head=hc.num_key_value_heads,
+                       intermediate_size=hc.intermediate_size, norm_eps=float(hc.rms_norm_eps),
+                       rope_theta=float(theta), dropout=float(getattr(hc, "attention_dropout", 0.0)),
+                       tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
+
+
+def to_hf_state(sd: dict[str, torch.Tensor], c: LlamaConfig) -> dict[str, torch.Tensor]:
+    perm = {"attention.wq.weight": rope_perm(c.n_head, c.head_dim),
+            "attention.wk.weight": rope_perm(c.kv_heads, c.head_dim)}
+    out = {}
+    for k, v in sd.items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        _, i, rest = k.split(".", 2)
+        out[f"model.layers.{i}.{_HF_NAMES[rest]}"] = v[perm[rest]] if rest in perm else v
+    return out
+
+
+def from_hf_state(sd: dict[str, torch.Tensor], c: LlamaConfig) -> dict[str, torch.Tensor]:
+    inv_names, inv_top = {v: k for k, v in _HF_NAMES.items()}, {v: k for k, v in _HF_TOP.items()}
+    inv_perm = {"attention.wq.weight": torch.argsort(rope_perm(c.n_head, c.head_dim)),
+                "attention.wk.weight": torch.argsort(rope_perm(c.kv_heads, c.head_dim))}
+    out = {}
+    for k, v in sd.items():
+        if k in inv_top:
+            out[inv_top[k]] = v
+        elif k.startswith("model.layers.") and not k.endswith("rotary_emb.inv_freq"):
+            _, _, i, rest = k.split(".", 3)
+            name = inv_names[rest]
+            out[f"layers.{i}.{name}"] = v[inv_perm[name]] if name in inv_perm else v
+    return out
+
+
+FAMILY = Family("llama", "LLaMA-2 family", LlamaConfig, Llama, layer_params, PRESETS,
+                HFMapping("LlamaForCausalLM", "llama", to_hf_config, from_hf_config, to_hf_state, from_hf_state))

@@ -10,10 +10,8 @@ Where things are:
     module.py    QLinear, QConv1D (bias inside the Function: one rounding, see function.py)
     convert.py   convert, collect_stats / quant_stats, check_block_sizes
     hadamard.py  random block-Hadamard rotations
-CPU bf16 GeMM emulation lives in lowbit.cpu_bf16 and the torch.compile wrapper in lowbit.train.compile
-(both re-exported here under their old names).
+CPU bf16 GeMM emulation lives in lowbit.cpu_bf16 and the torch.compile wrapper in lowbit.train.compile.
 """
-from lowbit.cpu_bf16 import UpcastLinear, upcast_cpu_linears, upcast_linear
 from lowbit.nn.convert import (
     check_block_sizes,
     collect_stats,
@@ -30,13 +28,5 @@ from lowbit.nn.state import LayerQuantState
 
 __all__ = ["QLinear", "QConv1D", "LinearSpec", "LayerQuantState", "QLinearFunction", "convert", "swap_modules",
            "qlinears", "collect_stats", "quant_stats", "check_block_sizes", "fake_quantize_2d", "scaled_values_2d",
-           "hadamard_matrix", "random_hadamard", "upcast_linear", "UpcastLinear", "upcast_cpu_linears",
-           "CompiledModel", "compile_model"]
+           "hadamard_matrix", "random_hadamard"]
 
-
-def __getattr__(name):  # lowbit.train.compile imports lowbit.nn: resolve these lazily, no import cycle
-    if name in ("CompiledModel", "compile_model"):
-        from lowbit.train import compile as _compile
-
-        return getattr(_compile, name)
-    raise AttributeError(f"module 'lowbit.nn' has no attribute {name!r}")

@@ -17,13 +17,21 @@ Where things are:
     signals.py       SIGINT/SIGTERM -> checkpoint and TrainingInterrupted
     dist.py          torchrun, DDP / FSDP2; compile.py: --compile with an eager fallback; schedule.py: LR
 """
-from lowbit.train.config import TrainConfig, parse_count
-from lowbit.train.evaluation import evaluate, load_checkpoint
-from lowbit.train.loop import train
-from lowbit.train.result import TrainResult
-from lowbit.train.runtime import resolve_device
-from lowbit.train.schedule import lr_at
-from lowbit.train.trainer import Trainer
+import importlib
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "evaluate", "load_checkpoint", "lr_at", "parse_count",
-           "resolve_device"]
+# public name -> the module that defines it, imported on first use: `lowbit.train.config` (what the CLI's
+# parser and argument errors need) must not pull in torch and the training stack
+_LAZY = {"TrainConfig": "config", "parse_count": "config", "evaluate": "evaluation", "load_checkpoint": "evaluation",
+         "train": "loop", "TrainResult": "result", "resolve_device": "runtime", "lr_at": "schedule",
+         "Trainer": "trainer"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lowbit.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lowbit.train' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -9,7 +9,8 @@ Under FSDP2 (lowbit.train.sharded) the weights and optimizer state are instead w
 torch.distributed.checkpoint, each rank its own shard and no full copy anywhere: `dcp/` (`__<rank>_0.distcp`
 files and `.metadata`) replaces model.safetensors and the optimizer entry of state.pt; meta.json lists the
 sha256 of every file. Such a checkpoint resumes on another world size (DCP reshards on load), with or without
-FSDP2, and `load_weights` (eval, generate, export) gathers it into full tensors in one process.
+FSDP2, and lowbit.train.weights.load_weights (eval, generate, export) gathers it into full tensors in one
+process.
 
 Written atomically: into a temp dir inside `ckpt/`, every file fsynced, the dir renamed into place and
 `ckpt/` fsynced, so a crash leaves either the whole checkpoint or none of it. A checkpoint is valid when
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from lowbit._io import sha256_file
 
@@ -222,34 +223,6 @@ def resolve(path: str | os.PathLike) -> tuple[Path, dict]:
 def is_sharded(ckpt_dir: str | os.PathLike) -> bool:
     """A checkpoint written under FSDP2 with torch.distributed.checkpoint (lowbit.train.sharded)."""
     return (Path(ckpt_dir) / SHARDED_DIR).is_dir()
-
-
-def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device="cpu") -> None:
-    """Load the checkpoint's weights into `model` (strict: every key must match): model.safetensors, or the
-    shards of a sharded (FSDP2) checkpoint gathered into full tensors."""
-    if is_sharded(ckpt_dir):
-        missing, unexpected = _load_full(model, read_weights(ckpt_dir))
-    else:
-        missing, unexpected = load_model(model, Path(ckpt_dir) / MODEL_FILE, strict=False, device=str(device))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model: missing keys {missing[:5]}, "
-                              f"unexpected keys {unexpected[:5]} (was it trained with another --model?)")
-
-
-def read_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint's full model state_dict on CPU (safetensors, or a sharded checkpoint gathered here)."""
-    if is_sharded(ckpt_dir):
-        from lowbit.train.sharded import read_weights as read_sharded
-
-        return read_sharded(Path(ckpt_dir))
-    from safetensors.torch import load_file
-
-    return load_file(Path(ckpt_dir) / MODEL_FILE)
-
-
-def _load_full(model: torch.nn.Module, sd: dict) -> tuple[list, list]:
-    res = model.load_state_dict(sd, strict=False)
-    return list(res.missing_keys), list(res.unexpected_keys)
 
 
 def load_state(ckpt_dir: str | os.PathLike, device="cpu") -> dict:

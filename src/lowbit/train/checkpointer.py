@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowbit._io import json_safe
-from lowbit.train import checkpoint, dist
+from lowbit.train import checkpoint, dist, weights
 
 log = logging.getLogger("lowbit.train")
 
@@ -66,7 +66,7 @@ class CheckpointManager:
         """Before wrapping: the weights of a single-file checkpoint into the plain model (a sharded one is
         loaded by `load`, into the wrapped model, resharded)."""
         if not checkpoint.is_sharded(ckpt_dir):
-            checkpoint.load_weights(model, ckpt_dir, device)
+            weights.load_weights(model, ckpt_dir, device)
 
     def load(self, ckpt_dir: Path, model: torch.nn.Module, optimizer, states: dict) -> dict:
         """Restore the optimizer (and, for a sharded checkpoint, the weights: DCP reshards them to this job)

@@ -76,8 +76,8 @@ class TrainConfig:
     Every field below is a `lowbit train` option and a TOML key (generated list, from the field metadata):
     """
 
-    model: str = _opt("tiny", "model preset: tiny, small, gpt2-small, llama-tiny, llama-small, llama-400m, "
-                              "llama-1.3b")
+    model: str = _opt("tiny", "model preset (tiny, small, llama-tiny, ...; `lowbit flops --list` lists all, "
+                              "with shapes and parameter counts)")
     recipe: str = _opt("fp32", "training recipe name (see `lowbit recipes`) or path to a recipe .toml file",
                        per_run=True)
     high_precision: str | None = _opt(None, "layers kept in high precision, replacing the recipe's own selection: "
@@ -269,6 +269,11 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of TrainConfig field `name` ("batch_size" -> "--batch-size")."""
+    return "--" + name.replace("_", "-")
 
 
 def option_help(name: str) -> str:

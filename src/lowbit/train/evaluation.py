@@ -8,10 +8,10 @@ import torch
 
 from lowbit import recipes
 from lowbit.data import Tokenizer, eval_batches
-from lowbit.train import checkpoint, dist
+from lowbit.train import checkpoint, dist, weights
 from lowbit.train.config import TrainConfig
 from lowbit.train.rundir import RunDir
-from lowbit.train.runtime import apply_recipe, autocast, model_config_from_dict, resolve_device
+from lowbit.train.runtime import apply_recipe, autocast, resolve_device
 
 
 def eval_loss(model: torch.nn.Module, batches: list, recipe: recipes.Recipe, device: torch.device,
@@ -50,7 +50,7 @@ def load_run(path, device="cpu", recipe: "str | recipes.Recipe | None" = None):
     """(model, tokenizer, cfg, recipe, ckpt_dir) from a run directory or checkpoint directory. The model is
     prepared for `recipe` (default: the one it was trained with, rebuilt from the checkpoint since its
     .toml file may be gone), moved to `device`, in eval mode."""
-    from lowbit.models import build_model
+    from lowbit.models import build_model, config_from_dict
 
     ckpt_dir, meta = checkpoint.resolve(path)
     tok = Tokenizer.load(RunDir.of_checkpoint(ckpt_dir).tokenizer)
@@ -59,8 +59,8 @@ def load_run(path, device="cpu", recipe: "str | recipes.Recipe | None" = None):
     saved = dict(meta["config"])
     cfg = TrainConfig.from_dict({**saved, "recipe": "fp32"})  # the recipe file may be gone: not re-validated
     cfg.recipe = saved["recipe"]
-    model = apply_recipe(build_model(model_config_from_dict(meta["model_config"])), recipe)
-    checkpoint.load_weights(model, ckpt_dir)
+    model = apply_recipe(build_model(config_from_dict(meta["model_config"])), recipe)
+    weights.load_weights(model, ckpt_dir)
     model.to(resolve_device(str(device))).eval()
     return model, tok, cfg, recipe, Path(ckpt_dir)
 

@@ -4,18 +4,14 @@
     res = train(TrainConfig(model="tiny", recipe="fp4-paper", tokens="2M", out="runs/fp4"))
 
 Under torchrun (WORLD_SIZE > 1) this process joins the process group (lowbit.train.dist) for the run and
-leaves it afterwards. The names below are re-exported for older import paths (`lowbit.train.loop.X`).
+leaves it afterwards.
 """
 from __future__ import annotations
 
-from lowbit.nn import check_block_sizes  # noqa: F401  (re-export)
 from lowbit.train import dist
 from lowbit.train.config import TrainConfig
-from lowbit.train.evaluation import evaluate, load_checkpoint, load_run  # noqa: F401  (re-exports)
 from lowbit.train.result import TrainResult
-from lowbit.train.rundir import CONFIG_FILE, RESULT_FILE, TOKENIZER_DIR  # noqa: F401  (re-exports)
-from lowbit.train.runtime import autocast, make_optimizer, resolve_device, seed_everything  # noqa: F401
-from lowbit.train.signals import TrainingInterrupted  # noqa: F401  (re-export)
+from lowbit.train.runtime import resolve_device
 from lowbit.train.trainer import Trainer
 
 

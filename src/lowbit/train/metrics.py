@@ -56,7 +56,7 @@ class MetricsLogger:
         self._csv = None
         for r in self.rows:
             self._write_csv(r)
-        self._tb = None
+        self.tb_writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -67,7 +67,7 @@ class MetricsLogger:
                     log.info("tensorboard is not installed: no TensorBoard event files "
                              "(metrics.jsonl and metrics.csv are written; pip install tensorboard to get them)")
             else:
-                self._tb = SummaryWriter(log_dir=str(self.out / TB_DIR), purge_step=keep_until)
+                self.tb_writer = SummaryWriter(log_dir=str(self.out / TB_DIR), purge_step=keep_until)
 
     def _write_csv(self, row: dict) -> None:
         if self._csv is None:
@@ -82,20 +82,22 @@ class MetricsLogger:
         self._jsonl.flush()
         self._write_csv(row)
         self._csv_file.flush()
-        if self._tb is not None:
+        if self.tb_writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    self._tb.add_scalar(k, v, row["step"])
+                    self.tb_writer.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
         self._jsonl.close()
         self._csv_file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.tb_writer is not None:
+            self.tb_writer.close()
 
 
 class RowsOnly:
     """MetricsLogger stand-in for ranks other than 0: keeps the rows, writes nothing."""
+
+    tb_writer = None  # no TensorBoard on ranks other than 0
 
     def __init__(self):
         self.rows: list[dict] = []

@@ -1,7 +1,6 @@
 """Run-time helpers of a training run: device, seeding, autocast, hashes, peak memory, the optimizer."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 import sys
@@ -82,21 +81,6 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kind)
-
-
-def model_config_dict(config) -> dict:
-    return {"family": config.family, **dataclasses.asdict(config)}
-
-
-def model_config_from_dict(d: dict):
-    from lowbit.models import GPTConfig, LlamaConfig
-
-    d = dict(d)
-    family = d.pop("family", "gpt")
-    cls = {"gpt": GPTConfig, "llama": LlamaConfig}.get(family)
-    if cls is None:
-        raise ValueError(f"unknown model family {family!r} in checkpoint metadata")
-    return cls(**d)
 
 
 class PeakMemory:

@@ -28,6 +28,7 @@ import torch
 from lowbit import flops as flops_mod
 from lowbit.cpu_bf16 import check_resumed_path
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
+from lowbit.models import config_to_dict
 from lowbit.nn import check_block_sizes, quant_stats
 from lowbit.train import dist, forensics
 from lowbit.train.checkpointer import CheckpointManager
@@ -44,7 +45,6 @@ from lowbit.train.runtime import (
     batch_hash,
     cpu_gemm,
     make_optimizer,
-    model_config_dict,
     resolve_device,
     seed_everything,
     state_dict_hash,
@@ -223,7 +223,7 @@ class Trainer:
         # under --compile toggling statistics would compile a second graph: they stay on (when wanted at all)
         self.qstats = StatsSchedule(self.model, self.run.path, interval, self.steps, always=bool(cfg.compile) and
                                     interval > 0, write=self.di.is_main, keep_until=keep,
-                                    tb=getattr(self.logger, "_tb", None))
+                                    tb=self.logger.tb_writer)
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint `step` (every rank calls this: FSDP2 gathers shards on all of them)."""
         meta = {"config": self.cfg.to_dict(), "recipe": self.recipe.to_dict(),
-                "model_config": model_config_dict(self.model.config), "vocab_size": self.tokenizer.vocab_size,
+                "model_config": config_to_dict(self.model.config), "vocab_size": self.tokenizer.vocab_size,
                 "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash,
                 "cpu_gemm": cpu_gemm(self.recipe, self.device)}
         self.ckpt.save(step, self.model_fwd if self.sharded else self.model, self.optimizer, self.states(), meta)
