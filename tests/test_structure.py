@@ -4,6 +4,7 @@ only modules that exist. (Function and module sizes are the stop hook's to repor
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -114,3 +115,12 @@ def test_no_private_names_read_across_modules():
                 if target in mods and target != mod:
                     bad.append(f"{mod}: {node.value.id}.{node.attr}")
     assert bad == []
+
+
+def test_architecture_names_every_module_and_only_modules_that_exist():
+    text = (SRC.parent / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"^\| `([\w/]+\.py)` \|", text, re.M))
+    actual = {str(p.relative_to(SRC / "lowbit")) for p in (SRC / "lowbit").rglob("*.py")}
+    assert named, "the module table was not found"
+    assert sorted(named - actual) == [], "named in docs/architecture.md but missing"
+    assert sorted(actual - named) == [], "modules docs/architecture.md does not describe"

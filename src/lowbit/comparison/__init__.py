@@ -3,12 +3,7 @@
     from lowbit.comparison import compare      # also lowbit.compare
     res = compare(["bf16", "fp4-paper"], TrainConfig(model="tiny", tokens=200_000), out="runs/cmp")
 
-Where things are:
-    sweep.py     sweep grammar (KEY=V1,V2,...) and run planning (recipes × values -> RunSpecs)
-    records.py   run records and summaries: the reference, gaps, like-for-like checks, machine/model info
-    runner.py    compare(): runs or reuses every RunSpec, writes results.json and the report
-    cli.py       `lowbit compare` options (from TrainConfig's metadata), the reproducing command line
-Rendering (tables, charts, report.md) is lowbit.report's.
+Every module and what it owns: docs/architecture.md.
 """
 import importlib
 
