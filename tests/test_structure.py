@@ -119,7 +119,10 @@ def test_no_private_names_read_across_modules():
 
 def test_architecture_names_every_module_and_only_modules_that_exist():
     text = (SRC.parent / "docs" / "architecture.md").read_text()
-    named = set(re.findall(r"^\| `([\w/]+\.py)` \|", text, re.M))
+    table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `([\w/]+\.py)` \|", table, re.M))
+    benches = set(re.findall(r"^\| `(bench/\w+\.py)` \|", text, re.M))
+    assert sorted(b for b in benches if not (SRC.parent / b).exists()) == []
     actual = {str(p.relative_to(SRC / "lowbit")) for p in (SRC / "lowbit").rglob("*.py")}
     assert named, "the module table was not found"
     assert sorted(named - actual) == [], "named in docs/architecture.md but missing"
