@@ -55,6 +55,47 @@ def private_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def corpus(request, tmp_path, private_cache) -> Path:
+    """The test module's corpus (its module-level CORPUS, a CORPORA key) as a file in tmp_path, with a private
+    token cache."""
+    return write_corpus(tmp_path, request.module.CORPUS)
+
+
+@pytest.fixture(scope="module")
+def module_corpus(request, tmp_path_factory) -> Path:
+    """The same, written once per test module (for module-scoped runs)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), request.module.CORPUS)
+
+
+def sylvester(n: int):
+    """The n×n Sylvester-Hadamard matrix (entries ±1, float64 torch tensor), by Kronecker doubling."""
+    import torch
+
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def fp32_compute(name: str, directory: Path) -> str:
+    """Recipe `name` with compute_dtype fp32, saved as a .toml in `directory`: the same FP4/FP8 quantization of
+    every GeMM operand, with the (fake-quantized) GeMMs in fp32 (CPU bf16 GeMMs without bf16 units are ~15x
+    slower)."""
+    from lowbit import recipes
+
+    path = Path(directory) / f"{name}-fp32.toml"
+    recipes.save(recipes.get(name).replace(compute_dtype="fp32", name=f"{name}-fp32"), path)
+    return str(path)
+
+
+def final_weights(out: Path) -> dict:
+    """The newest checkpoint's weights of run directory `out`: model.safetensors, or FSDP2 shards gathered."""
+    from lowbit.train import checkpoint, weights
+
+    return weights.read_weights(checkpoint.list_checkpoints(Path(out) / "ckpt")[0][1])
+
+
 def trainer_with_batch_hook(hook):
     """A Trainer subclass whose training batcher calls hook(batches_drawn_so_far) before every batch: a crash
     or a signal at a chosen point of the run."""

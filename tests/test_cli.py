@@ -9,17 +9,13 @@ import sys
 
 import pytest
 
-from conftest import write_corpus
 from lowbit import recipes
 from lowbit.cli import main
 from lowbit.train import TrainConfig
 
+CORPUS = "kings"  # conftest's corpus fixture writes this one
+
 SUBCOMMANDS = ["train", "eval", "generate", "flops", "recipes", "compare"]
-
-
-@pytest.fixture
-def corpus(tmp_path, private_cache):
-    return write_corpus(tmp_path, "kings")
 
 
 def tiny_args(corpus, out, *extra):

@@ -18,8 +18,8 @@ from torch import nn
 import lowbit
 from lowbit.models import build_model
 from lowbit.nn import QLinear
-from lowbit.train.compile import CompiledModel
 from lowbit.train import TrainConfig, Trainer, train
+from lowbit.train.compile import CompiledModel
 
 
 @pytest.fixture(autouse=True)

@@ -145,8 +145,8 @@ def test_rowwise_pow2_matches_torchao_float8_rowwise(dtype):
     down = lowbit's decode scale 2^ceil(log2(amax/448)))."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torchao.float8.float8_utils import tensor_to_scale
         from torchao.float8.config import ScalingGranularity
+        from torchao.float8.float8_utils import tensor_to_scale
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(128, 256, generator=g) * torch.logspace(-3, 3, 128)[:, None]).to(dtype)
     enc = tensor_to_scale(x, torch.float8_e4m3fn, scaling_granularity=ScalingGranularity.AXISWISE,

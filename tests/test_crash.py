@@ -10,21 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import trainer_with_batch_hook, write_corpus
+from conftest import final_weights, trainer_with_batch_hook
 from lowbit.train import TrainConfig, Trainer, train
 from lowbit.train import checkpoint as ckpt_mod
 from lowbit.train.signals import TrainingInterrupted
 
-
-@pytest.fixture
-def corpus(tmp_path, private_cache) -> Path:
-    return write_corpus(tmp_path, "rivers")
+CORPUS = "rivers"  # conftest's corpus fixture writes this one
 
 
 def cfg_kw(corpus, out, steps=8, **kw) -> dict:
@@ -43,10 +38,6 @@ def cli_args(kw: dict) -> list[str]:
         elif v is not False and v is not None:
             args += ["--" + k.replace("_", "-"), str(v)]
     return args + ["--no-progress"]
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(ckpt_mod.list_checkpoints(out / "ckpt")[0][1] / ckpt_mod.MODEL_FILE)
 
 
 def assert_same(a: dict, b: dict):

@@ -19,10 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lowbit.data import (EOT, Batcher, Tokenizer, cache_root, eval_batches, get_tokenizer, load_corpus,
-                         prepare_dataset, split_chunks, strip_gutenberg, token_dtype, train_bpe)
+from lowbit.data import (
+    EOT,
+    Batcher,
+    Tokenizer,
+    cache_root,
+    eval_batches,
+    get_tokenizer,
+    load_corpus,
+    prepare_dataset,
+    split_chunks,
+    strip_gutenberg,
+    token_dtype,
+    train_bpe,
+)
 from lowbit.data import corpus as corpus_mod
 from lowbit.data.corpus import load_shakespeare, shakespeare_dir
 

@@ -22,12 +22,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import write_corpus
+from conftest import final_weights, fp32_compute
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from lowbit.train import checkpoint as ckpt_mod
-from lowbit.train import weights as weights_mod
 from lowbit.train import dist as dist_mod
+from lowbit.train import weights as weights_mod
+
+CORPUS = "rivers"  # conftest's module_corpus fixture writes this one
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -35,14 +37,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("dist"), "rivers")
-
-
-def cfg_kw(corpus, out, **kw) -> dict:
+def cfg_kw(module_corpus, out, **kw) -> dict:
     # 6 steps of 2 micro-batches of a global batch of 4 x 32 tokens (grad_accum 2 exercises no_sync)
-    base = dict(model="tiny", data=str(corpus), tokenizer="bytes", tokens=STEPS * 2 * 4 * 32, batch_size=4, seq_len=32,
+    base = dict(model="tiny", data=str(module_corpus), tokenizer="bytes", tokens=STEPS * 2 * 4 * 32, batch_size=4, seq_len=32,
                 grad_accum=2, lr=3e-3, warmup_steps=1, seed=0, device="cpu", eval_interval=3, eval_batches=2,
                 log_interval=1, ckpt_interval=3, keep_last=3, out=str(out))
     base.update(kw)
@@ -75,21 +72,16 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The newest checkpoint's weights: model.safetensors, or an FSDP2 run's shards gathered here."""
-    return weights_mod.read_weights(ckpt_mod.list_checkpoints(out / "ckpt")[0][1])
-
-
 @pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory):
+def runs(module_corpus, tmp_path_factory):
     """One process, DDP on 2 ranks and FSDP2 on 2 ranks: the same 6 steps of the same global batches."""
     root = tmp_path_factory.mktemp("runs")
     mp_env = pytest.MonkeyPatch()
     mp_env.setenv("LOWBIT_CACHE", str(root / "cache"))
-    single = train(TrainConfig(**cfg_kw(corpus, root / "one")), progress=False)
+    single = train(TrainConfig(**cfg_kw(module_corpus, root / "one")), progress=False)
     out = {"one": root / "one", "ddp": root / "ddp", "fsdp": root / "fsdp"}
-    run_world(2, cfg_kw(corpus, out["ddp"]))
-    run_world(2, cfg_kw(corpus, out["fsdp"], fsdp=True))
+    run_world(2, cfg_kw(module_corpus, out["ddp"]))
+    run_world(2, cfg_kw(module_corpus, out["fsdp"], fsdp=True))
     yield out, single
     mp_env.undo()
 
@@ -125,10 +117,10 @@ def test_two_ranks_match_one_process(runs, kind):
     assert result["final_val_loss"] == pytest.approx(single.final_val_loss, rel=RTOL)
 
 
-def test_tolerance_discriminates(runs, corpus, tmp_path):
+def test_tolerance_discriminates(runs, module_corpus, tmp_path):
     """What RTOL must catch: training on half the global batch (one rank's slice only) moves the loss by far more."""
     out, _ = runs
-    half = train(TrainConfig(**cfg_kw(corpus, tmp_path / "half", batch_size=2, tokens=STEPS * 2 * 2 * 32)),
+    half = train(TrainConfig(**cfg_kw(module_corpus, tmp_path / "half", batch_size=2, tokens=STEPS * 2 * 2 * 32)),
                  progress=False)
     full = rows(out["one"])
     worst = max(abs(h["train_loss"] - f["train_loss"]) / f["train_loss"] for h, f in zip(half.history[1:], full[1:]))
@@ -147,7 +139,7 @@ def test_only_rank0_writes(runs):
             ckpt_mod.verify(c)
 
 
-def test_two_rank_checkpoint_resumes(runs, corpus, tmp_path):
+def test_two_rank_checkpoint_resumes(runs, module_corpus, tmp_path):
     """A 2-rank FSDP2 run 'crashed' after its step-3 checkpoint: resumed on 2 ranks it finishes bit for bit like
     the uninterrupted run; resumed on 1 process (or under DDP) it matches within the tolerance above."""
     out, _ = runs
@@ -160,7 +152,7 @@ def test_two_rank_checkpoint_resumes(runs, corpus, tmp_path):
         return d
 
     same = crashed("fsdp2")
-    run_world(2, cfg_kw(corpus, same, fsdp=True, resume=True))
+    run_world(2, cfg_kw(module_corpus, same, fsdp=True, resume=True))
     wa, wb = final_weights(out["fsdp"]), final_weights(same)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # exact: optimizer moments were gathered and re-sharded losslessly
@@ -168,7 +160,7 @@ def test_two_rank_checkpoint_resumes(runs, corpus, tmp_path):
                           for r, s in zip(rows(out["fsdp"]), rows(same))]  # same losses, norms, lrs
 
     one = crashed("one")
-    res = train(TrainConfig(**cfg_kw(corpus, one, resume=True)), progress=False)
+    res = train(TrainConfig(**cfg_kw(module_corpus, one, resume=True)), progress=False)
     assert res.resumed_from_step == 3 and res.steps == STEPS
     for k, v in final_weights(out["one"]).items():
         torch.testing.assert_close(final_weights(one)[k], v, rtol=0, atol=1e-4, msg=k)
@@ -216,7 +208,7 @@ def test_export_reads_a_sharded_checkpoint(runs, tmp_path):
     assert torch.equal(hf["transformer.wte.weight"], full["transformer.wte.weight"])  # the gathered shards
 
 
-def test_sharded_checkpoint_resumes_under_ddp(runs, corpus, tmp_path):
+def test_sharded_checkpoint_resumes_under_ddp(runs, module_corpus, tmp_path):
     """The FSDP2 run's step-3 shards resumed by two DDP ranks (full replicas, resharded on load): the same
     run within the float-rounding tolerance."""
     out, _ = runs
@@ -224,23 +216,14 @@ def test_sharded_checkpoint_resumes_under_ddp(runs, corpus, tmp_path):
     shutil.copytree(out["fsdp"], d)
     shutil.rmtree(d / "ckpt" / ckpt_mod.step_dir_name(STEPS))
     (d / "result.json").unlink()
-    run_world(2, cfg_kw(corpus, d, resume=True))
+    run_world(2, cfg_kw(module_corpus, d, resume=True))
     for a, b in zip(rows(out["fsdp"]), rows(d)):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=RTOL), a["step"]
     assert not ckpt_mod.is_sharded(ckpt_mod.list_checkpoints(d / "ckpt")[0][1])  # DDP writes the single file
 
 
-def fp32_compute(name: str, d: Path) -> str:
-    """Recipe `name` with fp32 GeMMs (same FP4 quantization of every operand; CPU bf16 GeMMs are ~15x slower)."""
-    from lowbit import recipes
-
-    path = d / f"{name}-fp32.toml"
-    recipes.save(recipes.get(name).replace(compute_dtype="fp32", name=f"{name}-fp32"), path)
-    return str(path)
-
-
 @pytest.mark.parametrize("name, fsdp", [("mxfp4", True), ("fp4-paper", False)])
-def test_quantized_linears_under_wrappers(corpus, tmp_path, monkeypatch, name, fsdp):
+def test_quantized_linears_under_wrappers(module_corpus, tmp_path, monkeypatch, name, fsdp):
     """QLinear's custom autograd Function under FSDP2 (quantizing the all-gathered fp32 master weight) and DDP.
     mxfp4's scales are per 32-element tile of each token row (and per 32 tokens for the weight gradient; each rank
     holds 64 whole tokens), so two ranks compute the same GeMMs as one process and must agree like fp32 does,
@@ -250,8 +233,8 @@ def test_quantized_linears_under_wrappers(corpus, tmp_path, monkeypatch, name, f
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     recipe = fp32_compute(name, tmp_path)
     kw = dict(recipe=recipe, tokens=3 * 2 * 4 * 32, eval_interval=3, ckpt_interval=3)
-    one = train(TrainConfig(**cfg_kw(corpus, tmp_path / "one", **kw)), progress=False)
-    got = run_world(2, cfg_kw(corpus, tmp_path / "two", fsdp=fsdp, **kw))
+    one = train(TrainConfig(**cfg_kw(module_corpus, tmp_path / "one", **kw)), progress=False)
+    got = run_world(2, cfg_kw(module_corpus, tmp_path / "two", fsdp=fsdp, **kw))
     losses = [r["train_loss"] for r in got]
     assert all(math.isfinite(v) for v in losses) and losses[0] > losses[-1]  # gradients flowed through QLinear
     spread = max(abs(b["train_loss"] - a["train_loss"]) / a["train_loss"] for a, b in zip(one.history, got))
@@ -262,9 +245,9 @@ def test_quantized_linears_under_wrappers(corpus, tmp_path, monkeypatch, name, f
     assert set(one.quant_stats) <= set(got[-1])  # quantization statistics logged by rank 0 too
 
 
-def test_batch_must_divide_over_ranks(corpus, tmp_path, capsys, monkeypatch):
+def test_batch_must_divide_over_ranks(module_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    args = ["train", "--data", str(corpus), "--tokenizer", "bytes", "--batch-size", "3", "--nproc", "2",
+    args = ["train", "--data", str(module_corpus), "--tokenizer", "bytes", "--batch-size", "3", "--nproc", "2",
             "--device", "cpu", "--out", str(tmp_path / "run")]
     assert main(args) == 2
     assert "lowbit: error: --batch-size 3 (the global batch) does not divide over --nproc 2" in capsys.readouterr().err
@@ -299,13 +282,13 @@ def test_full_state_dict_keeps_tied_weights_one_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_nproc_launcher_ctrl_c_and_resume(corpus, tmp_path, monkeypatch):
+def test_nproc_launcher_ctrl_c_and_resume(module_corpus, tmp_path, monkeypatch):
     """`lowbit train --nproc 2 --fsdp` through the real launcher (torch.distributed.run): Ctrl-C (SIGINT to the
     whole process group, as a terminal sends it; torchrun forwards it again) stops both ranks after a checkpoint
     with exit status 130; resuming finishes the run with the same bits as an uninterrupted 2-rank run."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     steps = 24
-    kw = cfg_kw(corpus, tmp_path / "run", tokens=steps * 2 * 4 * 32, eval_interval=12, ckpt_interval=1000)
+    kw = cfg_kw(module_corpus, tmp_path / "run", tokens=steps * 2 * 4 * 32, eval_interval=12, ckpt_interval=1000)
     args = ["train", "--data", kw["data"], "--tokenizer", "bytes", "--tokens", str(kw["tokens"]), "--batch-size", "4",
             "--seq-len", "32", "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu",
             "--eval-interval", "12", "--eval-batches", "2", "--log-interval", "1", "--ckpt-interval", "1000",
@@ -327,7 +310,7 @@ def test_nproc_launcher_ctrl_c_and_resume(corpus, tmp_path, monkeypatch):
     # resume on 2 ranks (forked, as run_world; the launcher itself was exercised above)
     run_world(2, {**kw, "fsdp": True, "resume": True})
     # the same run uninterrupted (forked ranks, see run_world): the interrupted + resumed one equals it bit for bit
-    ref = cfg_kw(corpus, tmp_path / "ref", tokens=kw["tokens"], eval_interval=12, ckpt_interval=1000, fsdp=True)
+    ref = cfg_kw(module_corpus, tmp_path / "ref", tokens=kw["tokens"], eval_interval=12, ckpt_interval=1000, fsdp=True)
     run_world(2, ref)
     got, want = rows(tmp_path / "run"), rows(tmp_path / "ref")
     assert [g["step"] for g in got] == list(range(1, steps + 1))

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
                                                           "pip install 'lowbit[hf]'")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,  # noqa: E402
-                          LlamaConfig as HFLlamaConfig, LlamaForCausalLM)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig as HFLlamaConfig
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import lowbit  # noqa: E402

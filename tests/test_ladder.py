@@ -10,12 +10,12 @@ import shutil
 
 import pytest
 import torch
-from test_compare import fake  # noqa: F401  (fixture: a stand-in trainer)
 
 from lowbit.comparison import ladder as lad
 from lowbit.comparison import ladder_report as rep
 from lowbit.comparison import references, scaling
 from lowbit.models import build_model
+from test_compare import fake  # noqa: F401  (fixture: a stand-in trainer)
 
 # ---------------------------------------------------------------- parameter counts
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import lowbit
 import lowbit.nn as lnn
+from conftest import sylvester
 from lowbit import recipes as R
 from lowbit.nn import QLinear, collect_stats, convert, quant_stats
 from lowbit.quant import fake_quantize
@@ -372,19 +373,12 @@ def test_delayed_scaling_grad_output_history():
 
 # --- Hadamard, stochastic rounding ----------------------------------------------------------------
 
-def sylvester(n):
-    h = np.array([[1.0]])
-    while h.shape[0] < n:
-        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
-    return h
-
-
 def test_random_hadamard_is_orthogonal_and_signed():
     Rm = lnn.random_hadamard(16, 7)
     torch.testing.assert_close(Rm @ Rm.t(), torch.eye(16), rtol=0, atol=1e-6)  # fp32 rounding
     s = (Rm[:, 0] * 4).numpy()
     assert set(np.unique(s)) <= {-1.0, 1.0}
-    np.testing.assert_allclose(Rm.numpy(), s[:, None] * sylvester(16) / 4, atol=0)
+    np.testing.assert_allclose(Rm.numpy(), s[:, None] * sylvester(16).numpy() / 4, atol=0)
     assert torch.equal(Rm, lnn.random_hadamard(16, 7)) and not torch.equal(Rm, lnn.random_hadamard(16, 8))
 
 
@@ -408,7 +402,7 @@ def test_hadamard_weight_grad_reference():
     x, dy = torch.randn(32, 32), torch.randn(32, 16)
     _, _, dw, _ = run(q, x, dy)
     s = (q.qstate.hadamard_rotation[:, 0] * 4).numpy()
-    Rm = torch.from_numpy(s[:, None] * sylvester(16) / 4).float()
+    Rm = torch.from_numpy(s[:, None] * sylvester(16).numpy() / 4).float()
     rot = lambda a: (a.reshape(a.shape[0], -1, 16) @ Rm).reshape(a.shape)
     ref = fake_quantize(rot(dy.t().contiguous()), r.grad_output) @ fake_quantize(rot(x.t().contiguous()), r.input).t()
     torch.testing.assert_close(dw, ref, rtol=1e-6, atol=1e-6)

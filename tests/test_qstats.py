@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import lowbit.nn.function as fn_mod
-from conftest import write_corpus
 from lowbit import precision
 from lowbit import recipes as R
 from lowbit.cli import main as cli_main
@@ -20,6 +19,8 @@ from lowbit.quant import absmax_scale
 from lowbit.tensor_quant import TensorQuant
 from lowbit.train import TrainConfig, train
 from lowbit.train.qstats import layer_stats, read
+
+CORPUS = "kings"  # conftest's corpus fixture writes this one
 
 
 def test_operand_stats_hand_computed():
@@ -82,11 +83,6 @@ def test_statistics_off_costs_nothing(monkeypatch):
     collect_stats(m, True)
     m(x).sum().backward()
     assert calls == {"fq": 12, "stats": 6}
-
-
-@pytest.fixture
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"), "kings")
 
 
 def cfg(corpus, out, **kw):

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lowbit.formats import cast, get_format
-from lowbit.quant import (QTensor, absmax_scale, dequantize, fake_quantize, quantize, scaled_values,
-                          underflow_fraction)
+from lowbit.quant import QTensor, absmax_scale, dequantize, fake_quantize, quantize, scaled_values, underflow_fraction
 from lowbit.tensor_quant import QUANT_FORMATS, TensorQuant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

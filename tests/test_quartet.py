@@ -11,18 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import sylvester
 from lowbit import recipes as R
 from lowbit._io import to_toml
 from lowbit.nn import QLinear
 
 N_H = 32
-
-
-def sylvester(n):
-    h = torch.tensor([[1.0]], dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
 
 
 H = (sylvester(N_H) / math.sqrt(N_H)).float()

@@ -15,16 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import trainer_with_batch_hook, write_corpus
+from conftest import fp32_compute, trainer_with_batch_hook
 from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, lr_at, parse_count, train
 from lowbit.train import checkpoint as ckpt_mod
 from lowbit.train import weights as weights_mod
 
-
-@pytest.fixture
-def corpus(tmp_path, private_cache) -> Path:
-    return write_corpus(tmp_path, "grammar")
+CORPUS = "grammar"  # conftest's corpus fixture writes this one
 
 
 def tiny_cfg(corpus, out, **kw) -> TrainConfig:
@@ -447,16 +444,6 @@ def _learns(corpus, tmp_path, recipe):
 
 def test_tiny_learns_fp32(corpus, tmp_path):
     _learns(corpus, tmp_path, "fp32")
-
-
-def fp32_compute(name: str, tmp_path: Path) -> str:
-    """Recipe `name` with compute_dtype fp32, as a .toml path: identical FP4/FP8 quantization of every GeMM
-    operand, but the (fake-quantized) GeMMs run in fp32 -- CPU bf16 matmuls without AMX are ~15x slower here."""
-    from lowbit import recipes
-
-    path = tmp_path / f"{name}-fp32.toml"
-    recipes.save(recipes.get(name).replace(compute_dtype="fp32", name=f"{name}-fp32"), path)
-    return str(path)
 
 
 @pytest.mark.slow
