@@ -365,10 +365,38 @@ def test_exact_gemm_multiplies_the_dequantized_values_unrounded(name):
 def test_delayed_scaling_grad_output_history():
     lin, q = make("fp8-tensor-delayed")
     x = torch.randn(4, 64)
-    for c in (1.0, 3.0):
-        run(q, x, torch.randn(4, 48) * c)
+    dys = [torch.randn(4, 48) * c for c in (1.0, 3.0)]
+    for dy in dys:
+        run(q, x, dy)
+    q.qstate.commit()  # the last backward's amax is committed after the next call, or here
     h = q.qstate.amax_history_grad_output
-    assert h[0] > h[1] > 0 and (h[2:] == 0).all()
+    assert h[0] == dys[1].abs().max() and h[1] == dys[0].abs().max() and (h[2:] == 0).all()
+    assert torch.equal(q.qstate.amax_history_input[:3], torch.stack([x.abs().max()] * 2 + [torch.tensor(0.0)]))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-tensor-delayed", "nvfp4", "quartet"])
+def test_the_function_changes_no_layer_state(recipe):
+    """Issue 20: QLinearFunction/QuartetFunction read the state and report what they observed; only the layer
+    commits. Called directly (no module), histories and the call counter stay as they were; the layer's own call
+    then commits exactly once."""
+    from lowbit.nn.module import FUNCTIONS
+
+    torch.manual_seed(0)
+    q = QLinear(64, 64, recipe=R.get(recipe).replace(compute_dtype="fp32", high_precision=()))
+    st = q.qstate
+    before = {k: b.clone() for k, b in st.named_buffers() if k.startswith("amax_history_")}
+    st.begin_call(torch.device("cpu"))
+    calls = st.calls
+    x = torch.randn(32, 64, requires_grad=True)
+    FUNCTIONS[q.spec.scheme].apply(x, q.weight, q.bias, q.spec, st, torch.float32).sum().backward()
+    FUNCTIONS[q.spec.scheme].apply(x, q.weight, q.bias, q.spec, st, torch.float32).sum().backward()  # a recompute
+    assert st.calls == calls
+    for k, b in before.items():
+        assert torch.equal(getattr(st, k), b), k
+    if st.delayed:  # reported, not committed: the slots hold this call's amaxes
+        assert st.observed_amax[0] == x.abs().max()
+        st.commit()
+        assert st.amax_history_input[0] == x.abs().max() and st.amax_history_input[1] == 0  # once, not twice
 
 
 # --- Hadamard, stochastic rounding ----------------------------------------------------------------

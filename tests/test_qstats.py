@@ -18,7 +18,8 @@ from lowbit.nn.stats import operand_stats
 from lowbit.quant import absmax_scale
 from lowbit.tensor_quant import TensorQuant
 from lowbit.train import TrainConfig, train
-from lowbit.train.qstats import layer_stats, read
+from lowbit.nn.convert import layer_records
+from lowbit.train.qstats import read
 
 CORPUS = "kings"  # conftest's corpus fixture writes this one
 
@@ -47,7 +48,7 @@ def test_saturated_fraction_under_delayed_scaling():
     q.qstate.amax_history_input.fill_(1.0)  # the history says |x| <= 1
     x = torch.tensor([[0.5, -0.25, 2.0, -3.0, 0.1, 4.0, 0.0, 1.0]])
     q(x)
-    recs = {(r["gemm"], r["operand"]): r for r in layer_stats(nn.Sequential(q))}
+    recs = {(r["gemm"], r["operand"]): r for r in layer_records(nn.Sequential(q))}
     assert recs[("fprop", "input")]["saturated"] == pytest.approx(3 / 8)
     assert recs[("fprop", "input")]["scale_log2_mean"] == pytest.approx(math.log2(1 / 448), rel=1e-6)
 
@@ -62,10 +63,10 @@ def test_every_gemm_operand_is_recorded_once():
         collect_stats(m, True)
         x = torch.randn(8, 32, requires_grad=True)
         m(x).sum().backward()
-        recs = layer_stats(m)
+        recs = layer_records(m)
         assert {(r["gemm"], r["operand"]) for r in recs} == want, name
         assert all(r["layer"] == "0" for r in recs)
-        assert layer_stats(m) == []  # popped
+        assert layer_records(m) == []  # popped
 
 
 def test_statistics_off_costs_nothing(monkeypatch):

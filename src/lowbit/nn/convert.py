@@ -15,6 +15,7 @@ from lowbit import recipes
 from lowbit.nn.module import QConv1D, QLinear, is_conv1d
 from lowbit.nn.select import high_precision_names
 from lowbit.nn.spec import OPERANDS
+from lowbit.nn.stats import model_means
 from lowbit.recipes import Recipe
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -93,20 +94,25 @@ def collect_stats(model: nn.Module, enabled: bool = True) -> None:
         m.collect_stats = enabled
 
 
-def quant_stats(model: nn.Module) -> dict[str, float]:
-    """Averages of the statistics gathered since the last call, then reset. Keys: occ_clamped_frac (fraction
-    of activation entries clamped), underflow_frac_{input,weight,grad_output} (fraction of nonzero entries
-    quantized to zero) and underflow_frac (their mean); each is the mean over layers of the per-layer mean
-    over calls. Keys with no data are absent (statistics off, or nothing quantized)."""
-    per_key: dict[str, list[float]] = {}
-    for m in qlinears(model):
-        for key, mean in m.qstate.pop_stats().items():
-            per_key.setdefault(key, []).append(mean)
-    out = {k: sum(v) / len(v) for k, v in per_key.items()}
-    uf = [v for k, v in out.items() if k.startswith("underflow_frac_")]
-    if uf:
-        out["underflow_frac"] = sum(uf) / len(uf)
+def layer_records(model: nn.Module) -> list[dict]:
+    """{"layer", "gemm", "operand", statistic: mean} of every QLinear's statistics (lowbit.nn.stats) since the last
+    call, then reset. `layer` is the module's name in the user's model (without DDP's `module.`, FSDP's or
+    torch.compile's `_orig_mod.` wrappers)."""
+    out = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            name = ".".join(p for p in fqn.split(".") if p not in ("_orig_mod", "module", "_fsdp_wrapped_module"))
+            for (gemm, op), stats in mod.qstate.stats.pop().items():
+                out.append({"layer": name, "gemm": gemm, "operand": op, **stats})
     return out
+
+
+def quant_stats(model: nn.Module) -> dict[str, float]:
+    """The model-wide means of the statistics gathered since the last call, then reset (lowbit.nn.stats.MEANS):
+    occ_clamped_frac (fraction of activation entries clamped), underflow_frac_{input,weight,grad_output}
+    (fraction of nonzero entries quantized to zero) and underflow_frac (their mean); each the mean over layers of
+    the layer's record. Keys with no data are absent (statistics off, or nothing quantized)."""
+    return model_means(layer_records(model))
 
 
 def check_block_sizes(model: nn.Module, recipe: Recipe, model_name: str) -> None:

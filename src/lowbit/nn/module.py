@@ -81,8 +81,11 @@ class QLinear(nn.Linear):
             raise TypeError(f"QLinear input is {x.dtype} but the weight is {w.dtype}; cast one of them "
                             "or run under torch.autocast")
         lead = x.shape[:-1]
+        self.qstate.begin_call(x.device)  # this call's random stream (recipes that draw)
         with torch.autocast(dev, enabled=False):
-            y = FUNCTIONS[self.spec.scheme].apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate, cdtype)
+            y = FUNCTIONS[self.spec.scheme].apply(x.reshape(-1, self.in_features), w, self.bias, self.spec,
+                                                  self.qstate, cdtype)
+        self.qstate.commit()  # the amaxes this call (and the last backward) observed: the Function changes no state
         return y.view(*lead, self.out_features)
 
     def _weight_nk(self) -> torch.Tensor:

@@ -29,7 +29,7 @@ from lowbit.nn.hadamard import hadamard_matrix, rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
-from lowbit.quant import divide_by_scales, underflow_fraction
+from lowbit.quant import divide_by_scales
 
 
 def forward_rotation(n: int, device) -> torch.Tensor:
@@ -37,27 +37,24 @@ def forward_rotation(n: int, device) -> torch.Tensor:
     return (hadamard_matrix(n) / math.sqrt(n)).to(device)
 
 
-def _quantize_fwd(t, q, state: LayerQuantState, op: str):
+def _quantize_fwd(t, q, observer, op: str):
     """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
     tq, scales = fake_quantize_2d(t, q, with_scales=True)  # L is a multiple of the tile: no padding
     mask = divide_by_scales(t, q, scales).abs() < get_format(q.fmt).max  # the quantizer's own scales
-    if state.collect:
-        state.add_stat(f"underflow_frac_{op}", underflow_fraction(t, tq))
-        record_operand(state, "fprop", op, t, tq, q, scales=scales)
+    if observer is not None:
+        record_operand(observer, "fprop", op, t, tq, q, scales=scales)
     return tq, mask
 
 
-def _quantize_bwd(t, R, spec: LinearSpec, state: LayerQuantState, cdtype, gemm: str, op: str):
-    """Q_b(t·R) along the last dim of t [rows, L], in cdtype."""
+def _quantize_bwd(t, R, spec: LinearSpec, gen, observer, cdtype, gemm: str, op: str):
+    """Q_b(t·R) along the last dim of t [rows, L], in cdtype; gen: this call's random stream."""
     q = spec.grad_output
-    gen = state.generator(t.device) if q.rounding == "stochastic" else None
+    gen = gen if q.rounding == "stochastic" else None
     tr = rotate(t, R).to(cdtype)
-    if not state.collect:
+    if observer is None:
         return fake_quantize_2d(tr, q, gen)
     tq, scales = fake_quantize_2d(tr, q, gen, with_scales=True)
-    if op == "grad_output" and gemm == "dgrad":
-        state.add_stat("underflow_frac_grad_output", underflow_fraction(tr, tq))
-    record_operand(state, gemm, op, tr, tq, q, scales=scales)
+    record_operand(observer, gemm, op, tr, tq, q, scales=scales)
     return tq
 
 
@@ -68,10 +65,11 @@ class QuartetFunction(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
         n = spec.rotation_size
         H = forward_rotation(n, x2.device)
-        xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state, "input")
-        wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state, "weight")
+        xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state.observer, "input")
+        wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state.observer, "weight")
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
-        ctx.spec, ctx.state, ctx.cdtype, ctx.x_dtype = spec, state, cdtype, x2.dtype
+        ctx.spec, ctx.observer, ctx.gen, ctx.cdtype, ctx.x_dtype = spec, state.observer, state.call_generator, \
+            cdtype, x2.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(xq, wq, mx, mw, weight)
         return y
@@ -79,23 +77,23 @@ class QuartetFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xq, wq, mx, mw, weight = ctx.saved_tensors
-        spec, state, cdtype = ctx.spec, ctx.state, ctx.cdtype
+        spec, gen, obs, cdtype = ctx.spec, ctx.gen, ctx.observer, ctx.cdtype
         n = spec.rotation_size
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.to(cdtype).contiguous()
             H = forward_rotation(n, dy.device)
-            signs = torch.randint(0, 2, (n,), device=dy.device, generator=state.generator(dy.device)) * 2 - 1
+            signs = torch.randint(0, 2, (n,), device=dy.device, generator=gen) * 2 - 1
             R = signs.to(H.dtype)[:, None] * H
             if need_dx:  # along N
-                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, state, cdtype, "dgrad", "grad_output"),
-                                  _quantize_bwd(wq.t().contiguous(), R, spec, state, cdtype, "dgrad", "weight").t())
+                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, gen, obs, cdtype, "dgrad", "grad_output"),
+                                  _quantize_bwd(wq.t().contiguous(), R, spec, gen, obs, cdtype, "dgrad", "weight").t())
                 dx = rotate(dxh * mx, H.t()).to(ctx.x_dtype)
             if need_dw:  # along M, zero-padded to a multiple of n
                 pad = (-dy.shape[0]) % n
-                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, state, cdtype, "wgrad", "grad_output")
-                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, state, cdtype, "wgrad", "input")
+                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, gen, obs, cdtype, "wgrad", "grad_output")
+                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, gen, obs, cdtype, "wgrad", "input")
                 dwh = cpu_bf16.mm(g, xt.t())
                 dw = rotate(dwh * mw, H.t()).to(weight.dtype)
             if need_db and ctx.bias_dtype is not None:

@@ -1,24 +1,45 @@
-"""LayerQuantState: the one mutable per-layer object of a quantized linear layer.
+"""LayerQuantState: the one mutable per-layer object of a quantized linear layer, and who may change it.
 
 It holds what a recipe needs to remember between calls and what the layer reports:
   * amax histories of delayed scaling (one per quantized operand, newest first; fp32 [history_len]),
-  * the stochastic-rounding generator (one per device, seeded from the layer index),
+  * the call counter that seeds each call's stochastic-rounding stream (SR recipes and Quartet),
   * the Hadamard rotation of the weight-gradient GeMM (fixed, seeded from the layer index),
-  * statistics (sums and counts, when `collect` is on).
-The autograd Function is given this object and writes nothing else. It is an nn.Module child of the
-layer so its tensors follow `.to(device)`; its buffers are non-persistent (the layer's state_dict stays
-nn.Linear's) and `quant_state_dict()` / `load_quant_state_dict()` carry it in the trainer's checkpoints.
+  * the statistics observer (lowbit.nn.stats.LayerStats) and whether the next calls report to it.
+
+The autograd Function never changes this state: it reads the histories and the rotation, draws from the
+generator `begin_call` made for its call (seeded from the layer and the call's index, saved with the call for
+its backward), and reports what it observed: the amax of each operand it quantized into `observed_amax` (one
+slot per operand) and statistics to the observer. The layer commits the observed amaxes into the histories
+after the call (`commit`; the backward's grad_output amax after the next call, or when the state is saved). So a
+compiled call that fails before running changes nothing, and the counter, not a generator's hidden position,
+is what a checkpoint keeps. It is an nn.Module child of the layer so its tensors follow `.to(device)`; its
+buffers are non-persistent (the layer's state_dict stays nn.Linear's) and `quant_state_dict()` /
+`load_quant_state_dict()` carry it in the trainer's checkpoints.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from lowbit.nn.hadamard import random_hadamard
-from lowbit.nn.spec import LinearSpec
+from lowbit.nn.spec import OPERANDS, LinearSpec
+from lowbit.nn.stats import LayerStats
 
-SR_SEED = 0x5EED_0001   # stochastic-rounding stream of layer i: SR_SEED + i
+SR_SEED = 0x5EED_0001   # stochastic-rounding streams of layer i, call n: seeded from (SR_SEED + i, n)
 RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: RHT_SEED + i
+_M64 = (1 << 64) - 1
+
+
+def call_seed(layer_idx: int, call: int) -> int:
+    """The seed of call `call`'s random stream in layer `layer_idx`: SplitMix64's finalizer of
+    (SR_SEED + layer) · 2^32 + call, so every bit depends on both (torch's CPU generator keeps only the low 32
+    bits of a seed; a plain sum would give every layer the same stream), in [0, 2^63)."""
+    z = ((((SR_SEED + layer_idx) << 32) + (call & 0xFFFF_FFFF)) + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
 
 
 class LayerQuantState(nn.Module):
@@ -30,77 +51,78 @@ class LayerQuantState(nn.Module):
         self.layer_idx = int(layer_idx)
         self.most_recent, self.headroom = amax_compute_algo == "most_recent", float(2 ** margin)
         self.collect = False
-        self.stats: dict[str, list] = {}
-        self.generators: dict[str, torch.Generator] = {}
-        if spec.delayed:
-            for op in spec.quantizers():
-                self.register_buffer(f"amax_history_{op}", torch.zeros(history_len, device=device),
-                                     persistent=False)
+        self.stats = LayerStats()
+        self.calls = 0
+        self.random = spec.scheme == "quartet" or any(q.rounding == "stochastic" for q in spec.quantizers().values())
+        self.call_generator: torch.Generator | None = None
+        self.delayed = [op for op in spec.quantizers()] if spec.delayed else []
+        for op in self.delayed:
+            self.register_buffer(f"amax_history_{op}", torch.zeros(history_len, device=device), persistent=False)
+        if self.delayed:  # what the Function observed, NaN where nothing is waiting to be committed
+            self.register_buffer("observed_amax", torch.full((len(OPERANDS),), float("nan"), device=device),
+                                 persistent=False)
         if spec.hadamard_size:
             R = random_hadamard(spec.hadamard_size, RHT_SEED + self.layer_idx)
             self.register_buffer("hadamard_rotation", R.to(device), persistent=False)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The layer's stochastic-rounding generator on `device` (created on first use)."""
-        key = str(device)
-        g = self.generators.get(key)
-        if g is None:
-            g = torch.Generator(device=device).manual_seed(SR_SEED + self.layer_idx)
-            self.generators[key] = g
-        return g
+    @property
+    def observer(self) -> LayerStats | None:
+        """Where the Function reports statistics: the layer's LayerStats while collecting, else None."""
+        return self.stats if self.collect else None
+
+    # --- the layer's side: begin a call, commit what it observed ----------------------------------------
+
+    def begin_call(self, device: torch.device) -> None:
+        """Before a call: give it its own random stream (recipes that draw: stochastic rounding, Quartet)."""
+        if self.random:
+            self._next_generator(device)
+
+    @torch.compiler.disable  # the counter is a Python int: traced, it would recompile the graph at every call
+    def _next_generator(self, device: torch.device) -> None:
+        self.call_generator = torch.Generator(device=device).manual_seed(call_seed(self.layer_idx, self.calls))
+        self.calls += 1
+
+    def commit(self) -> None:
+        """Push every observed finite amax into its history (newest first) and clear the slots. A non-finite
+        amax is not pushed: one inf or NaN in an input must not poison the scale of every later step (as
+        Transformer Engine, the last finite history carries on). Branch-free, so it traces under compile."""
+        if not self.delayed:
+            return
+        obs = self.observed_amax
+        for op in self.delayed:
+            hist, cur = getattr(self, f"amax_history_{op}"), obs[OPERANDS.index(op)]
+            hist.copy_(torch.where(torch.isfinite(cur), torch.cat([cur.view(1), hist[:-1]]), hist))
+        obs.fill_(float("nan"))
+
+    # --- the Function's side: read, report ----------------------------------------------------------------
 
     def delayed_amax(self, op: str, t: torch.Tensor, record: bool) -> torch.Tensor:
-        """The amax delayed scaling uses for operand `op`: the history's max, or its newest entry with
-        amax_compute_algo "most_recent" (t's own amax while the history is empty), times 2^margin; with
-        `record`, t's amax is pushed into the history -- only when it is finite: one inf or NaN in an input must
-        not poison the scale of every later step (as Transformer Engine, the last finite history carries on).
-        0-d fp32. Branch-free (torch.where), so it traces under torch.compile."""
+        """The amax delayed scaling uses for operand `op` (0-d fp32): the history's max, or its newest entry with
+        amax_compute_algo "most_recent" (t's own amax while the history is empty), times 2^margin. With
+        `record`, t's amax is reported for the layer to commit after the call. Branch-free (traces)."""
         hist = getattr(self, f"amax_history_{op}")
         cur = t.abs().amax().float()
-        hmax = hist[0] if self.most_recent else hist.max()
-        amax = torch.where(hmax > 0, hmax, cur) * self.headroom
         if record:
-            pushed = torch.cat([cur.view(1).to(hist.dtype), hist[:-1]])
-            hist.copy_(torch.where(torch.isfinite(cur), pushed, hist))
-        return amax
+            self.observed_amax[OPERANDS.index(op)].copy_(cur)
+        hmax = hist[0] if self.most_recent else hist.max()
+        return torch.where(hmax > 0, hmax, cur) * self.headroom
 
-    def add_stat(self, key: str, value: torch.Tensor) -> None:
-        """Accumulate one observation (0-d tensor) of statistic `key`."""
-        s = self.stats.get(key)
-        if s is None:
-            self.stats[key] = [value.detach().float(), 1]
-        else:
-            s[0] = s[0] + value.detach().float()
-            s[1] += 1
-
-    def pop_stats(self) -> dict[str, float]:
-        """Mean of each statistic since the last call, then reset (per-layer records: pop_layer_stats)."""
-        out = {k: float(total) / count for k, (total, count) in self.stats.items() if not isinstance(k, tuple)}
-        self.stats = {k: v for k, v in self.stats.items() if isinstance(k, tuple)}
-        return out
-
-    def add_layer_stats(self, gemm: str, op: str, values: dict[str, torch.Tensor]) -> None:
-        """Accumulate one quantization's statistics (lowbit.nn.stats) under (gemm, operand)."""
-        for name, v in values.items():
-            self.add_stat((gemm, op, name), v)
-
-    def pop_layer_stats(self) -> dict[tuple[str, str], dict[str, float]]:
-        """{(gemm, operand): {statistic: mean since the last call}}, then reset those."""
-        out: dict[tuple[str, str], dict[str, float]] = {}
-        for key, (total, count) in self.stats.items():
-            if isinstance(key, tuple):
-                out.setdefault(key[:2], {})[key[2]] = float(total) / count
-        self.stats = {k: v for k, v in self.stats.items() if not isinstance(k, tuple)}
-        return out
+    # --- checkpoints ----------------------------------------------------------------------------------------
 
     def quant_state_dict(self) -> dict:
-        """{"generators": {device: state}, "buffers": {amax_history_*: tensor}}: what a checkpoint keeps."""
-        return {"generators": {k: g.get_state() for k, g in self.generators.items()},
+        """{"calls": n, "buffers": {amax_history_*: tensor}}: what a checkpoint keeps (after a commit)."""
+        self.commit()
+        return {"calls": self.calls,
                 "buffers": {k: b.detach().cpu().clone() for k, b in self.named_buffers(recurse=False)
                             if k.startswith("amax_history_")}}
 
     def load_quant_state_dict(self, state: dict) -> None:
-        for k, g_state in state.get("generators", {}).items():
-            self.generator(torch.device(k)).set_state(g_state)
+        if "generators" in state and "calls" not in state:
+            logging.getLogger("lowbit.train").warning(
+                "this checkpoint predates per-call random streams: stochastic rounding continues from a fresh "
+                "stream (the run is not bit for bit the uninterrupted one)")
+        self.calls = int(state.get("calls", 0))
         for k, b in state.get("buffers", {}).items():
             getattr(self, k).copy_(b)
+        if self.delayed:
+            self.observed_amax.fill_(float("nan"))

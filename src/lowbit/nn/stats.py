@@ -16,6 +16,11 @@ For t (the operand as the GeMM receives it, in the compute dtype) and tq = Q(t):
     (element-wise ones from every k-th row of operands above 64k entries: see record_operand)
     scale_log2_min / _mean / _max   over the operand's scales (log2 of the decode scale)
 For OCC (fprop's input): occ_clamped (fraction of entries clamped) and occ_residual_share (‖ΔX·Wᵀ‖ / ‖Y‖).
+
+One pipeline: the Function reports each quantization to its layer's LayerStats (one per layer), which keeps
+one record per (GeMM, operand): the mean of each statistic over the calls since it was last popped. Everything
+else is derived from those records: quant_stats.jsonl (lowbit.train.qstats) and the model-wide means the
+metrics log (`model_means`).
 """
 from __future__ import annotations
 
@@ -58,12 +63,66 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
             "scale_log2_min": ls.min(), "scale_log2_mean": ls.mean(), "scale_log2_max": ls.max()}
 
 
+# the model-wide metrics: (metric, gemm, operand, statistic), from the GeMM that quantizes the operand first
+MEANS = (("underflow_frac_input", "fprop", "input", "underflow"),
+         ("underflow_frac_weight", "fprop", "weight", "underflow"),
+         ("underflow_frac_grad_output", "dgrad", "grad_output", "underflow"),
+         ("occ_clamped_frac", "fprop", "input", "occ_clamped"))
+
+
+class LayerStats:
+    """One layer's statistics sink: sums and counts of 0-d tensors per (gemm, operand, statistic), kept on the
+    device (no host sync until `pop`)."""
+
+    def __init__(self):
+        self._sums: dict[tuple[str, str, str], list] = {}
+
+    def record(self, gemm: str, op: str, values: dict[str, torch.Tensor]) -> None:
+        """Add one quantization's (or one OCC call's) statistics under (gemm, op)."""
+        for name, v in values.items():
+            s = self._sums.get((gemm, op, name))
+            if s is None:
+                self._sums[(gemm, op, name)] = [v.detach().float(), 1]
+            else:
+                s[0] = s[0] + v.detach().float()
+                s[1] += 1
+
+    def pop(self) -> dict[tuple[str, str], dict[str, float]]:
+        """{(gemm, operand): {statistic: mean since the last pop}}, then empty."""
+        out: dict[tuple[str, str], dict[str, float]] = {}
+        for (gemm, op, name), (total, count) in self._sums.items():
+            out.setdefault((gemm, op), {})[name] = float(total) / count
+        self._sums = {}
+        return out
+
+
+def model_means(records: list[dict]) -> dict[str, float]:
+    """The metrics' model-wide means from per-layer records ({"layer", "gemm", "operand", statistic: value}):
+    each MEANS metric is the mean over layers of its record's statistic (grad_output from wgrad where no dgrad
+    quantized it), underflow_frac the mean of the three underflow ones. Metrics with no data are absent."""
+    by = {(r["layer"], r["gemm"], r["operand"]): r for r in records}
+    layers = list(dict.fromkeys(r["layer"] for r in records))
+    out = {}
+    for metric, gemm, op, stat in MEANS:
+        vals = []
+        for layer in layers:
+            rec = by.get((layer, gemm, op)) or (by.get((layer, "wgrad", op)) if gemm == "dgrad" else None)
+            if rec is not None and stat in rec:
+                vals.append(rec[stat])
+        if vals:
+            out[metric] = sum(vals) / len(vals)
+    under = [v for k, v in out.items() if k.startswith("underflow_frac_")]
+    if under:
+        out["underflow_frac"] = sum(under) / len(under)
+    return out
+
+
 SAMPLE_ELEMS = 1 << 16  # element-wise statistics of a larger operand come from an even spread of its rows
 
 
-def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, amax=None,
-                   scales: torch.Tensor | None = None) -> None:
-    """Add one quantization's statistics to `state` (a LayerQuantState collecting statistics). `scales`: the
+def record_operand(observer: LayerStats, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor, q: TensorQuant,
+                   amax=None, scales: torch.Tensor | None = None) -> None:
+    """Report one quantization's statistics to `observer` (a layer's LayerStats). `scales`: the
     decode scales the quantizer used (absmax_scale's shape for t), which makes the scale statistics free and
     exact; without them they are recomputed. An operand above SAMPLE_ELEMS entries is summarised from every
     k-th row (at least SAMPLE_ELEMS entries) for its element-wise statistics, which keeps a sampled step's
@@ -72,9 +131,9 @@ def record_operand(state, gemm: str, op: str, t: torch.Tensor, tq: torch.Tensor,
     if scales is not None and q.granularity != "block":  # scales per row (or one): sample rows and their scales
         ts, tqs = (t[::k], tq[::k]) if k > 1 else (t, tq)
         ss = scales if q.granularity == "tensor" or k == 1 else scales[::k]
-        state.add_layer_stats(gemm, op, operand_stats(ts, tqs, q, divide_by_scales(ts, q, ss), scales))
+        observer.record(gemm, op, operand_stats(ts, tqs, q, divide_by_scales(ts, q, ss), scales))
         return
     scaled, scales = scaled_and_scales_2d(t, q, amax)  # padded or 2-D blocks: recompute (weights, rare shapes)
     if k > 1:
         t, tq, scaled = t[::k], tq[::k], scaled[::k]
-    state.add_layer_stats(gemm, op, operand_stats(t, tq, q, scaled, scales))
+    observer.record(gemm, op, operand_stats(t, tq, q, scaled, scales))

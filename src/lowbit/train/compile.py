@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowbit.nn import qlinears
 
 log = logging.getLogger("lowbit")
 
@@ -20,10 +19,12 @@ class CompiledModel(nn.Module):
     or shapes change); a failure there (no C++ compiler for inductor, an unsupported Python or op)
     raises a TorchDynamoException. The backward graph is compiled together with the forward one
     (functorch's `force_non_lazy_backward_lowering`), so its failures surface here too instead of
-    in `loss.backward()`. After a failure every call runs `model` eagerly; the failed call may have
-    advanced stochastic-rounding generators / amax histories once. QLinear's forward traces as one
-    graph for recipes with round-to-nearest (tests/test_compile.py); stochastic rounding passes a
-    torch.Generator to the quantizer, which dynamo cannot put in a graph (a graph break there).
+    in `loss.backward()`. After a failure every call runs `model` eagerly. A failed call changes no
+    layer state (the Function never does; a layer commits after its call), except where a graph break
+    let part of it run: for recipes that draw random numbers a layer's call counter may then have advanced
+    once (its random streams shift by one call). QLinear's forward traces as one graph for recipes with
+    round-to-nearest (tests/test_compile.py); stochastic rounding gives each call a torch.Generator, made
+    outside the graph, which dynamo cannot put in a graph (graph breaks there).
 
     Calls and train()/eval() go to `model`; state_dict() and parameters() are `model`'s (save
     `model`, not this wrapper).
@@ -33,9 +34,6 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.model = model
         self.failed: str | None = None
-        for m in qlinears(model):  # create SR generators now: creating one inside the graph breaks it
-            if any(q.rounding == "stochastic" for q in m.spec.quantizers().values()):
-                m.qstate.generator(m.weight.device)
         try:
             compiled = torch.compile(model, backend=backend, **compile_kwargs)
         except Exception as e:  # torch.compile refuses up front (e.g. an unsupported Python version)

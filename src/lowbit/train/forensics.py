@@ -7,7 +7,7 @@ with a hook on every linear layer and the quantization statistics on, and writes
     {"step": 7, "first": {"phase": "forward", "layer": "transformer.h.2.mlp.c_fc", "tensor": "weight", ...},
      "events": [...every linear layer's input, weight, output (forward) and grad_output, grad_input (backward),
                 in execution order, with nonfinite_frac and amax...],
-     "quant_stats": [...the per-layer, per-GeMM records of lowbit.train.qstats, nonfinite included...]}
+     "quant_stats": [...the per-layer, per-GeMM records of lowbit.nn.convert.layer_records, nonfinite included...]}
 
 `first` is the earliest event, in execution order, with a non-finite entry (None when no linear layer saw one:
 the NaN arose elsewhere, e.g. in attention's softmax or the loss). The trainer names it in its warning.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.nn import collect_stats
-from lowbit.train.qstats import layer_stats
+from lowbit.nn.convert import layer_records
 
 FILE = "divergence.json"
 
@@ -85,10 +85,10 @@ def diagnose(model: nn.Module, batch, autocast_ctx, step: int, run_dir: Path | N
         e["order"] = i
     first = next((e for e in events if e.get("nonfinite_frac", 0) > 0), None)
     if run_dir is not None:
-        doc = {"step": step, "first": first, "events": events, "quant_stats": layer_stats(model)}
+        doc = {"step": step, "first": first, "events": events, "quant_stats": layer_records(model)}
         Path(run_dir, FILE).write_text(json.dumps(_json(doc), indent=1))
     else:
-        layer_stats(model)  # drop them
+        layer_records(model)  # drop them
     return first
 
 

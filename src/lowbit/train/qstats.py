@@ -20,26 +20,10 @@ import json
 import math
 from pathlib import Path
 
-from lowbit.nn import collect_stats
-from lowbit.nn.module import QLinear
+from lowbit.nn.convert import collect_stats, layer_records
+from lowbit.nn.stats import model_means
 
 FILE = "quant_stats.jsonl"
-
-
-def layer_stats(model) -> list[dict]:
-    """Records {layer, gemm, operand, stat: value} of every QLinear's statistics since the last call; resets."""
-    out = []
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, QLinear):
-            for (gemm, op), stats in mod.qstate.pop_layer_stats().items():
-                out.append({"layer": _clean(fqn), "gemm": gemm, "operand": op, **stats})
-    return out
-
-
-def _clean(fqn: str) -> str:
-    """The module's name in the user's model: without DDP's `module.` or torch.compile's `_orig_mod.`."""
-    parts = [p for p in fqn.split(".") if p not in ("_orig_mod", "module", "_fsdp_wrapped_module")]
-    return ".".join(parts)
 
 
 def read(run_dir) -> list[dict]:
@@ -52,7 +36,8 @@ def read(run_dir) -> list[dict]:
 
 
 class StatsSchedule:
-    """Switches statistics on for the steps that sample them and writes quant_stats.jsonl after them."""
+    """Switches statistics on for the steps that sample them, writes quant_stats.jsonl after them, and keeps the
+    model-wide means of the sampled steps for the metrics (`pop_means`)."""
 
     def __init__(self, model, run_path, interval: int, steps: int, always: bool, write: bool,
                  keep_until: int | None = None, tb=None):
@@ -60,6 +45,7 @@ class StatsSchedule:
         self.path = Path(run_path) / FILE if write else None
         self.tb = tb
         self.on = always
+        self._means: list[dict[str, float]] = []
         collect_stats(model, always)
         if self.path is not None and self.path.exists():
             kept = [r for r in read(run_path) if keep_until is not None and r["step"] <= keep_until]
@@ -78,7 +64,9 @@ class StatsSchedule:
         """Write step n's records (if it was sampled); returns them."""
         if not self.sampled(n):
             return []
-        recs = [{"step": n, **r} for r in layer_stats(self.model)]
+        recs = [{"step": n, **r} for r in layer_records(self.model)]
+        if recs:
+            self._means.append(model_means(recs))
         if self.path is not None and recs:
             with self.path.open("a") as f:
                 f.writelines(json.dumps(_json(r)) + "\n" for r in recs)
@@ -88,6 +76,15 @@ class StatsSchedule:
                         if isinstance(v, float) and math.isfinite(v):
                             self.tb.add_scalar(f"quant/{r['layer']}/{r['gemm']}/{r['operand']}/{k}", v, n)
         return recs
+
+
+    def pop_means(self) -> dict[str, float]:
+        """The metrics' model-wide means (lowbit.nn.stats.model_means) over the sampled steps since the last
+        call (under --compile: the window's), then reset; {} when none was sampled."""
+        keys = dict.fromkeys(k for m in self._means for k in m)
+        out = {k: sum(m[k] for m in self._means if k in m) / sum(k in m for m in self._means) for k in keys}
+        self._means = []
+        return out
 
 
 def _json(r: dict) -> dict:

@@ -29,7 +29,7 @@ from lowbit import flops as flops_mod
 from lowbit.cpu_bf16 import check_resumed_path
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.models import config_to_dict
-from lowbit.nn import check_block_sizes, quant_stats
+from lowbit.nn import check_block_sizes
 from lowbit.train import dist, forensics
 from lowbit.train.checkpointer import CheckpointManager
 from lowbit.train.config import TrainConfig
@@ -221,9 +221,9 @@ class Trainer:
         self.timer = StepTimer()
         interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
         # under --compile toggling statistics would compile a second graph: they stay on (when wanted at all)
-        self.qstats = StatsSchedule(self.model, self.run.path, interval, self.steps, always=bool(cfg.compile) and
-                                    interval > 0, write=self.di.is_main, keep_until=keep,
-                                    tb=self.logger.tb_writer)
+        self.stats_schedule = StatsSchedule(self.model, self.run.path, interval, self.steps,
+                                            always=bool(cfg.compile) and interval > 0, write=self.di.is_main,
+                                            keep_until=keep, tb=self.logger.tb_writer)
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class Trainer:
                 self.model.train()
                 while self.state.step < self.steps:
                     n, stop_now = self.train_step(stop)
-                    self.qstats.after_step(n)
+                    self.stats_schedule.after_step(n)
                     bar.update(1)
                     diverged_at = self._diverged()
                     self._log_if_due(n, bar, last=n == self.steps or diverged_at is not None)
@@ -289,7 +289,7 @@ class Trainer:
         lr = lr_at(step, self.steps, cfg.lr, self.warmup, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.qstats.before_step(n)
+        self.stats_schedule.before_step(n)
         loss_sum = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
             x, y = self.batcher.next()
@@ -344,7 +344,7 @@ class Trainer:
     def _log_if_due(self, n: int, bar, last: bool) -> None:
         if not self.should_log(n, last):
             return
-        qstats = quant_stats(self.model)  # this window's sampled steps (under --compile: the window's mean)
+        qstats = self.stats_schedule.pop_means()  # this window's sampled steps (under --compile: the window's)
         val_loss = eval_loss(self.forward, self.val, self.recipe, self.device, self.di) \
             if self.evaluate_due(n, last) else None
         tps = self.timer.window_tokens_per_s(self.tokens_per_step)
