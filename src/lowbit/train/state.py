@@ -3,7 +3,7 @@
 
     TrainState   step, the non-finite streak, the open log window's losses
     RNGState     torch / numpy / python (and CUDA) generators of the process
-    QuantState   every quantized layer's LayerQuantState (generators, amax histories), by module name
+    QLinearStates every quantized layer's LayerQuantState (call counters, amax histories), by module name
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-class QuantState:
+class QLinearStates:
     """Every QLinear's LayerQuantState in `model`, keyed by module name (checkpointed so that resume is exact
     for stochastic rounding and delayed scaling)."""
 

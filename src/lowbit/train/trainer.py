@@ -13,7 +13,10 @@ Subclasses change one piece by overriding a factory (`build_model`, `make_optimi
 
 Determinism: on CPU a run is a pure function of its config (same seed, same bits); a resumed run continues
 bit for bit (optimizer, schedule position, batch RNG, torch/numpy/python RNGs and the quantized layers'
-generators and amax histories are all in `states()`, which the CheckpointManager saves).
+call counters and amax histories are all in `checkpoint_states()`, which the CheckpointManager saves).
+The model has three handles: `model` (the module itself: what is saved and converted), `dist_model` (its DDP/FSDP2
+wrapper, the model itself in one process) and `step_model` (what a step calls: `dist_model`, compiled under
+--compile). `resume_ckpt` is the (directory, meta) of the checkpoint resumed from, `resumed_at_step` its step.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from lowbit.train.runtime import (
 )
 from lowbit.train.schedule import default_warmup, lr_at
 from lowbit.train.signals import StopRequest, TrainingInterrupted
-from lowbit.train.state import QuantState, RNGState, TrainState
+from lowbit.train.state import QLinearStates, RNGState, TrainState
 
 log = logging.getLogger("lowbit.train")
 
@@ -112,23 +115,23 @@ class Trainer:
         dist.run_on_main(lambda: self.run.check(cfg.resume, cfg.overwrite), self.di)  # rank 0 checks
         self.sharded = cfg.fsdp and self.di.distributed
         self.ckpt = CheckpointManager(self.run.ckpt_root, cfg.ckpt_interval, cfg.keep_last, self.di, self.sharded)
-        self.resume_from = self.ckpt.latest() if cfg.resume else None
-        if cfg.resume and self.resume_from is None:
+        self.resume_ckpt = self.ckpt.latest() if cfg.resume else None
+        if cfg.resume and self.resume_ckpt is None:
             log.warning("resume: no checkpoint in %s yet; starting from step 0", self.run.ckpt_root)
-        if self.resume_from is not None:
-            cfg.check_resume(self.resume_from[1].get("config", {}), self.resume_from[0])
+        if self.resume_ckpt is not None:
+            cfg.check_resume(self.resume_ckpt[1].get("config", {}), self.resume_ckpt[0])
 
     def _finished_result(self) -> TrainResult | None:
         """The run's result.json when --resume finds the run already finished at this token budget."""
-        if self.resume_from is None:
+        if self.resume_ckpt is None:
             return None
         steps = self.cfg.tokens // (self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum)
-        result = self.run.read_result() if self.resume_from[1].get("step") == steps else None
+        result = self.run.read_result() if self.resume_ckpt[1].get("step") == steps else None
         return None if result is None or result.get("steps") != steps else TrainResult.from_dict(result)
 
     def _setup_data(self, dataset) -> None:
         cfg, saved_tok = self.cfg, self.run.tokenizer
-        resumed_tok = Tokenizer.load(saved_tok) if self.resume_from and saved_tok.is_dir() else None
+        resumed_tok = Tokenizer.load(saved_tok) if self.resume_ckpt and saved_tok.is_dir() else None
         self.init = None
         if cfg.init_from:  # (model, tokenizer) of a Hugging Face directory
             from lowbit.hf import load_pretrained
@@ -168,8 +171,8 @@ class Trainer:
         apply_recipe(model, self.recipe)
         check_block_sizes(model, self.recipe, cfg.model)
         model.to(self.device)
-        if self.resume_from is not None:
-            ckpt_dir, meta = self.resume_from
+        if self.resume_ckpt is not None:
+            ckpt_dir, meta = self.resume_ckpt
             if meta.get("vocab_size") != vocab:
                 raise ValueError(f"checkpoint {ckpt_dir} has vocab_size {meta.get('vocab_size')}, the tokenizer has "
                                  f"{vocab}; resume with the same data and tokenizer")
@@ -177,8 +180,8 @@ class Trainer:
                 check_resumed_path(meta.get("cpu_gemm"), str(ckpt_dir))
             self.ckpt.load_weights(ckpt_dir, model, self.device)
         self.model = model
-        self.model_fwd = dist.wrap(model, self.di, self.device, cfg.fsdp)  # the model itself in one process
-        self.forward = self.compile(self.model_fwd) if cfg.compile else self.model_fwd
+        self.dist_model = dist.wrap(model, self.di, self.device, cfg.fsdp)  # the model itself in one process
+        self.step_model = self.compile(self.dist_model) if cfg.compile else self.dist_model
 
     def _setup_batches(self) -> None:
         cfg, di, world = self.cfg, self.di, self.di.world_size
@@ -194,16 +197,16 @@ class Trainer:
             log.info("no validation split (val_fraction=0): val_loss is not computed")
 
     def _setup_resume(self) -> None:
-        self.state = TrainState()
-        self.resumed_from, self.start_step = None, 0
-        if self.resume_from is None:
+        self.train_state = TrainState()
+        self.resumed_at_step, self.start_step = None, 0
+        if self.resume_ckpt is None:
             return
-        ckpt_dir = self.resume_from[0]  # weights were loaded before wrapping
-        self.ckpt.load(ckpt_dir, self.model_fwd, self.optimizer, self.states())
-        self.resumed_from = self.start_step = self.state.step
-        log.info("resumed from %s (step %d of %d)", ckpt_dir, self.state.step, self.steps)
-        if self.state.step > self.steps:
-            raise ValueError(f"checkpoint {ckpt_dir} is at step {self.state.step}, past this run's {self.steps} "
+        ckpt_dir = self.resume_ckpt[0]  # weights were loaded before wrapping
+        self.ckpt.load(ckpt_dir, self.dist_model, self.optimizer, self.checkpoint_states())
+        self.resumed_at_step = self.start_step = self.train_state.step
+        log.info("resumed from %s (step %d of %d)", ckpt_dir, self.train_state.step, self.steps)
+        if self.train_state.step > self.steps:
+            raise ValueError(f"checkpoint {ckpt_dir} is at step {self.train_state.step}, past this run's {self.steps} "
                              "steps; raise --tokens to train further")
 
     def _setup_metrics(self) -> None:
@@ -216,7 +219,7 @@ class Trainer:
             log.info("MFU not reported: %s", e)
         self.memory = PeakMemory(self.device)
         self.memory.start()
-        keep = self.state.step if cfg.resume else None
+        keep = self.train_state.step if cfg.resume else None
         self.logger = MetricsLogger(self.run.path, keep_until=keep) if self.di.is_main else RowsOnly()
         self.timer = StepTimer()
         interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
@@ -227,12 +230,12 @@ class Trainer:
 
     # --- state ----------------------------------------------------------------------------------------
 
-    def states(self) -> dict:
+    def checkpoint_states(self) -> dict:
         """Everything a checkpoint holds besides the weights and the optimizer."""
         schedule = {"steps": self.steps, "warmup_steps": self.warmup, "lr": self.cfg.lr,
                     "min_lr_ratio": self.cfg.min_lr_ratio}
-        return {"train": self.state, "schedule": schedule, "batcher": self.batcher, "rng": RNGState(self.device),
-                "qlinear": QuantState(self.model)}
+        return {"train": self.train_state, "schedule": schedule, "batcher": self.batcher, "rng": RNGState(self.device),
+                "qlinear": QLinearStates(self.model)}
 
     def save(self, step: int) -> None:
         """Checkpoint `step` (every rank calls this: FSDP2 gathers shards on all of them)."""
@@ -240,7 +243,8 @@ class Trainer:
                 "model_config": config_to_dict(self.model.config), "vocab_size": self.tokenizer.vocab_size,
                 "tokens": step * self.tokens_per_step, "init_hash": self.init_hash, "data_hash": self.data_hash,
                 "cpu_gemm": cpu_gemm(self.recipe, self.device)}
-        self.ckpt.save(step, self.model_fwd if self.sharded else self.model, self.optimizer, self.states(), meta)
+        model = self.dist_model if self.sharded else self.model
+        self.ckpt.save(step, model, self.optimizer, self.checkpoint_states(), meta)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -251,12 +255,12 @@ class Trainer:
             log.info("%s already finished its %d steps; nothing to resume (raise --tokens to train further)",
                      self.run.path, self.finished.steps)
             return self.finished
-        bar = _progress_bar(self.progress and self.di.is_main, self.steps, self.state.step)
+        bar = _progress_bar(self.progress and self.di.is_main, self.steps, self.train_state.step)
         diverged_at = None
         try:
             with StopRequest() as stop:
                 self.model.train()
-                while self.state.step < self.steps:
+                while self.train_state.step < self.steps:
                     n, stop_now = self.train_step(stop)
                     self.stats_schedule.after_step(n)
                     bar.update(1)
@@ -284,7 +288,7 @@ class Trainer:
         global-norm clip, the AdamW update unless the loss or gradient is non-finite. Returns (steps done,
         whether any rank was asked to stop)."""
         cfg, di, t0 = self.cfg, self.di, time.perf_counter()
-        step = self.state.step
+        step = self.train_state.step
         n = step + 1
         lr = lr_at(step, self.steps, cfg.lr, self.warmup, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
@@ -295,9 +299,9 @@ class Trainer:
             x, y = self.batcher.next()
             y = y.contiguous()  # the batcher's targets are a strided view; the loss .view()s them
             # gradients are all-reduced (DDP) / reduce-scattered (FSDP2) after the last micro-batch only
-            with dist.no_grad_sync(self.model_fwd, di.distributed and i < cfg.grad_accum - 1):
+            with dist.no_grad_sync(self.dist_model, di.distributed and i < cfg.grad_accum - 1):
                 with autocast(self.recipe, self.device):
-                    _, loss = self.forward(x, y)
+                    _, loss = self.step_model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         self._last_batch = (x, y)  # for the divergence forensics (lowbit.train.forensics)
@@ -314,9 +318,9 @@ class Trainer:
         else:
             log.warning("step %d: non-finite %s (loss %s, grad norm %s); skipping the update (%d in a row, "
                         "the run stops after %d)", n, "loss" if not math.isfinite(loss_val) else "gradient",
-                        loss_val, grad_norm, self.state.bad_streak + 1, cfg.max_bad_steps + 1)
+                        loss_val, grad_norm, self.train_state.bad_streak + 1, cfg.max_bad_steps + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.record(n, loss_val, finite)
+        self.train_state.record(n, loss_val, finite)
         self.lr, self.grad_norm = lr, grad_norm
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -325,7 +329,7 @@ class Trainer:
 
     def _diverged(self) -> int | None:
         """The step the non-finite streak began, once it is longer than max_bad_steps."""
-        s = self.state
+        s = self.train_state
         if s.bad_streak <= self.cfg.max_bad_steps:
             return None
         first = forensics.diagnose(self.model, self._last_batch, autocast(self.recipe, self.device), s.step,
@@ -345,16 +349,16 @@ class Trainer:
         if not self.should_log(n, last):
             return
         qstats = self.stats_schedule.pop_means()  # this window's sampled steps (under --compile: the window's)
-        val_loss = eval_loss(self.forward, self.val, self.recipe, self.device, self.di) \
+        val_loss = eval_loss(self.step_model, self.val, self.recipe, self.device, self.di) \
             if self.evaluate_due(n, last) else None
         tps = self.timer.window_tokens_per_s(self.tokens_per_step)
-        losses = self.state.window_losses
+        losses = self.train_state.window_losses
         row = {"step": n, "tokens": n * self.tokens_per_step,
                "train_loss": sum(losses) / len(losses) if losses else float("nan"), "val_loss": val_loss,
                "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": tps, "mfu": self._mfu(tps), **qstats}
         self.logger.log(row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{tps:,.0f}")
-        self.state.window_losses = []
+        self.train_state.window_losses = []
         self.timer.new_window()
 
     def _mfu(self, tokens_per_s: float) -> float | None:
@@ -363,7 +367,7 @@ class Trainer:
         return flops_mod.mfu(tokens_per_s, self.fpt, self.peak_flops)
 
     def _result(self, diverged_at: int | None) -> TrainResult:
-        final_step, history = self.state.step, self.logger.rows
+        final_step, history = self.train_state.step, self.logger.rows
         step_time = self.timer.step_time()
         tps = self.tokens_per_step / step_time if step_time > 0 else float("nan")
         last_row = history[-1] if history else {}
@@ -371,7 +375,7 @@ class Trainer:
         if self.val:
             val_rows = [r for r in history if r.get("val_loss") is not None]
             final_val = val_rows[-1]["val_loss"] if val_rows and val_rows[-1]["step"] == final_step \
-                else eval_loss(self.forward, self.val, self.recipe, self.device, self.di)
+                else eval_loss(self.step_model, self.val, self.recipe, self.device, self.di)
         result = TrainResult(
             final_train_loss=float(last_row.get("train_loss", float("nan"))), final_val_loss=final_val,
             steps=final_step, tokens=final_step * self.tokens_per_step, tokens_per_s=tps, step_time_s=step_time,
@@ -379,7 +383,7 @@ class Trainer:
             quant_stats={k: v for k, v in last_row.items() if k not in BASE_COLUMNS},
             wall_time_s=time.perf_counter() - self.t_call, diverged_at_step=diverged_at, history=list(history),
             init_hash=self.init_hash, data_hash=self.data_hash, out=str(self.run.path), mfu=self._mfu(tps),
-            resumed_from_step=self.resumed_from)
+            resumed_from_step=self.resumed_at_step)
         if self.di.is_main:
             self.run.write_result(result.to_dict())
         return result
