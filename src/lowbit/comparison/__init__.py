@@ -5,7 +5,7 @@
 
 Every module and what it owns: docs/architecture.md.
 """
-import importlib
+from lowbit._lazy import lazy_exports
 
 # public name -> its module, imported on first use (the CLI's parser must not pull in torch)
 _LAZY = {"DEFAULT_RECIPES": "cli", "add_cli": "cli", "command_line": "command", "default_eval_interval": "cli",
@@ -15,11 +15,4 @@ _LAZY = {"DEFAULT_RECIPES": "cli", "add_cli": "cli", "command_line": "command", 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"lowbit.comparison.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'lowbit.comparison' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

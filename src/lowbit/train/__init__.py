@@ -6,7 +6,7 @@
 
 Every module and what it owns: docs/architecture.md.
 """
-import importlib
+from lowbit._lazy import lazy_exports
 
 # public name -> the module that defines it, imported on first use: `lowbit.train.config` (what the CLI's
 # parser and argument errors need) must not pull in torch and the training stack
@@ -16,11 +16,4 @@ _LAZY = {"TrainConfig": "config", "parse_count": "config", "evaluate": "evaluati
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"lowbit.train.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'lowbit.train' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
