@@ -3,8 +3,9 @@
 It receives tensors, the frozen LinearSpec and the layer's LayerQuantState, and never changes that state: it
 reads the amax histories and the rotation, draws from the random stream the layer gave this call (saved with
 the call for its backward), and reports what it observed (operand amaxes, statistics) for the layer to commit
-(lowbit.nn.state). Unlike torchao's Float8Linear the bias is an input of the Function: it is added in the GeMM's accumulator before the one rounding to the
-compute dtype, as a bf16 GeMM's epilogue does (added outside, a bf16 output would be rounded twice).
+(lowbit.nn.state). Unlike torchao's Float8Linear the bias is an input of the Function: it is added in the GeMM's
+accumulator before the one rounding to the compute dtype, as a bf16 GeMM's epilogue does (added outside, a bf16
+output would be rounded twice).
 
   * DGE (spec.dge.enabled): dW ← dW ⊙ f'(W_scaled), f' from `lowbit.estimators.dge_derivative` on the
     forward weight divided by its scale (the same scale the forward GeMM used).
@@ -37,8 +38,8 @@ from lowbit.nn.stats import record_operand
 _SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product uses CSR
 
 
-def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, generator=None,
-                     amax=None, record: bool = True, q=None, gemm: str = "fprop") -> tuple[torch.Tensor, torch.Tensor | None]:
+def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, generator=None, amax=None,
+                     record: bool = True, q=None, gemm: str = "fprop") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fake-quantized 2-D t along its last dim, the amax used or None) for operand `op` ("input", "weight",
     "grad_output"). Delayed scaling reads the operand's amax history (and, with `record`, reports t's amax);
     statistics go to the layer's observer when it collects (a requantization of the same operand for another
