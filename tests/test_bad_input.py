@@ -285,3 +285,21 @@ def test_overwrite_after_checks_does_replace(env, capsys):
     assert main(base_args(corpus, run, "--overwrite", "--seed", "1")) == 0
     assert snapshot(run) != before
     assert json.loads((run / "result.json").read_text())["steps"] == 7
+
+
+def test_resume_of_a_directory_that_does_not_exist(env, capsys):
+    """Issue 21: a typo in --out with --resume must not start a fresh run there."""
+    corpus, run, tmp = env
+    missing = tmp / "runs" / "doesnotexist"
+    fails(base_args(corpus, missing, "--resume"), f"--resume: run directory {missing} does not exist", run, capsys)
+    assert not missing.exists() and not missing.parent.exists()
+
+
+@pytest.mark.parametrize("pattern, hint", [("firts:1", "did you mean first:1?"),
+                                           ("transformer.h.0.attn.c_atn", "did you mean transformer.h.0.attn.c_attn?"),
+                                           ("*.nothing", "matches no module")])
+def test_high_precision_selection_that_matches_nothing(env, capsys, pattern, hint):
+    corpus, run, _ = env
+    err = fails(base_args(corpus, run, "--recipe", "fp4-direct", "--high-precision", pattern, "--overwrite"),
+                f"high-precision pattern {pattern!r} matches no module of this model", run, capsys)
+    assert hint in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import pytest
 
@@ -20,7 +21,7 @@ import lowbit  # noqa: E402
 from lowbit import hf as hf_mod  # noqa: E402
 from lowbit.cli import main  # noqa: E402
 from lowbit.data import Batcher, Tokenizer, train_bpe  # noqa: E402
-from lowbit.export import PACKED_QUANT, load_packed, load_packed_state_dict  # noqa: E402
+from lowbit.export import PACKED_QUANT, export, load_packed, load_packed_state_dict  # noqa: E402
 from lowbit.models import build_model  # noqa: E402
 from lowbit.nn import QConv1D, QLinear  # noqa: E402
 from lowbit.quant import fake_quantize  # noqa: E402
@@ -292,3 +293,23 @@ def test_packed_export_dequantizes_and_is_small(run_dir, tmp_path, fmt, capsys):
     hf, fast = load_packed(out, hf=True)
     x = ids(V=model.config.vocab_size)
     torch.testing.assert_close(hf(input_ids=x).logits, lb(x)[0], rtol=RTOL, atol=ATOL)
+
+
+def test_export_without_transformers_creates_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21: the missing extra is named and no (empty) output directory is left behind."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    out = tmp_path / "exports" / "hf"
+    assert main(["export", "--ckpt", str(run_dir), "--out", str(out)]) == 2
+    assert "pip install 'lowbit[hf]'" in capsys.readouterr().err
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_failed_export_leaves_no_directory(run_dir, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(hf_mod, "save_pretrained", boom)
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match="disk full"):
+        export(run_dir, out)
+    assert list(tmp_path.iterdir()) == []  # neither `out` nor the staging directory

@@ -18,8 +18,11 @@ packed file itself: load it with `load_packed`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,12 +46,26 @@ def _packable(name: str, t: torch.Tensor, model) -> bool:
     return t.dim() == 2 and name in linears and not name.startswith("lm_head")
 
 
-def _prepare_dir(out: str | os.PathLike) -> Path:
+def _check_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export directory {out} exists and is not empty; choose another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A temporary directory beside `out`, renamed to `out` when the block succeeds and removed when it fails:
+    a failed export leaves no directory (an empty `out` that already existed is replaced)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bf16_bytes(sd: dict[str, torch.Tensor]) -> int:
@@ -146,13 +163,16 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, to: str = "hf", weig
         raise ValueError(f"unknown export target {to!r}; supported: hf")
     if weights_format not in WEIGHTS_FORMATS:
         raise ValueError(f"unknown weights format {weights_format!r}; choose one of {', '.join(WEIGHTS_FORMATS)}")
+    out = _check_out(out)
+    hf_mod.require_transformers()  # before anything is read or written
     model, tok, _ = load_checkpoint(ckpt, device="cpu")
-    out = _prepare_dir(out)
-    if weights_format in PACKED_QUANT:
-        save_packed(model, tok, out, weights_format)
-        arch = hf_mod.architecture(model.config) + " config, packed"
-    else:
-        hf_mod.save_pretrained(model, tok, out, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[weights_format]))
-        arch = hf_mod.architecture(model.config)
+    with _staged(out) as tmp:
+        if weights_format in PACKED_QUANT:
+            save_packed(model, tok, tmp, weights_format)
+            arch = hf_mod.architecture(model.config) + " config, packed"
+        else:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights_format]
+            hf_mod.save_pretrained(model, tok, tmp, dtype=dtype)
+            arch = hf_mod.architecture(model.config)
     return {"out": str(out), "architecture": arch, "weights_format": weights_format,
             "weights_bytes": dir_bytes(out), "bf16_bytes": _bf16_bytes(model.state_dict())}

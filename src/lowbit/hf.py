@@ -40,11 +40,12 @@ from lowbit.models.base import CausalLM
 _LOWBIT_KEY = "lowbit_model_config"
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("this needs Hugging Face transformers: pip install 'lowbit[hf]'") from None
+        raise ImportError("this needs Hugging Face transformers: pip install 'lowbit[hf]' (or pip install "
+                          "transformers accelerate)") from None
     return transformers
 
 
@@ -61,7 +62,7 @@ def _mapping(config):
 def hf_config(config, eot_id: int | None = None):
     """The transformers config (GPT2Config, LlamaConfig, ...) of a lowbit model config."""
     special = {} if eot_id is None else {"bos_token_id": eot_id, "eos_token_id": eot_id}
-    c = _mapping(config).to_hf_config(_transformers(), config, special)
+    c = _mapping(config).to_hf_config(require_transformers(), config, special)
     setattr(c, _LOWBIT_KEY, config_to_dict(config))
     return c
 
@@ -109,7 +110,7 @@ def load_exact(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 def to_hf(model: CausalLM, eot_id: int | None = None) -> nn.Module:
     """A transformers GPT2LMHeadModel / LlamaForCausalLM (fp32, eval mode) with `model`'s weights (the
     high-precision master weights: a converted model's QLinear layers export like nn.Linear)."""
-    tf = _transformers()
+    tf = require_transformers()
     cfg = hf_config(model.config, eot_id)
     hf = tf.AutoModelForCausalLM.from_config(cfg)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -157,7 +158,7 @@ def _bytes_backend():
 def hf_tokenizer(tok: Tokenizer):
     """lowbit's Tokenizer as a transformers PreTrainedTokenizerFast (same ids for any text without the
     literal end-of-text string; `<|endoftext|>` is its bos/eos/unk token, as in GPT-2)."""
-    tf = _transformers()
+    tf = require_transformers()
     if tok.kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -210,7 +211,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[CausalLM, Tokenizer]:
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} is not a Hugging Face model directory (no config.json); "
                                 "pass a directory written by `lowbit export --to hf` or save_pretrained")
-    tf = _transformers()
+    tf = require_transformers()
     hf = tf.AutoModelForCausalLM.from_pretrained(d, local_files_only=True, dtype=torch.float32)
     model = from_hf(hf)
     tok = tokenizer_from_dir(d)

@@ -15,6 +15,7 @@ The blocks are the entries of the model's longest nn.ModuleList that holds linea
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 
 from torch import nn
@@ -64,6 +65,11 @@ def high_precision_names(model: nn.Module, patterns: tuple[str, ...]) -> set[str
     prefix, n = block_list(model)
     blocks = selected_blocks(patterns, n)
     globs = [p for p in patterns if not _BLOCK.match(p)]
+    names = [fqn for fqn, _ in model.named_modules() if fqn]
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(fqn, g) for fqn in names):
+            raise ValueError(f"high-precision pattern {g!r} matches no module of this model{_did_you_mean(g, names)}; "
+                             "use first:N, last:N, share:P% or a module-name glob such as *.attn.c_proj")
     out = set()
     for fqn, _ in model.named_modules():
         if any(fnmatch.fnmatchcase(fqn, g) for g in globs):
@@ -72,3 +78,13 @@ def high_precision_names(model: nn.Module, patterns: tuple[str, ...]) -> set[str
         if rest is not None and int(rest.split(".", 1)[0]) in blocks:
             out.add(fqn)
     return out
+
+
+def _did_you_mean(pattern: str, names: list[str]) -> str:
+    """" (did you mean X?)" for a misspelt block pattern (firts:1 -> first:1) or module name; "" when none is close."""
+    head, sep, rest = pattern.partition(":")
+    if sep:
+        close = difflib.get_close_matches(head, ["first", "last", "share"], n=1, cutoff=0.6)
+        return f" (did you mean {close[0]}:{rest}?)" if close else ""
+    close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

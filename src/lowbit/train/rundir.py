@@ -47,6 +47,9 @@ class RunDir:
         out = self.path
         if out.exists() and not out.is_dir():
             raise ValueError(f"out={str(out)!r} is a file, not a directory; choose another --out")
+        if resume and not overwrite and not out.exists():  # a typo in --out must not start a fresh run
+            raise ValueError(f"--resume: run directory {out} does not exist, so there is nothing to resume; check "
+                             "the path, or drop --resume to start a new run there")
         _check_writable(out)
         if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
             raise ValueError(f"run directory {out} already exists and is not empty; pass --resume to continue "
