@@ -4,6 +4,7 @@
 
 - divide vs reciprocal (TE/torchao): codes that flip between the two conventions (FP8 per-tensor, NVFP4);
 - power-of-two scales, floor (OCP) vs ceil (RCEIL): fraction of elements saturated, relative error;
+- saturation per recipe: the share of entries that land beyond the format's max after scaling (clipped);
 - NVFP4 weights: elements of W whose quantized value differs between the forward GeMM and the dX GeMM, with
   1×16 tiles (requantized along the other dim: `nvfp4-tiles`) and with 16×16 blocks (`nvfp4`).
 """
@@ -16,7 +17,8 @@ from _results import cpu_description, write_section  # bench/ is on sys.path whe
 
 import torch
 
-from lowbit.quant import absmax_scale, fake_quantize, quantize
+from lowbit import recipes
+from lowbit.quant import absmax_scale, divide_by_scales, fake_quantize, fake_quantize_with_scales, quantize
 from lowbit.tensor_quant import TensorQuant
 
 SECTION = "## Scale conventions and NVFP4 weight blocks (bench/conventions.py)"
@@ -56,6 +58,12 @@ def main(argv=None) -> int:
     blocks = TensorQuant("e2m1", "block", 16, "e4m3")
     fwd, dgrad = fake_quantize(w, blocks), fake_quantize(w.t().contiguous(), blocks).t()
     rows.append(f"| 16×16 blocks (nvfp4) | {float((fwd != dgrad).float().mean()):.1%} |")
+    rows += ["", "| recipe (input quantizer) | entries saturated (beyond the format max after scaling) |", "|---|---:|"]
+    for name in ("fp8-tensor", "fp4-direct", "mxfp8", "mxfp8-rceil", "mxfp4", "nvfp4", "nvfp4-4over6", "quartet"):
+        q = recipes.get(name).input
+        _, scales = fake_quantize_with_scales(x, q)
+        sat = float((divide_by_scales(x, q, scales).abs() > q_max(q.fmt) * (1 + 2 ** -20)).float().mean())
+        rows.append(f"| {name} | {sat:.2%} |")
     body = (f"{SECTION}\n\nCommand: `python bench/conventions.py --write`\n\nbf16-rounded Gaussian data, x [512, 1024], "
             f"W [1024, 1024], on {cpu_description()} (torch {torch.__version__}).\n\n" + "\n".join(rows))
     print(body)
