@@ -160,3 +160,17 @@ def test_format_report_text():
     assert "seq 64" in short and "tokens/s" not in short
     with pytest.raises(ValueError):
         flops.format_report(get_config("tiny"), mfu=1.5)
+
+
+@pytest.mark.parametrize("path, want", [("native", torch.bfloat16), ("upcast", torch.float32)])
+def test_cpu_peak_is_the_gemm_path_the_run_takes(monkeypatch, path, want):
+    """Issue 21: bf16 on a CPU with native bf16 GeMMs measures MFU against the bf16 matmul peak (against fp32's
+    it read 233%); on the upcast path, and for fp32 runs, against fp32's."""
+    from lowbit import cpu_bf16
+
+    monkeypatch.setattr(cpu_bf16, "_PATH", {torch.bfloat16: path})
+    seen = []
+    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", lambda dtype=torch.float32: seen.append(dtype) or 1e9)
+    assert flops.peak_flops("cpu", torch.bfloat16) == 1e9 and seen == [want]
+    assert flops.peak_flops("cpu", torch.float32) == 1e9 and seen[-1] == torch.float32
+    assert flops.peak_flops("cpu") == 1e9 and seen[-1] == torch.float32

@@ -138,12 +138,13 @@ def gpu_peak_flops(name: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 matmul throughput of this CPU, FLOP/s: best of `repeats` n×n×n matmuls
-    (2n³ FLOPs each), after one warm-up. Cached per (n, repeats) for the process: the CPU's
-    peak does not change, and measuring costs ~0.1-1 s."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Measured `dtype` matmul throughput of this CPU, FLOP/s: best of `repeats` n×n×n matmuls (2n³ FLOPs each),
+    after two warm-ups (the first bf16 call compiles oneDNN's kernel). Cached per (n, repeats, dtype) for the
+    process: the CPU's peak does not change, and measuring costs ~0.1-1 s. A timing: it feeds MFU, never
+    numerics."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -153,15 +154,25 @@ def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def peak_flops(device: str | torch.device) -> float:
-    """Peak FLOP/s to compute MFU against on `device`.
+def cpu_peak_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype whose matmul is the CPU's peak for GeMMs in `dtype`: bf16/fp16 where they run natively
+    (lowbit.cpu_bf16), else fp32 (the upcast path multiplies in fp32)."""
+    from lowbit.cpu_bf16 import cpu_gemm_path
+
+    low = dtype in (torch.bfloat16, torch.float16)
+    return dtype if low and cpu_gemm_path(dtype) == "native" else torch.float32
+
+
+def peak_flops(device: str | torch.device, dtype: torch.dtype | None = None) -> float:
+    """Peak FLOP/s to compute MFU against on `device`, for GeMMs in `dtype` (the compute dtype).
 
     CUDA/ROCm: the dense BF16 tensor-core peak of the GPU from GPU_PEAK_BF16_FLOPS;
-    CPU: measured fp32 matmul throughput (measure_cpu_matmul_flops). Raises ValueError
-    for a GPU not in the table or another device type (pass the peak explicitly then)."""
+    CPU: the measured matmul throughput of the GeMM path `dtype` takes (cpu_peak_dtype: native bf16 where the
+    CPU has bf16 units, else fp32), so MFU compares like with like. Raises ValueError for a GPU not in the table
+    or another device type (pass the peak explicitly then)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return measure_cpu_matmul_flops()
+        return measure_cpu_matmul_flops(dtype=cpu_peak_dtype(dtype))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)

@@ -213,7 +213,10 @@ class Trainer:
         cfg = self.cfg
         self.fpt = flops_mod.flops_per_token(self.model.config, cfg.seq_len)["train"]
         try:
-            self.peak_flops = flops_mod.peak_flops(self.device) * self.di.world_size  # MFU over all devices
+            dtype = torch.bfloat16 if self.recipe.compute_dtype == "bf16" else torch.float32
+            self.peak_flops = flops_mod.peak_flops(self.device, dtype) * self.di.world_size  # over all devices
+            if self.device.type == "cpu":
+                log.info("MFU against this CPU's measured %s matmul peak", flops_mod.cpu_peak_dtype(dtype))
         except ValueError as e:
             self.peak_flops = None
             log.info("MFU not reported: %s", e)
