@@ -82,7 +82,7 @@ def test_table_numbers_correspond():
     assert "4.0000" in bf16 and "12,346" in bf16 and "100.0" in bf16 and "+0.0000" in bf16
     fp4 = next(line for line in lines if "fp4-paper" in line)
     cells = [c.strip() for c in fp4.strip("|").split("|")]
-    assert cells[2:8] == ["4.1500", "4.1000", "+0.1000", "+2.50%", "4,000", "2.50×"]
+    assert cells[2:8] == ["4.1500", "4.1000", "+0.1000", "+2.50%", "4,000 (train)", "2.50×"]
     div = next(line for line in lines if "fp4-direct" in line)
     assert "diverged at step 42" in div
     runs["fp4-paper[dge.k=5]"] = dict(runs["fp4-paper"], same_run_as="fp4-paper")
@@ -149,10 +149,25 @@ def test_table_every_column():
     cells = dict(zip(cols, [c.strip() for c in rows[1].strip("|").split("|")]))
     r = runs["fp8"]
     assert cells == {"Recipe": "fp8", "Status": "ok", "Train loss": f"{r['final_train_loss']:.4f}",
-                     "Val loss": "4.2000", "Δ val vs bf16": "+0.2000", "Δ %": "+5.00%", "Tokens/s": "4,000",
+                     "Val loss": "4.2000", "Δ val vs bf16": "+0.2000", "Δ %": "+5.00%", "Tokens/s": "4,000 (train)",
                      "Step time vs bf16": "2.00×", "Tokens to bf16's loss ×": "not reached", "Matched-loss cost": "not reached",
                      "Step ms (CPU ms)": "–", "Peak mem (MiB)": "96.0",
                      "Wall (s)": "71.2"}
+
+
+def test_tokens_per_s_comes_from_the_timing_phase():
+    """Issue 21: with a timing phase, tokens/s is tokens per step / the timed step time, so it agrees with the
+    step-time ratio (training-time throughput, load noise included, stays in results.json only)."""
+    runs = {"bf16": _run(4.0, tps=9000.0, tokens=4096, steps=8), "fp8": _run(4.2, tps=9500.0, tokens=4096, steps=8)}
+    timing = {"per_recipe": {"bf16": {"step_s": 0.1, "cpu_s": 0.1, "rel": 1.0},
+                             "fp8": {"step_s": 0.2, "cpu_s": 0.2, "rel": 2.0}}}
+    res = records.summarize({"base_config": {"model": "tiny"}, "command": "c", "machine": {}, "runs": runs,
+                             "timing": timing})
+    head, _, *rows = report.format_table(res).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    tps = {row.split("|")[1].strip().strip("*"): row.split("|")[cols.index("Tokens/s") + 1].strip() for row in rows}
+    assert tps == {"bf16": "5,120", "fp8": "2,560"}  # 512 tokens per step / 0.1 s and / 0.2 s
+    assert res["runs"]["fp8"]["tokens_per_s"] == 9500.0  # training's own, kept
 
 
 def _lines(ax) -> dict[str, tuple[list, list]]:

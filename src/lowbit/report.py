@@ -76,6 +76,14 @@ def _status(r: dict) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def _tokens_per_s(r: dict) -> str:
+    """From the interleaved timing phase when there was one (the same load for every recipe, so it agrees with
+    the step-time column); else training's own, marked "(train)"."""
+    if _finite(r.get("timed_tokens_per_s")):
+        return _f(r["timed_tokens_per_s"], ",.0f")
+    return _f(r.get("tokens_per_s"), ",.0f") + (" (train)" if _finite(r.get("tokens_per_s")) else "")
+
+
 def format_table(results: dict) -> str:
     """Markdown table, one row per run: losses, gaps to the reference, speed, memory, wall time."""
     ref = results.get("reference")
@@ -92,7 +100,7 @@ def format_table(results: dict) -> str:
             _f(r.get("final_val_loss"), ".4f"),
             _f(r.get("val_gap_abs"), "+.4f"),
             _f(r.get("val_gap_pct"), "+.2f") + ("%" if _finite(r.get("val_gap_pct")) else ""),
-            _f(r.get("tokens_per_s"), ",.0f"),
+            _tokens_per_s(r),
             _f(r.get("step_time_rel"), ".2f") + ("×" if _finite(r.get("step_time_rel")) else ""),
             report_charts.iso_cell(r, "iso_token_ratio"), report_charts.iso_cell(r, "matched_loss_cost"),
             _f(r.get("step_ms"), ".1f") + (f" ({r['cpu_ms']:.1f})" if _finite(r.get("cpu_ms")) else ""),

@@ -157,8 +157,9 @@ def gaps(runs: dict[str, dict], reference: str | None) -> dict[str, dict]:
 
 
 def _timed_ratios(runs: dict, timing: dict | None) -> None:
-    """With a timing phase, each run's step_time_rel (and step_ms / cpu_ms) are the timing phase's, in place (a
-    reused label takes the run it is the same as); training's own step_time_s stays as measured."""
+    """With a timing phase, each run's step_time_rel, step_ms / cpu_ms and timed_tokens_per_s are the timing
+    phase's, in place (a reused label takes the run it is the same as); training's own step_time_s and
+    tokens_per_s stay as measured (throughput under whatever else the machine did then)."""
     if not timing:
         return
     per = timing.get("per_recipe") or {}
@@ -167,6 +168,8 @@ def _timed_ratios(runs: dict, timing: dict | None) -> None:
         if t is not None:
             r["step_time_rel"] = t.get("rel")
             r["step_ms"], r["cpu_ms"] = 1e3 * t["step_s"], 1e3 * t["cpu_s"]
+            if finite(r.get("tokens")) and r.get("steps") and t["step_s"] > 0:
+                r["timed_tokens_per_s"] = r["tokens"] / r["steps"] / t["step_s"]
 
 
 def summarize(results: dict) -> dict:
