@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lowbit.comparison.isoloss import ISO_TOLERANCE
+
 ISO_PNG = "iso_loss.png"
 _ISO_BARS = (("step_time_rel", "step time"), ("iso_token_ratio", "tokens to the reference's loss"),
              ("matched_loss_cost", "matched-loss cost"))
@@ -19,19 +21,22 @@ def iso_cell(r: dict, key: str) -> str:
     return "not reached" if r.get("status") == "ok" and r.get("iso_tokens") is None and "iso_tokens" in r else "–"
 
 
-def iso_series(results: dict) -> tuple[list[str], dict[str, list[float]]]:
-    """(labels, {bar key: values}) the iso-loss chart draws: every run with a finite token ratio (NaN where a
-    value is missing)."""
+def iso_series(results: dict) -> tuple[list[str], dict[str, list[float]], list[str]]:
+    """(labels, {bar key: values}, the labels that never reached the reference's loss) the iso-loss chart draws:
+    every finished run with a step-time ratio or a token ratio (NaN where a value is missing)."""
     runs = results.get("runs", {})
-    labels = [lab for lab, r in runs.items() if _finite(r.get("iso_token_ratio"))]
+    labels = [lab for lab, r in runs.items() if r.get("status") == "ok"
+              and (_finite(r.get("iso_token_ratio")) or _finite(r.get("step_time_rel")))]
+    unreached = [lab for lab in labels if "iso_tokens" in runs[lab] and runs[lab]["iso_tokens"] is None]
     return labels, {k: [runs[lab][k] if _finite(runs[lab].get(k)) else math.nan for lab in labels]
-                    for k, _ in _ISO_BARS}
+                    for k, _ in _ISO_BARS}, unreached
 
 
 def plot_iso_loss(results: dict, path: Path) -> Path | None:
     """Grouped bars per recipe: step time, tokens to the reference's loss, matched-loss cost (all relative to
-    the reference, 1 = the same). None (nothing written) when no run reached the reference's loss."""
-    labels, series = iso_series(results)
+    the reference, 1 = the same); a run that never reached the loss keeps its step-time bar and is marked
+    "not reached". None (nothing written) when no run has a bar."""
+    labels, series, unreached = iso_series(results)
     if not labels:
         return None
     import matplotlib
@@ -39,14 +44,18 @@ def plot_iso_loss(results: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(labels) + 2), 4.2))
     w = 0.8 / len(_ISO_BARS)
     for i, (key, name) in enumerate(_ISO_BARS):
         ax.bar([j + (i - 1) * w for j in range(len(labels))], series[key], w, label=name)
+    for j, lab in enumerate(labels):
+        if lab in unreached:
+            ax.text(j + w / 2, 1.0, "not reached", rotation=90, ha="center", va="bottom", fontsize=7, color="C3")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"× {results.get('reference')}")
-    ax.set_title("what each recipe costs to reach the reference's final validation loss")
+    ax.set_title(f"cost of reaching the reference's final validation loss\n(within {ISO_TOLERANCE:.1%}; "
+                 "1 = the reference)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
