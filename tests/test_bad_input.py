@@ -303,3 +303,26 @@ def test_high_precision_selection_that_matches_nothing(env, capsys, pattern, hin
     err = fails(base_args(corpus, run, "--recipe", "fp4-direct", "--high-precision", pattern, "--overwrite"),
                 f"high-precision pattern {pattern!r} matches no module of this model", run, capsys)
     assert hint in err
+
+
+def test_a_token_budget_of_absurdly_many_passes(env, capsys):
+    """Issue 21: --tokens 1e99 trained at lr 4e-95 for minutes; now refused, naming the bound."""
+    corpus, run, _ = env
+    fails(base_args(corpus, run, "--tokens", "1e99", "--overwrite"), "passes over the training split", run, capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipe", "fp4-papr"], "unknown recipe 'fp4-papr' (did you mean fp4-paper?)"),
+    (["--model", "llama-tinny"], "unknown model preset 'llama-tinny' (did you mean llama-tiny?)"),
+])
+def test_unknown_names_get_a_suggestion(env, capsys, args, message):
+    corpus, run, _ = env
+    fails(base_args(corpus, run, *args, "--overwrite"), message, run, capsys)
+
+
+def test_a_bad_recipe_file_is_named(env, capsys, tmp_path):
+    corpus, run, _ = env
+    bad = tmp_path / "mine.toml"
+    bad.write_text(recipes.get("fp4-direct").to_toml().replace('fmt = "e2m1"', 'fmt = "e2m11"', 1))
+    err = fails(base_args(corpus, run, "--recipe", str(bad), "--overwrite"), f"recipe file {bad}: ", run, capsys)
+    assert "unknown fmt 'e2m11' (did you mean e2m1?)" in err

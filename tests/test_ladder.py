@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,20 @@ def test_a_stop_mid_cell_keeps_the_runs_that_finished(fake, tmp_path, monkeypatc
         _run(fake, tmp_path, tmp_path / "out", tmp_path / "keep")
     kept = sorted(p.name for p in (tmp_path / "keep").rglob("*.result.json"))
     assert kept == ["bf16.result.json", "fp8-tensor.result.json"]  # lost: only the run in progress
+
+
+def test_report_only_is_built_from_what_the_kept_summaries_hold(tmp_path, capsys):
+    """Issue 21: `--report-only` with default flags (--seeds 1) used seed 1 only although bench/ladder keeps seeds
+    1-3; now every kept cell is reported, each with the tokens its runs trained."""
+    from lowbit.cli import main
+
+    keep = Path(__file__).resolve().parents[1] / "bench" / "ladder"
+    kept = {p.parent.relative_to(keep).as_posix() for p in keep.rglob("bf16.result.json")}
+    assert main(["ladder", "--report-only", "--keep", str(keep), "--out", str(tmp_path / "lad")]) == 0
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "lad" / "ladder.json").read_text())
+    assert {c["key"] for c in doc["cells"]} == kept and {c["seed"] for c in doc["cells"]} == {1, 2, 3}
+    for c in doc["cells"]:
+        assert c["tokens"] == json.loads((keep / c["key"] / "bf16.result.json").read_text())["tokens"]
+    assert main(["ladder", "--report-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "no finished ladder runs" in capsys.readouterr().err

@@ -56,6 +56,16 @@ def test_load_that_hits_every_recipe_alike_leaves_ratios_alone():
     assert any("disagree by more than 20%" in w and "bf16" in w for w in t["warnings"])
 
 
+def test_own_threads_are_not_a_busy_machine():
+    """Issue 21: on 2 cores lowbit's own 2 threads read load 2.1 and the report called the machine busy."""
+    own = timing.summarize({"bf16": [[(0.1, 0.2)]]}, "bf16", 2.11, 2.09, 2, 1, 1, own_threads=2)
+    assert not own["warnings"]
+    other = timing.summarize({"bf16": [[(0.1, 0.2)]]}, "bf16", 2.1, 3.9, 2, 1, 1, own_threads=2)  # a second job
+    assert any("machine was busy" in w for w in other["warnings"])
+    wide = timing.summarize({"bf16": [[(0.1, 0.2)]]}, "bf16", 5.0, 5.0, 8, 1, 1, own_threads=2)  # free cores left
+    assert not wide["warnings"]
+
+
 def test_busy_machine_warning_from_load_average():
     t = timing.summarize({"bf16": [[(0.1, 0.2)]]}, "bf16", load_before=0.5, load_after=4.0, cores=2, rounds=1,
                          steps=1)

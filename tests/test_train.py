@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -494,3 +495,20 @@ def test_one_step_equals_adamw_by_hand_with_clipping_and_decay_split(corpus, tmp
             m_hat, v_hat = m / (1 - b1), v / (1 - b2)
             want = p.double() * (1 - lr * (wd if p.dim() >= 2 else 0.0)) - lr * m_hat / (v_hat.sqrt() + eps)
             assert torch.allclose(got[name].double(), want, rtol=0, atol=2e-7), name  # fp32 rounding of ~0.02
+
+
+def test_files_and_directories_keep_the_umask_mode(corpus, tmp_path):
+    """Issue 21: result.json, config, checkpoints and caches were 0600/0700 (the atomic temp file's mode)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train(tiny_cfg(corpus, tmp_path / "run", tokens=2 * 2 * 4 * 32, ckpt_interval=1), progress=False)
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    ckpt = sorted((run / "ckpt").glob("step_*"))[-1]
+    for p in (run / "result.json", ckpt / "meta.json", ckpt / "model.safetensors"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    for p in (run, run / "ckpt", ckpt, run / "tokenizer"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o755, p

@@ -31,6 +31,20 @@ def json_safe(x):
     return x
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(dir: str | os.PathLike | None, prefix: str) -> Path:
+    """tempfile.mkdtemp, but with the mode mkdir would give (0o777 minus the umask), not 0o700: the directory is
+    renamed into place when complete and must not stay private."""
+    path = Path(tempfile.mkdtemp(dir=dir, prefix=prefix))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place: readers see the old
     file or the new one, never a torn one."""
@@ -39,6 +53,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0o600 would stay with the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

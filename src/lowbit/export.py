@@ -22,11 +22,11 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lowbit._io import temp_dir
 from lowbit import hf as hf_mod
 from lowbit.models import build_model, config_from_dict, config_to_dict
 from lowbit.quant import QTensor, dequantize, quantize
@@ -58,7 +58,7 @@ def _staged(out: Path):
     """A temporary directory beside `out`, renamed to `out` when the block succeeds and removed when it fails:
     a failed export leaves no directory (an empty `out` that already existed is replaced)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         yield tmp
         if out.exists():

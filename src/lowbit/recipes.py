@@ -23,6 +23,7 @@ import tomllib
 
 from lowbit._io import to_toml
 from lowbit.layer_patterns import normalize_patterns
+from lowbit.suggest import did_you_mean
 from lowbit.tensor_quant import DGE, OCC, QUANT_FORMATS, TensorQuant, check_choice
 
 __all__ = ["Recipe", "TensorQuant", "DGE", "OCC", "QUANT_FORMATS", "register", "names", "get", "load", "save"]
@@ -301,8 +302,8 @@ def get(recipe: "str | Recipe | Path") -> Recipe:
     if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith(".toml")):
         return load(recipe)
     if recipe not in _RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known recipes: {', '.join(_RECIPES)} "
-                         "(or pass a path to a .toml recipe file)")
+        raise ValueError(f"unknown recipe {recipe!r}{did_you_mean(recipe, _RECIPES)}; known recipes: "
+                         f"{', '.join(_RECIPES)} (or pass a path to a .toml recipe file)")
     return _RECIPES[recipe]
 
 
@@ -310,7 +311,10 @@ def load(path: "str | Path") -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe file {path} does not exist")
-    return Recipe.from_toml(path.read_text())
+    try:
+        return Recipe.from_toml(path.read_text())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"recipe file {path}: {e}") from None
 
 
 def save(recipe: Recipe, path: "str | Path") -> None:

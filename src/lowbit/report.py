@@ -369,8 +369,8 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
                 "at each run's last statistics step (`lowbit inspect RUN_DIR` lists the worst).", ""]
         out += [f"![{label}]({name})" for label, name in precision_plots.items()] + [""]
     if results.get("samples"):
-        out += ["## Samples", "", "Greedy continuations from the fp32 master weights (`lowbit generate --ckpt "
-                "RUN --temperature 0`):", ""]
+        out += ["## Samples", "", "Continuations from the fp32 master weights, sampled as `lowbit generate --ckpt "
+                "RUN` samples (temperature 0.8, top-k 50, seed 0):", ""]
         for label, text in results["samples"].items():
             out += [f"**{label}**", "", "```", text, "```", ""]
     if failed:

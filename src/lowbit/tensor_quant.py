@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lowbit.suggest import did_you_mean
+
 GRANULARITIES = ("tensor", "row", "tile", "block")
 SCALE_FORMATS = ("fp32", "e4m3", "e8m0")
 ROUNDINGS = ("nearest", "stochastic")
@@ -124,4 +126,4 @@ class OCC:
 def check_choice(name: str, value, allowed) -> None:
     """ValueError naming the allowed values when `value` is not one of them."""
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from lowbit import recipes
 from lowbit import report
 from lowbit.comparison.command import command_line, shared_options
-from lowbit.comparison.runner import RESULTS_JSON, compare
+from lowbit.comparison.runner import RESULTS_JSON, SAMPLE_SEED, SAMPLE_TEMPERATURE, SAMPLE_TOP_K, compare
 from lowbit.comparison.sweep import parse_sweep
 from lowbit.train.config import TrainConfig, option_flag
 
@@ -92,7 +92,8 @@ def run_cli(args) -> int:
     print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
     print(report.format_table(results))
     for label, text in (results.get("samples") or {}).items():
-        print(f"\n--- sample from {label} (greedy, fp32 master weights) ---\n{text}")
+        print(f"\n--- sample from {label} (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K}, seed {SAMPLE_SEED}; "
+              f"fp32 master weights) ---\n{text}")
     if results["failed"]:
         print(f"error: {len(results['failed'])} run(s) failed: {', '.join(results['failed'])} "
               f"(tracebacks in {out}/runs/<label>/error.txt)", file=sys.stderr)

@@ -160,6 +160,25 @@ def run_ladder(recipe_names: list[str], cells: list[Cell], base, out, keep=None,
     return aggregate(cells, out, keep)
 
 
+def found_cells(out, keep, **plan) -> list[Cell]:
+    """The cells with finished runs in `out` or `keep`, in run order, each with the tokens its runs trained (read
+    from a result.json): what `--report-only` reports, whatever --models/--dn/--seeds say. `plan`: plan_ladder's
+    keyword arguments (tokens_per_step, vocab_size, count)."""
+    keys = set()
+    for root, pattern in ((keep, "*/dn*/seed*/*.result.json"), (out, "*/dn*/seed*/runs/*/result.json")):
+        if root is not None and Path(root).is_dir():
+            keys |= {(p.relative_to(root).parts[:3], p) for p in Path(root).glob(pattern)}
+    by_cell: dict[tuple, Path] = {}
+    for (model, dn, seed), path in sorted(keys):
+        by_cell.setdefault((model, float(dn[2:]), int(seed[4:])), path)
+    cells = []
+    for (model, dn, seed), path in sorted(by_cell.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        cell = plan_ladder([model], [dn], [seed], **plan)[0]
+        tokens = json.loads(path.read_text()).get("tokens")
+        cells.append(dataclasses.replace(cell, tokens=tokens) if isinstance(tokens, int) and tokens > 0 else cell)
+    return cells
+
+
 def _cell_losses(cell: Cell, out: Path, keep: Path | None) -> dict[str, dict]:
     """{label: result dict} of the finished runs of `cell`, from `out` or else from `keep`."""
     found = {}

@@ -62,7 +62,8 @@ def add_cli(subparsers):
 def run_cli(args) -> int:
     from lowbit.comparison.cli import parse_seeds
     from lowbit.comparison.command import shared_options
-    from lowbit.comparison.ladder import aggregate, check_passes, log, plan_ladder, run_ladder, shard
+    from lowbit.comparison.ladder import (aggregate, check_passes, found_cells, log, plan_ladder, run_ladder,
+                                          shard)
     from lowbit.comparison.ladder_report import write_report
     from lowbit.data import prepare_dataset
     from lowbit.train import TrainConfig
@@ -79,8 +80,15 @@ def run_cli(args) -> int:
                 count=args.count)
     dns, seeds = _floats(args.dn, "--dn"), parse_seeds(args.seeds)
     train_tokens = None
-    if args.report_only:  # the BPE vocabulary is --vocab-size; nothing is tokenized
-        cells = plan_ladder(models, dns, seeds, vocab_size=base.vocab_size, **plan)
+    if args.report_only:  # what the kept summaries hold, never the flags' defaults; nothing is tokenized
+        cells = found_cells(args.out, args.keep, vocab_size=base.vocab_size, tokens_per_step=plan["tokens_per_step"],
+                            count=args.count)
+        if not cells:
+            raise ValueError(f"--report-only: no finished ladder runs under --out {args.out}"
+                             + (f" or --keep {args.keep}" if args.keep else "") + "; nothing to report")
+        models = list(dict.fromkeys(c.model for c in cells))
+        log.info("report from the kept runs: %d cells, models %s, D/N %s, seeds %s", len(cells), ", ".join(models),
+                 ", ".join(f"{d:g}" for d in sorted({c.dn for c in cells})), sorted({c.seed for c in cells}))
     else:
         ds = prepare_dataset(base.data, tokenizer=base.tokenizer, vocab_size=base.vocab_size,
                              val_fraction=base.val_fraction)

@@ -31,6 +31,8 @@ log = logging.getLogger("lowbit")
 RESULTS_JSON = "results.json"
 SAMPLE_PROMPT = "ROMEO:"
 SAMPLE_TOKENS = 48
+# sampled as `lowbit generate`'s defaults sample (greedy decoding of a small model loops on "the a a a ...")
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_SEED = 0.8, 50, 0
 
 
 def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: dict[str, list] | None = None,
@@ -271,8 +273,9 @@ def resolve_run(path: str | Path, label: str | None = None) -> Path:
 
 
 def samples(summary: dict, device) -> dict:
-    """{label: text}: a greedy continuation of SAMPLE_PROMPT from the reference and from the quantized run with the
-    lowest validation loss, each from its run's fp32 master weights (what the model is after training)."""
+    """{label: text}: a continuation of SAMPLE_PROMPT from the reference and from the quantized run with the lowest
+    validation loss, each from its run's fp32 master weights (what the model is after training), sampled at
+    SAMPLE_TEMPERATURE with top-k SAMPLE_TOP_K from seed SAMPLE_SEED (the same draws for every run)."""
     import torch
 
     from lowbit.train.evaluation import load_run
@@ -291,6 +294,8 @@ def samples(summary: dict, device) -> dict:
             log.warning("no sample from %s: %s", label, e)
             continue
         idx = torch.tensor([tok.encode(SAMPLE_PROMPT)], dtype=torch.long, device=next(model.parameters()).device)
-        new = model.generate(idx, SAMPLE_TOKENS, temperature=0.0)[0, idx.size(1):].tolist()
+        gen = torch.Generator(device=idx.device).manual_seed(SAMPLE_SEED)
+        new = model.generate(idx, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
+                             generator=gen)[0, idx.size(1):].tolist()
         out[label] = SAMPLE_PROMPT + tok.decode(new)
     return out

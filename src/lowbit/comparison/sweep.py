@@ -13,6 +13,7 @@ from typing import Any
 
 from lowbit import recipes
 from lowbit.recipes import Recipe
+from lowbit.suggest import did_you_mean
 
 FP4_FORMATS = ("e2m1", "e1m2", "e3m0")
 
@@ -97,8 +98,11 @@ def validate_sweep(sweep: dict[str, list] | None) -> dict[str, list]:
     keys = sweep_keys()
     unknown = [k for k in sweep if k not in keys]
     if unknown:
+        heads = sorted({k.split(".")[0] for k in keys})
         raise ValueError(f"unknown sweep parameter{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}; valid parameters: {', '.join(keys)}")
+                         f"{', '.join(map(repr, unknown))}{did_you_mean(unknown[0], keys)}; a parameter is a recipe "
+                         f"field ({', '.join(heads)}), nested ones dotted, e.g. dge.k, occ.alpha, input.rounding, "
+                         "or fmt (`lowbit recipes --show NAME` lists a recipe's fields)")
     out = {}
     for key, values in sweep.items():
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):

@@ -17,7 +17,7 @@ BUSY_SPREAD = 1.2  # rounds whose medians differ by more than 20% mean the machi
 
 
 def summarize(samples: dict[str, list[list[tuple[float, float]]]], reference: str | None, load_before: float,
-              load_after: float, cores: int, rounds: int, steps: int) -> dict:
+              load_after: float, cores: int, rounds: int, steps: int, own_threads: int = 0) -> dict:
     """samples[label][round] = [(wall s, CPU s) per timed step]. Returns the timing record: per recipe the median
     wall and CPU seconds per step, the ratio to the reference's median, and the spread (slowest round median /
     fastest); plus the load averages and the warnings (machine busy, rounds disagreeing)."""
@@ -32,7 +32,9 @@ def summarize(samples: dict[str, list[list[tuple[float, float]]]], reference: st
     for p in per.values():
         p["rel"] = p["step_s"] / ref if ref else None
     warnings = []
-    if max(load_before, load_after) > cores:
+    # busy: other work beyond the cores our own threads leave free (and beyond half a core of load-average noise:
+    # on 2 cores lowbit's own 2 threads alone read 2.1)
+    if max(load_before, load_after) - own_threads > max(0.5, cores - own_threads):
         warnings.append(f"the machine was busy (1-min load average {load_before:.2f} before, {load_after:.2f} after, "
                         f"on {cores} cores): the step times are slower than this machine's, ratios less so")
     wobbly = [lab for lab, p in per.items() if p["spread"] is not None and p["spread"] > BUSY_SPREAD]
@@ -97,7 +99,8 @@ def measure(cfgs: dict, dataset, reference: str | None, device=None, rounds: int
                 times.append((clock() - w0, cpu_clock() - c0))
             samples[label].append(times)
             del p
-    return summarize(samples, reference, load_before, _load(), os.cpu_count() or 1, rounds, steps)
+    return summarize(samples, reference, load_before, _load(), os.cpu_count() or 1, rounds, steps,
+                     own_threads=torch.get_num_threads())
 
 
 def _load() -> float:

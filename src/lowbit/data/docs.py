@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit._io import cache_root, sha256_file
+from lowbit._io import cache_root, sha256_file, temp_dir
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def docs_dir(cache_dir=None, *, packages=DOCS_PACKAGES) -> Path:
     out = root / f"debian-docs-{_version_key(packages)}"
     if out.is_dir():
         return out
-    tmp = Path(tempfile.mkdtemp(dir=root if root.is_dir() else None, prefix=".docs-"))
+    tmp = temp_dir(root if root.is_dir() else None, ".docs-")
     try:
         for pkg in packages:
             deb = root / pkg.filename

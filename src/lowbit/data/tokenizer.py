@@ -15,10 +15,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from lowbit._io import atomic_write_text, cache_root
+from lowbit._io import atomic_write_text, cache_root, temp_dir
 
 EOT = "<|endoftext|>"
 _META = "lowbit_tokenizer.json"
@@ -164,7 +163,7 @@ def get_tokenizer(kind: str = "bpe", vocab_size: int = 2048, texts: list[str] | 
         return Tokenizer.load(d)
     tok = train_bpe(texts, vocab_size, progress=progress)
     d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
+    tmp = temp_dir(d.parent, ".tmp-")
     try:
         tok.save(tmp)
         try:

@@ -58,6 +58,7 @@ from lowbit.models import gpt, llama
 from lowbit.models.family import Family
 from lowbit.models.gpt import GPT, GPTConfig
 from lowbit.models.llama import Llama, LlamaConfig
+from lowbit.suggest import did_you_mean
 
 __all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "FAMILIES", "PRESETS", "family_of", "get_config",
            "build_model", "config_to_dict", "config_from_dict"]
@@ -94,7 +95,8 @@ def config_from_dict(d: dict):
 def get_config(name: str, **overrides):
     """Preset config by name, with any field overridden (e.g. vocab_size=4096, block_size=512)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}; known presets: "
+                         f"{', '.join(PRESETS)} (`lowbit flops --list` shows their shapes)")
     return _replace(PRESETS[name], **overrides)
 
 

@@ -15,13 +15,13 @@ The blocks are the entries of the model's longest nn.ModuleList that holds linea
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 
 from torch import nn
 
 from lowbit.layer_patterns import HIGH_PRECISION_BLOCK as _BLOCK
 from lowbit.layer_patterns import check_patterns
+from lowbit.suggest import did_you_mean
 
 def block_list(model: nn.Module) -> tuple[str, int]:
     """(qualified name, length) of the model's longest ModuleList that contains linear layers; ("", 0) if none."""
@@ -84,7 +84,5 @@ def _did_you_mean(pattern: str, names: list[str]) -> str:
     """" (did you mean X?)" for a misspelt block pattern (firts:1 -> first:1) or module name; "" when none is close."""
     head, sep, rest = pattern.partition(":")
     if sep:
-        close = difflib.get_close_matches(head, ["first", "last", "share"], n=1, cutoff=0.6)
-        return f" (did you mean {close[0]}:{rest}?)" if close else ""
-    close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+        return did_you_mean(head, ("first", "last", "share")).replace("?)", f":{rest}?)")
+    return did_you_mean(pattern, names)

@@ -24,13 +24,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 
-from lowbit._io import sha256_file
+from lowbit._io import sha256_file, temp_dir
 
 log = logging.getLogger("lowbit.train")
 
@@ -116,7 +115,7 @@ def save(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module | dict,
     An existing checkpoint of the same step (e.g. a corrupt one a resumed run fell back from) is replaced."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{step_dir_name(step)}-"))
+    tmp = temp_dir(root, f".tmp-{step_dir_name(step)}-")
     try:
         save_model(_StateDictWeights(model) if isinstance(model, dict) else model, str(tmp / MODEL_FILE))
         fsync_file(tmp / MODEL_FILE)

@@ -181,10 +181,9 @@ class TrainConfig:
 
     def check_names(self) -> None:
         """Registry lookups: the model preset and the recipe (name or file) must exist."""
-        from lowbit.models import PRESETS
+        from lowbit.models import get_config
 
-        if self.model not in PRESETS:
-            raise ValueError(f"unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
+        get_config(self.model)  # unknown preset -> ValueError with a suggestion
         self.resolved_recipe()  # unknown name / missing file / bad pattern -> ValueError / FileNotFoundError
 
     def resolved_recipe(self):

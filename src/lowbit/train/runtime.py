@@ -1,7 +1,9 @@
 """Run-time helpers of a training run: device, seeding, autocast, hashes, peak memory, the optimizer."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import random
 import sys
 from pathlib import Path
@@ -43,6 +45,33 @@ def seed_everything(seed: int) -> None:
 def autocast(recipe: recipes.Recipe, device: torch.device):
     """BF16 autocast when the recipe computes in bf16 (on CPU too), else a no-op context."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.compute_dtype == "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def say_cpu_peak(dtype: torch.dtype) -> None:
+    """Log, once per process and dtype, which peak CPU MFU is measured against."""
+    logging.getLogger("lowbit.train").info("MFU is measured against this CPU's %s matmul peak",
+                                           str(dtype).removeprefix("torch."))
+
+
+MAX_PASSES = 1000  # more passes over the training split than this is a typo in --tokens, not a plan
+
+
+def check_budget(cfg, n_train: int) -> int:
+    """The optimizer steps of `cfg`'s token budget over a training split of `n_train` tokens; ValueError naming
+    the fix for less than one step, a split shorter than one batch, or more than MAX_PASSES passes over it."""
+    per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    if cfg.tokens < per_step:
+        raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of batch_size*seq_len*grad_accum "
+                         f"= {per_step} tokens; raise --tokens or lower --batch-size/--seq-len")
+    if n_train < cfg.batch_size * cfg.seq_len + 1:  # every batch would repeat the same text
+        raise ValueError(f"the training split has {n_train:,} tokens, less than one batch of batch_size*seq_len = "
+                         f"{cfg.batch_size * cfg.seq_len:,}; use more --data or a smaller --batch-size/--seq-len")
+    if cfg.tokens > MAX_PASSES * n_train:
+        raise ValueError(f"--tokens {cfg.tokens:.3g} is {cfg.tokens / n_train:.3g} passes over the training split "
+                         f"({n_train:,} tokens); lowbit refuses more than {MAX_PASSES:,} passes (a typo?): use "
+                         "fewer --tokens or more --data")
+    return cfg.tokens // per_step
 
 
 def cpu_gemm(recipe: recipes.Recipe, device: torch.device) -> str | None:

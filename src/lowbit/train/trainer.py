@@ -46,9 +46,11 @@ from lowbit.train.runtime import (
     apply_recipe,
     autocast,
     batch_hash,
+    check_budget,
     cpu_gemm,
     make_optimizer,
     resolve_device,
+    say_cpu_peak,
     seed_everything,
     state_dict_hash,
 )
@@ -147,14 +149,7 @@ class Trainer:
             raise ValueError(f"the tokenizer differs from the one this run was trained with ({saved_tok}); "
                              "resume with the same --data/--tokenizer/--vocab-size")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        self.steps = cfg.tokens // self.tokens_per_step
-        if self.steps < 1:
-            raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of batch_size*seq_len*grad_accum "
-                             f"= {self.tokens_per_step} tokens; raise --tokens or lower --batch-size/--seq-len")
-        if len(dataset.train) < cfg.batch_size * cfg.seq_len + 1:  # every batch would repeat the same text
-            raise ValueError(f"the training split has {len(dataset.train):,} tokens, less than one batch of "
-                             f"batch_size*seq_len = {cfg.batch_size * cfg.seq_len:,}; use more --data or a smaller "
-                             "--batch-size/--seq-len")
+        self.steps = check_budget(cfg, len(dataset.train))
         self.warmup = default_warmup(self.steps) if cfg.warmup_steps is None else cfg.warmup_steps
 
     def _setup_model(self) -> None:
@@ -216,7 +211,7 @@ class Trainer:
             dtype = torch.bfloat16 if self.recipe.compute_dtype == "bf16" else torch.float32
             self.peak_flops = flops_mod.peak_flops(self.device, dtype) * self.di.world_size  # over all devices
             if self.device.type == "cpu":
-                log.info("MFU against this CPU's measured %s matmul peak", flops_mod.cpu_peak_dtype(dtype))
+                say_cpu_peak(flops_mod.cpu_peak_dtype(dtype))
         except ValueError as e:
             self.peak_flops = None
             log.info("MFU not reported: %s", e)
