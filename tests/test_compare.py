@@ -275,7 +275,13 @@ def test_cli_end_to_end_with_exit_status(fake, tmp_path, capsys):
     again = parser.parse_args(shlex.split(res["command"])[1:])
     assert (again.recipes, again.tokens, again.seed, again.lr, again.sweep, again.out) == \
            ("bf16,fp4-paper", 4000, 3, 0.002, ["occ.alpha=0.99,0.97"], str(tmp_path))
-    assert "| bf16 |" in capsys.readouterr().out.replace("**", "")
+    printed = capsys.readouterr().out
+    table = printed.split("\n(every column:")[0].splitlines()[1:]  # after the "wrote ..." line
+    assert table[0].split() == ["recipe", "val", "loss", "Δ", "vs", "bf16", "step", "time", "matched-loss", "cost"]
+    assert [row.split()[0] for row in table[1:]] == list(res["runs"])
+    assert max(map(len, table)) <= 100  # issue 21: a terminal's width, not the report's ~250 characters
+    for row, r in zip(table[1:], res["runs"].values()):
+        assert row.split()[1] == f"{r['final_val_loss']:.4f}" and row.split()[2] == f"{r['val_gap_pct']:+.2f}%"
 
     trainer.fail = {"fp4-paper[occ.alpha=0.97]"}
     args = parser.parse_args(["compare", "--recipes", "bf16,fp4-paper", "--tokens", "4000", "--seed", "3",

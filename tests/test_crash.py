@@ -191,3 +191,40 @@ def test_nan_optimizer_state_is_never_checkpointed(corpus, tmp_path, monkeypatch
     assert any("step 4: not writing a checkpoint" in r.message and "non-finite" in r.message for r in caplog.records)
     for _, d in ckpt_mod.list_checkpoints(out / "ckpt"):
         assert ckpt_mod.all_finite(torch.load(d / ckpt_mod.STATE_FILE, weights_only=True))
+
+
+def test_a_quick_double_ctrl_c_stops_at_once(monkeypatch):
+    """Issue 21: a second Ctrl-C within 1 s was taken for torchrun's forwarded copy and ignored. Outside torchrun
+    any second Ctrl-C stops; under torchrun only a copy within DUPLICATE_WINDOW_S is ignored."""
+    from lowbit.train import signals
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    req = signals.StopRequest()
+    req._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        req._handle(signal.SIGINT, None)  # at once, however quick
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    req = signals.StopRequest()
+    req._handle(signal.SIGINT, None)
+    req._handle(signal.SIGINT, None)  # the forwarded copy: ignored
+    req._t -= signals.DUPLICATE_WINDOW_S  # a person's second press
+    with pytest.raises(KeyboardInterrupt):
+        req._handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("checkpointed, hint", [(False, "no checkpoint was written yet"),
+                                                (True, "re-running with --resume")])
+def test_ctrl_c_hint_says_what_was_saved(corpus, tmp_path, monkeypatch, capsys, checkpointed, hint):
+    from lowbit.cli import main
+    from lowbit.train import loop
+
+    out = tmp_path / "run"
+    if checkpointed:
+        train(TrainConfig(**cfg_kw(corpus, out, steps=3)), progress=False)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert main(cli_args(cfg_kw(corpus, out, steps=3)) + ["--resume"] * checkpointed) == 130
+    assert hint in capsys.readouterr().err

@@ -304,6 +304,20 @@ def test_export_without_transformers_creates_nothing(run_dir, tmp_path, monkeypa
     assert not out.exists() and not out.parent.exists()
 
 
+def test_export_files_keep_the_umask_mode(run_dir, tmp_path):
+    """Issue 21: the exported model.safetensors was 0600 (safetensors' own mode)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export(run_dir, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "hf").iterdir()} == \
+        {p.name: oct(0o644) for p in (tmp_path / "hf").iterdir()}
+
+
 def test_failed_export_leaves_no_directory(run_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ValueError("disk full")

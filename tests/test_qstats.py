@@ -132,6 +132,18 @@ def test_heatmap_data_is_the_records():
     assert fig.axes[0].images[0].get_array().tolist()[0] == [0.1, 0.3]  # the array drawn is the matrix
 
 
+def test_heatmaps_of_one_comparison_share_a_colour_scale():
+    """Issue 21: each recipe's heatmap had its own scale, so colours did not compare across recipes."""
+    a = [{"step": 5, "layer": "l0", "gemm": "fprop", "operand": "input", "rel_err": 0.1, "underflow": 0.02}]
+    b = [{"step": 7, "layer": "l0", "gemm": "fprop", "operand": "input", "rel_err": 0.4, "underflow": 0.01},
+         {"step": 3, "layer": "l0", "gemm": "fprop", "operand": "input", "rel_err": 0.9, "underflow": 0.5}]  # old step
+    limits = precision.shared_limits({"fp8": a, "fp4": b, "bf16": []})
+    assert limits == {"rel_err": (0.0, 0.4), "underflow": (0.0, 0.02)}
+    for recs in (a, b):
+        fig = precision.figure(recs, limits=limits)
+        assert [ax.images[0].get_clim() for ax in fig.axes if ax.images] == [(0.0, 0.4), (0.0, 0.02)]
+
+
 def test_inspect_cli(corpus, tmp_path, capsys):
     train(cfg(corpus, tmp_path / "r"), progress=False)
     assert cli_main(["inspect", str(tmp_path / "r")]) == 0

@@ -288,8 +288,10 @@ def test_all_checkpoints_corrupt_or_missing(corpus, tmp_path, caplog):
         (d / "state.pt").write_bytes(b"junk")
     with pytest.raises(ckpt_mod.CheckpointError, match="all 2 are corrupt"):
         train(tiny_cfg(corpus, out, resume=True), progress=False)
-    # a run dir without any checkpoint: --resume starts from step 0 (with a warning)
+    # a run dir without any checkpoint (e.g. stopped before its first): --resume starts from step 0 (with a warning);
+    # a run dir that does not exist is an error (tests/test_bad_input.py)
     fresh = tmp_path / "fresh"
+    fresh.mkdir()
     with caplog.at_level(logging.WARNING, logger="lowbit.train"):
         res = train(tiny_cfg(corpus, fresh, tokens=2 * 2 * 4 * 32, resume=True), progress=False)
     assert res.resumed_from_step is None and any("no checkpoint" in r.message for r in caplog.records)

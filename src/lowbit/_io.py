@@ -45,6 +45,15 @@ def temp_dir(dir: str | os.PathLike | None, prefix: str) -> Path:
     return path
 
 
+def publish_modes(root: str | os.PathLike) -> None:
+    """Give `root`, every directory and every file under it the mode mkdir/open would have given (0o777 / 0o666
+    minus the umask): safetensors and mkstemp write 0o600, which would stay once renamed into place."""
+    mask = _umask()
+    Path(root).chmod(0o777 & ~mask)
+    for p in Path(root).rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place: readers see the old
     file or the new one, never a torn one."""

@@ -338,12 +338,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lowbit: stopped by {signal.Signals(e.signum).name} after step {e.step}; a checkpoint was "
                       "written: continue with the same command and --resume", file=sys.stderr)
             return 128 + e.signum
-        hint = ("re-run the same command to resume: finished recipes are kept, the interrupted one continues "
-                "from its last checkpoint") if args.command == "compare" else \
-            "continue from the last checkpoint by re-running with --resume"
+        hint = _interrupt_hint(args)
         print(f"lowbit: interrupted; {hint}", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _interrupt_hint(args) -> str:
+    """What to do after a Ctrl-C that stopped at once: compare re-runs; train resumes only from a checkpoint."""
+    if args.command == "compare":
+        return "re-run the same command to continue: finished recipes are kept, the interrupted one continues from its "\
+               "last checkpoint"
+    if args.command == "train":
+        from lowbit.train.rundir import RunDir
+
+        out = getattr(args, "out", None)  # (train's options default to argparse.SUPPRESS)
+        if out is None or RunDir(out).has_checkpoint():
+            return "continue from the last checkpoint by re-running with --resume"
+        return "no checkpoint was written yet: re-run the same command with --overwrite to start again"
+    return "nothing was saved"

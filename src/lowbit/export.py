@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit._io import temp_dir
+from lowbit._io import publish_modes, temp_dir
 from lowbit import hf as hf_mod
 from lowbit.models import build_model, config_from_dict, config_to_dict
 from lowbit.quant import QTensor, dequantize, quantize
@@ -61,6 +61,7 @@ def _staged(out: Path):
     tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         yield tmp
+        publish_modes(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

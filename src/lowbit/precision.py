@@ -74,8 +74,21 @@ def worst(records: list[dict], stat: str, step: int | None = None, n: int = 5) -
     return sorted(rs, key=lambda r: -r[stat])[:n]
 
 
-def figure(records: list[dict], over_time_view: bool = False, title: str = ""):
-    """Two heatmaps (relative error, underflow): layers × (GeMM, operand) at the last step, or layers × steps."""
+def shared_limits(runs: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """{stat: (0, the largest finite value at any run's last step)} for PANELS' statistics: one colour scale for
+    the heatmaps of one comparison, so a colour means the same number in every recipe's plot."""
+    out = {}
+    for stat, _ in PANELS:
+        tops = [np.nanmax(a) for recs in runs.values() if recs
+                for a in [precision_matrix(recs, stat)[2]] if a.size and np.isfinite(a).any()]
+        out[stat] = (0.0, float(max(tops)) if tops else 1.0)
+    return out
+
+
+def figure(records: list[dict], over_time_view: bool = False, title: str = "",
+           limits: dict[str, tuple[float, float]] | None = None):
+    """Two heatmaps (relative error, underflow): layers × (GeMM, operand) at the last step, or layers × steps.
+    limits: {stat: (vmin, vmax)} of each panel's colour scale (shared_limits), else each panel's own range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +103,8 @@ def figure(records: list[dict], over_time_view: bool = False, title: str = ""):
         else:
             rows, cols, a = precision_matrix(records, stat)
             xlabels, xlabel = [f"{g}\n{o}" for g, o in cols], f"GeMM / operand (step {last_step(records)})"
-        im = ax.imshow(a, aspect="auto", cmap="magma_r", interpolation="nearest")
+        vmin, vmax = (limits or {}).get(stat, (None, None))
+        im = ax.imshow(a, aspect="auto", cmap="magma_r", interpolation="nearest", vmin=vmin, vmax=vmax)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
         step_x = max(1, len(xlabels) // 12)
         ax.set_xticks(range(0, len(xlabels), step_x), xlabels[::step_x], fontsize=7)

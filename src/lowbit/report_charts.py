@@ -107,17 +107,19 @@ def plot_seed_band(per_seed: dict[int, dict], reference: str | None, path: Path)
 
 
 def write_precision_plots(results: dict, out: Path) -> dict[str, str]:
-    """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics."""
+    """precision_<label>.png (lowbit.precision's heatmaps) for every run with per-layer statistics, on one colour
+    scale per statistic."""
     import matplotlib.pyplot as plt
 
     from lowbit import precision
     from lowbit.train import qstats
 
+    runs = {label: qstats.read(Path(out) / "runs" / label) for label in results.get("runs", {})}
+    limits = precision.shared_limits(runs)  # one colour scale: a colour is the same number in every plot
     plots = {}
-    for label in results.get("runs", {}):
-        recs = qstats.read(Path(out) / "runs" / label)
+    for label, recs in runs.items():
         if recs:
-            fig = precision.figure(recs, title=f"{label}: quantization statistics per layer")
+            fig = precision.figure(recs, title=f"{label}: quantization statistics per layer", limits=limits)
             fig.savefig(Path(out) / f"precision_{label}.png", dpi=100)
             plt.close(fig)
             plots[label] = f"precision_{label}.png"

@@ -90,7 +90,7 @@ def run_cli(args) -> int:
                       overwrite=args.overwrite, command=command, timing_rounds=args.timing_rounds)
     out = Path(args.out)
     print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
-    print(report.format_table(results))
+    print(terminal_table(results) + f"\n(every column: {out / report.REPORT_MD})")
     for label, text in (results.get("samples") or {}).items():
         print(f"\n--- sample from {label} (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K}, seed {SAMPLE_SEED}; "
               f"fp32 master weights) ---\n{text}")
@@ -130,3 +130,24 @@ def _run_seeds(args, names, base, sweep) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def terminal_table(results: dict) -> str:
+    """The comparison in a terminal's width: recipe, validation loss, its gap to the reference, step time and
+    matched-loss cost relative to the reference (report.md has every column)."""
+    ref = results.get("reference")
+
+    def num(v, fmt, suffix=""):
+        return "–" if not isinstance(v, (int, float)) or v != v else format(v, fmt) + suffix
+
+    rows = [("recipe", "val loss", f"Δ vs {ref}", "step time", "matched-loss cost")]
+    for label, r in results.get("runs", {}).items():
+        cost = num(r.get("matched_loss_cost"), ".2f", "×")
+        if cost == "–" and r.get("status") == "ok" and "iso_tokens" in r and r["iso_tokens"] is None:
+            cost = "not reached"
+        rows.append((label if r.get("status") == "ok" else f"{label} ({r.get('status')})",
+                     num(r.get("final_val_loss"), ".4f"), num(r.get("val_gap_pct"), "+.2f", "%"),
+                     num(r.get("step_time_rel"), ".2f", "×"), cost))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)

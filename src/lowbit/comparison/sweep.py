@@ -98,11 +98,10 @@ def validate_sweep(sweep: dict[str, list] | None) -> dict[str, list]:
     keys = sweep_keys()
     unknown = [k for k in sweep if k not in keys]
     if unknown:
-        heads = sorted({k.split(".")[0] for k in keys})
         raise ValueError(f"unknown sweep parameter{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}{did_you_mean(unknown[0], keys)}; a parameter is a recipe "
-                         f"field ({', '.join(heads)}), nested ones dotted, e.g. dge.k, occ.alpha, input.rounding, "
-                         "or fmt (`lowbit recipes --show NAME` lists a recipe's fields)")
+                         f"{', '.join(map(repr, unknown))}{did_you_mean(unknown[0], keys)}; sweep a recipe field, "
+                         "nested ones dotted (dge.k, occ.alpha, input.rounding, weight.block, grad_output.rounding, "
+                         "scaling, ...), or fmt; `lowbit recipes --show NAME` lists a recipe's fields")
     out = {}
     for key, values in sweep.items():
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):

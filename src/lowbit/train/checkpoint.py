@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from lowbit._io import sha256_file, temp_dir
+from lowbit._io import publish_modes, sha256_file, temp_dir
 
 log = logging.getLogger("lowbit.train")
 
@@ -143,6 +143,7 @@ def finish(tmp: Path, step: int, state: dict, meta: dict, weight_files: list[str
 def commit(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
     """Rename the finished temporary directory `tmp` to checkpoint `step` (replacing one of the same step),
     fsync `root`, and delete all but the newest `keep_last` checkpoints. Returns the checkpoint directory."""
+    publish_modes(tmp)
     final = root / step_dir_name(step)
     old = None
     if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first

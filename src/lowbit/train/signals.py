@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 
 log = logging.getLogger("lowbit.train")
+# Under torchrun a worker gets the terminal's SIGINT and torchrun's forwarded copy within milliseconds: a second
+# SIGINT sooner than this is that copy. A person's quickest double tap takes longer (~0.15 s).
+DUPLICATE_WINDOW_S = 0.1
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -28,9 +32,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            # Ctrl-C pressed again: stop now. Not a copy of the first signal arriving right after it (torchrun
-            # forwards the terminal's SIGINT to workers that already got it) and not a SIGTERM.
-            if signum == self.signum == signal.SIGINT and time.monotonic() - self._t > 1.0:
+            # Ctrl-C pressed again: stop now. Not a SIGTERM, and under torchrun not the forwarded copy of the first
+            torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+            if signum == self.signum == signal.SIGINT and not (torchrun and time.monotonic() - self._t
+                                                                 < DUPLICATE_WINDOW_S):
                 raise KeyboardInterrupt
             return
         self.signum, self._t = signum, time.monotonic()

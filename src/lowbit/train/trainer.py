@@ -271,8 +271,7 @@ class Trainer:
                     if stop_now and n < self.steps:
                         if self.ckpt.last_saved != n:
                             self.save(n)
-                        log.warning("stopped at step %d of %d with a checkpoint; continue with --resume", n,
-                                    self.steps)
+                        log.warning("stopped at step %d of %d with a checkpoint", n, self.steps)
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, n)
                 if diverged_at is None and self.ckpt.last_saved != self.steps:
                     self.save(self.steps)
