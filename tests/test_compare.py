@@ -574,3 +574,15 @@ def test_seeds_cli_errors():
     for bad in ("1,x", "1,1", ""):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_time_left_counts_only_runs_that_will_train(fake, tmp_path, capsys):
+    """Issue 21: "~45 s left" was printed while every remaining run was reused."""
+    trainer, Cfg, _ = fake
+    base = Cfg(model="tiny", tokens=4000)
+    cmp.compare(["bf16", "fp8-tensor", "fp4-paper"], base, str(tmp_path), progress=True)
+    first = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[compare] bf16:")]
+    assert first and "left" in first[0]  # two runs still to train after bf16
+    cmp.compare(["bf16", "fp8-tensor", "fp4-paper"], base, str(tmp_path), progress=True)  # all reused
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[compare] ")]
+    assert lines and not any("left" in line for line in lines)

@@ -681,3 +681,17 @@ def test_upcast_linear_matches_bf16_gemm_with_fp32_accumulation():
     q = QLinear.from_linear(lin, "bf16")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(q(x), y, rtol=0, atol=0)
+
+
+def test_convert_says_which_layers_stay_in_high_precision(caplog):
+    """Issue 21: nvfp4's share:16% silently kept the last block of a small model in bf16."""
+    from lowbit.models import build_model
+
+    model = build_model("tiny", vocab_size=64, n_layer=2)
+    with caplog.at_level("INFO", logger="lowbit"):
+        lnn.convert(model, "nvfp4")
+    msg = [r.getMessage() for r in caplog.records if "high precision" in r.getMessage()]
+    assert msg == ["recipe nvfp4 keeps 4 linear layer(s) in high precision (share:16%): transformer.h.1.attn.c_attn, "
+                   "transformer.h.1.attn.c_proj, transformer.h.1.mlp.c_fc, transformer.h.1.mlp.c_proj"]
+    assert not isinstance(model.transformer.h[1].mlp.c_fc, QLinear) and isinstance(model.transformer.h[0].mlp.c_fc,
+                                                                                   QLinear)

@@ -6,11 +6,13 @@ import importlib
 
 
 def lazy_exports(package: str, names: dict[str, str]):
-    """(__getattr__, __dir__) for `package`: `names` maps each public name to the submodule defining it."""
+    """(__getattr__, __dir__) for `package`: `names` maps each public name to the submodule defining it (relative to
+    `package`, or absolute when it starts with "lowbit.")."""
 
     def __getattr__(name: str):
         if name in names:
-            return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+            module = names[name] if names[name].startswith("lowbit.") else f"{package}.{names[name]}"
+            return getattr(importlib.import_module(module), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:

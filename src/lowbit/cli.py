@@ -266,7 +266,8 @@ def _add_inspect(sub) -> None:
                                    "saturation at the run's last statistics step (from RUN_DIR/quant_stats.jsonl) "
                                    "and write RUN_DIR/precision.png: heatmaps of layers x GeMM operands.")
     p.add_argument("run_dir", help="a run directory (lowbit train --out); with --run, a comparison directory")
-    p.add_argument("--run", help=_RUN_HELP)
+    p.add_argument("--run", help="with a comparison directory as RUN_DIR: the run to inspect (its label, e.g. "
+                                 "fp4-paper)")
     p.add_argument("--over-time", action="store_true", help="heatmaps of layers x steps instead (mean over operands)")
     p.add_argument("--top", type=int, default=5, help="layers listed per statistic (default: 5)")
     p.set_defaults(func=commands.cmd_inspect)
@@ -350,8 +351,8 @@ if __name__ == "__main__":
 def _interrupt_hint(args) -> str:
     """What to do after a Ctrl-C that stopped at once: compare re-runs; train resumes only from a checkpoint."""
     if args.command == "compare":
-        return "re-run the same command to continue: finished recipes are kept, the interrupted one continues from its "\
-               "last checkpoint"
+        return ("re-run the same command to continue: finished recipes are kept, the interrupted one continues "
+                "from its last checkpoint")
     if args.command == "train":
         from lowbit.train.rundir import RunDir
 

@@ -132,6 +132,8 @@ def report_text(records: list[dict], top: int = 5) -> str:
 def inspect_run(run_dir, over_time_view: bool = False, top: int = 5) -> str:
     """The report of RUN_DIR's quant_stats.jsonl; writes RUN_DIR/precision.png. ValueError when there is none."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} does not exist or is not a directory; pass a run directory (lowbit train --out)")
     records = qstats.read(run_dir)
     if not records:
         raise ValueError(f"{run_dir} has no {qstats.FILE}: train with a quantized recipe and statistics on "

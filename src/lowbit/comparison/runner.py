@@ -78,8 +78,9 @@ def compare(recipes: list, base=None, out: str | Path = "runs/compare", sweep: d
             write_json(out / RESULTS_JSON, summary)
             report.write_report(summary, out)
             records.check_hashes(summary["runs"])
+            to_train = [s.recipe.quantized for s in specs[i:] if not runner.will_reuse(s, cfgs[s.label])]
             bar.done(records.one_line(summary["runs"][spec.label]), spec.recipe.quantized, rec.get("wall_time_s"),
-                     [s.recipe.quantized for s in specs[i:]])
+                     to_train)
     return _finish(results, runner, cfgs, device, out, timing_rounds)
 
 
@@ -151,6 +152,13 @@ class _Runner:
         self.base, self.train_fn, self.progress = base, train_fn, progress
         self.dataset = None
         self.trained: dict[str, str] = {}  # effective recipe -> label of the run that trained it
+
+    def will_reuse(self, spec: RunSpec, cfg) -> bool:
+        """True when run() will not train `spec` (a finished run directory, or an effective recipe trained
+        already): the time-left estimate counts only what will train."""
+        from lowbit.train.rundir import RunDir
+
+        return records.recipe_key(spec.recipe) in self.trained or RunDir(cfg.out).read_result() is not None
 
     def run(self, spec: RunSpec, cfg, runs: dict) -> dict:
         from lowbit.train.rundir import RunDir

@@ -5,13 +5,13 @@
     x, y = b.next()                              # int64 [16, 128]
 """
 
-from .batcher import Batcher, eval_batches
-from lowbit._io import cache_root
+from lowbit._lazy import lazy_exports
 
-from .corpus import corpus_hash, load_corpus, load_shakespeare, strip_gutenberg
-from .dataset import Dataset, prepare_dataset, split_chunks, token_dtype
-from .tokenizer import EOT, Tokenizer, get_tokenizer, train_bpe
+# public name -> its module, imported on first use: the CLI reads lowbit.data.corpus's names without torch
+_LAZY = {"Batcher": "batcher", "eval_batches": "batcher", "cache_root": "lowbit._io", "corpus_hash": "corpus",
+         "load_corpus": "corpus", "load_shakespeare": "corpus", "strip_gutenberg": "corpus", "Dataset": "dataset",
+         "prepare_dataset": "dataset", "split_chunks": "dataset", "token_dtype": "dataset", "EOT": "tokenizer",
+         "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "train_bpe": "tokenizer"}
+__all__ = list(_LAZY)
 
-__all__ = ["Batcher", "eval_batches", "cache_root", "corpus_hash", "load_corpus", "load_shakespeare",
-           "strip_gutenberg", "Dataset", "prepare_dataset", "split_chunks", "token_dtype", "EOT",
-           "Tokenizer", "get_tokenizer", "train_bpe"]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

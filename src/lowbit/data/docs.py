@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -78,6 +79,7 @@ def _download_deb(pkg: DebPackage, root: Path) -> Path:
     if apt is None:
         raise _docs_error(pkg, root, "apt-get (Debian's package client) is not on PATH")
     root.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("lowbit.data").info("downloading %s=%s with apt-get (once) into %s", pkg.name, pkg.version, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
             proc = subprocess.run([apt, "download", f"{pkg.name}={pkg.version}"], cwd=tmp,

@@ -7,6 +7,7 @@ refuses a recipe whose tiles do not divide the widths it tiles.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from torch import nn
@@ -29,6 +30,7 @@ def _targets(model: nn.Module, r: Recipe, filter_fn: FilterFn | None) -> list[tu
     """(fqn, module) of the layers to swap, in module order; raises for a QLinear of another recipe."""
     out = []
     keep = high_precision_names(model, r.high_precision)
+    _say_kept(model, r, keep)
     for fqn, mod in model.named_modules():
         if isinstance(mod, QLinear):
             if mod.recipe != r:
@@ -42,6 +44,16 @@ def _targets(model: nn.Module, r: Recipe, filter_fn: FilterFn | None) -> list[tu
         if filter_fn is None or filter_fn(mod, fqn):
             out.append((fqn, mod))
     return out
+
+
+def _say_kept(model: nn.Module, r: Recipe, keep: set[str]) -> None:
+    """Log which linear layers the recipe's high-precision selection keeps out of quantization (users of
+    `convert` on their own model would not otherwise know that `nvfp4`'s share:16% kept a block in bf16)."""
+    kept = [fqn for fqn, m in model.named_modules() if fqn in keep and (type(m) is nn.Linear or is_conv1d(m))]
+    if kept:
+        shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+        logging.getLogger("lowbit").info("recipe %s keeps %d linear layer(s) in high precision (%s): %s", r.name,
+                                         len(kept), ", ".join(r.high_precision), shown)
 
 
 def swap_modules(model: nn.Module, targets: list[tuple[str, nn.Module]],

@@ -215,6 +215,9 @@ def resolve(path: str | os.PathLike) -> tuple[Path, dict]:
         return p, verify(p)
     found = latest_valid(p / "ckpt")
     if found is None:
+        if (p / "config.toml").is_file():  # a run directory (lowbit.train.rundir), stopped before its first one
+            raise FileNotFoundError(f"run {p} has no checkpoint yet (one is written every --ckpt-interval steps and "
+                                    "at the end); continue it with lowbit train --resume")
         raise FileNotFoundError(f"no checkpoint under {p}: expected {p}/ckpt/step_XXXXXXX/ "
                                 "(pass the trainer's --out directory)")
     return found

@@ -25,6 +25,7 @@ from pathlib import Path
 import tomllib
 
 from lowbit._io import to_toml
+from lowbit.data.corpus import NAMED_CORPORA
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -84,8 +85,8 @@ class TrainConfig:
                                             "comma-separated first:N, last:N (N a count or a share like 10%%), "
                                             "share:P%% (NVIDIA's split), module globs like *.attn.c_proj; "
                                             "'none' quantizes every block")
-    data: str | None = _opt(None, "text/JSONL/Parquet file, directory or glob (default: the embedded "
-                                  "Shakespeare corpus)")
+    data: str | None = _opt(None, "text/JSONL/Parquet file, directory or glob, or a built-in corpus: "
+                                  f"{', '.join(NAMED_CORPORA)} (join them with +; default: shakespeare)")
     tokenizer: str = _opt("bpe", "bpe (trained locally on the corpus), bytes, or a saved tokenizer directory")
     vocab_size: int = _opt(2048, "BPE vocabulary size (ignored by the bytes tokenizer; the model uses the "
                                  "tokenizer's size)", positive=True)
