@@ -150,5 +150,8 @@ def test_inspect_cli(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "worst by relative error" in out and "transformer.h." in out
     assert (tmp_path / "r" / "precision.png").stat().st_size > 0
-    assert cli_main(["inspect", str(tmp_path / "nothing")]) == 2
-    assert "quant_stats.jsonl" in capsys.readouterr().err
+    assert cli_main(["inspect", str(tmp_path / "nothing")]) == 2  # issue 21: says what is wrong
+    assert "nothing does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["inspect", str(tmp_path / "empty")]) == 2
+    assert "has no quant_stats.jsonl" in capsys.readouterr().err
