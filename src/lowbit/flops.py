@@ -59,8 +59,11 @@ def count_params(config) -> dict[str, int]:
     plus (GPT) the learned position embedding; with tied weights the head *is* the token
     embedding and is counted once, inside `embedding`. An untied head is a GeMM and counts
     as non-embedding."""
+    family = family_of(config)
+    if family.params is not None:  # layers that differ (MoE, MLA): the family's own count, with "active"
+        return family.params(config)
     d, L, V = config.n_embd, config.n_layer, config.vocab_size
-    per_layer, embedding, final_norm = family_of(config).layer_params(config)
+    per_layer, embedding, final_norm = family.layer_params(config)
     head = 0 if config.tie_embeddings else V * d
     total = embedding + L * per_layer + final_norm + head
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
@@ -88,6 +91,8 @@ def flops_per_token(config, seq_len: int | None = None) -> dict:
     T = config.block_size if seq_len is None else seq_len
     if not isinstance(T, int) or T <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if family_of(config).flops is not None:  # the family's own (active experts, latent attention)
+        return family_of(config).flops(config, T)
     d, L, V = config.n_embd, config.n_layer, config.vocab_size
     kv = config.kv_heads * config.head_dim
     h = config.ffn_hidden
@@ -120,7 +125,9 @@ def kv_cache_bytes(config, dtype_bytes: int = 2) -> int:
     """KV-cache bytes per token per sequence: 2 (K and V) · n_layer · kv_heads · head_dim · dtype_bytes."""
     if dtype_bytes <= 0:
         raise ValueError(f"dtype_bytes must be positive (bf16: 2, fp32: 4, fp8: 1), got {dtype_bytes}")
-    return 2 * config.n_layer * config.kv_heads * config.head_dim * dtype_bytes
+    kv_elems = family_of(config).kv_elems
+    elems = kv_elems(config) if kv_elems is not None else 2 * config.n_layer * config.kv_heads * config.head_dim
+    return elems * dtype_bytes
 
 
 def kv_cache_bytes_context(config, seq_len: int | None = None, batch_size: int = 1, dtype_bytes: int = 2) -> int:
@@ -234,6 +241,18 @@ def _per_layer_lines(pl: dict, d: int, mlp: str) -> list[str]:
     return lines
 
 
+def _formula_lines(config, p: dict, f: dict) -> list[str]:
+    """The closed form the FLOPs follow (dense families), or the active-parameter basis (MoE/MLA families)."""
+    T, L, d = f["seq_len"], config.n_layer, config.n_embd
+    share = f"attention scores/values are {f['attention'] / f['forward']:.1%} of forward"
+    if "active" in p:
+        return [f"  = 2 per active GeMM weight ({f['matmul_params']:,}, the router included) + attention, "
+                f"x 3 for training; {share}"]
+    return [f"  = 6*N_matmul + 12*L*T*d = 6*{f['matmul_params']:,} + 12*{L}*{T}*{d}; {share}",
+            f"  (PaLM's 6*N_non_embedding + 12*L*T*d = {6 * p['non_embedding'] + 12 * L * T * d:,}: "
+            "also counts norm/bias parameters as GeMM weights)"]
+
+
 def format_report(
     config,
     seq_len: int | None = None,
@@ -251,13 +270,14 @@ def format_report(
     f = flops_per_token(config, seq_len)
     T, L, d = f["seq_len"], config.n_layer, config.n_embd
     fam = family_of(config).title
-    mlp = "GELU 4x" if config.mlp == "gelu" else "SwiGLU"
+    mlp = {"gelu": "GELU 4x", "moe": "MoE, active experts"}.get(config.mlp, "SwiGLU")
     lines = [
         f"model {name or type(config).__name__} ({fam}): {L} layers, d_model {d}, "
         f"{config.n_head} heads ({config.kv_heads} kv, head dim {config.head_dim}), "
         f"MLP {mlp} {config.ffn_hidden}, context {config.block_size}, vocab {config.vocab_size:,}"
         + (", tied head" if config.tie_embeddings else ""),
-        f"parameters: {p['total']:,} total = {p['non_embedding']:,} non-embedding + {p['embedding']:,} embedding",
+        f"parameters: {p['total']:,} total = {p['non_embedding']:,} non-embedding + {p['embedding']:,} embedding"
+        + (f"; {p['active']:,} active per token (the chosen experts only)" if "active" in p else ""),
         "",
         f"FLOPs per token at seq {T} (2 per multiply-add; training = 3 x forward):",
     ]
@@ -267,10 +287,7 @@ def format_report(
         f"  output head{'':24}{f['lm_head']:>16,}",
         f"  forward{'':28}{f['forward']:>16,}  ({_si(f['forward'], 'FLOP')})",
         f"  training (fwd+bwd){'':17}{f['train']:>16,}  ({_si(f['train'], 'FLOP')})",
-        f"  = 6*N_matmul + 12*L*T*d = 6*{f['matmul_params']:,} + 12*{L}*{T}*{d}; "
-        f"attention scores/values are {f['attention'] / f['forward']:.1%} of forward",
-        f"  (PaLM's 6*N_non_embedding + 12*L*T*d = {6 * p['non_embedding'] + 12 * L * T * d:,}: "
-        "also counts norm/bias parameters as GeMM weights)",
+        *_formula_lines(config, p, f),
         "",
         f"KV cache (bf16): {kv_cache_bytes(config):,} bytes/token; "
         f"{kv_cache_bytes_context(config, T) / 2**20:,.2f} MiB per sequence of {T} tokens",
@@ -291,10 +308,10 @@ def format_report(
 
 def presets_table() -> str:
     """Every registered model preset: family, shape and parameter count (`lowbit flops --list`)."""
-    lines = [f"{'name':<14}{'family':<8}{'layers':>7}{'d_model':>9}{'heads(kv)':>11}{'d_ff':>7}{'context':>9}"
+    lines = [f"{'name':<18}{'family':<9}{'layers':>7}{'d_model':>9}{'heads(kv)':>11}{'d_ff':>7}{'context':>9}"
              f"{'vocab':>8}{'params':>15}"]
     for family in FAMILIES.values():
         for name, c in family.presets.items():
-            lines.append(f"{name:<14}{family.name:<8}{c.n_layer:>7}{c.n_embd:>9}{f'{c.n_head}({c.kv_heads})':>11}"
+            lines.append(f"{name:<18}{family.name:<9}{c.n_layer:>7}{c.n_embd:>9}{f'{c.n_head}({c.kv_heads})':>11}"
                          f"{c.ffn_hidden:>7}{c.block_size:>9}{c.vocab_size:>8}{count_params(c)['total']:>15,}")
     return "\n".join(lines)

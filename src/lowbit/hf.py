@@ -53,7 +53,9 @@ def _mapping(config):
     """The family's HFMapping (ValueError when the family has no transformers counterpart)."""
     family = family_of(config)
     if family.hf is None:
-        raise ValueError(f"the {family.title} has no Hugging Face mapping; save it with lowbit's checkpoints")
+        raise ValueError(f"the {family.name} family has no Hugging Face mapping yet (lowbit maps "
+                         f"{', '.join(f.name for f in FAMILIES.values() if f.hf)}); keep it as a lowbit run "
+                         "(lowbit eval and generate read it)")
     return family.hf
 
 

@@ -32,12 +32,14 @@ COUNTS = ("reference", "total")
 
 def param_counts(model: str, vocab_size: int) -> dict[str, int]:
     """{"total", "reference"} parameter counts of preset `model` at `vocab_size`. reference = total minus the
-    token embedding and the output head (one matrix when they are tied)."""
+    token embedding and the output head (one matrix when they are tied); for a mixture of experts both count the
+    *active* parameters (the chosen experts only): D/N by what a token uses."""
     from lowbit.flops import count_params
     from lowbit.models import get_config
 
     cfg = get_config(model, vocab_size=vocab_size)
-    total = count_params(cfg)["total"]
+    counts = count_params(cfg)
+    total = counts.get("active", counts["total"])
     vd = cfg.vocab_size * cfg.n_embd
     return {"total": total, "reference": total - vd * (1 if cfg.tie_embeddings else 2)}
 

@@ -7,6 +7,9 @@ in lowbit.models.registry lists it). A new family is one module plus one line th
     layer_params       config -> (parameters per layer, embedding parameters, final-norm parameters), for
                        lowbit.flops.count_params (the GeMM FLOPs read the config's shared shape names)
     hf                 the Hugging Face mapping, or None when the family has no transformers counterpart
+    params, flops, kv_elems   for families whose layers differ (mixture of experts, latent attention): config ->
+                       lowbit.flops.count_params' dict (plus "active"); (config, seq_len) -> flops_per_token's dict;
+                       config -> cached values per token. None: lowbit.flops' dense formulas.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ class Family:
     layer_params: Callable[[Any], tuple[int, int, int]]
     presets: dict = field(default_factory=dict)
     hf: HFMapping | None = None
+    params: Callable[[Any], dict] | None = None
+    flops: Callable[[Any, int], dict] | None = None
+    kv_elems: Callable[[Any], int] | None = None
 
 
 def need(ok: bool, what: str) -> None:

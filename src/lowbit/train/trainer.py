@@ -311,7 +311,8 @@ class Trainer:
         loss_val, stop_now, grad_norm = torch.cat([shared, norm.float().reshape(1)]).tolist()  # one sync
         finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            self.optimizer.step()  # then the model's own per-step update (MoE: the routers' balancing bias)
+            self.model_stats = getattr(self.model, "after_optimizer_step", dict)()
         else:
             log.warning("step %d: non-finite %s (loss %s, grad norm %s); skipping the update (%d in a row, "
                         "the run stops after %d)", n, "loss" if not math.isfinite(loss_val) else "gradient",
@@ -352,7 +353,8 @@ class Trainer:
         losses = self.train_state.window_losses
         row = {"step": n, "tokens": n * self.tokens_per_step,
                "train_loss": sum(losses) / len(losses) if losses else float("nan"), "val_loss": val_loss,
-               "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": tps, "mfu": self._mfu(tps), **qstats}
+               "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": tps, "mfu": self._mfu(tps), **qstats,
+               **getattr(self, "model_stats", {})}
         self.logger.log(row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{tps:,.0f}")
         self.train_state.window_losses = []

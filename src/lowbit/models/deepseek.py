@@ -1,0 +1,237 @@
+"""DeepSeek-V3-style decoder (arXiv 2412.19437; deepseek-ai/DeepSeek-V3 inference/model.py): RMSNorm, RoPE,
+multi-head latent attention (lowbit.models.mla), DeepSeekMoE feed-forwards with shared and fine-grained routed
+experts, sigmoid routing and auxiliary-loss-free balancing (lowbit.models.moe), the first `n_dense_layers` dense.
+
+Not here yet: multi-token prediction, node-limited (grouped) routing, YaRN context extension. Every GeMM is an
+nn.Linear (attention projections, each expert's, the dense FFNs), so `lowbit.convert` quantizes them; the
+router, the norms and RoPE stay in high precision, as DeepSeek-V3 kept its gating and normalisation.
+At the end: the family's presets, its parameter and FLOP counts (total and active), registered as FAMILY.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from lowbit.models.base import CausalLM, KVCache
+from lowbit.models.family import Family
+from lowbit.models.llama import RMSNorm, rope_cos_sin
+from lowbit.models.mla import MLA
+from lowbit.models.moe import MoE, SwiGLU
+
+
+@dataclass(frozen=True)
+class DeepSeekConfig:
+    """Shape of a DeepSeek-V3-style model. MLA: kv_lora_rank (d_c), q_lora_rank (0 = no query compression),
+    qk_nope_head_dim + qk_rope_head_dim per query/key head, v_head_dim. MoE: n_routed_experts of width
+    moe_inter_dim, n_activated_experts chosen per token, n_shared_experts always on; the first n_dense_layers
+    use a dense SwiGLU of width inter_dim. bias_update_speed: γ of the balancing bias; seq_aux_alpha: α of the
+    sequence-wise balance loss (DeepSeek-V3: 0.001 and 0.0001)."""
+
+    block_size: int = 128
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 16
+    inter_dim: int = 352
+    moe_inter_dim: int = 64
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    n_dense_layers: int = 1
+    route_scale: float = 1.0
+    bias_update_speed: float = 1e-3
+    seq_aux_alpha: float = 1e-4
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+
+    mlp: ClassVar[str] = "moe"
+    bias: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "inter_dim", "moe_inter_dim", "n_routed_experts",
+                     "n_activated_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"DeepSeekConfig.{name} must be a positive int, got {v!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"DeepSeekConfig: RoPE needs an even qk_rope_head_dim, got {self.qk_rope_head_dim}")
+        if self.n_activated_experts > self.n_routed_experts:
+            raise ValueError(f"DeepSeekConfig: n_activated_experts={self.n_activated_experts} exceeds the "
+                             f"{self.n_routed_experts} routed experts; choose at most {self.n_routed_experts}")
+        if self.kv_lora_rank >= self.n_embd:
+            raise ValueError(f"DeepSeekConfig: kv_lora_rank={self.kv_lora_rank} is not below n_embd={self.n_embd}: "
+                             "the latent must compress; choose a smaller kv_lora_rank")
+        if not 0 <= self.n_dense_layers <= self.n_layer:
+            raise ValueError(f"DeepSeekConfig: n_dense_layers={self.n_dense_layers} must be in [0, n_layer]")
+
+    # shared shape names (lowbit.flops' report line)
+    @property
+    def head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head  # keys and values are decompressed per head; the cache holds the latent
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.moe_inter_dim
+
+
+class Block(nn.Module):
+    def __init__(self, c: DeepSeekConfig, layer_id: int):
+        super().__init__()
+        d = c.n_embd
+        self.attn_norm = RMSNorm(d, c.norm_eps)
+        self.attn = MLA(d, c.n_head, c.kv_lora_rank, c.q_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                        c.v_head_dim, c.norm_eps)
+        self.ffn_norm = RMSNorm(d, c.norm_eps)
+        self.ffn = SwiGLU(d, c.inter_dim) if layer_id < c.n_dense_layers else MoE(
+            d, c.moe_inter_dim, c.n_routed_experts, c.n_shared_experts, c.n_activated_experts, c.route_scale)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, pos))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class DeepSeek(CausalLM):
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        if not isinstance(config, DeepSeekConfig):
+            raise TypeError(f"DeepSeek needs a DeepSeekConfig, got {type(config).__name__}; use build_model")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():  # residual-stream outputs scaled by 1/sqrt(2·n_layer), as GPT-2
+            if name.endswith(("attn.wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def embedding_params(self) -> int:
+        return self.embed.weight.numel()
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        self._check_idx(idx, pos)
+        T = idx.size(1)
+        x = self.embed(idx)
+        rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        cos, sin = rope_cos_sin(self.config.qk_rope_head_dim, positions, self.config.rope_theta, rope_dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[i], pos)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """CausalLM's (logits, loss), the loss plus α · the MoE layers' sequence-wise balance losses in training."""
+        logits, loss = super().forward(idx, targets)
+        aux = [m.aux for m in self.moe_layers() if m.aux is not None]
+        if loss is not None and aux and self.config.seq_aux_alpha > 0:
+            loss = loss + self.config.seq_aux_alpha * torch.stack(aux).sum()
+        return logits, loss
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Auxiliary-loss-free balancing: every router's bias moves by ±γ towards equal load (the trainer calls
+        this after each optimizer step). Returns {"moe_load_max_over_mean": mean over MoE layers} for the metrics."""
+        stats = [m.router.update_bias(self.config.bias_update_speed)["load_max_over_mean"] for m in self.moe_layers()]
+        stats = [s for s in stats if s == s]
+        return {"moe_load_max_over_mean": sum(stats) / len(stats)} if stats else {}
+
+
+# --- the family: presets, parameter and FLOP counts -----------------------------------------------------
+
+PRESETS = {
+    # CPU-sized: 8 routed experts of width 128 (2 active) + 1 shared, first layer dense. Every GeMM width is a
+    # multiple of 128 (fp8-block's tiles, DeepSeek-V3's own recipe), hence the 128-wide RoPE key (d_c + r = 256).
+    "deepseek-tiny": DeepSeekConfig(n_embd=256, n_head=2, kv_lora_rank=128, qk_nope_head_dim=64,
+                                    qk_rope_head_dim=128, v_head_dim=64, inter_dim=512, moe_inter_dim=128),
+    "deepseek-small": DeepSeekConfig(n_layer=6, n_head=4, n_embd=512, kv_lora_rank=128, qk_nope_head_dim=64,
+                                     qk_rope_head_dim=128, v_head_dim=64, inter_dim=1024, moe_inter_dim=128,
+                                     n_routed_experts=16, n_activated_experts=4, block_size=256),
+    # DeepSeek-V2-Lite's shape (27 layers, d 2048, 16 heads, d_c 512, 64 routed of width 1408, 6 active + 2
+    # shared, first layer dense of width 10944; 15.7B total, 2.4B active) for GPU users.
+    "deepseek-v2-lite": DeepSeekConfig(n_layer=27, n_head=16, n_embd=2048, kv_lora_rank=512, qk_nope_head_dim=128,
+                                       qk_rope_head_dim=64, v_head_dim=128, inter_dim=10944, moe_inter_dim=1408,
+                                       n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
+                                       block_size=4096, vocab_size=102400),
+}
+
+
+def _attn_params(c: DeepSeekConfig) -> int:
+    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    q = c.n_embd * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * c.n_head * qk if c.q_lora_rank \
+        else c.n_embd * c.n_head * qk
+    kv = c.n_embd * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank \
+        + c.kv_lora_rank * c.n_head * (c.qk_nope_head_dim + c.v_head_dim)
+    return q + kv + c.n_head * c.v_head_dim * c.n_embd
+
+
+def _ffn_params(c: DeepSeekConfig, layer: int, active: bool) -> int:
+    d = c.n_embd
+    if layer < c.n_dense_layers:
+        return 3 * d * c.inter_dim
+    experts = c.n_activated_experts if active else c.n_routed_experts
+    return c.n_routed_experts * d + (experts + c.n_shared_experts) * 3 * d * c.moe_inter_dim  # router + experts
+
+
+def params(c: DeepSeekConfig) -> dict[str, int]:
+    """lowbit.flops.count_params' dict plus "active" (the parameters one token uses: the chosen experts only)."""
+    V, d = c.vocab_size, c.n_embd
+    head = 0 if c.tie_embeddings else V * d
+    base = V * d + head + d + c.n_layer * (_attn_params(c) + 2 * d)
+    total = base + sum(_ffn_params(c, i, False) for i in range(c.n_layer))
+    active = base + sum(_ffn_params(c, i, True) for i in range(c.n_layer))
+    return {"total": total, "embedding": V * d, "non_embedding": total - V * d, "active": active}
+
+
+def flops(c: DeepSeekConfig, T: int) -> dict:
+    """flops_per_token's dict on the active parameters: 2 FLOPs per active GeMM weight (the router included),
+    attention 2·T·H·(n + r) for the scores and 2·T·H·v for the values; per_layer is the mean layer."""
+    qk, L, d = c.qk_nope_head_dim + c.qk_rope_head_dim, c.n_layer, c.n_embd
+    norms = 2 * c.kv_lora_rank + (2 * c.q_lora_rank if c.q_lora_rank else 0)  # RMSNorm weights in _attn_params
+    attn_out = 2 * c.n_head * c.v_head_dim * d
+    per_layer = {"qkv": 2 * _attn_params(c) - norms - attn_out, "attn_out": attn_out,
+                 "mlp": round(sum(2 * _ffn_params(c, i, True) for i in range(L)) / L),
+                 "attn_scores": 2 * T * c.n_head * qk, "attn_values": 2 * T * c.n_head * c.v_head_dim}
+    per_layer["total"] = sum(per_layer.values())
+    lm_head = 2 * d * c.vocab_size
+    matmul = sum(_attn_params(c) - norms // 2 + _ffn_params(c, i, True) for i in range(L)) + d * c.vocab_size
+    layers = sum(2 * (_attn_params(c) - norms // 2 + _ffn_params(c, i, True)) for i in range(L)) \
+        + L * (per_layer["attn_scores"] + per_layer["attn_values"])
+    return {"seq_len": T, "per_layer": per_layer, "layers": layers, "lm_head": lm_head, "forward": layers + lm_head,
+            "train": 3 * (layers + lm_head), "matmul_params": matmul,
+            "attention": L * (per_layer["attn_scores"] + per_layer["attn_values"])}
+
+
+def kv_elems(c: DeepSeekConfig) -> int:
+    """Cached values per token: the latent and the shared RoPE key of every layer (not 2·H·head_dim)."""
+    return c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim)
+
+
+FAMILY = Family("deepseek", "DeepSeek-V3 family (MLA + DeepSeekMoE)", DeepSeekConfig, DeepSeek,
+                lambda c: (0, 0, 0), PRESETS, None, params=params, flops=flops, kv_elems=kv_elems)

@@ -1,0 +1,170 @@
+"""The deepseek family (lowbit.models.deepseek, moe, mla) against hand computations: routing, the balancing bias,
+the sequence-wise loss, MLA against naive attention over the decompressed keys and values, the latent cache,
+per-expert quantization, parameter and FLOP counts, and the trainer's wiring."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import flops
+from lowbit.models import build_model, config_from_dict, config_to_dict
+from lowbit.models.deepseek import DeepSeekConfig
+from lowbit.models.llama import apply_rope, rope_cos_sin
+from lowbit.models.moe import MoE, Router, balance_loss, run_experts
+from lowbit.nn import QLinear
+
+
+def test_router_picks_top_k_of_affinity_plus_bias_and_gates_with_the_affinity():
+    r = Router(dim=3, n_experts=4, top_k=2, route_scale=2.0)
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(4, 3))  # expert i's affinity is sigmoid(x_i), expert 3's sigmoid(0) = 0.5
+        r.bias.copy_(torch.tensor([0.0, 0.0, 0.6, 0.0]))
+    x = torch.tensor([[2.0, 1.0, -1.0]])
+    s = torch.sigmoid(torch.tensor([2.0, 1.0, -1.0, 0.0]))
+    with torch.no_grad():
+        g, ids, aff = r(x)
+    # s + b = [0.881, 0.731, 0.869, 0.5]: experts 0 and 2 chosen (2 only thanks to the bias) ...
+    assert sorted(ids[0].tolist()) == [0, 2]
+    # ... but gated by their affinities s (not s + b), normalised over the chosen, times route_scale
+    want = {0: s[0] / (s[0] + s[2]) * 2, 2: s[2] / (s[0] + s[2]) * 2}
+    for k in range(2):
+        assert g[0, k] == pytest.approx(float(want[int(ids[0, k])]), rel=1e-6)
+    torch.testing.assert_close(aff[0], s)
+
+
+def test_bias_moves_towards_equal_load_and_is_checkpointed():
+    r = Router(dim=4, n_experts=4, top_k=1)
+    r.load.copy_(torch.tensor([10.0, 2.0, 4.0, 0.0]))  # mean 4
+    stats = r.update_bias(0.01)
+    assert r.bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.01])  # overloaded down, underloaded up, mean stays
+    assert stats["load_max_over_mean"] == pytest.approx(2.5) and r.load.sum() == 0
+    model = build_model("deepseek-tiny", n_layer=2)
+    model.moe_layers()[0].router.bias.fill_(0.25)
+    sd = model.state_dict()
+    assert torch.all(sd["layers.1.ffn.router.bias"] == 0.25)  # in the weights file: resume restores it
+    assert "layers.1.ffn.router.load" not in sd
+
+
+def test_balance_loss_by_hand():
+    s = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5]])  # one sequence of 2 tokens, 3 experts, top-1
+    ids = torch.tensor([[0], [1]])
+    f = torch.tensor([1.0, 1.0, 0.0]) * 3 / (1 * 2)
+    p = (s / s.sum(-1, keepdim=True)).mean(0)
+    assert float(balance_loss(s, ids, batch=1, top_k=1)) == pytest.approx(float((f * p).sum()), rel=1e-6)
+
+
+def test_run_experts_is_the_gated_sum_and_each_expert_quantizes_its_own_rows():
+    torch.manual_seed(0)
+    moe = MoE(dim=32, hidden=32, n_routed=4, n_shared=0, top_k=2)
+    lowbit.convert(moe, "fp8-tensor")  # per-tensor scales: each expert's own amax over its own tokens
+    x = torch.randn(12, 32)
+    g, ids, _ = moe.router(x)
+    got = run_experts(moe.experts, x, g, ids)
+    want = torch.zeros_like(x)
+    for t in range(12):
+        for k in range(2):
+            e = int(ids[t, k])
+            rows = (ids == e).any(1).nonzero().flatten()  # the tokens that expert e saw, in token order
+            out = moe.experts[e](x[rows])
+            want[t] += g[t, k] * out[(rows == t).nonzero().item()]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert all(isinstance(m, QLinear) for m in moe.experts[0].modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_an_expert_without_tokens_still_gets_a_zero_gradient():
+    """DDP all-reduces every parameter's gradient: an expert no token chose must not leave it None."""
+    torch.manual_seed(0)
+    moe = MoE(dim=16, hidden=16, n_routed=4, n_shared=1, top_k=1)
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([10.0, 0, 0, 0]))  # everything goes to expert 0
+    moe(torch.randn(2, 5, 16)).sum().backward()
+    assert all(p.grad is not None for p in moe.parameters() if p is not moe.router.weight)
+    assert torch.count_nonzero(moe.experts[3].w1.weight.grad) == 0
+
+
+def _naive_mla(attn, x, cos, sin):
+    """Attention over the decompressed per-head keys and values, written out (no sdpa, no cache)."""
+    B, T, _ = x.shape
+    H, n, r, v = attn.n_head, attn.nope, attn.rope, attn.v_dim
+    q = attn.wq(x).view(B, T, H, n + r).transpose(1, 2)
+    q = torch.cat([q[..., :n], apply_rope(q[..., n:], cos, sin)], -1)
+    c, kr = attn.wkv_a(x).split([attn.d_c, r], -1)
+    kv = attn.wkv_b(attn.kv_norm(c)).view(B, T, H, n + v).transpose(1, 2)
+    k = torch.cat([kv[..., :n], apply_rope(kr.unsqueeze(1), cos, sin).expand(B, H, T, r)], -1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(n + r)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = scores.softmax(-1) @ kv[..., n:]
+    return attn.wo(y.transpose(1, 2).reshape(B, T, H * v))
+
+
+def test_mla_equals_naive_attention_and_its_cache_holds_only_the_latent():
+    torch.manual_seed(0)
+    model = build_model("deepseek-tiny", n_layer=2, vocab_size=64).double().eval()
+    attn = model.layers[0].attn
+    x = torch.randn(2, 7, 256, dtype=torch.float64)
+    cos, sin = rope_cos_sin(128, torch.arange(7), dtype=torch.float64)
+    torch.testing.assert_close(attn(x, cos, sin), _naive_mla(attn, x, cos, sin), rtol=1e-10, atol=1e-10)
+    from lowbit.models.base import KVCache
+
+    cache = KVCache(16)
+    attn(x, cos, sin, cache, 0)
+    assert cache.k.shape == (2, 1, 16, 128) and cache.v.shape == (2, 1, 16, 128)  # latent d_c, RoPE key r
+    idx = torch.randint(0, 64, (1, 5))
+    a = model.generate(idx, 8, temperature=0.0, use_cache=True)
+    b = model.generate(idx, 8, temperature=0.0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_counts_match_the_built_model_and_the_hand_formula():
+    c = DeepSeekConfig(n_layer=3, n_head=2, n_embd=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                       v_head_dim=16, inter_dim=96, moe_inter_dim=32, n_routed_experts=4, n_shared_experts=1,
+                       n_activated_experts=2, n_dense_layers=1, vocab_size=100)
+    model = build_model(c)
+    p = flops.count_params(c)
+    assert p["total"] == sum(t.numel() for t in model.parameters())
+    d, H = 64, 2
+    attn = d * H * 24 + d * (32 + 8) + 32 + 32 * H * 32 + H * 16 * d
+    moe_total, moe_active = 4 * d + (4 + 1) * 3 * d * 32, 4 * d + (2 + 1) * 3 * d * 32
+    base = 2 * 100 * d + d + 3 * (attn + 2 * d) + 3 * d * 96
+    assert (p["total"], p["active"]) == (base + 2 * moe_total, base + 2 * moe_active)
+    f = flops.flops_per_token(c, 16)
+    matmul = 3 * (attn - 32) + 3 * d * 96 + 2 * moe_active + 100 * d  # GeMM weights a token uses (no norms)
+    assert f["matmul_params"] == matmul
+    assert f["forward"] == 2 * (matmul - 100 * d) + 3 * (2 * 16 * H * 24 + 2 * 16 * H * 16) + 2 * d * 100
+    assert flops.kv_cache_bytes(c, 2) == 3 * (32 + 8) * 2  # the latent and the RoPE key per layer
+
+
+def test_config_round_trip_and_bad_shapes():
+    c = build_model("deepseek-tiny").config
+    assert config_from_dict(config_to_dict(c)) == c
+    with pytest.raises(ValueError, match="n_activated_experts=9 exceeds the 8 routed experts"):
+        DeepSeekConfig(n_activated_experts=9)
+    with pytest.raises(ValueError, match="kv_lora_rank=128 is not below n_embd=128"):
+        DeepSeekConfig(kv_lora_rank=128)
+
+
+def test_the_trainer_moves_the_bias_and_logs_the_load(tmp_path):
+    from conftest import write_corpus
+    from lowbit.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path, "kings")
+    res = train(TrainConfig(model="deepseek-tiny", data=str(corpus), tokenizer="bytes", tokens=3 * 4 * 32,
+                            batch_size=4, seq_len=32, device="cpu", log_interval=1, eval_interval=100,
+                            out=str(tmp_path / "run")), progress=False)
+    assert all(row["moe_load_max_over_mean"] >= 1.0 for row in res.history)
+    from lowbit.train import weights
+
+    sd = weights.read_weights(sorted((tmp_path / "run" / "ckpt").glob("step_*"))[-1])
+    bias = sd["layers.1.ffn.router.bias"]
+    assert torch.count_nonzero(bias) > 0 and torch.allclose(bias.abs() / 1e-3, torch.round(bias.abs() / 1e-3))
+
+
+def test_export_of_a_deepseek_run_is_refused_in_one_line(tmp_path):
+    from lowbit.hf import hf_config
+
+    with pytest.raises(ValueError, match="the deepseek family has no Hugging Face mapping yet"):
+        hf_config(build_model("deepseek-tiny").config)
