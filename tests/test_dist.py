@@ -319,3 +319,21 @@ def test_nproc_launcher_ctrl_c_and_resume(module_corpus, tmp_path, monkeypatch):
     wa, wb = final_weights(tmp_path / "ref"), final_weights(tmp_path / "run")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_moe_under_ddp_matches_one_process(module_corpus, tmp_path, monkeypatch):
+    """deepseek-tiny on 2 gloo ranks: every expert's weights take part in the all-reduce (an expert a rank's tokens
+    did not choose contributes a zero gradient), and the routers' balancing bias moves by the loads summed over
+    ranks, so both ranks and one process keep the same bias and the same losses."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    kw = dict(model="deepseek-tiny", grad_accum=1, tokens=4 * 4 * 32)
+    single = train(TrainConfig(**cfg_kw(module_corpus, tmp_path / "one", **kw)), progress=False)
+    run_world(2, cfg_kw(module_corpus, tmp_path / "ddp", **kw))
+    a, b = single.history, rows(tmp_path / "ddp")
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=RTOL), ra["step"]
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
+    bias = [k for k in wa if k.endswith("router.bias")]
+    assert bias and all(torch.equal(wa[k], wb[k]) for k in bias)
+    assert any(torch.count_nonzero(wa[k]) for k in bias)  # the bias did move
