@@ -77,8 +77,7 @@ def _status(r: dict) -> str:
 
 
 def _tokens_per_s(r: dict) -> str:
-    """From the interleaved timing phase when there was one (the same load for every recipe, so it agrees with
-    the step-time column); else training's own, marked "(train)"."""
+    """From the timing phase (same load for every recipe: agrees with the step times); else training's, "(train)"."""
     if _finite(r.get("timed_tokens_per_s")):
         return _f(r["timed_tokens_per_s"], ",.0f")
     return _f(r.get("tokens_per_s"), ",.0f") + (" (train)" if _finite(r.get("tokens_per_s")) else "")
@@ -383,8 +382,7 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
 
 
 def write_report(results: dict, out: str | Path) -> dict[str, Path]:
-    """Write loss.png, one sweep_<param>.png per swept parameter and report.md into `out`.
-    Returns {"plot": .., "report": .., "sweep:<param>": ..} paths."""
+    """Write loss.png, sweep_<param>.png per swept parameter and report.md into `out`; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"plot": plot_losses(results, out / LOSS_PNG)}
@@ -396,8 +394,7 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     precision_plots = report_charts.write_precision_plots(results, out)
     if report_charts.plot_iso_loss(results, out / report_charts.ISO_PNG):
         paths["iso"] = out / report_charts.ISO_PNG
-    md = out / REPORT_MD
+    paths["report"] = md = out / REPORT_MD
     md.write_text(render_markdown(results, LOSS_PNG, sweep_plots, precision_plots))
-    paths["report"] = md
     return paths
 
