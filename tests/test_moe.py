@@ -167,3 +167,14 @@ def test_export_of_a_deepseek_run_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(ValueError, match="the deepseek family has no Hugging Face mapping yet"):
         hf_config(build_model("deepseek-tiny").config)
+
+
+def test_block_selections_count_transformer_blocks_not_experts():
+    """share:16% on deepseek-tiny kept expert 7 of layer 1 (the experts list, 8 long, outnumbered the 4 blocks);
+    the blocks are the outermost list."""
+    from lowbit.nn.select import block_list, high_precision_names
+
+    model = build_model("deepseek-tiny")
+    assert block_list(model) == ("layers", 4)
+    kept = high_precision_names(model, ("share:16%",))
+    assert "layers.3.attn.wo" in kept and not any(k.startswith("layers.1.") for k in kept)

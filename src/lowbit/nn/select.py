@@ -10,8 +10,9 @@ A selection is a list of patterns, comma-separated on the command line (`--high-
                 rest at the end; `share:16%` gives 2 + 8 of 62, 0 + 2 of 12, 0 + 1 of 4
     GLOB        any other pattern matches fully qualified module names (fnmatch): `*.attn.c_proj`, `lm_head`
 
-The blocks are the entries of the model's longest nn.ModuleList that holds linear layers (GPT-2's
-`transformer.h`, LLaMA's `model.layers`); a module belongs to block i when its name lies under `<list>.i.`.
+The blocks are the entries of the model's longest outermost nn.ModuleList that holds linear layers (GPT-2's
+`transformer.h`, LLaMA's `model.layers`; never a MoE layer's `experts`, which lie inside the blocks); a module
+belongs to block i when its name lies under `<list>.i.`.
 """
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ from lowbit.layer_patterns import check_patterns
 from lowbit.suggest import did_you_mean
 
 def block_list(model: nn.Module) -> tuple[str, int]:
-    """(qualified name, length) of the model's longest ModuleList that contains linear layers; ("", 0) if none."""
-    best = ("", 0)
+    """(qualified name, length) of the model's longest outermost ModuleList that contains linear layers; ("", 0)
+    if none. Outermost: a list inside another such list (a mixture-of-experts layer's experts, inside the
+    transformer's blocks) is never the blocks, however many entries it has."""
+    best, outer = ("", 0), []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > best[1] and any(
-                isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in mod.modules()):
-            best = (name, len(mod))
+        if not isinstance(mod, nn.ModuleList) or any(name.startswith(o + ".") for o in outer):
+            continue
+        if any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in mod.modules()):
+            outer.append(name)
+            if len(mod) > best[1]:
+                best = (name, len(mod))
     return best
 
 
