@@ -687,9 +687,13 @@ def test_convert_says_which_layers_stay_in_high_precision(caplog):
     """Issue 21: nvfp4's share:16% silently kept the last block of a small model in bf16."""
     from lowbit.models import build_model
 
+    import importlib
+
+    importlib.import_module("lowbit.nn.convert")._say_once.cache_clear()  # said once per process: an earlier test may have said it already
     model = build_model("tiny", vocab_size=64, n_layer=2)
     with caplog.at_level("INFO", logger="lowbit"):
         lnn.convert(model, "nvfp4")
+        lnn.convert(build_model("tiny", vocab_size=64, n_layer=2), "nvfp4")  # the same selection again: silent
     msg = [r.getMessage() for r in caplog.records if "high precision" in r.getMessage()]
     assert msg == ["recipe nvfp4 keeps 4 linear layer(s) in high precision (share:16%): transformer.h.1.attn.c_attn, "
                    "transformer.h.1.attn.c_proj, transformer.h.1.mlp.c_fc, transformer.h.1.mlp.c_proj"]

@@ -7,6 +7,7 @@ refuses a recipe whose tiles do not divide the widths it tiles.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -51,9 +52,15 @@ def _say_kept(model: nn.Module, r: Recipe, keep: set[str]) -> None:
     `convert` on their own model would not otherwise know that `nvfp4`'s share:16% kept a block in bf16)."""
     kept = [fqn for fqn, m in model.named_modules() if fqn in keep and (type(m) is nn.Linear or is_conv1d(m))]
     if kept:
-        shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
-        logging.getLogger("lowbit").info("recipe %s keeps %d linear layer(s) in high precision (%s): %s", r.name,
-                                         len(kept), ", ".join(r.high_precision), shown)
+        _say_once(r.name, ", ".join(r.high_precision), tuple(kept))
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(recipe: str, patterns: str, kept: tuple[str, ...]) -> None:
+    """Once per process and selection (a comparison's timing phase converts the same model again and again)."""
+    shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+    logging.getLogger("lowbit").info("recipe %s keeps %d linear layer(s) in high precision (%s): %s", recipe,
+                                     len(kept), patterns, shown)
 
 
 def swap_modules(model: nn.Module, targets: list[tuple[str, nn.Module]],
