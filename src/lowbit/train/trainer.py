@@ -220,6 +220,7 @@ class Trainer:
         keep = self.train_state.step if cfg.resume else None
         self.logger = MetricsLogger(self.run.path, keep_until=keep) if self.di.is_main else RowsOnly()
         self.timer = StepTimer()
+        self.model_stats: dict[str, float] = {}  # what the model's after_optimizer_step last returned (MoE load)
         interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
         # under --compile toggling statistics would compile a second graph: they stay on (when wanted at all)
         self.stats_schedule = StatsSchedule(self.model, self.run.path, interval, self.steps,
@@ -354,7 +355,7 @@ class Trainer:
         row = {"step": n, "tokens": n * self.tokens_per_step,
                "train_loss": sum(losses) / len(losses) if losses else float("nan"), "val_loss": val_loss,
                "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": tps, "mfu": self._mfu(tps), **qstats,
-               **getattr(self, "model_stats", {})}
+               **self.model_stats}
         self.logger.log(row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", tok_s=f"{tps:,.0f}")
         self.train_state.window_losses = []
