@@ -201,19 +201,29 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
+    p = sub.add_parser("eval", help="validation loss of a checkpoint, or zero-shot accuracy with --tasks",
                        description="Evaluate a checkpoint on the validation split of its training data (the same "
-                                   "fixed batches the trainer used).")
-    p.add_argument("--ckpt", required=True, metavar="DIR",
-                   help=_CKPT_HELP)
+                                   "fixed batches the trainer used), or with --tasks on zero-shot tasks through "
+                                   "lm-evaluation-harness (a run, every run of a comparison, or a Hugging Face "
+                                   "folder; results in eval.json).")
+    p.add_argument("--ckpt", metavar="DIR", help=_CKPT_HELP + ", a comparison directory (--tasks: every run) or "
+                   "a Hugging Face folder (--tasks)")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--data", default=None, help="evaluate on the validation split of this data instead")
-    p.add_argument("--recipe", default=None, help="evaluate under this recipe instead of the training recipe")
+    p.add_argument("--recipe", default=None, help="evaluate under this recipe instead of the training recipe "
+                   "(with --tasks: instead of the fp32 master weights)")
     p.add_argument("--run", default=None, metavar="LABEL", help=_RUN_HELP)
     p.add_argument("--eval-batches", type=_positive_int, default=None,
                    help="validation batches (default: the run's eval_batches)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="sequences per batch (default: the run's batch_size)")
+                   help="sequences per batch (default: the run's batch_size; with --tasks: 16)")
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="zero-shot tasks, comma-separated: lowbit's offline tasks (`lowbit` = all of them), "
+                        "lm-eval task names, or `fp4-paper` (the FP4 paper's nine; need the hub)")
+    p.add_argument("--list-tasks", action="store_true", help="list lowbit's offline tasks and exit")
+    p.add_argument("--limit", type=_positive_int, default=None, help="--tasks: at most this many items per task")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="--tasks: a folder of lm-eval task YAML files (e.g. over a local copy of a dataset)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=commands.cmd_eval)
 

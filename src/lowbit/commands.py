@@ -12,6 +12,13 @@ from lowbit import recipes
 
 
 def cmd_eval(args) -> int:
+    if args.list_tasks or args.tasks:
+        return cmd_eval_tasks(args)
+    if args.ckpt is None:
+        raise ValueError("lowbit eval needs --ckpt DIR (a run directory or checkpoint), or --list-tasks")
+    for flag in ("limit", "include_path"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to zero-shot tasks; add --tasks LIST")
     from lowbit.data import prepare_dataset
     from lowbit.train.evaluation import evaluate, load_run
 
@@ -32,6 +39,40 @@ def cmd_eval(args) -> int:
         print(f"checkpoint {ckpt_dir} (recipe {recipe.name}): {res['tokens']:,} validation tokens")
         print(f"val_loss {res['val_loss']:.4f}")
         print(f"perplexity {res['perplexity']:.3f}")
+    return 0
+
+
+def cmd_eval_tasks(args) -> int:
+    """`lowbit eval --tasks` / `--list-tasks`: zero-shot accuracy through lm-evaluation-harness."""
+    from pathlib import Path
+
+    from lowbit.downstream import run, table, tasks
+
+    if args.list_tasks:
+        rows = tasks.list_rows()
+        print(json.dumps(rows) if args.json else "\n".join(
+            f"{r['task']:<34} {r['items']:>4} items  chance {table.chance(r['chance']):>3}  {r['form']} from "
+            f"{r['corpus']}'s held-out tail" for r in rows))
+        return 0
+    if args.ckpt is None:
+        raise ValueError("lowbit eval --tasks needs --ckpt DIR: a run, a comparison directory or a Hugging Face folder")
+    if args.eval_batches is not None or args.data is not None:
+        raise ValueError("--eval-batches and --data apply to the validation loss; drop them with --tasks")
+    names = tasks.expand(args.tasks)
+    kw = dict(device=args.device, limit=args.limit, batch_size=args.batch_size or 16, include_path=args.include_path)
+    ckpt = Path(args.ckpt)
+    if (ckpt / "results.json").is_file() and (ckpt / "runs").is_dir() and args.run is None:
+        summary = run.eval_comparison(ckpt, names, recipe=args.recipe, **kw)
+        print(json.dumps(summary) if args.json else "\n".join(table.markdown_section(summary)))
+        return 0
+    if (ckpt / "config.json").is_file() and not (ckpt / "ckpt").exists() and not (ckpt / "meta.json").exists():
+        if args.recipe is not None:
+            raise ValueError("--recipe needs a lowbit run; a Hugging Face folder is evaluated as it is")
+        res = run.eval_hf(ckpt, names, **kw)
+    else:
+        from lowbit.comparison.runner import resolve_run
+        res = run.eval_run(resolve_run(ckpt, args.run), names, recipe=args.recipe, **kw)
+    print(json.dumps(res) if args.json else table.run_table(res))
     return 0
 
 

@@ -1,27 +1,23 @@
-"""Comparison report: results dict (the content of `results.json`) -> markdown table,
-loss-curve PNGs and `report.md`.
-
-Pure functions of the results dict; nothing here trains or reads run directories, so a
-report can be re-rendered from a saved `results.json`:
-
-    import json; from lowbit import report
-    report.write_report(json.load(open("runs/cmp/results.json")), "runs/cmp")
-
-The results dict (written by `lowbit.compare`, gaps filled by lowbit.comparison.records) looks like
-    {"reference": "bf16", "reference_note": None | str, "base_config": {TrainConfig fields},
-     "command": str, "machine": {...}, "sweep": None | {param: [values]},
-     "runs": {label: {"status": "ok" | "diverged" | "failed: ...", "final_val_loss": float | None,
-                      "val_gap_abs", "val_gap_pct", "tokens_per_s", "step_time_rel", "peak_mem_bytes",
-                      "quant_stats": {..}, "wall_time_s", "history": [{"tokens", "val_loss", ..}],
-                      "recipe": base recipe name, "sweep": None | {"param": str, "value": ..}, ...}}}
+"""Comparison report: results dict (the content of `results.json`) -> markdown table, loss-curve PNGs and
+`report.md`. Pure functions of the results dict (re-render a saved one with
+`report.write_report(json.load(open("runs/cmp/results.json")), "runs/cmp")`); nothing here trains or reads run
+directories. The dict, written by `lowbit.compare` with gaps filled by lowbit.comparison.records:
+    {"reference": "bf16", "reference_note": None | str, "base_config": {TrainConfig fields}, "command": str,
+     "machine": {...}, "sweep": None | {param: [values]},
+     "runs": {label: {"status": "ok" | "diverged" | "failed: ...", "final_val_loss": float | None, "val_gap_abs",
+                      "val_gap_pct", "tokens_per_s", "step_time_rel", "peak_mem_bytes", "quant_stats": {..},
+                      "wall_time_s", "history": [{"tokens", "val_loss", ..}], "recipe": base recipe name,
+                      "sweep": None | {"param": str, "value": ..}, ...}}}
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from lowbit import report_charts
+from lowbit.downstream.table import markdown_section
 
 LOSS_PNG = "loss.png"
 REPORT_MD = "report.md"
@@ -372,6 +368,7 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
                 "RUN` samples (temperature 0.8, top-k 50, seed 0):", ""]
         for label, text in results["samples"].items():
             out += [f"**{label}**", "", "```", text, "```", ""]
+    out += markdown_section(results.get("downstream"))
     if failed:
         out += ["## Failed runs", ""] + [f"- `{lab}`: {r['status']}" for lab, r in failed.items()] + [""]
     out += ["## Reproduce", "", "```", results.get("command") or "(command not recorded)", "```", ""]
@@ -382,8 +379,11 @@ def render_markdown(results: dict, plot_name: str = LOSS_PNG, sweep_plots: dict[
 
 
 def write_report(results: dict, out: str | Path) -> dict[str, Path]:
-    """Write loss.png, sweep_<param>.png per swept parameter and report.md into `out`; returns their paths."""
+    """Write loss.png, sweep_<param>.png per swept parameter and report.md into `out`; returns their paths.
+    A zero-shot evaluation (`out`/eval.json, written by `lowbit eval --tasks`) becomes a section of the report."""
     out = Path(out)
+    if (out / "eval.json").is_file():
+        results = {**results, "downstream": json.loads((out / "eval.json").read_text())}
     out.mkdir(parents=True, exist_ok=True)
     paths = {"plot": plot_losses(results, out / LOSS_PNG)}
     sweep_plots = {}

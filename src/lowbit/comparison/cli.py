@@ -44,6 +44,9 @@ def add_cli(subparsers):
     p.add_argument("--timing-rounds", type=int, default=3, metavar="N",
                    help="rounds of the timing phase after training (every recipe a few steps, interleaved; the "
                         "report's step-time ratios); 0 skips it and reports training's own step times (default: 3)")
+    p.add_argument("--eval-tasks", metavar="LIST", default=None,
+                   help="after training, zero-shot accuracy of every run on these tasks (as `lowbit eval --tasks`; "
+                        "needs the eval extra): a table and paired differences to the reference in the report")
     p.set_defaults(func=run_cli)
     return p
 
@@ -84,21 +87,42 @@ def run_cli(args) -> int:
     command = command_line(names, base, args.out, sweep, config_path=args.config)
     if args.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be >= 0, got {args.timing_rounds}")
+    eval_tasks = _eval_tasks(args)
     if args.seeds:
         return _run_seeds(args, names, base, sweep)
     results = compare(names, base, args.out, sweep=sweep, progress=not args.no_progress,
                       overwrite=args.overwrite, command=command, timing_rounds=args.timing_rounds)
     out = Path(args.out)
+    if eval_tasks:
+        from lowbit.downstream import run, table
+
+        zero_shot = table.markdown_section(run.eval_comparison(out, eval_tasks, device=base.device,
+                                                               progress=not args.no_progress))
     print(f"wrote {out / RESULTS_JSON}, {out / report.LOSS_PNG}, {out / report.REPORT_MD}")
     print(terminal_table(results) + f"\n(every column: {out / report.REPORT_MD})")
     for label, text in (results.get("samples") or {}).items():
         print(f"\n--- sample from {label} (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K}, seed {SAMPLE_SEED}; "
               f"fp32 master weights) ---\n{text}")
+    if eval_tasks:
+        print("\n" + "\n".join(zero_shot))
     if results["failed"]:
         print(f"error: {len(results['failed'])} run(s) failed: {', '.join(results['failed'])} "
               f"(tracebacks in {out}/runs/<label>/error.txt)", file=sys.stderr)
         return 1
     return 0
+
+
+def _eval_tasks(args) -> list[str] | None:
+    """--eval-tasks checked before any training: the names, lm-eval present, no --seeds."""
+    if not args.eval_tasks:
+        return None
+    from lowbit.downstream import run, tasks
+
+    if args.seeds:
+        raise ValueError("--eval-tasks evaluates one comparison; with --seeds run `lowbit eval --ckpt OUT/seed<N> "
+                         "--tasks LIST` on each seed's directory")
+    run.require_lm_eval()
+    return tasks.expand(args.eval_tasks)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -108,7 +108,7 @@ def _prepare_out(out: Path, base, overwrite: bool) -> dict:
     if overwrite:
         for name in ("runs", "recipes"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, out / "iso_loss.png",
+        for p in [results_path, out / report.LOSS_PNG, out / report.REPORT_MD, out / "iso_loss.png", out / "eval.json",
                   *out.glob("sweep_*.png"), *out.glob("precision_*.png")]:
             p.unlink(missing_ok=True)
     prev_runs = {}
