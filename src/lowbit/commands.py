@@ -19,11 +19,10 @@ def cmd_eval(args) -> int:
     for flag in ("limit", "include_path"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} applies to zero-shot tasks; add --tasks LIST")
-    from lowbit.data import prepare_dataset
-    from lowbit.train.evaluation import evaluate, load_run
-
     # --recipe: the trained weights under another recipe, prepared exactly as training prepares a model
     from lowbit.comparison.runner import resolve_run
+    from lowbit.data import prepare_dataset
+    from lowbit.train.evaluation import evaluate, load_run
 
     model, tok, cfg, recipe, ckpt_dir = load_run(resolve_run(args.ckpt, args.run), args.device, recipe=args.recipe)
     changes = {k: getattr(args, k) for k in ("eval_batches", "batch_size") if getattr(args, k) is not None}

@@ -6,8 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from lowbit import recipes
-from lowbit import report
+from lowbit import recipes, report
 from lowbit.comparison.command import command_line, shared_options
 from lowbit.comparison.runner import RESULTS_JSON, SAMPLE_SEED, SAMPLE_TEMPERATURE, SAMPLE_TOP_K, compare
 from lowbit.comparison.sweep import parse_sweep

@@ -80,8 +80,8 @@ def markdown_section(summary: dict | None) -> list[str]:
     names, ref = summary["tasks"], summary["reference"]
     first = next(iter(summary["runs"].values()))
     levels = {n: first["tasks"][n].get("chance") for n in names}
-    out = ["## Zero-shot accuracy", "", f"Accuracy (%) ± lm-eval's standard error; weights: the run's fp32 master "
-           f"weights, or a recipe's quantized GeMMs (`lowbit eval --recipe`). Chance: " + ", ".join(f"`{n}` {chance(c)}" for n, c in levels.items()) + ".",
+    out = ["## Zero-shot accuracy", "", "Accuracy (%) ± lm-eval's standard error; weights: the run's fp32 master "
+           "weights, or a recipe's quantized GeMMs (`lowbit eval --recipe`). Chance: " + ", ".join(f"`{n}` {chance(c)}" for n, c in levels.items()) + ".",
            "", "| run | step | weights | " + " | ".join(f"`{n}`" for n in names) + " | average |",
            "|---|---:|---|" + "---:|" * (len(names) + 1)]
     for lab, r in summary["runs"].items():
