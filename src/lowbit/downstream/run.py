@@ -44,7 +44,7 @@ def task_manager(names: list[str], include_path: str | None = None):
         tm = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}{did_you_mean(unknown[0], tm.all_tasks)}; `lowbit eval "
+        raise ValueError(f"unknown task {unknown[0]!r}{did_you_mean(unknown[0], [*builtin.BUILTIN, *tm.all_tasks])}; `lowbit eval "
                          f"--list-tasks` lists lowbit's offline tasks, `lm-eval ls tasks` lm-eval's")
     return tm
 
