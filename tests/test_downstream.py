@@ -297,3 +297,18 @@ def test_comparison_section_columns():
     t1 = paired.paired_difference([1, 1, 1, 0], [1, 0, 1, 0])
     assert cells[0] == f"{100 * t1['diff']:+.1f} [{100 * t1['lo']:+.1f}, {100 * t1['hi']:+.1f}]"
     assert cells[2].startswith("+0.0 [") and cells[4] == "within noise"
+
+
+def test_hf_folder_scores_as_the_run(tmp_path, fake_corpora, monkeypatch):
+    # lm-eval's own HF model on `lowbit export`'s folder answers every item as our adapter does on the run: an
+    # independent implementation of the same scoring. Bug caught: any scoring rule of ours that lm-eval's HFLM
+    # does not share (a shifted logit, the continuation tokens taken from the wrong end).
+    pytest.importorskip("transformers")
+    _train(tmp_path / "run")
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    rows, include = _memory_task(tmp_path / "run", n=16)
+    ours = run.eval_run(tmp_path / "run", ["memory_test"], device="cpu", include_path=include, progress=False)
+    theirs = run.eval_hf(tmp_path / "hf", ["memory_test"], device="cpu", include_path=include)
+    assert ours["tasks"]["memory_test"]["items"] == theirs["tasks"]["memory_test"]["items"]
+    assert 0 < sum(ours["tasks"]["memory_test"]["items"]["acc"]) < 16  # right on some items, wrong on others
+    assert (tmp_path / "hf" / "eval.json").is_file() and ours["recipe"] == "fp32"
