@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_corpus
 from lowbit.cli import main
 from lowbit.data import Tokenizer, prepare_dataset, train_bpe
 from lowbit.downstream import items, paired, table, tasks
@@ -312,3 +311,22 @@ def test_hf_folder_scores_as_the_run(tmp_path, fake_corpora, monkeypatch):
     assert ours["tasks"]["memory_test"]["items"] == theirs["tasks"]["memory_test"]["items"]
     assert 0 < sum(ours["tasks"]["memory_test"]["items"]["acc"]) < 16  # right on some items, wrong on others
     assert (tmp_path / "hf" / "eval.json").is_file() and ours["recipe"] == "fp32"
+
+
+def test_compare_eval_tasks_writes_the_report_section(tmp_path, fake_corpora, capsys):
+    # `lowbit compare --eval-tasks`: every run evaluated, eval.json with the paired rows, report.md's section
+    # showing each run's accuracy from its own eval.json. Bug caught: the section missing from report.md (the
+    # comparison's results.json rewritten without it) or a run's accuracy taken from another run.
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "bf16,fp4-direct", "--data", "shakespeare", "--tokenizer", "bytes",
+                 "--model", "llama-nano", "--tokens", "2k", "--batch-size", "4", "--seq-len", "32",
+                 "--eval-batches", "1", "--timing-rounds", "0", "--device", "cpu", "--out", str(out),
+                 "--no-progress", "--eval-tasks", "lowbit_shakespeare_next_line"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert list(summary["runs"]) == ["bf16", "fp4-direct"] and list(summary["paired"]) == ["fp4-direct"]
+    report_md = (out / "report.md").read_text()
+    assert "## Zero-shot accuracy" in report_md and "accuracy verdict" in capsys.readouterr().out
+    for label in ("bf16", "fp4-direct"):
+        own = json.loads((out / "runs" / label / "eval.json").read_text())["tasks"]["lowbit_shakespeare_next_line"]
+        row = next(ln for ln in report_md.splitlines() if ln.startswith(f"| `{label}` | "))
+        assert f"{100 * own['acc']:.1f} ± {100 * own['acc_stderr']:.1f}" in row

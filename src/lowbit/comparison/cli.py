@@ -112,7 +112,7 @@ def run_cli(args) -> int:
 
 
 def _eval_tasks(args) -> list[str] | None:
-    """--eval-tasks checked before any training: the names, lm-eval present, no --seeds."""
+    """--eval-tasks checked before any training: lm-eval present, every task known, no --seeds."""
     if not args.eval_tasks:
         return None
     from lowbit.downstream import run, tasks
@@ -121,7 +121,9 @@ def _eval_tasks(args) -> list[str] | None:
         raise ValueError("--eval-tasks evaluates one comparison; with --seeds run `lowbit eval --ckpt OUT/seed<N> "
                          "--tasks LIST` on each seed's directory")
     run.require_lm_eval()
-    return tasks.expand(args.eval_tasks)
+    names = tasks.expand(args.eval_tasks)
+    run.task_manager(names)  # an unknown task fails now, not after the training
+    return names
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -26,7 +26,7 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise ValueError(f"lowbit eval --tasks needs lm-evaluation-harness, which is not installed: {INSTALL}") from None
+        raise ValueError(f"lowbit eval --tasks needs lm-evaluation-harness (not installed): {INSTALL}") from None
     return lm_eval
 
 
@@ -44,8 +44,9 @@ def task_manager(names: list[str], include_path: str | None = None):
         tm = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}{did_you_mean(unknown[0], [*builtin.BUILTIN, *tm.all_tasks])}; `lowbit eval "
-                         f"--list-tasks` lists lowbit's offline tasks, `lm-eval ls tasks` lm-eval's")
+        hint = did_you_mean(unknown[0], [*builtin.BUILTIN, *tm.all_tasks])
+        raise ValueError(f"unknown task {unknown[0]!r}{hint}; `lowbit eval --list-tasks` lists lowbit's offline "
+                         "tasks, `lm-eval ls tasks` lm-eval's")
     return tm
 
 
@@ -100,15 +101,24 @@ def average(task_rows: dict) -> dict:
     return out
 
 
-def _settings(ckpt_dir: Path, recipe: str, limit: int | None) -> dict:
-    return {"checkpoint": ckpt_dir.name, "recipe": recipe, "limit": limit}
+def _step(ckpt_dir: Path) -> int | None:
+    tail = ckpt_dir.name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
 
 
 def _val_text(cfg, tok) -> str:
+    """The run's validation split as text (its tokens decoded), for the held-out check."""
     from lowbit.data import prepare_dataset
 
     ds = prepare_dataset(cfg.data, tokenizer=tok, val_fraction=cfg.val_fraction, progress=False)
     return tok.decode([int(t) for t in ds.val])
+
+
+def _check_builtin(names: list[str], cfg, tok) -> None:
+    val = None
+    for name in (n for n in names if n in builtin.BUILTIN):
+        val = _val_text(cfg, tok) if val is None else val
+        builtin.check_held_out(name, builtin.task_dir([name]), cfg.data, val)
 
 
 def eval_run(run_dir, names: list[str], *, recipe: str | None = None, device="auto", limit: int | None = None,
@@ -118,27 +128,23 @@ def eval_run(run_dir, names: list[str], *, recipe: str | None = None, device="au
     import json
 
     from lowbit.train.evaluation import load_run
+    from lowbit.train.rundir import RunDir
 
     from .adapter import LowbitLM
 
     require_lm_eval()
     model, tok, cfg, rec, ckpt_dir = load_run(run_dir, device, recipe=recipe or "fp32")
-    run_dir = Path(ckpt_dir).parent.parent
-    path = run_dir / EVAL_JSON
+    path = RunDir.of_checkpoint(ckpt_dir).path / EVAL_JSON
     prev = json.loads(path.read_text()) if path.is_file() else {}
-    settings = _settings(Path(ckpt_dir), rec.name, limit)
+    settings = {"checkpoint": ckpt_dir.name, "step": _step(ckpt_dir), "recipe": rec.name, "limit": limit}
     done = prev.get("tasks", {}) if {k: prev.get(k) for k in settings} == settings else {}
     todo = [n for n in names if n not in done]
     if todo:
         tm = task_manager(todo, include_path)
-        val = None
-        for name in (n for n in todo if n in builtin.BUILTIN):
-            val = _val_text(cfg, tok) if val is None else val
-            builtin.check_held_out(name, builtin.task_dir([name]), cfg.data, val)
+        _check_builtin(todo, cfg, tok)
         lm = LowbitLM(model, tok, rec, batch_size=batch_size, progress=progress)
         done = {**done, **run_lm(lm, todo, tm, limit)}
-    result = {**settings, "step": int(Path(ckpt_dir).name.split("_")[-1]) if "_" in Path(ckpt_dir).name else None,
-              "tasks": done, "average": average({n: done[n] for n in names})}
+    result = {**settings, "tasks": done, "average": average({n: done[n] for n in names})}
     write_json(path, result)
     return result
 

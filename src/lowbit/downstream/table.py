@@ -80,13 +80,14 @@ def markdown_section(summary: dict | None) -> list[str]:
     names, ref = summary["tasks"], summary["reference"]
     first = next(iter(summary["runs"].values()))
     levels = {n: first["tasks"][n].get("chance") for n in names}
-    out = ["## Zero-shot accuracy", "", "Accuracy (%) ± lm-eval's standard error; weights: the run's fp32 master "
-           "weights, or a recipe's quantized GeMMs (`lowbit eval --recipe`). Chance: " + ", ".join(f"`{n}` {chance(c)}" for n, c in levels.items()) + ".",
-           "", "| run | step | weights | " + " | ".join(f"`{n}`" for n in names) + " | average |",
+    out = ["## Zero-shot accuracy", "",
+           "Accuracy (%) ± lm-eval's standard error; weights: the run's fp32 master weights, or a recipe's quantized "
+           "GeMMs (`lowbit eval --recipe`). Chance: " + ", ".join(f"`{n}` {chance(c)}" for n, c in levels.items())
+           + ".", "", "| run | step | weights | " + " | ".join(f"`{n}`" for n in names) + " | average |",
            "|---|---:|---|" + "---:|" * (len(names) + 1)]
     for lab, r in summary["runs"].items():
-        out.append(f"| `{lab}` | {r.get('step')} | {r.get('recipe')} | " + " | ".join(_cell(r["tasks"][n]) for n in names)
-                   + f" | {_pct((r.get('average') or {}).get('acc'))} |")
+        cells = [str(r.get("step")), str(r.get("recipe"))] + [_cell(r["tasks"][n]) for n in names]
+        out.append(f"| `{lab}` | " + " | ".join(cells) + f" | {_pct((r.get('average') or {}).get('acc'))} |")
     if summary.get("paired"):
         out += ["", f"Paired difference to `{ref}` in accuracy points, 95% interval over the same items "
                 "[mean ± 1.96·se of the per-item differences]; McNemar's exact p over all items:", "",
