@@ -230,6 +230,15 @@ def test_eval_cli_run_and_held_out_refusal(tmp_path, fake_corpora, capsys):
     row = res["tasks"][name]
     assert row["n"] == 8 and len(row["items"]["acc"]) == 8 and row["acc"] == sum(row["items"]["acc"]) / 8
     assert res["recipe"] == "fp32" and res["average"]["acc"] == row["acc"] and f"{100 * row['acc']:.1f}" in printed
+    # the same question again is answered from eval.json (bug caught: re-evaluating, or the settings not compared)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "run_lm", lambda *a, **k: pytest.fail("evaluated again"))
+        assert run.eval_run(tmp_path / "run", [name], limit=8, device="cpu")["tasks"][name] == row
+    # through a recipe: its own file, the fp32 results kept (bug caught: one eval.json overwritten by the other)
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "--tasks", name, "--limit", "8", "--device", "cpu",
+                 "--recipe", "fp8-tensor"]) == 0
+    assert json.loads((tmp_path / "run" / "eval-fp8-tensor.json").read_text())["recipe"] == "fp8-tensor"
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == res
     _train(tmp_path / "small_val", val_fraction="0.005")
     rc = main(["eval", "--ckpt", str(tmp_path / "small_val"), "--tasks", name, "--device", "cpu"])
     err = capsys.readouterr().err

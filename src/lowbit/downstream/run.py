@@ -1,6 +1,6 @@
 """`lowbit eval --tasks`: zero-shot accuracy of a run, a comparison's runs, or a Hugging Face folder.
 
-A run's results go to RUN_DIR/eval.json: per task the accuracy (and normalised accuracy or perplexity) with
+A run's results go to RUN_DIR/eval.json (fp32 master weights; eval-<recipe>.json through a recipe): per task the accuracy (and normalised accuracy or perplexity) with
 lm-eval's standard errors, the per-item scores (what the comparison's paired intervals need), and the
 settings they came from. A task already in eval.json with the same checkpoint, recipe and limit is not run
 again: an interrupted comparison loses at most the run it was in.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from lowbit._io import write_json
@@ -101,6 +102,11 @@ def average(task_rows: dict) -> dict:
     return out
 
 
+def eval_file(recipe: str) -> str:
+    """eval.json for the fp32 master weights; eval-<recipe>.json through a recipe (one never replaces the other)."""
+    return EVAL_JSON if recipe == "fp32" else "eval-" + re.sub(r"[^\w.-]", "_", recipe) + ".json"
+
+
 def _step(ckpt_dir: Path) -> int | None:
     tail = ckpt_dir.name.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else None
@@ -134,7 +140,7 @@ def eval_run(run_dir, names: list[str], *, recipe: str | None = None, device="au
 
     require_lm_eval()
     model, tok, cfg, rec, ckpt_dir = load_run(run_dir, device, recipe=recipe or "fp32")
-    path = RunDir.of_checkpoint(ckpt_dir).path / EVAL_JSON
+    path = RunDir.of_checkpoint(ckpt_dir).path / eval_file(rec.name)
     prev = json.loads(path.read_text()) if path.is_file() else {}
     settings = {"checkpoint": ckpt_dir.name, "step": _step(ckpt_dir), "recipe": rec.name, "limit": limit}
     done = prev.get("tasks", {}) if {k: prev.get(k) for k in settings} == settings else {}
@@ -190,6 +196,6 @@ def eval_comparison(cmp_dir, names: list[str], *, recipe: str | None = None, dev
         per_run[lab] = eval_run(r["out"], names, recipe=recipe, device=device, limit=limit, batch_size=batch_size,
                                 include_path=include_path, progress=progress)
     summary = comparison_summary(per_run, results.get("reference"), names)
-    write_json(cmp_dir / EVAL_JSON, summary)
+    write_json(cmp_dir / eval_file(recipe or "fp32"), summary)  # report.md shows eval.json (fp32 weights)
     report.write_report(results, cmp_dir)
     return summary
