@@ -54,7 +54,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from lowbit.models import deepseek, gpt, llama
+from lowbit.models import deepseek, gpt, llama, llama4
 from lowbit.models.family import Family
 from lowbit.models.gpt import GPT, GPTConfig
 from lowbit.models.llama import Llama, LlamaConfig
@@ -63,7 +63,7 @@ from lowbit.suggest import did_you_mean
 __all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "FAMILIES", "PRESETS", "family_of", "get_config",
            "build_model", "config_to_dict", "config_from_dict"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (gpt.FAMILY, llama.FAMILY, deepseek.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (gpt.FAMILY, llama.FAMILY, deepseek.FAMILY, llama4.FAMILY)}
 PRESETS: dict = {name: cfg for f in FAMILIES.values() for name, cfg in f.presets.items()}
 if len(PRESETS) != sum(len(f.presets) for f in FAMILIES.values()):
     raise RuntimeError("two model families define the same preset name; rename one")

@@ -20,7 +20,7 @@ from lowbit.models.base import CausalLM, KVCache
 from lowbit.models.family import Family
 from lowbit.models.llama import RMSNorm, rope_cos_sin
 from lowbit.models.mla import MLA
-from lowbit.models.moe import MoE, SwiGLU
+from lowbit.models.moe import MoE, SwiGLU, after_step
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,7 @@ class DeepSeek(CausalLM):
     def after_optimizer_step(self) -> dict[str, float]:
         """Auxiliary-loss-free balancing: every router's bias moves by ±γ towards equal load (the trainer calls
         this after each optimizer step). Returns {"moe_load_max_over_mean": mean over MoE layers} for the metrics."""
-        stats = [m.router.update_bias(self.config.bias_update_speed)["load_max_over_mean"] for m in self.moe_layers()]
-        stats = [s for s in stats if s == s]
-        return {"moe_load_max_over_mean": sum(stats) / len(stats)} if stats else {}
+        return after_step(self.moe_layers(), self.config.bias_update_speed)
 
 
 # --- the family: presets, parameter and FLOP counts -----------------------------------------------------

@@ -39,11 +39,13 @@ class SwiGLU(nn.Module):
 
 class Router(nn.Module):
     """Sigmoid top-K router with a balancing bias. weight [E, D] (a Parameter: never quantized); buffers `bias`
-    [E] (persistent: checkpointed with the weights) and `load` [E] (tokens routed since the last update)."""
+    [E] (persistent: checkpointed with the weights) and `load` [E] (tokens routed since the last update).
+    normalize: the gates of the chosen experts divided by their sum (DeepSeek-V3) or left as the sigmoid of
+    their affinity (Llama 4)."""
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, route_scale: float = 1.0):
+    def __init__(self, dim: int, n_experts: int, top_k: int, route_scale: float = 1.0, normalize: bool = True):
         super().__init__()
-        self.top_k, self.route_scale = top_k, route_scale
+        self.top_k, self.route_scale, self.normalize = top_k, route_scale, normalize
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("bias", torch.zeros(n_experts))
@@ -54,7 +56,7 @@ class Router(nn.Module):
         s = F.linear(x.float(), self.weight.float()).sigmoid()
         ids = torch.topk(s + self.bias, self.top_k, dim=-1).indices
         g = s.gather(1, ids)
-        g = g / g.sum(-1, keepdim=True) * self.route_scale
+        g = g / g.sum(-1, keepdim=True) * self.route_scale if self.normalize else g * self.route_scale
         if self.training:
             self.load += torch.bincount(ids.flatten(), minlength=s.size(1)).to(self.load.dtype)
         return g, ids, s
@@ -85,8 +87,10 @@ def balance_loss(s: torch.Tensor, ids: torch.Tensor, batch: int, top_k: int) -> 
     return (f * p).sum(-1).mean()
 
 
-def run_experts(experts: nn.ModuleList, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Σ_k gates[:, k] · experts[ids[:, k]](x) for x [M, D] -> [M, D]: the (token, choice) pairs sorted by
+def run_experts(experts: nn.ModuleList, x: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor,
+                gate_input: bool = False) -> torch.Tensor:
+    """Σ_k gates[:, k] · experts[ids[:, k]](x) for x [M, D] -> [M, D] (gate_input: Σ_k experts[ids[:, k]](gates[:, k]
+    · x), Llama 4's order, which changes what the expert's GeMMs quantize): the (token, choice) pairs sorted by
     expert, each expert called once on its contiguous rows. An expert that got no token is called on an empty
     batch, so every expert's weights are in the graph (DDP needs a gradient, zero or not, for each)."""
     M, K = ids.shape
@@ -94,33 +98,45 @@ def run_experts(experts: nn.ModuleList, x: torch.Tensor, gates: torch.Tensor, id
     order = torch.argsort(flat, stable=True)
     token = order // K
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    xs = x[token]
+    g = gates.flatten()[order].unsqueeze(1)
+    xs = x[token] * g.to(x.dtype) if gate_input else x[token]
     outs, start = [], 0
     for expert, n in zip(experts, counts):
         outs.append(expert(xs[start:start + n]))
         start += n
-    y = torch.cat(outs) * gates.flatten()[order].unsqueeze(1).to(x.dtype)
+    y = torch.cat(outs) if gate_input else torch.cat(outs) * g.to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class MoE(nn.Module):
-    """The DeepSeekMoE feed-forward: [B, T, D] -> [B, T, D]; `aux` holds the last sequence-wise loss term."""
+    """The DeepSeekMoE feed-forward: [B, T, D] -> [B, T, D]; `aux` holds the last sequence-wise loss term.
+    normalize=False, gate_input=True give Llama 4's MoE (top-1, sigmoid gate scaling the expert's input)."""
 
-    def __init__(self, dim: int, hidden: int, n_routed: int, n_shared: int, top_k: int, route_scale: float = 1.0):
+    def __init__(self, dim: int, hidden: int, n_routed: int, n_shared: int, top_k: int, route_scale: float = 1.0,
+                 normalize: bool = True, gate_input: bool = False):
         super().__init__()
         if not 1 <= top_k <= n_routed:
             raise ValueError(f"top_k={top_k} must be between 1 and the {n_routed} routed experts")
-        self.router = Router(dim, n_routed, top_k, route_scale)
+        self.router = Router(dim, n_routed, top_k, route_scale, normalize)
         self.experts = nn.ModuleList([SwiGLU(dim, hidden) for _ in range(n_routed)])
         self.shared = SwiGLU(dim, hidden * n_shared) if n_shared else None
+        self.gate_input = gate_input
         self.aux: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         gates, ids, s = self.router(flat)
-        y = run_experts(self.experts, flat, gates, ids)
+        y = run_experts(self.experts, flat, gates, ids, self.gate_input)
         if self.shared is not None:
             y = y + self.shared(flat)
         self.aux = balance_loss(s, ids, B, self.router.top_k) if self.training else None
         return y.view(B, T, D)
+
+
+def after_step(layers: list[MoE], gamma: float) -> dict[str, float]:
+    """After an optimizer step: every router's bias moves by ±γ (γ = 0: the load is only measured and reset).
+    Returns {"moe_load_max_over_mean": mean over the MoE layers} for the metrics ({} without a routed token)."""
+    stats = [m.router.update_bias(gamma)["load_max_over_mean"] for m in layers]
+    stats = [s for s in stats if s == s]
+    return {"moe_load_max_over_mean": sum(stats) / len(stats)} if stats else {}

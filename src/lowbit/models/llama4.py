@@ -1,0 +1,246 @@
+"""Llama-4-style decoder (Meta's Llama 4 Scout/Maverick text model, as transformers' modeling_llama4.py builds it):
+RMSNorm, grouped-query attention with RoPE on three layers of every four (every `nope_layer_interval`-th layer
+has no position encoding: NoPE), a weightless RMSNorm on queries and keys in the RoPE layers (`use_qk_norm`),
+and feed-forwards that alternate dense and mixture-of-experts (`interleave_moe_layer_step`: Maverick 2, Scout 1).
+
+An MoE layer: one shared expert plus `n_experts` routed experts, top-1 routing; the chosen expert's gate is the
+sigmoid of its router logit (not normalised over experts) and scales the expert's *input* (Llama 4's order, so the
+expert's GeMMs quantize gated activations); y = shared(x) + expert(gate · x). NoPE layers scale queries by
+1 + attn_scale · log(1 + floor((pos + 1) / floor_scale)) ("attention temperature tuning"), which is 1 below
+floor_scale = 8192 positions. Not here: chunked local attention in the RoPE layers (8192-token chunks, longer than
+any preset's context), the vision tower. Every GeMM is an nn.Linear; the router weight is a Parameter and stays in
+high precision. At the end: presets, total/active parameter and FLOP counts, registered as FAMILY.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from lowbit.models.attention import sdpa
+from lowbit.models.base import CausalLM, KVCache, causal_mask
+from lowbit.models.family import Family
+from lowbit.models.llama import Attention, RMSNorm, apply_rope, rope_cos_sin
+from lowbit.models.moe import MoE, SwiGLU, after_step
+
+
+@dataclass(frozen=True)
+class Llama4Config:
+    """Shape of a Llama-4-style model. intermediate_size: width of each routed expert and of the shared expert;
+    intermediate_size_mlp: width of the dense layers' SwiGLU. bias_update_speed: γ of DeepSeek-V3's balancing
+    bias (0 = Llama 4's router, which has none; the load is still measured)."""
+
+    block_size: int = 128
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_embd: int = 128
+    intermediate_size: int = 128
+    intermediate_size_mlp: int = 256
+    n_experts: int = 8
+    top_k: int = 1
+    interleave_moe_layer_step: int = 2
+    nope_layer_interval: int = 4
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    bias_update_speed: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+
+    mlp: ClassVar[str] = "moe"
+    bias: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
+                     "intermediate_size_mlp", "n_experts", "top_k", "interleave_moe_layer_step",
+                     "nope_layer_interval", "floor_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Llama4Config.{name} must be a positive int, got {v!r}")
+        if self.n_embd % self.n_head or self.head_dim % 2:
+            raise ValueError(f"Llama4Config: n_embd={self.n_embd} must split into {self.n_head} heads of even width")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"Llama4Config: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"Llama4Config: top_k={self.top_k} exceeds the {self.n_experts} experts; choose at "
+                             f"most {self.n_experts}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.intermediate_size
+
+    def is_moe(self, layer: int) -> bool:
+        return (layer + 1) % self.interleave_moe_layer_step == 0
+
+    def uses_rope(self, layer: int) -> bool:
+        return (layer + 1) % self.nope_layer_interval != 0
+
+
+def qk_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim, in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Llama4Attention(Attention):
+    """LLaMA's GQA attention with Llama 4's per-layer rules: RoPE + QK-norm, or NoPE + temperature tuning."""
+
+    def __init__(self, config: Llama4Config, layer: int):
+        super().__init__(config)
+        self.c, self.rope = config, config.uses_rope(layer)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.c.use_qk_norm:
+                q, k = qk_rms(q, self.c.norm_eps), qk_rms(k, self.c.norm_eps)
+        elif self.c.attn_temperature_tuning:
+            p = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)
+            scale = torch.log1p(torch.floor((p + 1) / self.c.floor_scale)) * self.c.attn_scale + 1
+            q = (q * scale.view(1, 1, T, 1)).to(q.dtype)
+        mask, is_causal = None, True
+        if cache is not None:
+            k, v = cache.update(k, v, pos)
+            mask, is_causal = causal_mask(T, pos, x.device), False
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Llama4Config, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.attention = Llama4Attention(c, layer)
+        self.ffn_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.feed_forward = MoE(c.n_embd, c.intermediate_size, c.n_experts, 1, c.top_k, normalize=False,
+                                gate_input=True) if c.is_moe(layer) else SwiGLU(c.n_embd, c.intermediate_size_mlp)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Llama4(CausalLM):
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        if not isinstance(config, Llama4Config):
+            raise TypeError(f"Llama4 needs a Llama4Config, got {type(config).__name__}; use build_model")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():  # residual-stream outputs scaled by 1/sqrt(2·n_layer), as GPT-2
+            if name.endswith(("attention.wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def embedding_params(self) -> int:
+        return self.tok_embeddings.weight.numel()
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.feed_forward for b in self.layers if isinstance(b.feed_forward, MoE)]
+
+    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        self._check_idx(idx, pos)
+        x = self.tok_embeddings(idx)
+        rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
+        cos, sin = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta, rope_dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[i], pos)
+        return self.norm(x)
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """The routers' load since the last step (and, with bias_update_speed > 0, DeepSeek's balancing)."""
+        return after_step(self.moe_layers(), self.config.bias_update_speed)
+
+
+# --- the family: presets, parameter and FLOP counts -----------------------------------------------------
+
+PRESETS = {
+    # CPU-sized, Maverick's pattern: dense and MoE layers alternate, 8 routed experts of width 128 + 1 shared,
+    # top-1; layer 4 is NoPE. Every GeMM width is a multiple of 128 (fp8-block's tiles): 2 kv heads of 64.
+    "llama4-tiny": Llama4Config(n_embd=256, intermediate_size=128, intermediate_size_mlp=512),
+    "llama4-small": Llama4Config(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, intermediate_size=256,
+                                 intermediate_size_mlp=1024, n_experts=16, block_size=256),
+    # Llama 4 Scout's text shape (48 layers, d 5120, 40 heads / 8 kv, 16 experts of width 8192 + 1 shared, every
+    # layer MoE; 109B total, 17B active) for GPU users.
+    "llama4-scout": Llama4Config(n_layer=48, n_head=40, n_kv_head=8, n_embd=5120, intermediate_size=8192,
+                                 intermediate_size_mlp=16384, n_experts=16, interleave_moe_layer_step=1,
+                                 block_size=8192, vocab_size=202048),
+}
+
+
+def _attn(c: Llama4Config) -> int:
+    kv = c.kv_heads * c.head_dim
+    return 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv
+
+
+def _ffn(c: Llama4Config, layer: int, active: bool) -> int:
+    d = c.n_embd
+    if not c.is_moe(layer):
+        return 3 * d * c.intermediate_size_mlp
+    experts = c.top_k if active else c.n_experts
+    return c.n_experts * d + (experts + 1) * 3 * d * c.intermediate_size  # router + routed + shared
+
+
+def params(c: Llama4Config) -> dict[str, int]:
+    """lowbit.flops.count_params' dict plus "active" (the parameters one token uses)."""
+    V, d = c.vocab_size, c.n_embd
+    base = V * d + (0 if c.tie_embeddings else V * d) + d + c.n_layer * (_attn(c) + 2 * d)
+    total = base + sum(_ffn(c, i, False) for i in range(c.n_layer))
+    active = base + sum(_ffn(c, i, True) for i in range(c.n_layer))
+    return {"total": total, "embedding": V * d, "non_embedding": total - V * d, "active": active}
+
+
+def flops(c: Llama4Config, T: int) -> dict:
+    """flops_per_token's dict on the active parameters (2 FLOPs per active GeMM weight, the router included;
+    attention 2·T·n_embd for the scores and as much for the values); per_layer is the mean layer."""
+    L, d = c.n_layer, c.n_embd
+    mlp = sum(2 * _ffn(c, i, True) for i in range(L))
+    per_layer = {"qkv": 2 * (_attn(c) - d * d), "attn_out": 2 * d * d, "mlp": round(mlp / L),
+                 "attn_scores": 2 * T * d, "attn_values": 2 * T * d}
+    per_layer["total"] = sum(per_layer.values())
+    attention = L * (per_layer["attn_scores"] + per_layer["attn_values"])
+    layers = L * 2 * _attn(c) + mlp + attention
+    lm_head = 2 * d * c.vocab_size
+    matmul = L * _attn(c) + mlp // 2 + d * c.vocab_size
+    return {"seq_len": T, "per_layer": per_layer, "layers": layers, "lm_head": lm_head, "forward": layers + lm_head,
+            "train": 3 * (layers + lm_head), "matmul_params": matmul, "attention": attention}
+
+
+FAMILY = Family("llama4", "Llama 4 family (GQA + NoPE + alternating MoE)", Llama4Config, Llama4,
+                lambda c: (0, 0, 0), PRESETS, None, params=params, flops=flops)
