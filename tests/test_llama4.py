@@ -126,3 +126,27 @@ def test_trains_under_fp8_block_and_logs_the_load(tmp_path):
                             eval_interval=100, eval_batches=1, out=str(tmp_path / "run")), progress=False)
     assert all(row["moe_load_max_over_mean"] >= 1.0 for row in res.history)
     assert res.final_val_loss == res.final_val_loss  # finite, not NaN
+
+
+def test_moe_load_is_recorded_and_inspected(tmp_path):
+    # a deepseek run with statistics every step: moe_load.jsonl holds per router the tokens per expert (summing to
+    # tokens × top-k) and the bias, and `lowbit inspect` draws them. Bug caught: the load read after its reset
+    # (all zeros), or the heatmap's rows taken from another step.
+    from conftest import write_corpus
+    from lowbit import precision
+    from lowbit.train import TrainConfig, qstats, train
+
+    corpus = write_corpus(tmp_path, "kings")
+    out = tmp_path / "run"
+    train(TrainConfig(model="deepseek-tiny", recipe="fp8-tensor", data=str(corpus), tokenizer="bytes",
+                      tokens=3 * 4 * 32, batch_size=4, seq_len=32, device="cpu", log_interval=1, stats_interval=1,
+                      eval_interval=100, eval_batches=1, out=str(out)), progress=False)
+    recs = qstats.read(out, qstats.MOE_FILE)
+    assert [r["step"] for r in recs] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # 3 MoE layers (the first is dense)
+    assert all(sum(r["tokens"]) == 4 * 32 * 2 and len(r["bias"]) == 8 for r in recs)
+    assert recs[-1]["max_over_mean"] == pytest.approx(max(recs[-1]["tokens"]) / (4 * 32 * 2 / 8))
+    layers, share = precision.load_matrix(recs)
+    assert layers == ["layers.1.ffn", "layers.2.ffn", "layers.3.ffn"]
+    assert share.tolist() == [[t / 256 for t in r["tokens"]] for r in recs[-3:]]
+    text = precision.inspect_run(out)
+    assert "MoE load at step 3" in text and (out / "moe_load.png").is_file() and (out / "precision.png").is_file()

@@ -4,7 +4,8 @@
     over_time(records, stat)                layers × steps, the stat averaged over each layer's operands
     worst(records, stat, step, n)           the n (layer, GeMM, operand) cells with the largest value
     figure(records, over_time=False)        a matplotlib Figure: relative error and underflow panels
-    inspect_run(run_dir, over_time, top)    the text report; writes RUN_DIR/precision.png
+    load_matrix(records)                    MoE: layers × experts share of the routed tokens at the last step
+    inspect_run(run_dir, over_time, top)    the text report; writes RUN_DIR/precision.png (and moe_load.png)
 """
 from __future__ import annotations
 
@@ -129,18 +130,61 @@ def report_text(records: list[dict], top: int = 5) -> str:
     return "\n".join(out)
 
 
+def load_matrix(records: list[dict]) -> tuple[list[str], np.ndarray]:
+    """(MoE layer names, [layers, experts] share of the routed (token, choice) pairs) at the last recorded step of
+    moe_load.jsonl; equal load is 1/experts in every cell."""
+    step = last_step(records)
+    rows = [r for r in records if r["step"] == step]
+    return [r["layer"] for r in rows], np.array([np.array(r["tokens"], float) / max(sum(r["tokens"]), 1)
+                                                 for r in rows])
+
+
+def load_figure(records: list[dict], title: str = ""):
+    """Heatmap of load_matrix: one row per MoE layer, one column per expert."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers, share = load_matrix(records)
+    fig = Figure(figsize=(max(4.0, 0.35 * share.shape[1] + 2.5), 0.45 * len(layers) + 1.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(share * share.shape[1], aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("expert")
+    ax.set_title(f"{title}: routed tokens per expert ÷ mean, step {last_step(records)}", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def load_text(records: list[dict]) -> str:
+    out = [f"\nMoE load at step {last_step(records)} (tokens per expert ÷ mean; 1 = balanced):"]
+    for r in (r for r in records if r["step"] == last_step(records)):
+        b = r["bias"]
+        out.append(f"  {r['layer']}: max/mean {r['max_over_mean']:.2f}, min/mean "
+                   f"{min(r['tokens']) * len(r['tokens']) / max(sum(r['tokens']), 1):.2f}, "
+                   f"bias in [{min(b):+.4f}, {max(b):+.4f}]")
+    return "\n".join(out)
+
+
 def inspect_run(run_dir, over_time_view: bool = False, top: int = 5) -> str:
-    """The report of RUN_DIR's quant_stats.jsonl; writes RUN_DIR/precision.png. ValueError when there is none."""
+    """The report of RUN_DIR's quant_stats.jsonl; writes RUN_DIR/precision.png (an MoE run: also moe_load.png
+    and the load per layer). ValueError when there is none."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} does not exist or is not a directory; pass a run directory (lowbit train --out)")
-    records = qstats.read(run_dir)
-    if not records:
+    records, load = qstats.read(run_dir), qstats.read(run_dir, qstats.MOE_FILE)
+    if not records and not load:
         raise ValueError(f"{run_dir} has no {qstats.FILE}: train with a quantized recipe and statistics on "
                          "(--stats-interval, default every --log-interval steps)")
-    fig = figure(records, over_time_view, title=str(run_dir))
-    fig.savefig(run_dir / "precision.png", dpi=110)
-    import matplotlib.pyplot as plt
+    out = []
+    if records:
+        import matplotlib.pyplot as plt
 
-    plt.close(fig)
-    return report_text(records, top) + f"\n\nwrote {run_dir / 'precision.png'}"
+        fig = figure(records, over_time_view, title=str(run_dir))
+        fig.savefig(run_dir / "precision.png", dpi=110)
+        plt.close(fig)  # a pyplot figure: closed, or it stays registered
+        out += [report_text(records, top), f"\nwrote {run_dir / 'precision.png'}"]
+    if load:
+        load_figure(load, title=run_dir.name).savefig(run_dir / "moe_load.png", dpi=110)
+        out += [load_text(load), f"\nwrote {run_dir / 'moe_load.png'}"]
+    return "\n".join(out)

@@ -50,6 +50,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("bias", torch.zeros(n_experts))
         self.register_buffer("load", torch.zeros(n_experts), persistent=False)
+        self.last_load: torch.Tensor | None = None  # the load of the last update (all ranks), for the statistics
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [M, D] -> (gates [M, K] fp32, expert ids [M, K] int64, affinities s [M, E] fp32)."""
@@ -68,6 +69,7 @@ class Router(nn.Module):
         load = self.load.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
+        self.last_load = load
         mean = load.mean()
         if mean > 0:
             self.bias += gamma * torch.sign(mean - load)
@@ -140,3 +142,17 @@ def after_step(layers: list[MoE], gamma: float) -> dict[str, float]:
     stats = [m.router.update_bias(gamma)["load_max_over_mean"] for m in layers]
     stats = [s for s in stats if s == s]
     return {"moe_load_max_over_mean": sum(stats) / len(stats)} if stats else {}
+
+
+def load_records(model: nn.Module) -> list[dict]:
+    """One dict per router that has been updated: {"layer": the MoE layer's name, "tokens": routed (token, choice)
+    pairs per expert over the last step (all ranks), "bias": the balancing bias, "max_over_mean": max/mean load}."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Router) and m.last_load is not None:
+            load = m.last_load
+            mean = float(load.mean())
+            out.append({"layer": name.removesuffix(".router"), "tokens": [int(v) for v in load.tolist()],
+                        "bias": [float(b) for b in m.bias.tolist()],
+                        "max_over_mean": float(load.max()) / mean if mean > 0 else float("nan")})
+    return out

@@ -11,7 +11,8 @@ extra pass runs) and for the last step. After a sampled step every QLinear's per
 and TensorBoard scalars `quant/<layer>/<gemm>/<operand>/<stat>` when the metrics logger has a writer. Under
 DDP/FSDP2 rank 0 writes the statistics of its own micro-batches (the other ranks collect and drop theirs);
 weights are the same on every rank, activations and gradients are rank 0's sample. On resume, records after
-the checkpoint's step are dropped, as for metrics.jsonl. Under --compile collection stays on (toggling it
+the checkpoint's step are dropped, as for metrics.jsonl. An MoE model's routers write, at the same steps, one
+line each to RUN_DIR/moe_load.jsonl: {"step", "layer", "tokens" (per expert), "bias", "max_over_mean"}. Under --compile collection stays on (toggling it
 would compile a second graph) and a record is the mean over its window.
 """
 from __future__ import annotations
@@ -20,15 +21,17 @@ import json
 import math
 from pathlib import Path
 
+from lowbit.models.moe import load_records
 from lowbit.nn.convert import collect_stats, layer_records
 from lowbit.nn.stats import model_means
 
 FILE = "quant_stats.jsonl"
+MOE_FILE = "moe_load.jsonl"  # MoE models: per router, tokens per expert and the balancing bias, same steps
 
 
-def read(run_dir) -> list[dict]:
-    """Every record of RUN_DIR/quant_stats.jsonl (NaN written as null comes back as NaN)."""
-    path = Path(run_dir) / FILE
+def read(run_dir, name: str = FILE) -> list[dict]:
+    """Every record of RUN_DIR/quant_stats.jsonl (or `name`; NaN written as null comes back as NaN)."""
+    path = Path(run_dir) / name
     if not path.exists():
         return []
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -43,13 +46,15 @@ class StatsSchedule:
                  keep_until: int | None = None, tb=None):
         self.model, self.interval, self.steps, self.always = model, interval, steps, always
         self.path = Path(run_path) / FILE if write else None
+        self.moe_path = Path(run_path) / MOE_FILE if write else None
         self.tb = tb
         self.on = always
         self._means: list[dict[str, float]] = []
         collect_stats(model, always)
-        if self.path is not None and self.path.exists():
-            kept = [r for r in read(run_path) if keep_until is not None and r["step"] <= keep_until]
-            self.path.write_text("".join(json.dumps(_json(r)) + "\n" for r in kept))
+        for path in (self.path, self.moe_path):
+            if path is not None and path.exists():
+                kept = [r for r in read(run_path, path.name) if keep_until is not None and r["step"] <= keep_until]
+                path.write_text("".join(json.dumps(_json(r)) + "\n" for r in kept))
 
     def sampled(self, n: int) -> bool:
         return self.interval > 0 and (n % self.interval == 0 or n == self.steps)
@@ -64,6 +69,10 @@ class StatsSchedule:
         """Write step n's records (if it was sampled); returns them."""
         if not self.sampled(n):
             return []
+        moe = [{"step": n, **r} for r in load_records(self.model)]
+        if self.moe_path is not None and moe:
+            with self.moe_path.open("a") as f:
+                f.writelines(json.dumps(_json(r)) + "\n" for r in moe)
         recs = [{"step": n, **r} for r in layer_records(self.model)]
         if recs:
             self._means.append(model_means(recs))
