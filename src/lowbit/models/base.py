@@ -3,6 +3,8 @@ KV cache and sampling helpers of incremental decoding. A family implements `_hid
 (token ids at absolute positions -> final hidden states), `blocks` and `embedding_params()`."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,17 @@ def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
     if T == 1:
         return None
     return torch.ones(T, pos + T, dtype=torch.bool, device=device).tril(diagonal=pos)
+
+
+def init_gpt2_style(model: nn.Module, n_layer: int, residual_suffixes: tuple[str, ...]) -> None:
+    """GPT-2's initialisation: every Linear and Embedding weight N(0, 0.02), then the residual-stream output
+    projections (parameter names ending in `residual_suffixes`) N(0, 0.02/sqrt(2·n_layer))."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith(residual_suffixes):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
 class CausalLM(nn.Module):

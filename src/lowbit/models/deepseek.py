@@ -9,18 +9,17 @@ At the end: the family's presets, its parameter and FLOP counts (total and activ
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from lowbit.models.base import CausalLM, KVCache
+from lowbit.models.base import CausalLM, KVCache, init_gpt2_style
 from lowbit.models.family import Family
 from lowbit.models.llama import RMSNorm, rope_cos_sin
 from lowbit.models.mla import MLA
-from lowbit.models.moe import MoE, SwiGLU, after_step
+from lowbit.models.moe import MoE, SwiGLU, after_step, moe_layers
 
 
 @dataclass(frozen=True)
@@ -119,12 +118,7 @@ class DeepSeek(CausalLM):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        for name, p in self.named_parameters():  # residual-stream outputs scaled by 1/sqrt(2·n_layer), as GPT-2
-            if name.endswith(("attn.wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        init_gpt2_style(self, config.n_layer, ("attn.wo.weight", "w2.weight"))
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -134,7 +128,7 @@ class DeepSeek(CausalLM):
         return self.embed.weight.numel()
 
     def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+        return moe_layers(self)
 
     def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
         self._check_idx(idx, pos)

@@ -13,7 +13,6 @@ high precision. At the end: presets, total/active parameter and FLOP counts, reg
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from lowbit.models.attention import sdpa
-from lowbit.models.base import CausalLM, KVCache, causal_mask
+from lowbit.models.base import CausalLM, KVCache, causal_mask, init_gpt2_style
 from lowbit.models.family import Family
 from lowbit.models.llama import Attention, RMSNorm, apply_rope, rope_cos_sin
-from lowbit.models.moe import MoE, SwiGLU, after_step
+from lowbit.models.moe import MoE, SwiGLU, after_step, moe_layers
 
 
 @dataclass(frozen=True)
@@ -156,12 +155,7 @@ class Llama4(CausalLM):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        for name, p in self.named_parameters():  # residual-stream outputs scaled by 1/sqrt(2·n_layer), as GPT-2
-            if name.endswith(("attention.wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        init_gpt2_style(self, config.n_layer, ("attention.wo.weight", "w2.weight"))
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -171,7 +165,7 @@ class Llama4(CausalLM):
         return self.tok_embeddings.weight.numel()
 
     def moe_layers(self) -> list[MoE]:
-        return [b.feed_forward for b in self.layers if isinstance(b.feed_forward, MoE)]
+        return moe_layers(self)
 
     def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
         self._check_idx(idx, pos)

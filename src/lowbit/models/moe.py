@@ -136,6 +136,11 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
 
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE feed-forwards, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
 def after_step(layers: list[MoE], gamma: float) -> dict[str, float]:
     """After an optimizer step: every router's bias moves by ±γ (γ = 0: the load is only measured and reset).
     Returns {"moe_load_max_over_mean": mean over the MoE layers} for the metrics ({} without a routed token)."""
