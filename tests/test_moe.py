@@ -178,3 +178,10 @@ def test_block_selections_count_transformer_blocks_not_experts():
     assert block_list(model) == ("layers", 4)
     kept = high_precision_names(model, ("share:16%",))
     assert "layers.3.attn.wo" in kept and not any(k.startswith("layers.1.") for k in kept)
+
+
+def test_flops_report_puts_mla_cache_beside_mha():
+    # deepseek-tiny by hand: MLA caches 4 layers × (d_c 128 + RoPE key 128) × 2 bytes = 2,048 bytes/token; MHA
+    # with its 2 heads would cache 4 × 2 × (K 64+128 + V 64) × 2 = 4,096. Bug caught: V counted at the key's width.
+    text = flops.format_report(build_model("deepseek-tiny").config, name="deepseek-tiny")
+    assert "KV cache (bf16): 2,048 bytes/token" in text and "would cache 4,096 bytes/token, 2.0x" in text

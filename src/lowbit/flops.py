@@ -292,6 +292,10 @@ def format_report(
         f"KV cache (bf16): {kv_cache_bytes(config):,} bytes/token; "
         f"{kv_cache_bytes_context(config, T) / 2**20:,.2f} MiB per sequence of {T} tokens",
     ]
+    if hasattr(config, "mha_kv_elems"):  # latent attention: beside what MHA of the same heads would cache
+        mha = 2 * config.mha_kv_elems
+        lines.append(f"  (MLA: the latent and one RoPE key per layer; MHA with the same {config.n_head} heads would "
+                     f"cache {mha:,} bytes/token, {mha / kv_cache_bytes(config):.1f}x)")
     budget = 20 * p["total"]
     lines.append(
         f"Chinchilla budget (20 tokens/param): {_count(budget)} tokens = {_si(budget * f['train'], 'FLOP')} training"

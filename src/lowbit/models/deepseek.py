@@ -88,6 +88,11 @@ class DeepSeekConfig:
     def ffn_hidden(self) -> int:
         return self.moe_inter_dim
 
+    @property
+    def mha_kv_elems(self) -> int:
+        """Cached values per token of MHA with the same heads (K of width n + r, V of width v): what MLA saves."""
+        return self.n_layer * self.n_head * (self.head_dim + self.v_head_dim)
+
 
 class Block(nn.Module):
     def __init__(self, c: DeepSeekConfig, layer_id: int):
