@@ -185,3 +185,37 @@ def test_flops_report_puts_mla_cache_beside_mha():
     # with its 2 heads would cache 4 × 2 × (K 64+128 + V 64) × 2 = 4,096. Bug caught: V counted at the key's width.
     text = flops.format_report(build_model("deepseek-tiny").config, name="deepseek-tiny")
     assert "KV cache (bf16): 2,048 bytes/token" in text and "would cache 4,096 bytes/token, 2.0x" in text
+
+
+def test_mtp_predicts_the_token_after_next_from_the_shifted_embedding():
+    # D = 2 by hand: depth k reads h_{k-1}[i] and Emb(x[i+k]) and is scored on y[i+k] = x[i+k+1]; the training
+    # loss is main + λ · mean of the two; evaluation sees the main loss only. Bug caught: depth k scored on y[i+1]
+    # (the main model's target) or fed Emb(x[i]).
+    import torch.nn.functional as F
+
+    c = DeepSeekConfig(n_layer=2, n_head=2, n_embd=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                       v_head_dim=16, inter_dim=96, moe_inter_dim=32, n_routed_experts=4, n_activated_experts=2,
+                       vocab_size=50, block_size=16, mtp_depth=2, mtp_lambda=0.5, seq_aux_alpha=0.0)
+    torch.manual_seed(0)
+    m = build_model(c)
+    x = torch.randint(0, 50, (2, 10))
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -1
+    m.eval()
+    _, main = m(x, y)
+    h, cos, sin = m._trunk(x)
+    want = []
+    for k, mod in enumerate(m.mtp, 1):
+        h = mod(h[:, :10 - k], m.embed(x[:, k:]), cos[:10 - k], sin[:10 - k])
+        tgt = torch.cat([x[:, k + 1:], torch.full((2, 1), -1)], 1)  # token i+k+1 (none past the end)
+        want.append(F.cross_entropy(m.lm_head(mod.norm(h)).reshape(-1, 50), tgt.reshape(-1), ignore_index=-1))
+    m.train()
+    _, total = m(x, y)
+    torch.testing.assert_close(total, main + 0.5 * (want[0] + want[1]) / 2)
+    assert flops.count_params(c)["total"] == sum(p.numel() for p in m.parameters())
+    assert flops.count_params(c)["active"] == flops.count_params(dataclasses_replace(c, mtp_depth=0))["active"]
+
+
+def dataclasses_replace(c, **kw):
+    import dataclasses
+    return dataclasses.replace(c, **kw)

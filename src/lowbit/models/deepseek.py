@@ -2,7 +2,10 @@
 multi-head latent attention (lowbit.models.mla), DeepSeekMoE feed-forwards with shared and fine-grained routed
 experts, sigmoid routing and auxiliary-loss-free balancing (lowbit.models.moe), the first `n_dense_layers` dense.
 
-Not here yet: multi-token prediction, node-limited (grouped) routing, YaRN context extension. Every GeMM is an
+Optional multi-token prediction (§2.2, `mtp_depth` D > 0): D sequential modules sharing the embedding and the
+output head; module k combines the previous depth's hidden state at position i with the embedding of token i+k
+and predicts token i+k+1; their mean cross-entropy, weighted by λ (`mtp_lambda`), joins the training loss (the
+validation loss and generation use the main model only). Not here: node-limited (grouped) routing, YaRN. Every GeMM is an
 nn.Linear (attention projections, each expert's, the dense FFNs), so `lowbit.convert` quantizes them; the
 router, the norms and RoPE stay in high precision, as DeepSeek-V3 kept its gating and normalisation.
 At the end: the family's presets, its parameter and FLOP counts (total and active), registered as FAMILY.
@@ -14,6 +17,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lowbit.models.base import CausalLM, KVCache, init_gpt2_style
 from lowbit.models.family import Family
@@ -49,6 +53,8 @@ class DeepSeekConfig:
     route_scale: float = 1.0
     bias_update_speed: float = 1e-3
     seq_aux_alpha: float = 1e-4
+    mtp_depth: int = 0
+    mtp_lambda: float = 0.3
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     dropout: float = 0.0
@@ -72,6 +78,9 @@ class DeepSeekConfig:
         if self.kv_lora_rank >= self.n_embd:
             raise ValueError(f"DeepSeekConfig: kv_lora_rank={self.kv_lora_rank} is not below n_embd={self.n_embd}: "
                              "the latent must compress; choose a smaller kv_lora_rank")
+        if not (isinstance(self.mtp_depth, int) and self.mtp_depth >= 0 and self.mtp_lambda >= 0):
+            raise ValueError(f"DeepSeekConfig: mtp_depth={self.mtp_depth!r} must be an int >= 0 and "
+                             f"mtp_lambda={self.mtp_lambda!r} >= 0 (DeepSeek-V3: depth 1, λ 0.3 then 0.1)")
         if not 0 <= self.n_dense_layers <= self.n_layer:
             raise ValueError(f"DeepSeekConfig: n_dense_layers={self.n_dense_layers} must be in [0, n_layer]")
 
@@ -111,6 +120,21 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+class MTPModule(nn.Module):
+    """One depth of multi-token prediction: h_k = Block(W [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))]) (DeepSeek-V3
+    §2.2); `norm` precedes the shared output head. Its block is an MoE layer, as the model's last layers are."""
+
+    def __init__(self, c: DeepSeekConfig):
+        super().__init__()
+        d = c.n_embd
+        self.hnorm, self.enorm, self.norm = RMSNorm(d, c.norm_eps), RMSNorm(d, c.norm_eps), RMSNorm(d, c.norm_eps)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(c, c.n_layer)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos, sin) -> torch.Tensor:
+        return self.block(self.proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1)), cos, sin)
+
+
 class DeepSeek(CausalLM):
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
@@ -123,6 +147,7 @@ class DeepSeek(CausalLM):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.mtp = nn.ModuleList([MTPModule(config) for _ in range(config.mtp_depth)])
         init_gpt2_style(self, config.n_layer, ("attn.wo.weight", "w2.weight"))
 
     @property
@@ -135,7 +160,8 @@ class DeepSeek(CausalLM):
     def moe_layers(self) -> list[MoE]:
         return moe_layers(self)
 
-    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+    def _trunk(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0):
+        """(the last layer's output before the final norm [B, T, D], RoPE cos, sin)."""
         self._check_idx(idx, pos)
         T = idx.size(1)
         x = self.embed(idx)
@@ -144,15 +170,38 @@ class DeepSeek(CausalLM):
         cos, sin = rope_cos_sin(self.config.qk_rope_head_dim, positions, self.config.rope_theta, rope_dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], pos)
-        return self.norm(x)
+        return x, cos, sin
+
+    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        return self.norm(self._trunk(idx, caches, pos)[0])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """CausalLM's (logits, loss), the loss plus α · the MoE layers' sequence-wise balance losses in training."""
-        logits, loss = super().forward(idx, targets)
+        """CausalLM's (logits, loss); in training the loss adds α · the MoE layers' sequence-wise balance losses
+        and λ · the multi-token prediction loss."""
+        h, cos, sin = self._trunk(idx)
+        logits = self.lm_head(self.norm(h))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        if self.training and len(self.mtp) and self.config.mtp_lambda > 0:
+            loss = loss + self.config.mtp_lambda * self.mtp_loss(h, idx, targets, cos, sin)
         aux = [m.aux for m in self.moe_layers() if m.aux is not None]
-        if loss is not None and aux and self.config.seq_aux_alpha > 0:
+        if aux and self.config.seq_aux_alpha > 0:
             loss = loss + self.config.seq_aux_alpha * torch.stack(aux).sum()
         return logits, loss
+
+    def mtp_loss(self, h, idx, targets, cos, sin) -> torch.Tensor:
+        """Mean over depths k = 1..D of the cross-entropy of depth k, which at position i reads h_{k-1}[i] and
+        Emb(idx[i+k]) and predicts targets[i+k] (token i+k+1); positions shrink by one per depth."""
+        T, losses = idx.size(1), []
+        for k, module in enumerate(self.mtp, 1):
+            if T - k < 1:
+                break
+            h = module(h[:, :T - k], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            logits = self.lm_head(module.norm(h)).float()
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
+                                          ignore_index=-1))
+        return torch.stack(losses).mean() if losses else h.new_zeros(())
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Auxiliary-loss-free balancing: every router's bias moves by ±γ towards equal load (the trainer calls
@@ -197,11 +246,13 @@ def _ffn_params(c: DeepSeekConfig, layer: int, active: bool) -> int:
 
 
 def params(c: DeepSeekConfig) -> dict[str, int]:
-    """lowbit.flops.count_params' dict plus "active" (the parameters one token uses: the chosen experts only)."""
+    """lowbit.flops.count_params' dict plus "active" (the parameters one token uses at inference: the chosen
+    experts only, no multi-token prediction modules; "total" counts those, 3 norms + projection + an MoE block each)."""
     V, d = c.vocab_size, c.n_embd
     head = 0 if c.tie_embeddings else V * d
     base = V * d + head + d + c.n_layer * (_attn_params(c) + 2 * d)
-    total = base + sum(_ffn_params(c, i, False) for i in range(c.n_layer))
+    mtp = c.mtp_depth * (3 * d + 2 * d * d + _attn_params(c) + 2 * d + _ffn_params(c, c.n_layer, False))
+    total = base + mtp + sum(_ffn_params(c, i, False) for i in range(c.n_layer))
     active = base + sum(_ffn_params(c, i, True) for i in range(c.n_layer))
     return {"total": total, "embedding": V * d, "non_embedding": total - V * d, "active": active}
 
