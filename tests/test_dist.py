@@ -322,18 +322,25 @@ def test_nproc_launcher_ctrl_c_and_resume(module_corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_moe_under_ddp_matches_one_process(module_corpus, tmp_path, monkeypatch):
-    """deepseek-tiny on 2 gloo ranks: every expert's weights take part in the all-reduce (an expert a rank's tokens
-    did not choose contributes a zero gradient), and the routers' balancing bias moves by the loads summed over
-    ranks, so both ranks and one process keep the same bias and the same losses."""
+@pytest.mark.parametrize("model, fsdp", [("deepseek-tiny", False), ("deepseek-tiny", True), ("llama4-tiny", False)])
+def test_moe_under_ddp_matches_one_process(module_corpus, tmp_path, monkeypatch, model, fsdp):
+    """An MoE model on 2 gloo ranks (DDP, or FSDP2 with DCP checkpoints): every expert's weights take part in the
+    gradient reduction (an expert a rank's tokens did not choose contributes a zero gradient), and the routers'
+    loads are summed over ranks before the balancing bias moves, so both ranks and one process keep the same bias,
+    the same measured load and the same losses."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    kw = dict(model="deepseek-tiny", grad_accum=1, tokens=4 * 4 * 32)
+    kw = dict(model=model, grad_accum=1, tokens=4 * 4 * 32)
     single = train(TrainConfig(**cfg_kw(module_corpus, tmp_path / "one", **kw)), progress=False)
-    run_world(2, cfg_kw(module_corpus, tmp_path / "ddp", **kw))
-    a, b = single.history, rows(tmp_path / "ddp")
+    run_world(2, cfg_kw(module_corpus, tmp_path / "two", fsdp=fsdp, **kw))
+    a, b = single.history, rows(tmp_path / "two")
+    # llama4-tiny: measured 1.3e-5 relative at step 3 (the all-reduce's fp32 summation order, amplified by Adam's
+    # first steps at lr 3e-3 more than in deepseek-tiny); 5e-5 there, RTOL elsewhere
+    rtol = 5e-5 if model == "llama4-tiny" else RTOL
     for ra, rb in zip(a, b):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=RTOL), ra["step"]
-    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
+        assert rb["moe_load_max_over_mean"] == pytest.approx(ra["moe_load_max_over_mean"], rel=rtol), ra["step"]
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rtol), ra["step"]
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     bias = [k for k in wa if k.endswith("router.bias")]
     assert bias and all(torch.equal(wa[k], wb[k]) for k in bias)
-    assert any(torch.count_nonzero(wa[k]) for k in bias)  # the bias did move
+    moved = any(torch.count_nonzero(wa[k]) for k in bias)
+    assert moved == (model == "deepseek-tiny")  # llama4: no balancing bias (γ = 0)

@@ -131,8 +131,14 @@ def run_on_main(fn, di: DistInfo):
 # --- wrapping ---------------------------------------------------------------------------------------
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks: the elements of every nn.ModuleList in the model."""
-    return [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
+    """The repeated transformer blocks: the elements of every outermost nn.ModuleList (a mixture-of-experts layer's
+    experts are inside a block and are sharded with it: FSDP2 cannot shard a parameter twice)."""
+    outer: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and not any(name.startswith(o + ".") for o in outer):
+            outer.append(name)
+    mods = dict(model.named_modules())
+    return [b for name in outer for b in mods[name]]
 
 
 def wrap(model: nn.Module, di: DistInfo, device: torch.device, fsdp: bool) -> nn.Module:
