@@ -150,3 +150,22 @@ def test_moe_load_is_recorded_and_inspected(tmp_path):
     assert share.tolist() == [[t / 256 for t in r["tokens"]] for r in recs[-3:]]
     text = precision.inspect_run(out)
     assert "MoE load at step 3" in text and (out / "moe_load.png").is_file() and (out / "precision.png").is_file()
+
+
+def test_transformers_llama4_computes_the_same_logits():
+    # transformers' own Llama4ForCausalLM (an independent implementation of the same rules: NoPE every 4th layer,
+    # QK-norm, top-1 sigmoid gate on the expert's input, fused expert weights) on the exported weights. Bug
+    # caught: any rule of ours that differs from Meta's model as transformers implements it, or a swapped
+    # gate/up half in gate_up_proj.
+    pytest.importorskip("transformers")
+    from lowbit.hf import from_hf, hf_config, to_hf
+
+    torch.manual_seed(0)
+    m = build_model("llama4-tiny", block_size=64, vocab_size=300).eval()
+    hf = to_hf(m, eot_id=0)
+    assert type(hf).__name__ == "Llama4ForCausalLM"
+    x = torch.randint(0, 300, (2, 40))
+    torch.testing.assert_close(hf(x).logits, m(x)[0], rtol=1e-5, atol=2e-6)  # fp32, different op order
+    assert torch.equal(from_hf(hf)(x)[0], m(x)[0])
+    with pytest.raises(ValueError, match="balancing bias"):
+        hf_config(small(bias_update_speed=1e-3))

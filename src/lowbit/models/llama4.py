@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lowbit.models.attention import sdpa
 from lowbit.models.base import CausalLM, KVCache, causal_mask, init_gpt2_style
-from lowbit.models.family import Family
+from lowbit.models.family import Family, HFMapping, need
 from lowbit.models.llama import Attention, RMSNorm, apply_rope, rope_cos_sin
 from lowbit.models.moe import MoE, SwiGLU, after_step, moe_layers
 
@@ -236,5 +236,83 @@ def flops(c: Llama4Config, T: int) -> dict:
             "train": 3 * (layers + lm_head), "matmul_params": matmul, "attention": attention}
 
 
+# --- Hugging Face: transformers' Llama4ForCausalLM (text model) -------------------------------------------
+# Same RoPE layout (Meta's interleaved pairs), so q/k rows need no permutation; the routed experts are stored
+# fused: gate_up_proj [E, D, 2I] = [w1ᵀ | w3ᵀ], down_proj [E, I, D] = w2ᵀ.
+
+_ATTN = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+         "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+         "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight"}
+
+
+def to_hf_config(tf, c: Llama4Config, special: dict):
+    need(c.bias_update_speed == 0, "a balancing bias (bias_update_speed > 0): Llama 4's router has none")
+    return tf.Llama4TextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        intermediate_size_mlp=c.intermediate_size_mlp, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, num_experts_per_tok=c.top_k, num_local_experts=c.n_experts,
+        interleave_moe_layer_step=c.interleave_moe_layer_step, no_rope_layer_interval=c.nope_layer_interval,
+        use_qk_norm=c.use_qk_norm, attn_temperature_tuning=c.attn_temperature_tuning, floor_scale=c.floor_scale,
+        attn_scale=c.attn_scale, attention_chunk_size=None, hidden_act="silu", attention_dropout=c.dropout,
+        tie_word_embeddings=c.tie_embeddings, **special)
+
+
+def from_hf_config(hc) -> Llama4Config:
+    need(getattr(hc, "attention_chunk_size", None) is None, "chunked attention (attention_chunk_size)")
+    return Llama4Config(
+        block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size, n_layer=hc.num_hidden_layers,
+        n_head=hc.num_attention_heads, n_kv_head=hc.num_key_value_heads, n_embd=hc.hidden_size,
+        intermediate_size=hc.intermediate_size, intermediate_size_mlp=hc.intermediate_size_mlp,
+        n_experts=hc.num_local_experts, top_k=hc.num_experts_per_tok,
+        interleave_moe_layer_step=hc.interleave_moe_layer_step, nope_layer_interval=hc.no_rope_layer_interval,
+        use_qk_norm=bool(hc.use_qk_norm), attn_temperature_tuning=bool(hc.attn_temperature_tuning),
+        floor_scale=hc.floor_scale, attn_scale=hc.attn_scale, norm_eps=float(hc.rms_norm_eps),
+        tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
+
+
+def to_hf_state(sd: dict[str, torch.Tensor], c: Llama4Config) -> dict[str, torch.Tensor]:
+    out = {_TOP[k]: v for k, v in sd.items() if k in _TOP}
+    for i in range(c.n_layer):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out.update({q + hf: sd[p + ours] for ours, hf in _ATTN.items()})
+        f = p + "feed_forward."
+        if not c.is_moe(i):
+            out.update({f"{q}feed_forward.{hf}.weight": sd[f"{f}{w}.weight"] for w, hf in _MLP.items()})
+            continue
+        out[q + "feed_forward.router.weight"] = sd[f + "router.weight"]
+        out.update({f"{q}feed_forward.shared_expert.{hf}.weight": sd[f"{f}shared.{w}.weight"]
+                    for w, hf in _MLP.items()})
+        w = {n: torch.stack([sd[f"{f}experts.{e}.{n}.weight"] for e in range(c.n_experts)]) for n in _MLP}
+        out[q + "feed_forward.experts.gate_up_proj"] = torch.cat([w["w1"], w["w3"]], 1).transpose(1, 2).contiguous()
+        out[q + "feed_forward.experts.down_proj"] = w["w2"].transpose(1, 2).contiguous()
+    return out
+
+
+def from_hf_state(sd: dict[str, torch.Tensor], c: Llama4Config) -> dict[str, torch.Tensor]:
+    out = {k: sd[hf] for k, hf in _TOP.items() if hf in sd}
+    for i in range(c.n_layer):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out.update({p + ours: sd[q + hf] for ours, hf in _ATTN.items()})
+        f, g = p + "feed_forward.", q + "feed_forward."
+        if not c.is_moe(i):
+            out.update({f"{f}{w}.weight": sd[f"{g}{hf}.weight"] for w, hf in _MLP.items()})
+            continue
+        out[f + "router.weight"] = sd[g + "router.weight"]
+        out[f + "router.bias"] = torch.zeros(c.n_experts)
+        out.update({f"{f}shared.{w}.weight": sd[f"{g}shared_expert.{hf}.weight"] for w, hf in _MLP.items()})
+        gate, up = sd[g + "experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=1)
+        for e in range(c.n_experts):
+            out.update({f"{f}experts.{e}.w1.weight": gate[e].contiguous(),
+                        f"{f}experts.{e}.w3.weight": up[e].contiguous(),
+                        f"{f}experts.{e}.w2.weight": sd[g + "experts.down_proj"][e].T.contiguous()})
+    return out
+
+
 FAMILY = Family("llama4", "Llama 4 family (GQA + NoPE + alternating MoE)", Llama4Config, Llama4,
-                lambda c: (0, 0, 0), PRESETS, None, params=params, flops=flops)
+                lambda c: (0, 0, 0), PRESETS,
+                HFMapping("Llama4ForCausalLM", "llama4_text", to_hf_config, from_hf_config, to_hf_state, from_hf_state),
+                params=params, flops=flops)
