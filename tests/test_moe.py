@@ -162,11 +162,26 @@ def test_the_trainer_moves_the_bias_and_logs_the_load(tmp_path):
     assert torch.count_nonzero(bias) > 0 and torch.allclose(bias.abs() / 1e-3, torch.round(bias.abs() / 1e-3))
 
 
-def test_export_of_a_deepseek_run_is_refused_in_one_line(tmp_path):
-    from lowbit.hf import hf_config
+@pytest.mark.parametrize("q_lora_rank", [0, 32])
+def test_transformers_deepseek_v3_computes_the_same_logits(q_lora_rank):
+    # transformers' own DeepseekV3ForCausalLM (an independent MLA + DeepSeekMoE) on the exported weights, with a
+    # nonzero balancing bias (its e_score_correction_bias). Bug caught: a RoPE layout, gate/up half, bias or
+    # latent-norm mapping that differs (the logits would move by far more than fp32 rounding).
+    pytest.importorskip("transformers")
+    from lowbit.hf import from_hf, hf_config, to_hf
 
-    with pytest.raises(ValueError, match="the deepseek family has no Hugging Face mapping yet"):
-        hf_config(build_model("deepseek-tiny").config)
+    torch.manual_seed(0)
+    m = build_model("deepseek-tiny", block_size=64, vocab_size=300, q_lora_rank=q_lora_rank).eval()
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.router.bias.normal_(0, 0.01)
+    hf = to_hf(m, eot_id=0)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    x = torch.randint(0, 300, (2, 40))
+    torch.testing.assert_close(hf(x).logits, m(x)[0], rtol=1e-5, atol=2e-6)  # fp32, different op order
+    assert torch.equal(from_hf(hf)(x)[0], m(x)[0])
+    with pytest.raises(ValueError, match="multi-token prediction"):
+        hf_config(build_model("deepseek-tiny", mtp_depth=1).config)
 
 
 def test_block_selections_count_transformer_blocks_not_experts():

@@ -5,10 +5,11 @@ experts, sigmoid routing and auxiliary-loss-free balancing (lowbit.models.moe), 
 Optional multi-token prediction (§2.2, `mtp_depth` D > 0): D sequential modules sharing the embedding and the
 output head; module k combines the previous depth's hidden state at position i with the embedding of token i+k
 and predicts token i+k+1; their mean cross-entropy, weighted by λ (`mtp_lambda`), joins the training loss (the
-validation loss and generation use the main model only). Not here: node-limited (grouped) routing, YaRN. Every GeMM is an
-nn.Linear (attention projections, each expert's, the dense FFNs), so `lowbit.convert` quantizes them; the
-router, the norms and RoPE stay in high precision, as DeepSeek-V3 kept its gating and normalisation.
-At the end: the family's presets, its parameter and FLOP counts (total and active), registered as FAMILY.
+validation loss and generation use the main model only). Not here: node-limited (grouped) routing, YaRN.
+Every GeMM is an nn.Linear (attention projections, each expert's, the dense FFNs), so `lowbit.convert` quantizes
+them; the router, the norms and RoPE stay in high precision, as DeepSeek-V3 kept its gating and normalisation.
+At the end: presets, parameter and FLOP counts (total and active), the mapping to transformers' DeepseekV3,
+registered as FAMILY.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.models.base import CausalLM, KVCache, init_gpt2_style
-from lowbit.models.family import Family
+from lowbit.models.family import Family, HFMapping, need
 from lowbit.models.llama import RMSNorm, rope_cos_sin
 from lowbit.models.mla import MLA
 from lowbit.models.moe import MoE, SwiGLU, after_step, moe_layers
@@ -281,5 +282,93 @@ def kv_elems(c: DeepSeekConfig) -> int:
     return c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim)
 
 
+# --- Hugging Face: transformers' DeepseekV3ForCausalLM ------------------------------------------------------
+# rope_interleave=True reads our interleaved RoPE pairs as they are; one expert group (n_group = topk_group = 1)
+# is plain top-K; the routed experts are fused: gate_up_proj [E, 2I, D] = [w1; w3], down_proj [E, D, I] = w2.
+
+_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight"}
+
+
+def to_hf_config(tf, c: DeepSeekConfig, special: dict):
+    need(c.mtp_depth == 0, "multi-token prediction modules (transformers' DeepseekV3 has none)")
+    return tf.DeepseekV3Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.inter_dim,
+        moe_intermediate_size=c.moe_inter_dim, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_head, n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_routed_experts,
+        routed_scaling_factor=c.route_scale, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank or None,
+        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, qk_nope_head_dim=c.qk_nope_head_dim,
+        n_group=1, topk_group=1, num_experts_per_tok=c.n_activated_experts, first_k_dense_replace=c.n_dense_layers,
+        norm_topk_prob=True, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        rope_interleave=True, attention_bias=False, attention_dropout=c.dropout, hidden_act="silu",
+        tie_word_embeddings=c.tie_embeddings, **special)
+
+
+def from_hf_config(hc) -> DeepSeekConfig:
+    need(hc.n_group in (None, 1) or hc.topk_group == hc.n_group, "node-limited (grouped) routing")
+    need(bool(hc.norm_topk_prob), "unnormalised top-K gates")
+    rope = dict(getattr(hc, "rope_parameters", None) or {})
+    need(rope.get("rope_type", "default") == "default", f"RoPE scaling {rope.get('rope_type')!r}")
+    return DeepSeekConfig(
+        block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size, n_layer=hc.num_hidden_layers,
+        n_head=hc.num_attention_heads, n_embd=hc.hidden_size, q_lora_rank=hc.q_lora_rank or 0,
+        kv_lora_rank=hc.kv_lora_rank, qk_nope_head_dim=hc.qk_nope_head_dim, qk_rope_head_dim=hc.qk_rope_head_dim,
+        v_head_dim=hc.v_head_dim, inter_dim=hc.intermediate_size, moe_inter_dim=hc.moe_intermediate_size,
+        n_routed_experts=hc.n_routed_experts, n_shared_experts=hc.n_shared_experts,
+        n_activated_experts=hc.num_experts_per_tok, n_dense_layers=hc.first_k_dense_replace,
+        route_scale=float(hc.routed_scaling_factor), norm_eps=float(hc.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))),
+        tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
+
+
+def _layer_names(c: DeepSeekConfig, i: int) -> dict[str, str]:
+    """lowbit name -> HF name for layer i's unfused tensors."""
+    p, q = f"layers.{i}.", f"model.layers.{i}."
+    names = {f"{p}attn_norm.weight": f"{q}input_layernorm.weight", f"{p}ffn_norm.weight":
+             f"{q}post_attention_layernorm.weight"}
+    attn = ["wq_a", "q_norm", "wq_b"] if c.q_lora_rank else ["wq"]
+    names.update({f"{p}attn.{a}.weight": f"{q}self_attn.{_ATTN[a]}.weight" for a in attn + ["wkv_a", "kv_norm",
+                                                                                             "wkv_b", "wo"]})
+    if i < c.n_dense_layers:
+        names.update({f"{p}ffn.{w}.weight": f"{q}mlp.{hf}.weight" for w, hf in _MLP.items()})
+    else:
+        names.update({f"{p}ffn.router.weight": f"{q}mlp.gate.weight",
+                      f"{p}ffn.router.bias": f"{q}mlp.gate.e_score_correction_bias"})
+        if c.n_shared_experts:
+            names.update({f"{p}ffn.shared.{w}.weight": f"{q}mlp.shared_experts.{hf}.weight" for w, hf in _MLP.items()})
+    return names
+
+
+def to_hf_state(sd: dict[str, torch.Tensor], c: DeepSeekConfig) -> dict[str, torch.Tensor]:
+    out = {hf: sd[k] for k, hf in _TOP.items() if k in sd}
+    for i in range(c.n_layer):
+        out.update({hf: sd[k] for k, hf in _layer_names(c, i).items()})
+        if i >= c.n_dense_layers:
+            e = [f"layers.{i}.ffn.experts.{j}." for j in range(c.n_routed_experts)]
+            q = f"model.layers.{i}.mlp.experts."
+            out[q + "gate_up_proj"] = torch.stack([torch.cat([sd[x + "w1.weight"], sd[x + "w3.weight"]]) for x in e])
+            out[q + "down_proj"] = torch.stack([sd[x + "w2.weight"] for x in e])
+    return out
+
+
+def from_hf_state(sd: dict[str, torch.Tensor], c: DeepSeekConfig) -> dict[str, torch.Tensor]:
+    out = {k: sd[hf] for k, hf in _TOP.items() if hf in sd}
+    for i in range(c.n_layer):
+        out.update({k: sd[hf] for k, hf in _layer_names(c, i).items()})
+        if i >= c.n_dense_layers:
+            q = f"model.layers.{i}.mlp.experts."
+            for j in range(c.n_routed_experts):
+                gate, up = sd[q + "gate_up_proj"][j].chunk(2, dim=0)
+                x = f"layers.{i}.ffn.experts.{j}."
+                out.update({x + "w1.weight": gate, x + "w3.weight": up, x + "w2.weight": sd[q + "down_proj"][j]})
+    return out
+
+
 FAMILY = Family("deepseek", "DeepSeek-V3 family (MLA + DeepSeekMoE)", DeepSeekConfig, DeepSeek,
-                lambda c: (0, 0, 0), PRESETS, None, params=params, flops=flops, kv_elems=kv_elems)
+                lambda c: (0, 0, 0), PRESETS,
+                HFMapping("DeepseekV3ForCausalLM", "deepseek_v3", to_hf_config, from_hf_config, to_hf_state,
+                          from_hf_state),
+                params=params, flops=flops, kv_elems=kv_elems)
