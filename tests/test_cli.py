@@ -216,7 +216,7 @@ def test_help(cmd, capsys):
     (["train", "--recipe", "fp3"], "lowbit: error: unknown recipe 'fp3'"),
     (["train", "--config", "/nonexistent.toml"], "lowbit: error: config file /nonexistent.toml does not exist"),
     (["eval", "--ckpt", "/nonexistent"], "lowbit: error: /nonexistent does not exist"),
-    (["eval"], "the following arguments are required: --ckpt"),
+    (["eval"], "lowbit eval needs --ckpt DIR"),
     (["flops", "--model", "huge"], "lowbit: error: unknown model preset 'huge'"),
     (["flops", "--model", "tiny", "--mfu", "2"], "lowbit: error: mfu must be a fraction"),
     (["flops", "--model", "tiny", "--seq", "0"], "argument --seq: expected a positive integer"),
