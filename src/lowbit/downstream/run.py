@@ -8,7 +8,6 @@ again: an interrupted comparison loses at most the run it was in.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -163,7 +162,6 @@ def eval_hf(hf_dir, names: list[str], *, device="auto", limit: int | None = None
 
     from lowbit.train.runtime import resolve_device
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the hub
     lm = HFLM(pretrained=str(hf_dir), device=str(resolve_device(device)), batch_size=batch_size)
     tasks = run_lm(lm, names, task_manager(names, include_path), limit)
     result = {"checkpoint": str(hf_dir), "recipe": "hf", "limit": limit, "tasks": tasks,
