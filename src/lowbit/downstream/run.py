@@ -2,8 +2,8 @@
 
 A run's results go to RUN_DIR/eval.json (fp32 master weights; eval-<recipe>.json through a recipe): per task the
 accuracy (and normalised accuracy or perplexity) with lm-eval's standard errors, the per-item scores (what the
-comparison's paired intervals need), and the settings they came from. A task already in eval.json with the same checkpoint, recipe and limit is not run
-again: an interrupted comparison loses at most the run it was in.
+comparison's paired intervals need), and the settings they came from. A task already in eval.json with the same
+checkpoint, recipe and limit is not run again: an interrupted comparison loses at most the run it was in.
 """
 from __future__ import annotations
 
