@@ -66,7 +66,10 @@ def main(argv=None) -> int:
         write_section(SECTION, f"{SECTION}\n\nCommand: `python bench/moe_recipes.py --write` (Shakespeare, BPE 2048, "
                       f"{SETTINGS}; summaries kept in `bench/moe_recipes/`). Machine: {cpu_description()}.\n\n{text}\n\n"
                       "Eight steps: this shows that every recipe trains both families (finite losses, every expert's "
-                      "linears quantized); the gaps are noise at this length, not a verdict.")
+                      "linears quantized); the gaps are noise at this length, not a verdict. Its first pass found "
+                      "fp8-tensor-delayed failing on both families (an expert that no token chose gets an empty "
+                      "batch, whose amax() raised); delayed scaling now treats an empty operand as no observation "
+                      "(tests/test_moe.py::test_delayed_scaling_expert_without_tokens).")
     return 0
 
 

@@ -234,3 +234,25 @@ def test_mtp_predicts_the_token_after_next_from_the_shifted_embedding():
 def dataclasses_replace(c, **kw):
     import dataclasses
     return dataclasses.replace(c, **kw)
+
+
+def test_delayed_scaling_expert_without_tokens():
+    # an expert no token chose gets an empty batch; under delayed scaling that is no observation: the call works
+    # (forward and backward) and its amax histories stay as they were. Bug caught: amax() of an empty tensor
+    # raising (every MoE run under fp8-tensor-delayed failed: bench/moe_recipes.py found it).
+    from lowbit.models.moe import SwiGLU
+
+    expert = lowbit.convert(SwiGLU(16, 32), "fp8-tensor-delayed")
+    x = torch.randn(5, 16)
+    expert(x).sum().backward()
+    layers = [m for m in expert.modules() if isinstance(m, QLinear)]
+    before = [m.qstate.quant_state_dict()["buffers"] for m in layers]  # commits the first call
+    assert all("amax_history_input" in b for b in before)  # delayed scaling: histories exist
+    empty = torch.zeros(0, 16, requires_grad=True)
+    y = expert(empty)
+    y.sum().backward()
+    assert y.shape == (0, 16) and empty.grad.shape == (0, 16)
+    for m, b in zip(layers, before):
+        after = m.qstate.quant_state_dict()["buffers"]
+        acts = [k for k in b if not k.endswith("_weight")]  # the weight is observed on every call, rightly
+        assert acts and all(torch.equal(after[k], b[k]) and b[k].abs().sum() > 0 for k in acts)

@@ -99,9 +99,10 @@ class LayerQuantState(nn.Module):
     def delayed_amax(self, op: str, t: torch.Tensor, record: bool) -> torch.Tensor:
         """The amax delayed scaling uses for operand `op` (0-d fp32): the history's max, or its newest entry with
         amax_compute_algo "most_recent" (t's own amax while the history is empty), times 2^margin. With
-        `record`, t's amax is reported for the layer to commit after the call. Branch-free (traces)."""
+        `record`, t's amax is reported for the layer to commit after the call. Branch-free (traces) but for an
+        empty t (an expert no token chose), whose amax is NaN: no observation, so commit leaves the history."""
         hist = getattr(self, f"amax_history_{op}")
-        cur = t.abs().amax().float()
+        cur = t.abs().amax().float() if t.numel() else torch.full((), float("nan"), device=t.device)
         if record:
             self.observed_amax[OPERANDS.index(op)].copy_(cur)
         hmax = hist[0] if self.most_recent else hist.max()
