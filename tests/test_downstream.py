@@ -295,7 +295,7 @@ def test_comparison_section_columns():
         return {"step": 7, "recipe": "fp32", "tasks": rows, "average": run.average(rows)}
     per_run = {"bf16": run_res({"t1": [1, 0, 1, 0], "t2": [1, 1, 0, 0]}),
                "fp4": run_res({"t1": [1, 1, 1, 0], "t2": [0, 1, 0, 0]})}
-    s = table.comparison_summary(per_run, "bf16", ["t1", "t2"])
+    s = table.comparison_summary(per_run, "bf16", ["t1", "t2"], {"bf16": 0.0, "fp4": 1.234})
     assert list(s["paired"]) == ["fp4"]
     lines = table.markdown_section(s)
     fp4_row = next(ln for ln in lines if ln.startswith("| `fp4` | 7 "))
@@ -304,7 +304,7 @@ def test_comparison_section_columns():
     cells = [c.strip() for c in pair.split("|")[2:-1]]
     t1 = paired.paired_difference([1, 1, 1, 0], [1, 0, 1, 0])
     assert cells[0] == f"{100 * t1['diff']:+.1f} [{100 * t1['lo']:+.1f}, {100 * t1['hi']:+.1f}]"
-    assert cells[2].startswith("+0.0 [") and cells[4] == "within noise"
+    assert cells[2].startswith("+0.0 [") and cells[4] == "within noise" and cells[5] == "+1.23%"  # beside the loss
 
 
 def test_hf_folder_scores_as_the_run(tmp_path, fake_corpora, monkeypatch):
@@ -339,3 +339,7 @@ def test_compare_eval_tasks_writes_the_report_section(tmp_path, fake_corpora, ca
         own = json.loads((out / "runs" / label / "eval.json").read_text())["tasks"]["lowbit_shakespeare_next_line"]
         row = next(ln for ln in report_md.splitlines() if ln.startswith(f"| `{label}` | "))
         assert f"{100 * own['acc']:.1f} ± {100 * own['acc_stderr']:.1f}" in row
+    gap = json.loads((out / "results.json").read_text())["runs"]["fp4-direct"]["val_gap_pct"]
+    paired_row = next(ln for ln in report_md.splitlines() if ln.startswith("| `fp4-direct` | +") or
+                      ln.startswith("| `fp4-direct` | -"))
+    assert paired_row.rstrip(" |").endswith(f"{gap:+.2f}%")  # the accuracy verdict beside the loss gap

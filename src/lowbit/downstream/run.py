@@ -193,7 +193,8 @@ def eval_comparison(cmp_dir, names: list[str], *, recipe: str | None = None, dev
         log.info("[%d/%d] %s", i, len(ok), lab)
         per_run[lab] = eval_run(r["out"], names, recipe=recipe, device=device, limit=limit, batch_size=batch_size,
                                 include_path=include_path, progress=progress)
-    summary = comparison_summary(per_run, results.get("reference"), names)
+    gaps = {lab: results["runs"][lab].get("val_gap_pct") for lab in per_run}
+    summary = comparison_summary(per_run, results.get("reference"), names, gaps)
     write_json(cmp_dir / eval_file(recipe or "fp32"), summary)  # report.md shows eval.json (fp32 weights)
     report.write_report(results, cmp_dir)
     return summary

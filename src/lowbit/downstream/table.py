@@ -53,14 +53,16 @@ def paired_rows(per_run: dict, reference: str, names: list[str]) -> dict:
     return out
 
 
-def comparison_summary(per_run: dict, reference: str | None, names: list[str]) -> dict:
-    """The comparison's eval.json: each run's metrics (no per-item lists) and the paired differences."""
+def comparison_summary(per_run: dict, reference: str | None, names: list[str],
+                       loss_gaps: dict | None = None) -> dict:
+    """The comparison's eval.json: each run's metrics (no per-item lists), the paired differences, and each run's
+    validation-loss gap to the reference in % (`loss_gaps`, from results.json: the loss verdict's number)."""
     reference = reference if reference in per_run else next(iter(per_run), None)
     runs = {lab: {"step": r.get("step"), "recipe": r.get("recipe"), "average": r.get("average"),
                   "tasks": {n: {k: v for k, v in r["tasks"][n].items() if k != "items"} for n in names}}
             for lab, r in per_run.items()}
     return {"reference": reference, "tasks": names, "runs": runs,
-            "paired": paired_rows(per_run, reference, names) if reference else {}}
+            "paired": paired_rows(per_run, reference, names) if reference else {}, "loss_gap_pct": loss_gaps or {}}
 
 
 def _diff(p: dict) -> str:
@@ -91,9 +93,11 @@ def markdown_section(summary: dict | None) -> list[str]:
     if summary.get("paired"):
         out += ["", f"Paired difference to `{ref}` in accuracy points, 95% interval over the same items "
                 "[mean ± 1.96·se of the per-item differences]; McNemar's exact p over all items:", "",
-                "| run | " + " | ".join(f"`{n}`" for n in names) + " | all items | p | accuracy verdict |",
-                "|---|" + "---:|" * (len(names) + 2) + "---|"]
+                "| run | " + " | ".join(f"`{n}`" for n in names) + " | all items | p | accuracy verdict | Δ val loss |",
+                "|---|" + "---:|" * (len(names) + 2) + "---|---:|"]
+        gaps = summary.get("loss_gap_pct") or {}
         for lab, rows in summary["paired"].items():
+            gap = f"{gaps[lab]:+.2f}%" if isinstance(gaps.get(lab), (int, float)) else "–"
             out.append(f"| `{lab}` | " + " | ".join(_diff(rows[n]) for n in names)
-                       + f" | {_diff(rows['all'])} | {rows['all']['p']:.3g} | {verdict(rows['all'])} |")
+                       + f" | {_diff(rows['all'])} | {rows['all']['p']:.3g} | {verdict(rows['all'])} | {gap} |")
     return out + [""]
