@@ -16,10 +16,9 @@ the forward weight, as in the FP4 paper.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from lowbit._io import to_toml
 from lowbit.layer_patterns import normalize_patterns
@@ -50,7 +49,7 @@ AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # "rounded": under bf16 compute the dequantized operands are bf16 tensors (one more rounding than hardware, which
 # multiplies the codes exactly and applies the scales in fp32); "exact": they stay fp32 (fp32 accumulation),
 # only the output is rounded to the compute dtype.
-GEMM_MODES = ("rounded", "exact")
+GEMM_MODES = ("rounded", "exact", "hardware")
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,25 @@ def _conflicts(r: Recipe) -> list[str]:
          "wgrad_input='forward' reuses the forward's Q(X) in dW, which the Hadamard transform or "
          "wgrad_high_precision replace; drop one of them"),
     ]
-    return [msg for bad, msg in rules if bad]
+    problem = hardware_problem(r) if r.gemm == "hardware" else None
+    return [msg for bad, msg in rules if bad] + ([problem] if problem else [])
+
+
+def hardware_problem(r: "Recipe") -> str | None:
+    """Why `r` cannot run gemm='hardware' (FP8 codes through torch._scaled_mm, lowbit.nn.hardware), or None."""
+    ops = {"input": r.input, "weight": r.weight, "grad_output": r.grad_output, "dgrad_weight": r.dgrad_weight}
+    for name, q in ops.items():
+        if q is None and name != "dgrad_weight":
+            return f"gemm='hardware' needs every GeMM operand in FP8, but {name} is not quantized"
+        if q is not None and not (q.fmt in ("e4m3", "e5m2") and q.granularity in ("tensor", "row")
+                                  and q.rounding == "nearest" and not q.hadamard and not q.four_over_six):
+            return (f"gemm='hardware' runs FP8 GeMMs with per-tensor or per-row scales (torch._scaled_mm); {name} is "
+                    f"{q.fmt}/{q.granularity}/{q.rounding}: use gemm='rounded' to simulate this recipe")
+    if r.scheme != "lowbit" or r.occ.enabled or r.dge.enabled or r.weight_scale_axis == "in" \
+            or r.wgrad_input == "forward":
+        return ("gemm='hardware' takes no OCC, DGE, scheme='quartet', weight_scale_axis='in' or "
+                "wgrad_input='forward' yet; use gemm='rounded' to simulate this recipe")
+    return None
 
 
 def _field_names(obj) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from lowbit import recipes
 from lowbit.cpu_bf16 import upcast_linear
 from lowbit.nn.function import QLinearFunction
+from lowbit.nn.hardware import HardwareLinearFunction
 from lowbit.nn.quartet import QuartetFunction
 from lowbit.nn.spec import LinearSpec, check_layer
 from lowbit.nn.state import LayerQuantState
@@ -83,8 +84,8 @@ class QLinear(nn.Linear):
         lead = x.shape[:-1]
         self.qstate.begin_call(x.device)  # this call's random stream (recipes that draw)
         with torch.autocast(dev, enabled=False):
-            y = FUNCTIONS[self.spec.scheme].apply(x.reshape(-1, self.in_features), w, self.bias, self.spec,
-                                                  self.qstate, cdtype)
+            fn = HardwareLinearFunction if self.spec.hardware else FUNCTIONS[self.spec.scheme]
+            y = fn.apply(x.reshape(-1, self.in_features), w, self.bias, self.spec, self.qstate, cdtype)
         self.qstate.commit()  # the amaxes this call (and the last backward) observed: the Function changes no state
         return y.view(*lead, self.out_features)
 

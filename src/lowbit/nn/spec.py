@@ -49,6 +49,7 @@ class LinearSpec:
     reuse_dyq:     the dX GeMM's Q(dY) is Q(dYᵀ)ᵀ of the dW GeMM.
     weight_in_axis: W is quantized once along N (per input channel) for both GeMMs (recipe.weight_scale_axis "in").
     exact_gemm:    recipe.gemm == "exact": dequantized operands stay fp32 (not rounded to bf16) in the GeMMs.
+    hardware:      recipe.gemm == "hardware": the GeMMs run on FP8 codes (lowbit.nn.hardware).
     dgrad_weight:  W's quantizer in the dX GeMM when it is not `weight` (recipe.dgrad_weight), else None.
     wgrad_hp:      the dW GeMM runs on unquantized operands (recipe.wgrad_high_precision).
     scheme:        recipe.scheme: which autograd Function runs the layer (lowbit.nn.module.FUNCTIONS).
@@ -69,6 +70,7 @@ class LinearSpec:
     uses_function: bool
     weight_in_axis: bool = False
     exact_gemm: bool = False
+    hardware: bool = False
     dgrad_weight: TensorQuant | None = None
     wgrad_hp: bool = False
     rotation_size: int = 0
@@ -91,7 +93,7 @@ class LinearSpec:
                    dgrad_weight=r.dgrad_weight, wgrad_hp=hp,
                    rotation_size=(r.input.block or 32) if r.scheme == "quartet" else 0, scheme=r.scheme,
                    weight_in_axis=r.weight is not None and r.weight_scale_axis == "in",
-                   exact_gemm=r.gemm == "exact",
+                   exact_gemm=r.gemm == "exact", hardware=r.gemm == "hardware",
                    reuse_dyq=_layout_free(r.grad_output) and not had and not hp,
                    uses_function=r.quantized or r.occ.enabled)
 
