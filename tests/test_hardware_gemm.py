@@ -70,13 +70,24 @@ def test_recipes_the_fp8_gemm_cannot_run_are_refused(name):
         dataclasses.replace(recipes.get(name), gemm="hardware")
 
 
+def test_name_at_mode_selects_the_gemm():
+    # "NAME@MODE" (what `--recipes bf16,fp8-tensor,fp8-tensor@hardware` puts side by side). Bug caught: the suffix
+    # ignored (the label says hardware, the run simulates) or a bad mode accepted.
+    r = recipes.get("fp8-tensor@hardware")
+    assert (r.name, r.gemm) == ("fp8-tensor@hardware", "hardware")
+    assert dataclasses.replace(r, name="x", gemm="rounded") == dataclasses.replace(recipes.get("fp8-tensor"), name="x")
+    with pytest.raises(ValueError, match="choose one of rounded, exact, hardware"):
+        recipes.get("fp8-tensor@fast")
+    with pytest.raises(ValueError, match="gemm='rounded'"):
+        recipes.get("nvfp4@hardware")
+
+
 def test_trains_through_the_trainer(tmp_path):
     from conftest import write_corpus
     from lowbit.train import TrainConfig, train
 
-    toml = tmp_path / "hw.toml"
-    toml.write_text(dataclasses.replace(recipes.get("fp8-rowwise"), gemm="hardware", name="fp8-rowwise-hw").to_toml())
-    res = train(TrainConfig(model="llama-nano", recipe=str(toml), data=str(write_corpus(tmp_path, "kings")),
+    corpus = write_corpus(tmp_path, "kings")
+    res = train(TrainConfig(model="llama-nano", recipe="fp8-rowwise@hardware", data=str(corpus),
                             tokenizer="bytes", tokens=3 * 4 * 32, batch_size=4, seq_len=32, device="cpu",
                             eval_batches=1, out=str(tmp_path / "run")), progress=False)
     assert res.final_val_loss == res.final_val_loss and HardwareLinearFunction is not None

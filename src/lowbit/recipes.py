@@ -313,11 +313,16 @@ def names() -> list[str]:
 
 
 def get(recipe: "str | Recipe | Path") -> Recipe:
-    """Look up a recipe by name, or load one from a `.toml` file path; a Recipe passes through."""
+    """Look up a recipe by name, or load one from a `.toml` file path; a Recipe passes through. "NAME@MODE" is
+    recipe NAME with gemm = MODE (e.g. "fp8-tensor@hardware": its GeMMs on real FP8 codes)."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith(".toml")):
         return load(recipe)
+    if isinstance(recipe, str) and "@" in recipe:
+        base, mode = recipe.rsplit("@", 1)
+        check_choice("gemm (after @)", mode, GEMM_MODES)
+        return dataclasses.replace(get(base), gemm=mode, name=recipe)
     if recipe not in _RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}{did_you_mean(recipe, _RECIPES)}; known recipes: "
                          f"{', '.join(_RECIPES)} (or pass a path to a .toml recipe file)")
