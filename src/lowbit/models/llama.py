@@ -137,12 +137,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * hd, d, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def position(self, q, k, cos, sin, pos: int):
+        """Position information for q [B, H, T, hd] and k [B, kv, T, hd] at positions pos..pos+T-1: RoPE (the one
+        thing a subclass changes, e.g. Llama 4's NoPE layers)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.position(q, k, cos, sin, pos)
         mask, is_causal = None, True
         if cache is not None:  # cache holds the n_kv_head (un-repeated) keys and values
             k, v = cache.update(k, v, pos)

@@ -19,8 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from lowbit.models.attention import sdpa
-from lowbit.models.base import CausalLM, KVCache, causal_mask, init_gpt2_style
+from lowbit.models.base import CausalLM, KVCache, init_gpt2_style
 from lowbit.models.family import Family, HFMapping, need
 from lowbit.models.llama import Attention, RMSNorm, apply_rope, rope_cos_sin
 from lowbit.models.moe import MoE, SwiGLU, after_step, moe_layers
@@ -104,28 +103,17 @@ class Llama4Attention(Attention):
         super().__init__(config)
         self.c, self.rope = config, config.uses_rope(layer)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def position(self, q, k, cos, sin, pos: int):
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if self.c.use_qk_norm:
                 q, k = qk_rms(q, self.c.norm_eps), qk_rms(k, self.c.norm_eps)
         elif self.c.attn_temperature_tuning:
-            p = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)
+            T = q.size(2)
+            p = torch.arange(pos, pos + T, device=q.device, dtype=torch.float32)
             scale = torch.log1p(torch.floor((p + 1) / self.c.floor_scale)) * self.c.attn_scale + 1
             q = (q * scale.view(1, 1, T, 1)).to(q.dtype)
-        mask, is_causal = None, True
-        if cache is not None:
-            k, v = cache.update(k, v, pos)
-            mask, is_causal = causal_mask(T, pos, x.device), False
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)))
+        return q, k
 
 
 class Block(nn.Module):
