@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import kernels
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.buffers import scratch
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
@@ -260,6 +261,11 @@ def _run(x, q, generator, amax, dequant):
             raise ValueError("four_over_six takes its scales from the current tensor; drop amax= "
                              "(delayed scaling) or set four_over_six=false")
         return out, _group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
+    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
+    # rounds to at most max: the saturating clamp can be skipped.
+    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+    if kernels.applies(x, q) and (amax is None or q.granularity == "tensor"):  # else eager raises
+        return out, _run_compiled(x3, q, fmt, generator, amax, dequant, out, saturate)
     fused = q.granularity in ("row", "tile") and amax is None and q.scale_rule == "absmax"
     tensor_amax = None
     if fused:
@@ -269,11 +275,21 @@ def _run(x, q, generator, amax, dequant):
             tensor_amax = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
     else:
         s3, e3 = _scales3(x3, q, fmt, amax)
-    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
-    # rounds to at most max: the saturating clamp can be skipped.
-    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
     _kernel(x3, s3, e3, q, fmt, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
     return out, _group_scales(s3, x.shape, q)
+
+
+def _run_compiled(x3, q, fmt, generator, amax, dequant, out, saturate):
+    """_run's work by the fused CPU kernel (lowbit.kernels), bit for bit the eager path. Returns the scales."""
+    chunk_rows = max(1, chunk_elems(x3.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
+    if q.granularity == "tensor":
+        s3, e3 = _scales3(x3, q, fmt, kernels.absmax(x3) if amax is None else amax)
+        kernels.quantize_scalar(x3, out, s3, e3, q, fmt, generator, saturate, dequant, chunk_rows)
+        return s3.reshape(())
+    scales = kernels.quantize_groups(x3, out, q, fmt, generator, saturate, dequant, chunk_rows)
+    if q.granularity == "block":
+        return scales.view(scales.shape[0], 1, scales.shape[1], 1)
+    return scales.view(_scale_shape(out.shape, q))
 
 
 def fake_quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,

@@ -54,11 +54,16 @@ def _hash_into(index: torch.Tensor, key: int, h: torch.Tensor, t: torch.Tensor) 
     _xorshift_(h, 16, t)
 
 
+def draw_key(generator: torch.Generator | None = None) -> int:
+    """The 31-bit key of one `uniform` call on CPU (advances `generator`, or torch's default one)."""
+    return int(torch.randint(0, (1 << 31) - 1, (1,), generator=generator))
+
+
 def uniform(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """fp32 [n] uniform in [0, 1) (see the module docstring); `generator` as torch.rand takes it."""
     if device.type != "cpu":
         return torch.rand(n, device=device, generator=generator)
-    key = int(torch.randint(0, (1 << 31) - 1, (1,), generator=generator))
+    key = draw_key(generator)
     h = scratch(n, device, 3).view(torch.int32)
     t = scratch(n, device, 4).view(torch.int32)
     _hash_into(_counters(n, device), key, h, t)

@@ -1,0 +1,112 @@
+"""Fused quantization kernels: one pass over the tensor per quantizer, bit for bit the eager quantizers.
+
+The eager quantizers (lowbit.quant, lowbit.scales, lowbit.formats) are the specification; a kernel here
+replaces one where it applies and is tested equal to it (tests/test_kernels.py). Which runs:
+
+    LOWBIT_KERNELS=auto    (default) the compiled CPU kernels for CPU tensors where they build, else eager
+    LOWBIT_KERNELS=eager   always the eager PyTorch code
+    LOWBIT_KERNELS=cpu     the compiled CPU kernels; an error where they cannot be built
+
+Covered: every format (E2M1, E1M2, E3M0, E4M3, E5M2), granularity (tensor, row, 1×N tile, N×N block) and
+absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-level E4M3 × fp32, the scale
+multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
+lowbit.rng), fp32/bf16/fp16 in and out. Not covered (eager): QuEST's σ scales, "4 over 6", tensors on
+accelerators (no Triton kernels yet), and anything traced by torch.compile.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+
+import torch
+
+from lowbit.formats import Format
+from lowbit.rng import draw_key
+from lowbit.scales import E4M3_MAX
+from lowbit.tensor_quant import TensorQuant
+
+MODES = ("auto", "eager", "cpu")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SCALE_FMTS = {"fp32": 0, "e8m0": 1, "e4m3": 2}
+
+
+def mode() -> str:
+    """The LOWBIT_KERNELS setting (default "auto"); ValueError naming the choices for anything else."""
+    m = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
+    if m == "triton":
+        raise ValueError("LOWBIT_KERNELS=triton: lowbit has no Triton kernels yet; GPU tensors use the eager "
+                         "quantizers. Set LOWBIT_KERNELS=auto (or unset it)")
+    if m not in MODES:
+        raise ValueError(f"LOWBIT_KERNELS={m!r} is not one of {', '.join(MODES)}; unset it for 'auto'")
+    return m
+
+
+def _lib():
+    from lowbit.kernels import cpu
+    m = mode()
+    if m == "eager":
+        return None
+    lib = cpu.library()
+    if lib is None and m == "cpu":
+        raise RuntimeError(f"LOWBIT_KERNELS=cpu but the CPU kernels are unavailable: {cpu.why()}; "
+                           "install gcc (or set $CC) or set LOWBIT_KERNELS=auto")
+    return lib
+
+
+def which() -> str:
+    """Which quantizers CPU tensors run in this process: "cpu" (compiled) or "eager" (for result.json)."""
+    return "cpu" if _lib() is not None else "eager"
+
+
+def applies(x: torch.Tensor, q: TensorQuant) -> bool:
+    """Whether a compiled kernel computes fake_quantize/quantize of x under q (else the eager code runs)."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
+            and not torch.compiler.is_compiling() and _lib() is not None)
+
+
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of a contiguous CPU tensor as a 0-d fp32 tensor (NaN if x holds NaN), in one pass."""
+    v = _lib().lb_absmax(x.data_ptr(), x.numel(), _DTYPES[x.dtype], torch.get_num_threads())
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, nchunks, chunk_rows,
+            tensor_amax=None):
+    from lowbit.kernels.cpu import Params
+    keys = (ctypes.c_int32 * max(nchunks, 1))()
+    if q.rounding == "stochastic":  # one key per chunk, drawn in order, as rng.uniform draws them
+        for i in range(nchunks):
+            keys[i] = draw_key(generator)
+    p = Params(mbits=fmt.mbits, has_inf=int(fmt.has_inf), saturate=int(saturate),
+               stochastic=int(q.rounding == "stochastic"), dequant=int(dequant), emax=fmt.emax,
+               fmax=fmt.max, min_normal=fmt.min_normal, scale_fmt=_SCALE_FMTS[q.scale_fmt],
+               reciprocal=int(q.reciprocal), ceil_round=int(q.scale_round == "ceil"),
+               has_mult=int(q.scale_mult != 1.0), scale_mult=q.scale_mult,
+               tensor_amax=math.nan if tensor_amax is None else float(tensor_amax), block_max=E4M3_MAX,
+               keys=keys, chunk_rows=chunk_rows, nthreads=torch.get_num_threads(),
+               in_dtype=_DTYPES[x.dtype], out_dtype=_DTYPES[out.dtype])
+    return p, keys  # keys must outlive the call
+
+
+def quantize_scalar(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, q: TensorQuant,
+                    fmt: Format, generator, saturate: bool, dequant: bool, chunk: int) -> None:
+    """out = round(x / s) or round(x · e), times s if dequant: one scale for all of contiguous x.
+    chunk: elements per random-key chunk (the eager kernel's chunk)."""
+    n = x.numel()
+    p, keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
+    _lib().lb_quant_scalar(x.data_ptr(), out.data_ptr(), n, float(s), 1.0 if e is None else float(e),
+                           int(e is not None), ctypes.byref(p))
+
+
+def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Format, generator, saturate: bool,
+                    dequant: bool, chunk_rows: int) -> torch.Tensor:
+    """Row/tile/block quantization of contiguous x3 [R, G, B] into out (same numel), the scales computed
+    in the pass. Returns the fp32 decode scales [R / b, G] (b = q.block for "block", else 1)."""
+    R, G, B = x3.shape
+    brows = q.block if q.granularity == "block" else 1
+    t = absmax(x3) if q.scale_fmt == "e4m3" else None  # NVFP4's tensor scale needs the global absmax first
+    p, keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
+    scales = torch.empty((R // brows, G), dtype=torch.float32)
+    _lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr())
+    return scales

@@ -1,0 +1,289 @@
+/* lowbit's fused CPU quantizers: one pass per quantizer over the input.
+ *
+ * The specification is the eager code in lowbit/quant.py, lowbit/scales.py and lowbit/formats.py; every
+ * operation here mirrors one there, in the same fp32 order, so the results are bit for bit the same
+ * (tests/test_kernels.py). Built with -O3 -ffp-contract=off (no fused multiply-adds: the eager ops round
+ * each product), -fno-trapping-math (lets floorf vectorise; no value changes), no -ffast-math (NaN and
+ * the rounding trick need IEEE arithmetic). Loops are written
+ * branch-free so the compiler vectorises them for the CPU it is built on; OpenMP splits rows.
+ *
+ * Elements: fp32, bf16 or fp16 (dtype codes 0, 1, 2), converted to fp32 exactly before any arithmetic.
+ * Rounding of an fp32 value v onto the format's grid (formats.round_to_grid_):
+ *   E = 2^max(floor(log2|v|), emin)   (v's exponent bits, clamped below at the smallest normal)
+ *   nearest:    (v + 1.5*2^(23-mbits)*E) - 1.5*2^(23-mbits)*E   (the FPU's ties-to-even does the work)
+ *   stochastic: floor(v / step + u) * step, step = E * 2^-mbits, u = the counter hash of lowbit/rng.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LB_F32 0
+#define LB_BF16 1
+#define LB_F16 2
+#define SCALE_FP32 0
+#define SCALE_E8M0 1
+#define SCALE_E4M3 2
+#define FP32_MAX 3.4028234663852886e38f
+#define SEG 512 /* elements per fp32 staging segment (stays in L1) */
+
+typedef struct {
+    /* element format */
+    int32_t mbits, has_inf, saturate, stochastic, dequant, emax;
+    float fmax, min_normal;
+    /* scale rule (grouped kernel only) */
+    int32_t scale_fmt, reciprocal, ceil_round, has_mult;
+    float scale_mult, tensor_amax, block_max;
+    /* stochastic rounding: keys[c] for the c-th chunk of chunk_rows rows (rng.uniform's key per chunk) */
+    const int32_t *keys;
+    int64_t chunk_rows;
+    int32_t nthreads, in_dtype, out_dtype, pad;
+} lb_params;
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* --- dtype conversion -------------------------------------------------------------------------- */
+
+static void load_f32(float *dst, const void *src, int64_t off, int64_t n, int dt) {
+    if (dt == LB_F32) {
+        memcpy(dst, (const float *)src + off, (size_t)n * 4);
+    } else if (dt == LB_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int64_t i = 0; i < n; i++) dst[i] = u2f((uint32_t)s[i] << 16);
+    } else {
+        const _Float16 *s = (const _Float16 *)src + off;
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16's round to nearest even; NaN -> 0x7FC0 */
+    uint32_t u = f2u(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+
+static void store_f32(void *dst, int64_t off, const float *src, int64_t n, int dt) {
+    if (dt == LB_F32) {
+        memcpy((float *)dst + off, src, (size_t)n * 4);
+    } else if (dt == LB_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        _Float16 *d = (_Float16 *)dst + off;
+        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
+    }
+}
+
+/* --- absmax: max of the magnitude bit patterns (NaN patterns sort above inf, so NaN propagates) -- */
+
+static uint32_t absmax_bits(const void *x, int64_t off, int64_t n, int dt) {
+    uint32_t m = 0;
+    if (dt == LB_F32) {
+        const uint32_t *s = (const uint32_t *)x + off;
+        for (int64_t i = 0; i < n; i++) { uint32_t a = s[i] & 0x7FFFFFFFu; m = a > m ? a : m; }
+    } else { /* bf16 and fp16: 16-bit patterns, converted after the reduction */
+        const uint16_t *s = (const uint16_t *)x + off;
+        uint16_t m16 = 0;
+        for (int64_t i = 0; i < n; i++) { uint16_t a = s[i] & 0x7FFFu; m16 = a > m16 ? a : m16; }
+        if (dt == LB_BF16) return (uint32_t)m16 << 16;
+        _Float16 h; memcpy(&h, &m16, 2); return f2u((float)h);
+    }
+    return m;
+}
+
+static inline float bits_value(uint32_t b) { return b > 0x7F800000u ? NAN : u2f(b); }
+
+float lb_absmax(const void *x, int64_t n, int32_t dt, int32_t nthreads) {
+    uint32_t m = 0;
+    int64_t step = 1 << 16;
+    #pragma omp parallel for num_threads(nthreads) reduction(max:m) schedule(static) if (n > (1 << 18))
+    for (int64_t i = 0; i < n; i += step) {
+        uint32_t b = absmax_bits(x, i, n - i < step ? n - i : step, dt);
+        m = b > m ? b : m;
+    }
+    return bits_value(m);
+}
+
+/* --- the element pass: v = x / s (or x * e), round, [* s] -------------------------------------- */
+
+static inline uint32_t hash32(uint32_t i, uint32_t key) { /* rng._hash_into */
+    uint32_t h = (i * 0x9E3779B9u) ^ key;
+    h ^= h >> 16; h *= 0x85EBCA6Bu;
+    h ^= h >> 13; h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+/* In place on fp32 buf[0..n): scale by sa[i] (or multiply by ea[i]), saturate, round, keep inf (e5m2),
+ * dequantize. idx0: the rng index of buf[0] within its chunk. The flags are compile-time constants at every
+ * call (see quant_seg), so each combination compiles to its own branch-free, vectorised loop. */
+static inline __attribute__((always_inline)) void seg_impl(
+        float *restrict buf, const float *restrict sa, const float *restrict ea, int64_t n, float fmax, float mn,
+        float k, float sub, uint32_t key, uint32_t idx0,
+        const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
+    for (int64_t i = 0; i < n; i++) {
+        float x = buf[i], s = sa[i];
+        float v = USE_E ? x * ea[i] : x / s;
+        if (SAT) v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
+        float E = u2f(f2u(v) & 0x7F800000u);
+        E = E < mn ? mn : E;
+        if (SR) {
+            float step = E * sub;
+            float u = (float)((hash32(idx0 + (uint32_t)i, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+            v = floorf(v / step + u) * step;
+        } else {
+            float c = E * k;
+            v = (v + c) - c;
+        }
+        if (INF && SAT) v = (f2u(x) & 0x7FFFFFFFu) == 0x7F800000u ? x : v;
+        buf[i] = DQ ? v * s : v;
+    }
+}
+
+#define SEG_SR(UE, SAT, INF, DQ) \
+    (p->stochastic ? seg_impl(buf, sa, ea, n, fmax, mn, k, sub, key, idx0, UE, SAT, INF, DQ, 1) \
+                   : seg_impl(buf, sa, ea, n, fmax, mn, k, sub, key, idx0, UE, SAT, INF, DQ, 0))
+#define SEG_DQ(UE, SAT, INF) (p->dequant ? SEG_SR(UE, SAT, INF, 1) : SEG_SR(UE, SAT, INF, 0))
+#define SEG_INF(UE, SAT) (p->has_inf ? SEG_DQ(UE, SAT, 1) : SEG_DQ(UE, SAT, 0))
+#define SEG_SAT(UE) (p->saturate ? SEG_INF(UE, 1) : SEG_INF(UE, 0))
+
+static void quant_seg(float *buf, const float *sa, const float *ea, int64_t n, int use_e, const lb_params *p,
+                      uint32_t key, uint32_t idx0) {
+    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits), sub = ldexpf(1.0f, -p->mbits);
+    const float fmax = p->fmax, mn = p->min_normal;
+    if (use_e) SEG_SAT(1); else SEG_SAT(0);
+}
+
+/* out[off .. off+n) = the quantized x[off .. off+n) through an L1 staging buffer, element i scaled by
+ * sg[(off + i) / B] (ea: eg likewise); sg, eg: per-group scales with group 0 at element 0. */
+static void quant_span(const void *x, void *out, int64_t off, int64_t n, const float *sg, const float *eg,
+                       int64_t B, int use_e, const lb_params *p, uint32_t key, uint32_t idx0) {
+    float buf[SEG], sa[SEG], ea[SEG];
+    for (int64_t i0 = 0; i0 < n; i0 += SEG) {
+        int64_t m = n - i0 < SEG ? n - i0 : SEG;
+        for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
+            int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
+            end = end < m ? end : m;
+            for (; i < end; i++) { sa[i] = sg[g]; ea[i] = eg[g]; }
+        }
+        load_f32(buf, x, off + i0, m, p->in_dtype);
+        quant_seg(buf, sa, ea, m, use_e, p, key, idx0 + (uint32_t)i0);
+        store_f32(out, off + i0, buf, m, p->dequant ? p->out_dtype : LB_F32);
+    }
+}
+
+/* One scale for the whole tensor (granularity "tensor", delayed scaling): scales come from Python. */
+void lb_quant_scalar(const void *x, void *out, int64_t n, float s, float e, int32_t use_e, const lb_params *p) {
+    int64_t chunk = p->chunk_rows, step = 1 << 14;
+    #pragma omp parallel for num_threads(p->nthreads) schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i += step) {
+        int64_t m = n - i < step ? n - i : step;
+        /* a run never straddles a chunk: chunk is a multiple of step or larger than n */
+        int64_t c = i / chunk;
+        uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
+        quant_span(x, out, i, m, &s, &e, n, use_e, p, key, (uint32_t)(i - c * chunk));
+    }
+}
+
+/* --- group scales (scales.scale_from_amax, one group at a time) ------------------------------- */
+
+static inline float round_e4m3(float v) { /* formats.round_to_grid_(v, e4m3), saturating */
+    v = v < -448.0f ? -448.0f : (v > 448.0f ? 448.0f : v);
+    float E = u2f(f2u(v) & 0x7F800000u);
+    E = E < 0.015625f ? 0.015625f : E;
+    float c = E * 1572864.0f; /* 1.5 * 2^20 */
+    return (v + c) - c;
+}
+
+static void group_scale(float amax, const lb_params *p, float *s_out, float *e_out) {
+    float s, e = 1.0f;
+    if (p->scale_fmt == SCALE_FP32) {
+        if (p->reciprocal) {
+            e = amax == 0.0f ? 1.0f : (1.0f / amax) * p->fmax; /* torch: fmax / t is t.reciprocal() * fmax */
+            e = e > FP32_MAX ? FP32_MAX : e;
+            s = 1.0f / e;
+        } else {
+            s = amax / p->fmax;
+            s = s < 1.17549435e-38f ? 1.17549435e-38f : s; /* 2^-126 */
+        }
+    } else if (p->scale_fmt == SCALE_E8M0) {
+        if (!p->ceil_round) {
+            s = u2f(f2u(amax) & 0x7F800000u) * ldexpf(1.0f, -p->emax);
+            s = s < ldexpf(1.0f, -127) ? ldexpf(1.0f, -127) : s;
+        } else {
+            int k;
+            float m = frexpf(amax / p->fmax, &k);
+            k -= (m == 0.5f);
+            k = k < -127 ? -127 : (k > 127 ? 127 : k);
+            s = ldexpf(1.0f, k);
+        }
+        e = 1.0f / s;
+    } else { /* NVFP4: E4M3 group scale x fp32 tensor scale */
+        float t = p->tensor_amax;
+        if (p->reciprocal) {
+            float g = (1.0f / t) * (p->fmax * p->block_max);
+            g = g > FP32_MAX ? FP32_MAX : g;
+            g = g == 0.0f ? 1.0f : g;
+            float d = amax / p->fmax * g;
+            d = round_e4m3(d > 448.0f ? 448.0f : d);
+            s = d * (1.0f / g);
+            e = 1.0f / s;
+            e = e > FP32_MAX ? FP32_MAX : e;
+        } else {
+            float st = t / (p->fmax * p->block_max);
+            st = (t == 0.0f || st == 0.0f) ? 1.0f : st;
+            float d = round_e4m3(amax / p->fmax / st);
+            d = d < 0.001953125f ? 0.001953125f : d; /* E4M3's smallest subnormal, 2^-9 */
+            s = d * st;
+        }
+        if (!(t < INFINITY)) s = NAN;
+    }
+    if (p->has_mult) {
+        s = s * p->scale_mult;
+        e = e / p->scale_mult;
+        e = e > FP32_MAX ? FP32_MAX : e;
+    }
+    if (amax == 0.0f) { s = 1.0f; e = 1.0f; }
+    if (!(amax < INFINITY)) { s = NAN; e = NAN; }
+    *s_out = s;
+    *e_out = e;
+}
+
+/* Rows r0..r0+nr of x as [R, G, B] sharing scales over the `nr` rows (1: row/tile; block: the block size).
+ * sg, eg: scratch for G scales each. */
+static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
+                           const lb_params *p, float *scales, float *sg, float *eg) {
+    int64_t per_row = G * B;
+    for (int64_t g = 0; g < G; g++) {
+        uint32_t m = 0;
+        for (int64_t r = r0; r < r0 + nr; r++) {
+            uint32_t b = absmax_bits(x, r * per_row + g * B, B, p->in_dtype);
+            m = b > m ? b : m;
+        }
+        group_scale(bits_value(m), p, &sg[g], &eg[g]);
+        if (scales) scales[(r0 / nr) * G + g] = sg[g];
+    }
+    for (int64_t r = r0; r < r0 + nr; r++) {
+        int64_t c = r / p->chunk_rows;
+        uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
+        uint32_t idx = (uint32_t)((r - c * p->chunk_rows) * per_row);
+        quant_span(x, out, r * per_row, per_row, sg, eg, B, p->reciprocal, p, key, idx);
+    }
+}
+
+/* Groups along the last dim: x as [R, G, B], scales over `brows` rows (1, or the block size).
+ * scales: fp32 [R / brows, G], the decode scales. */
+void lb_quant_groups(const void *x, void *out, int64_t R, int64_t G, int64_t B, int64_t brows,
+                     const lb_params *p, float *scales) {
+    int64_t nblk = R / brows;
+    #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16))
+    {
+        float *sg = malloc((size_t)G * 2 * sizeof(float));
+        if (sg) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < nblk; i++) quant_rowblock(x, out, i * brows, brows, G, B, p, scales, sg, sg + G);
+            free(sg);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+"""The compiled CPU quantizers (lowbit.kernels) bit for bit against the eager specification (lowbit.quant).
+
+Every comparison runs the same call twice, once under LOWBIT_KERNELS=eager and once under =cpu, on data
+with the cases that break quantizers: NaN, ±inf, ±0, fp32 subnormals, all-zero groups, exact ties of the
+element grid, values past the format's max, odd shapes, several random-key chunks. "Bit for bit" compares
+the raw bit patterns everywhere except NaN, where only NaN-ness is compared (payloads are not numerics).
+"""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import lowbit.kernels as K
+from lowbit.kernels import cpu
+from lowbit.quant import fake_quantize, fake_quantize_with_scales, quantize
+from lowbit.tensor_quant import TensorQuant as T
+
+pytestmark = pytest.mark.skipif(cpu.compiler() is None, reason="no C compiler: the kernels cannot be built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# every scale rule and rounding the kernels cover, on every granularity (block sizes small: many groups)
+QUANTS = [
+    T("e2m1", "tensor"), T("e4m3", "tensor"), T("e5m2", "tensor"), T("e2m1", "row"), T("e1m2", "row"),
+    T("e3m0", "row"), T("e5m2", "row"), T("e4m3", "tile", 8), T("e4m3", "block", 4), T("e2m1", "block", 4),
+    T("e4m3", "row", reciprocal=True), T("e5m2", "tensor", reciprocal=True),
+    T("e2m1", "tile", 8, "e8m0"), T("e2m1", "tile", 8, "e8m0", scale_round="ceil"),
+    T("e4m3", "tile", 8, "e8m0", scale_round="ceil", reciprocal=True), T("e5m2", "block", 4, "e8m0"),
+    T("e2m1", "tile", 4, "e4m3"), T("e2m1", "tile", 4, "e4m3", reciprocal=True), T("e2m1", "block", 4, "e4m3"),
+    T("e2m1", "row", rounding="stochastic"), T("e2m1", "tile", 4, "e4m3", rounding="stochastic"),
+    T("e4m3", "tensor", rounding="stochastic"), T("e5m2", "tile", 8, rounding="stochastic"),
+    T("e2m1", "tile", 8, "e8m0", scale_mult=4 / 3, rounding="stochastic"),
+    T("e5m2", "row", reciprocal=True, scale_mult=1.5), T("e4m3", "tensor", scale_mult=0.75),
+]
+
+
+def qid(q):
+    return f"{q.fmt}-{q.granularity}{q.block or ''}-{q.scale_fmt}{'-rcp' if q.reciprocal else ''}" \
+           f"{'-ceil' if q.scale_round == 'ceil' else ''}-{q.rounding[:4]}-m{q.scale_mult:g}"
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    na, nb = a.isnan(), b.isnan()
+    if not torch.equal(na, nb):
+        return False
+    it = torch.int32 if a.element_size() == 4 else torch.int16
+    return torch.equal(a.masked_fill(na, 0).view(it), b.masked_fill(nb, 0).view(it))
+
+
+def both(monkeypatch, fn):
+    """fn() under the eager quantizers, then under the compiled ones."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "eager")
+    ref = fn()
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    return ref, fn()
+
+
+def nasty(shape, dtype, seed=0):
+    """Values over 12 decades with every special case sprinkled in, cast to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.empty(shape).uniform_(-14, 14, generator=g))
+    flat = x.view(-1)
+    n = flat.numel()
+    specials = [0.0, -0.0, math.nan, math.inf, -math.inf, 1e-40, -3e-39, 2.0 ** -149, 448.0, 57344.0, 1e30,
+                0.25, 0.75, 2.5, 5.0, -3.5, 1.5 * 2 ** -9]  # ties of E2M1's and E4M3's grids, subnormals
+    idx = torch.randint(0, n, (min(n, 3 * len(specials)),), generator=g)
+    for i, j in enumerate(idx.tolist()):
+        flat[j] = specials[i % len(specials)]
+    if x.dim() == 2 and x.shape[0] > 4:
+        x[2] = 0.0  # an all-zero row (and its groups)
+        x[3] = 3.0  # a constant row: every element is the group's absmax
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q", QUANTS, ids=qid)
+def test_fake_quantize_bitwise(monkeypatch, q, dtype):
+    x = nasty((16, 24), dtype)
+    for name, fn in (("fake_quantize", fake_quantize), ("with_scales", fake_quantize_with_scales)):
+        ref, got = both(monkeypatch, lambda: fn(x, q, torch.Generator().manual_seed(3)))
+        ref, got = (ref, got) if name == "with_scales" else ((ref,), (got,))
+        for r, k in zip(ref, got):
+            assert bits_equal(r, k), f"{name} {qid(q)} {dtype}: {(r != k).sum()} elements differ"
+
+
+@pytest.mark.parametrize("q", [q for q in QUANTS if q.granularity != "block"][::2], ids=qid)
+def test_finite_inputs_without_specials(monkeypatch, q):
+    """The common case on its own (no NaN): a special value can hide a whole group's difference."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)) * 3
+    ref, got = both(monkeypatch, lambda: fake_quantize(x, q, torch.Generator().manual_seed(5)))
+    assert not got.isnan().any() and bits_equal(ref, got)
+
+
+@pytest.mark.parametrize("q", [T("e4m3", "tensor"), T("e2m1", "row"), T("e2m1", "block", 4, "e4m3"),
+                               T("e5m2", "tile", 8, rounding="stochastic")], ids=qid)
+def test_quantize_codes_and_scales(monkeypatch, q):
+    x = nasty((8, 16), torch.float32, seed=2)
+    ref, got = both(monkeypatch, lambda: quantize(x, q, torch.Generator().manual_seed(7)))
+    assert torch.equal(ref.codes, got.codes) and bits_equal(ref.scales, got.scales)
+
+
+@pytest.mark.parametrize("q", [T("e4m3", "tensor", rounding="stochastic"), T("e2m1", "row", rounding="stochastic"),
+                               T("e2m1", "block", 4, "e4m3", rounding="stochastic")], ids=qid)
+def test_stochastic_rounding_spans_several_random_chunks(monkeypatch, q):
+    """More elements than one chunk (2^20): each chunk draws its own key, in order, like rng.uniform; the
+    generator ends in the same state."""
+    x = torch.randn(1028, 1100, generator=torch.Generator().manual_seed(0))
+    gens = []
+
+    def run():
+        gens.append(torch.Generator().manual_seed(11))
+        return fake_quantize(x, q, gens[-1])
+
+    ref, got = both(monkeypatch, run)
+    assert bits_equal(ref, got)
+    assert torch.equal(gens[0].get_state(), gens[1].get_state())
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_empty_and_amax_given(monkeypatch, fmt):
+    q = T(fmt, "tensor")
+    ref, got = both(monkeypatch, lambda: fake_quantize(torch.empty(0, 8), q))
+    assert got.shape == (0, 8)
+    x = nasty((6, 10), torch.bfloat16)
+    for amax in (1.0, 0.0, 1e-30, math.inf):  # delayed scaling: values past amax saturate, e5m2 keeps ±inf
+        ref, got = both(monkeypatch, lambda: fake_quantize(x, q, amax=torch.tensor(amax)))
+        assert bits_equal(ref, got), amax
+        if fmt == "e5m2" and amax == 1.0:
+            assert got.isinf().any()  # the input's infinities survived, so the test sees that path
+
+
+@pytest.mark.parametrize("q", QUANTS, ids=qid)
+def test_tiny_groups(monkeypatch, q):
+    """Groups whose absmax is subnormal or near it: the scale floors (fp32's 2^-126, E8M0's 2^-127,
+    E4M3's 2^-9) decide the result."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 16, generator=g) * torch.logspace(-45, -30, 16)
+    ref, got = both(monkeypatch, lambda: fake_quantize(x, q, torch.Generator().manual_seed(1)))
+    assert bits_equal(ref, got)
+
+
+@pytest.mark.parametrize("q", [T("e2m1", "tile", 4, "e4m3"), T("e2m1", "tile", 4, "e4m3", reciprocal=True),
+                               T("e2m1", "block", 4, "e4m3", reciprocal=True, scale_mult=4 / 3)], ids=qid)
+def test_nvfp4_tensor_scale_over_decades(monkeypatch, q):
+    """NVFP4's tensor scale is one number per tensor: sweep it over 60 decades so its fp32 rounding
+    (TE's g = 2688 · (1/t) vs 2688 / t) shows."""
+    x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(8))
+    for k, t in enumerate(torch.logspace(-30, 30, 97).tolist()):
+        x = x0 * t * (1 + k / 97)
+        ref, got = both(monkeypatch, lambda: fake_quantize(x, q))
+        assert bits_equal(ref, got), t
+
+
+_fmt = st.sampled_from(QUANTS)
+
+
+@settings(max_examples=60, deadline=None)
+@given(q=_fmt, dtype=st.sampled_from(DTYPES), rows=st.integers(1, 3), cols=st.integers(1, 4), data=st.data())
+def test_property_bitwise(q, dtype, rows, cols, data):
+    """Any values (NaN, inf, subnormals, ties, huge), any shape the granularity allows, every dtype."""
+    b = q.block or 1
+    shape = (rows * (b if q.granularity == "block" else 1), cols * b)
+    arr = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(width=32, allow_nan=True,
+                                                                      allow_infinity=True, allow_subnormal=True)))
+    x = torch.from_numpy(arr).to(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        ref, got = both(mp, lambda: fake_quantize(x, q, torch.Generator().manual_seed(1)))
+    assert bits_equal(ref, got), (qid(q), x, ref, got)
+
+
+def test_modes_and_errors(monkeypatch):
+    x = torch.randn(4, 8)
+    q = T("e4m3", "row")
+    monkeypatch.setenv("LOWBIT_KERNELS", "eager")
+    assert not K.applies(x, q) and K.which() == "eager"
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    assert K.applies(x, q) and K.which() == "cpu"
+    assert not K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # eager-only rules
+    assert not K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))
+    for bad, match in (("fast", "not one of auto, eager, cpu"), ("triton", "no Triton kernels")):
+        monkeypatch.setenv("LOWBIT_KERNELS", bad)
+        with pytest.raises(ValueError, match=match):
+            fake_quantize(x, q)
+
+
+def test_no_compiler_falls_back_once_and_cpu_mode_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(cpu, "_LIB", [])
+    monkeypatch.setattr(cpu, "_WHY", [])
+    monkeypatch.setattr(cpu, "compiler", lambda: None)
+    monkeypatch.setenv("LOWBIT_KERNELS", "auto")
+    x = torch.randn(4, 8)
+    q = T("e4m3", "row")
+    a, b = fake_quantize(x, q), fake_quantize(x, q)  # eager, same numbers
+    assert bits_equal(a, b) and K.which() == "eager"
+    err = capsys.readouterr().err
+    assert err.count("no C compiler found") == 1 and "eager" in err
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    with pytest.raises(RuntimeError, match="install gcc"):
+        fake_quantize(x, q)
+
+
+def test_build_key_tracks_source_compiler_and_cpu(monkeypatch):
+    cc = cpu.compiler()
+    k = cpu.build_key(cc)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: "flags : sse2")
+    assert cpu.build_key(cc) != k
+    monkeypatch.setattr(cpu, "FLAGS", cpu.FLAGS + ["-DX"])
+    assert len({k, cpu.build_key(cc)}) == 2
+
+
+@pytest.mark.parametrize("fmt,gran", list(itertools.product(["e4m3", "e2m1"], ["row", "tile"])))
+def test_threads_do_not_change_results(monkeypatch, fmt, gran):
+    q = T(fmt, gran, 16 if gran == "tile" else 0, rounding="stochastic")
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(4))
+    n = torch.get_num_threads()
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    try:
+        torch.set_num_threads(1)
+        a = fake_quantize(x, q, torch.Generator().manual_seed(2))
+        torch.set_num_threads(max(2, n))
+        b = fake_quantize(x, q, torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(n)
+    assert bits_equal(a, b)
