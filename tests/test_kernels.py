@@ -83,7 +83,7 @@ def nasty(shape, dtype, seed=0):
 def test_fake_quantize_bitwise(monkeypatch, q, dtype):
     x = nasty((16, 24), dtype)
     for name, fn in (("fake_quantize", fake_quantize), ("with_scales", fake_quantize_with_scales)):
-        ref, got = both(monkeypatch, lambda: fn(x, q, torch.Generator().manual_seed(3)))
+        ref, got = both(monkeypatch, lambda fn=fn: fn(x, q, torch.Generator().manual_seed(3)))
         ref, got = (ref, got) if name == "with_scales" else ((ref,), (got,))
         for r, k in zip(ref, got):
             assert bits_equal(r, k), f"{name} {qid(q)} {dtype}: {(r != k).sum()} elements differ"
@@ -129,7 +129,7 @@ def test_empty_and_amax_given(monkeypatch, fmt):
     assert got.shape == (0, 8)
     x = nasty((6, 10), torch.bfloat16)
     for amax in (1.0, 0.0, 1e-30, math.inf):  # delayed scaling: values past amax saturate, e5m2 keeps ±inf
-        ref, got = both(monkeypatch, lambda: fake_quantize(x, q, amax=torch.tensor(amax)))
+        ref, got = both(monkeypatch, lambda amax=amax: fake_quantize(x, q, amax=torch.tensor(amax)))
         assert bits_equal(ref, got), amax
         if fmt == "e5m2" and amax == 1.0:
             assert got.isinf().any()  # the input's infinities survived, so the test sees that path
@@ -153,7 +153,7 @@ def test_nvfp4_tensor_scale_over_decades(monkeypatch, q):
     x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(8))
     for k, t in enumerate(torch.logspace(-30, 30, 97).tolist()):
         x = x0 * t * (1 + k / 97)
-        ref, got = both(monkeypatch, lambda: fake_quantize(x, q))
+        ref, got = both(monkeypatch, lambda x=x: fake_quantize(x, q))
         assert bits_equal(ref, got), t
 
 

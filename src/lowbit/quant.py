@@ -42,12 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from lowbit import kernels
-from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.buffers import scratch
+from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
-from lowbit.tensor_quant import TensorQuant
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
-
+from lowbit.tensor_quant import TensorQuant
 
 # --- group layout --------------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ def quantize_scalar(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, e: torc
     """out = round(x / s) or round(x · e), times s if dequant: one scale for all of contiguous x.
     chunk: elements per random-key chunk (the eager kernel's chunk)."""
     n = x.numel()
-    p, keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
+    p, _keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
     _lib().lb_quant_scalar(x.data_ptr(), out.data_ptr(), n, float(s), 1.0 if e is None else float(e),
                            int(e is not None), ctypes.byref(p))
 
@@ -106,7 +106,7 @@ def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Fo
     R, G, B = x3.shape
     brows = q.block if q.granularity == "block" else 1
     t = absmax(x3) if q.scale_fmt == "e4m3" else None  # NVFP4's tensor scale needs the global absmax first
-    p, keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
+    p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
     scales = torch.empty((R // brows, G), dtype=torch.float32)
     _lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr())
     return scales

@@ -61,7 +61,7 @@ def _cpu_flags() -> str:
 
 
 def build_key(cc: str) -> str:
-    ver = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    ver = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), ver.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
         h.update(part)
@@ -74,7 +74,8 @@ def _build(cc: str, target: Path) -> None:
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True,
+                           check=False)
         if r.returncode:
             raise RuntimeError(f"{cc} failed:\n{r.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent process sees the old file or the whole new one
