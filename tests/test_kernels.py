@@ -89,6 +89,18 @@ def test_fake_quantize_bitwise(monkeypatch, q, dtype):
             assert bits_equal(r, k), f"{name} {qid(q)} {dtype}: {(r != k).sum()} elements differ"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q", QUANTS, ids=qid)
+def test_transposed_view_bitwise(monkeypatch, q, dtype):
+    """b.t() of a contiguous b is quantized along b's columns, without the transposed copy: the same bits
+    and scales as quantizing the copy (what the eager path does), returned as a transposed view."""
+    b = nasty((16, 24), dtype, seed=4)
+    ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(b.t(), q, torch.Generator().manual_seed(3)))
+    assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
+    if q.granularity != "tensor" or q.rounding == "nearest":
+        assert got[0].stride() == (1, 24)  # the column kernel ran (no contiguous copy)
+
+
 @pytest.mark.parametrize("q", [q for q in QUANTS if q.granularity != "block"][::2], ids=qid)
 def test_finite_inputs_without_specials(monkeypatch, q):
     """The common case on its own (no NaN): a special value can hide a whole group's difference."""
@@ -110,16 +122,17 @@ def test_quantize_codes_and_scales(monkeypatch, q):
 def test_stochastic_rounding_spans_several_random_chunks(monkeypatch, q):
     """More elements than one chunk (2^20): each chunk draws its own key, in order, like rng.uniform; the
     generator ends in the same state."""
-    x = torch.randn(1028, 1100, generator=torch.Generator().manual_seed(0))
-    gens = []
+    base = torch.randn(1028, 1100, generator=torch.Generator().manual_seed(0))
+    for x in (base, base.t()):  # the row kernel, and the column kernel (chunks of the transposed copy's rows)
+        gens = []
 
-    def run():
-        gens.append(torch.Generator().manual_seed(11))
-        return fake_quantize(x, q, gens[-1])
+        def run(x=x, gens=gens):
+            gens.append(torch.Generator().manual_seed(11))
+            return fake_quantize(x, q, gens[-1])
 
-    ref, got = both(monkeypatch, run)
-    assert bits_equal(ref, got)
-    assert torch.equal(gens[0].get_state(), gens[1].get_state())
+        ref, got = both(monkeypatch, run)
+        assert bits_equal(ref, got)
+        assert torch.equal(gens[0].get_state(), gens[1].get_state())
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
@@ -161,14 +174,17 @@ _fmt = st.sampled_from(QUANTS)
 
 
 @settings(max_examples=60, deadline=None)
-@given(q=_fmt, dtype=st.sampled_from(DTYPES), rows=st.integers(1, 3), cols=st.integers(1, 4), data=st.data())
-def test_property_bitwise(q, dtype, rows, cols, data):
-    """Any values (NaN, inf, subnormals, ties, huge), any shape the granularity allows, every dtype."""
+@given(q=_fmt, dtype=st.sampled_from(DTYPES), rows=st.integers(1, 3), cols=st.integers(1, 4),
+       transpose=st.booleans(), data=st.data())
+def test_property_bitwise(q, dtype, rows, cols, transpose, data):
+    """Any values (NaN, inf, subnormals, ties, huge), any shape the granularity allows, every dtype, as a
+    contiguous tensor or a transposed view."""
     b = q.block or 1
-    shape = (rows * (b if q.granularity == "block" else 1), cols * b)
+    shape = (rows * b, cols * b)
     arr = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(width=32, allow_nan=True,
                                                                       allow_infinity=True, allow_subnormal=True)))
     x = torch.from_numpy(arr).to(dtype)
+    x = x.t() if transpose else x
     with pytest.MonkeyPatch.context() as mp:
         ref, got = both(mp, lambda: fake_quantize(x, q, torch.Generator().manual_seed(1)))
     assert bits_equal(ref, got), (qid(q), x, ref, got)

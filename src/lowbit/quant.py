@@ -45,6 +45,7 @@ from lowbit import kernels
 from lowbit.buffers import scratch
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
+from lowbit.groups import as3d, group_scales, rows_scales, scale_shape
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
@@ -53,40 +54,6 @@ from lowbit.tensor_quant import TensorQuant
 def _check_q(q):
     if not isinstance(q, TensorQuant):
         raise TypeError(f"q must be a lowbit.recipes.TensorQuant, got {type(q).__name__}")
-
-
-def _as3d(x: torch.Tensor, q: TensorQuant) -> torch.Tensor:
-    """x (contiguous) viewed as [R, G, B]: R rows of G groups of B elements along the
-    last dim. "tensor": [N, 1, 1] (one scale); "row": [R, 1, C]; "tile"/"block": [R, C/b, b]."""
-    if q.granularity == "tensor":
-        return x.view(-1, 1, 1)
-    C = x.shape[-1] if x.dim() else 1
-    R = x.numel() // C if C else (math.prod(x.shape[:-1]) if x.dim() else 1)
-    if q.granularity == "row":
-        return x.view(R, 1, C)
-    b = q.block
-    if C % b:
-        raise ValueError(
-            f"tensor of shape {tuple(x.shape)}: last dim {C} is not divisible by the {q.granularity} size "
-            f"{b}; pad the last dim to a multiple of {b} or choose a block size that divides {C}")
-    if q.granularity == "block" and R % b:
-        raise ValueError(
-            f"tensor of shape {tuple(x.shape)}: its {R} rows (leading dims flattened) are not divisible by the "
-            f"block size {b} of granularity='block'; pad the rows to a multiple of {b}, choose a block size "
-            f"that divides {R}, or use granularity='tile'")
-    return x.view(R, C // b, b)
-
-
-def _scale_shape(x_shape, q) -> tuple:
-    C = x_shape[-1] if len(x_shape) else 1
-    if q.granularity == "tensor":
-        return ()
-    if q.granularity == "row":
-        return (*x_shape[:-1], 1) if len(x_shape) else (1,)
-    if q.granularity == "tile":
-        return (*x_shape[:-1], C // q.block, 1) if len(x_shape) else (C // q.block, 1)
-    R = math.prod(x_shape[:-1]) if len(x_shape) else 1
-    return (R // q.block, 1, C // q.block, 1)
 
 
 def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
@@ -134,29 +101,10 @@ def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
     _check_q(q)
     check_float(x)
     fmt = get_format(q.fmt)
-    x3 = _as3d(x.contiguous(), q)
+    x3 = as3d(x.contiguous(), q)
     if x.numel() == 0:
-        return torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
-    return _group_scales(_scales3(x3, q, fmt, amax)[0], x.shape, q)
-
-
-def _group_scales(s3, x_shape, q):
-    """[R|1, G, 1] per-row scales -> the public scale shape."""
-    if q.granularity == "block":
-        b = q.block
-        R, G, _ = s3.shape
-        return s3[::b].reshape(R // b, 1, G, 1).clone()
-    return s3.reshape(_scale_shape(x_shape, q))
-
-
-def _rows_scales(scales, x3, q):
-    """Public scale shape -> [R|1, G, 1] per-row scales for the elementwise kernel."""
-    if q.granularity == "tensor":
-        return scales.reshape(1, 1, 1)
-    if q.granularity == "block":
-        R, G, _ = x3.shape
-        return scales.reshape(-1, 1, G, 1).expand(-1, q.block, G, 1).reshape(R, G, 1)
-    return scales.reshape(x3.shape[0], x3.shape[1], 1)
+        return torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
+    return group_scales(_scales3(x3, q, fmt, amax)[0], x.shape, q)
 
 
 # --- the elementwise kernel ----------------------------------------------------------------
@@ -250,21 +198,21 @@ def _run(x, q, generator, amax, dequant):
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
                          f"create it with torch.Generator(device={str(x.device)!r})")
+    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
+    # rounds to at most max: the saturating clamp can be skipped.
+    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+    if x.numel() and kernels.applies(x, q) and (amax is None or q.granularity == "tensor"):  # else eager raises
+        return kernels.run(x, q, fmt, generator, amax, dequant, saturate)
     xc = x.contiguous()
-    x3 = _as3d(xc, q)
+    x3 = as3d(xc, q)
     out = empty(x.shape, x.dtype if dequant else torch.float32, x.device)
     if x.numel() == 0:
-        return out, torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
+        return out, torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
     if q.four_over_six:
         if amax is not None:
             raise ValueError("four_over_six takes its scales from the current tensor; drop amax= "
                              "(delayed scaling) or set four_over_six=false")
-        return out, _group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
-    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
-    # rounds to at most max: the saturating clamp can be skipped.
-    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
-    if kernels.applies(x, q) and (amax is None or q.granularity == "tensor"):  # else eager raises
-        return out, _run_compiled(x3, q, fmt, generator, amax, dequant, out, saturate)
+        return out, group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
     fused = q.granularity in ("row", "tile") and amax is None and q.scale_rule == "absmax"
     tensor_amax = None
     if fused:
@@ -275,20 +223,7 @@ def _run(x, q, generator, amax, dequant):
     else:
         s3, e3 = _scales3(x3, q, fmt, amax)
     _kernel(x3, s3, e3, q, fmt, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
-    return out, _group_scales(s3, x.shape, q)
-
-
-def _run_compiled(x3, q, fmt, generator, amax, dequant, out, saturate):
-    """_run's work by the fused CPU kernel (lowbit.kernels), bit for bit the eager path. Returns the scales."""
-    chunk_rows = max(1, chunk_elems(x3.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
-    if q.granularity == "tensor":
-        s3, e3 = _scales3(x3, q, fmt, kernels.absmax(x3) if amax is None else amax)
-        kernels.quantize_scalar(x3, out, s3, e3, q, fmt, generator, saturate, dequant, chunk_rows)
-        return s3.reshape(())
-    scales = kernels.quantize_groups(x3, out, q, fmt, generator, saturate, dequant, chunk_rows)
-    if q.granularity == "block":
-        return scales.view(scales.shape[0], 1, scales.shape[1], 1)
-    return scales.view(_scale_shape(out.shape, q))
+    return out, group_scales(s3, x.shape, q)
 
 
 def fake_quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,
@@ -310,8 +245,8 @@ def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.
 
 def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> torch.Tensor:
     """x / the scale of its group (fp32, x's shape), `scales` in absmax_scale's shape for x."""
-    x3 = _as3d(x.contiguous(), q)
-    return (x3.float() / _rows_scales(scales, x3, q)).view(x.shape)
+    x3 = as3d(x.contiguous(), q)
+    return (x3.float() / rows_scales(scales, x3, q)).view(x.shape)
 
 
 def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,13 +256,13 @@ def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Ten
     check_float(x)
     fmt = get_format(q.fmt)
     xc = x.contiguous()
-    x3 = _as3d(xc, q)
+    x3 = as3d(xc, q)
     if x.numel() == 0:
         return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
-                torch.empty(_scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
+                torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
     s3, e3 = _scales3(x3, q, fmt, amax)
     xs = (x3.float() / s3 if e3 is None else x3.float() * e3).view(x.shape)
-    return xs, _group_scales(s3, x.shape, q)
+    return xs, group_scales(s3, x.shape, q)
 
 
 # --- quantize / dequantize -----------------------------------------------------------------
@@ -362,6 +297,7 @@ def quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None 
     """Quantize x under q into codes and scales; dequantize(quantize(x)) equals
     fake_quantize(x) exactly (same generator state for stochastic rounding)."""
     v, scales = _run(x, q, generator, amax, dequant=False)  # signed rounded values, fp32
+    v = v.contiguous()  # the compiled kernels return a transposed view for a transposed x
     fmt = get_format(q.fmt)
     if q.fmt in _FP8_DTYPES:  # exact: v is on the format's grid and within its range
         codes = v.to(_FP8_DTYPES[q.fmt]).view(torch.uint8)
@@ -380,8 +316,8 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         v = decode4(unpack4(qt.codes, qt.shape), fmt)
     out = torch.empty(qt.shape, dtype=torch.float32, device=qt.codes.device)
     if out.numel():
-        x3 = _as3d(out, q)
-        torch.mul(v.view(x3.shape), _rows_scales(qt.scales, x3, q), out=x3)
+        x3 = as3d(out, q)
+        torch.mul(v.view(x3.shape), rows_scales(qt.scales, x3, q), out=x3)
     return out.to(dtype or qt.dtype)
 
 

@@ -21,9 +21,10 @@ import os
 
 import torch
 
-from lowbit.formats import Format
+from lowbit.formats import Format, chunk_elems, empty
+from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX
+from lowbit.scales import E4M3_MAX, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu")
@@ -89,6 +90,64 @@ def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, n
     return p, keys  # keys must outlive the call
 
 
+def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: bool, saturate: bool):
+    """(fake-quantized x (dequant) or its rounded fp32 values, the decode scales): quant._run's work, bit for
+    bit. A transposed 2-D view x = b.t() of a contiguous b is quantized along b's columns without the
+    transposed copy; the output is then also a transposed view (same values, same scales)."""
+    odt = x.dtype if dequant else torch.float32
+    if _transposed(x, q):
+        return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
+    xc = x.contiguous()
+    x3 = as3d(xc, q)
+    out = empty(x.shape, odt, x.device)
+    chunk_rows = max(1, chunk_elems(x.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
+    if q.granularity == "tensor":
+        a = absmax(xc) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        if a.numel() != 1:
+            raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(a.shape)}")
+        s, e = scale_from_amax(a.reshape(()).abs(), q, fmt)
+        quantize_scalar(xc, out, s, e, q, fmt, generator, saturate, dequant, chunk_rows)
+        return out, s
+    scales = quantize_groups(x3, out, q, fmt, generator, saturate, dequant, chunk_rows)
+    if q.granularity == "block":
+        return out, scales.view(scales.shape[0], 1, scales.shape[1], 1)
+    return out, scales.view(scale_shape(x.shape, q))
+
+
+def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:
+    """x is b.t() for a contiguous 2-D b (and not both vectors), and the column kernel takes q."""
+    if x.dim() != 2 or min(x.shape) < 2 or x.stride() != (1, x.shape[0]):
+        return False
+    return q.granularity != "tensor" or q.rounding == "nearest"  # tensor + SR: random index order differs
+
+
+def _run_cols(x, q, fmt, generator, dequant, saturate, odt):
+    N, M = x.shape
+    b = x.t()  # contiguous [M, N]; x's rows are b's columns
+    if q.granularity == "tensor":  # one scale: quantize b in its own layout
+        out, s = run(b, q, fmt, generator, None, dequant, saturate)
+        return out.t(), s
+    if q.granularity != "row":
+        check_divisible(x.shape, N, M, q)
+    L = M if q.granularity == "row" else q.block
+    bw = q.block if q.granularity == "block" else 1
+    chunk_rows = max(1, chunk_elems(x.device) // M)  # rows of x (the eager copy's chunks)
+    out = empty((M, N), odt, x.device)
+    t = absmax(b) if q.scale_fmt == "e4m3" else None
+    p, _keys = _params(q, fmt, b, out, saturate, dequant, generator, -(-N // chunk_rows), chunk_rows, t)
+    scales = torch.empty((M // L, N // bw), dtype=torch.float32)
+    _check(_lib().lb_quant_cols(b.data_ptr(), out.data_ptr(), M, N, L, bw, ctypes.byref(p), scales.data_ptr()))
+    scales = scales.t().contiguous()  # [N / bw, M / L]: per row (block row) of x
+    if q.granularity == "block":
+        return out.t(), scales.view(N // bw, 1, M // L, 1)
+    return out.t(), scales.view(scale_shape(x.shape, q))
+
+
+def _check(failed: int) -> None:
+    if failed:
+        raise MemoryError("lowbit's CPU quantization kernel could not allocate its work buffers")
+
+
 def quantize_scalar(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, q: TensorQuant,
                     fmt: Format, generator, saturate: bool, dequant: bool, chunk: int) -> None:
     """out = round(x / s) or round(x · e), times s if dequant: one scale for all of contiguous x.
@@ -108,5 +167,6 @@ def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Fo
     t = absmax(x3) if q.scale_fmt == "e4m3" else None  # NVFP4's tensor scale needs the global absmax first
     p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
     scales = torch.empty((R // brows, G), dtype=torch.float32)
-    _lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr())
+    _check(_lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p),
+                                  scales.data_ptr()))
     return scales

@@ -115,61 +115,75 @@ static inline uint32_t hash32(uint32_t i, uint32_t key) { /* rng._hash_into */
     return h;
 }
 
-/* In place on fp32 buf[0..n): scale by sa[i] (or multiply by ea[i]), saturate, round, keep inf (e5m2),
- * dequantize. idx0: the rng index of buf[0] within its chunk. The flags are compile-time constants at every
- * call (see quant_seg), so each combination compiles to its own branch-free, vectorised loop. */
+/* dst[0..n) = src[0..n) scaled by s (ARR: sa[i]; USE_E: multiplied by e or ea[i]), saturated, rounded,
+ * inf kept (e5m2), dequantized; fp32, dst may be src. idx0: the rng index of src[0] within its chunk,
+ * istr: the index step from one element to the next.
+ * The flags are compile-time constants at every call (see quant_seg), so each combination compiles to
+ * its own branch-free, vectorised loop. */
 static inline __attribute__((always_inline)) void seg_impl(
-        float *restrict buf, const float *restrict sa, const float *restrict ea, int64_t n, float fmax, float mn,
-        float k, float sub, uint32_t key, uint32_t idx0,
-        const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
+        const float *src, float *dst, const float *restrict sa, const float *restrict ea, float s0, float e0,
+        int64_t n, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx0, uint32_t istr,
+        const int ARR, const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
     for (int64_t i = 0; i < n; i++) {
-        float x = buf[i], s = sa[i];
-        float v = USE_E ? x * ea[i] : x / s;
+        float x = src[i], s = ARR ? sa[i] : s0;
+        float v = USE_E ? x * (ARR ? ea[i] : e0) : x / s;
         if (SAT) v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
         float E = u2f(f2u(v) & 0x7F800000u);
         E = E < mn ? mn : E;
         if (SR) {
             float step = E * sub;
-            float u = (float)((hash32(idx0 + (uint32_t)i, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+            float u = (float)((hash32(idx0 + (uint32_t)i * istr, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
             v = floorf(v / step + u) * step;
         } else {
             float c = E * k;
             v = (v + c) - c;
         }
         if (INF && SAT) v = (f2u(x) & 0x7FFFFFFFu) == 0x7F800000u ? x : v;
-        buf[i] = DQ ? v * s : v;
+        dst[i] = DQ ? v * s : v;
     }
 }
 
-#define SEG_SR(UE, SAT, INF, DQ) \
-    (p->stochastic ? seg_impl(buf, sa, ea, n, fmax, mn, k, sub, key, idx0, UE, SAT, INF, DQ, 1) \
-                   : seg_impl(buf, sa, ea, n, fmax, mn, k, sub, key, idx0, UE, SAT, INF, DQ, 0))
-#define SEG_DQ(UE, SAT, INF) (p->dequant ? SEG_SR(UE, SAT, INF, 1) : SEG_SR(UE, SAT, INF, 0))
-#define SEG_INF(UE, SAT) (p->has_inf ? SEG_DQ(UE, SAT, 1) : SEG_DQ(UE, SAT, 0))
-#define SEG_SAT(UE) (p->saturate ? SEG_INF(UE, 1) : SEG_INF(UE, 0))
+#define SEG_SR(A, UE, SAT, INF, DQ) \
+    (p->stochastic ? seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, A, UE, SAT, INF, DQ, 1) \
+                   : seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, A, UE, SAT, INF, DQ, 0))
+#define SEG_DQ(A, UE, SAT, INF) (p->dequant ? SEG_SR(A, UE, SAT, INF, 1) : SEG_SR(A, UE, SAT, INF, 0))
+#define SEG_INF(A, UE, SAT) (p->has_inf ? SEG_DQ(A, UE, SAT, 1) : SEG_DQ(A, UE, SAT, 0))
+#define SEG_SAT(A, UE) (p->saturate ? SEG_INF(A, UE, 1) : SEG_INF(A, UE, 0))
 
-static void quant_seg(float *buf, const float *sa, const float *ea, int64_t n, int use_e, const lb_params *p,
-                      uint32_t key, uint32_t idx0) {
+/* sa == NULL: one scale s0 (e0) for all n elements; else per-element scales sa (ea). */
+static void quant_seg(const float *src, float *dst, const float *sa, const float *ea, float s0, float e0,
+                      int64_t n, int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr) {
     const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits), sub = ldexpf(1.0f, -p->mbits);
     const float fmax = p->fmax, mn = p->min_normal;
-    if (use_e) SEG_SAT(1); else SEG_SAT(0);
+    if (sa == NULL) {
+        if (use_e) SEG_SAT(0, 1); else SEG_SAT(0, 0);
+    } else {
+        if (use_e) SEG_SAT(1, 1); else SEG_SAT(1, 0);
+    }
 }
 
-/* out[off .. off+n) = the quantized x[off .. off+n) through an L1 staging buffer, element i scaled by
- * sg[(off + i) / B] (ea: eg likewise); sg, eg: per-group scales with group 0 at element 0. */
+/* out[off .. off+n) = the quantized x[off .. off+n), element i scaled by sg[(off + i) / B] (eg likewise;
+ * sg, eg: per-group scales with group 0 at element 0). fp32 in and out go straight from x to out; other
+ * dtypes through an L1 staging buffer. Runs inside one group use the scalar loop. */
 static void quant_span(const void *x, void *out, int64_t off, int64_t n, const float *sg, const float *eg,
                        int64_t B, int use_e, const lb_params *p, uint32_t key, uint32_t idx0) {
     float buf[SEG], sa[SEG], ea[SEG];
+    int odt = p->dequant ? p->out_dtype : LB_F32, direct = p->in_dtype == LB_F32 && odt == LB_F32;
     for (int64_t i0 = 0; i0 < n; i0 += SEG) {
-        int64_t m = n - i0 < SEG ? n - i0 : SEG;
-        for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
-            int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
-            end = end < m ? end : m;
-            for (; i < end; i++) { sa[i] = sg[g]; ea[i] = eg[g]; }
+        int64_t m = n - i0 < SEG ? n - i0 : SEG, g0 = i0 / B;
+        int one = (i0 + m - 1) / B == g0; /* the whole segment lies in group g0 */
+        if (!one) {
+            for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
+                int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
+                end = end < m ? end : m;
+                for (; i < end; i++) { sa[i] = sg[g]; ea[i] = eg[g]; }
+            }
         }
-        load_f32(buf, x, off + i0, m, p->in_dtype);
-        quant_seg(buf, sa, ea, m, use_e, p, key, idx0 + (uint32_t)i0);
-        store_f32(out, off + i0, buf, m, p->dequant ? p->out_dtype : LB_F32);
+        const float *src = direct ? (const float *)x + off + i0 : buf;
+        float *dst = direct ? (float *)out + off + i0 : buf;
+        if (!direct) load_f32(buf, x, off + i0, m, p->in_dtype);
+        quant_seg(src, dst, one ? NULL : sa, ea, sg[g0], eg[g0], m, use_e, p, key, idx0 + (uint32_t)i0, 1u);
+        if (!direct) store_f32(out, off + i0, buf, m, odt);
     }
 }
 
@@ -274,16 +288,89 @@ static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int
 
 /* Groups along the last dim: x as [R, G, B], scales over `brows` rows (1, or the block size).
  * scales: fp32 [R / brows, G], the decode scales. */
-void lb_quant_groups(const void *x, void *out, int64_t R, int64_t G, int64_t B, int64_t brows,
-                     const lb_params *p, float *scales) {
+int lb_quant_groups(const void *x, void *out, int64_t R, int64_t G, int64_t B, int64_t brows,
+                    const lb_params *p, float *scales) {
     int64_t nblk = R / brows;
-    #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16))
+    int failed = 0;
+    #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16)) reduction(|:failed)
     {
         float *sg = malloc((size_t)G * 2 * sizeof(float));
-        if (sg) {
-            #pragma omp for schedule(static)
-            for (int64_t i = 0; i < nblk; i++) quant_rowblock(x, out, i * brows, brows, G, B, p, scales, sg, sg + G);
-            free(sg);
+        failed |= sg == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < nblk; i++)
+            if (sg) quant_rowblock(x, out, i * brows, brows, G, B, p, scales, sg, sg + G);
+        free(sg);
+    }
+    return failed; /* nonzero: a work buffer could not be allocated, the output is incomplete */
+}
+
+/* --- along columns: the transposed variants ------------------------------------------------- */
+
+/* Columns [n0, n1) of rows [m0, m0 + L) of x [M, N]: groups run down the columns (L rows each, `bw` columns
+ * wide for blocks). The same numbers as quantizing the rows of the transposed copy xᵀ [N, M] (its rng
+ * index of element (m, n) is (n - chunk start)·M + m, its chunks are chunk_rows rows of xᵀ). */
+static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64_t m0, int64_t L, int64_t bw,
+                           int64_t n0, int64_t n1, const lb_params *p, float *scales, float *sg, float *eg,
+                           uint32_t *am) {
+    int64_t w = n1 - n0;
+    float buf[SEG];
+    int odt = p->dequant ? p->out_dtype : LB_F32, direct = p->in_dtype == LB_F32 && odt == LB_F32;
+    for (int64_t j = 0; j < w; j++) am[j] = 0;
+    for (int64_t m = m0; m < m0 + L; m++) {
+        if (p->in_dtype == LB_F32) {
+            const uint32_t *r = (const uint32_t *)x + m * N + n0;
+            for (int64_t j = 0; j < w; j++) { uint32_t a = r[j] & 0x7FFFFFFFu; am[j] = a > am[j] ? a : am[j]; }
+        } else {
+            for (int64_t j = 0; j < w; j++) { uint32_t a = absmax_bits(x, m * N + n0 + j, 1, p->in_dtype);
+                                              am[j] = a > am[j] ? a : am[j]; }
         }
     }
+    for (int64_t j = 0; j < w; j += bw) { /* a block's columns share one scale */
+        uint32_t b = 0;
+        for (int64_t t = j; t < j + bw; t++) b = am[t] > b ? am[t] : b;
+        group_scale(bits_value(b), p, &sg[j], &eg[j]);
+        for (int64_t t = j + 1; t < j + bw; t++) { sg[t] = sg[j]; eg[t] = eg[j]; }
+        if (scales) scales[(m0 / L) * (N / bw) + (n0 + j) / bw] = sg[j];
+    }
+    for (int64_t m = m0; m < m0 + L; m++) {
+        for (int64_t j0 = 0; j0 < w;) { /* segments that stay inside one rng chunk of xᵀ's rows */
+            int64_t n = n0 + j0, c = n / p->chunk_rows, end = (c + 1) * p->chunk_rows - n0;
+            int64_t len = w - j0 < SEG ? w - j0 : SEG;
+            len = end - j0 < len ? end - j0 : len;
+            uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
+            uint32_t idx = (uint32_t)((n - c * p->chunk_rows) * M + m);
+            const float *src = direct ? (const float *)x + m * N + n : buf;
+            float *dst = direct ? (float *)out + m * N + n : buf;
+            if (!direct) load_f32(buf, x, m * N + n, len, p->in_dtype);
+            quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, p->reciprocal, p, key, idx, (uint32_t)M);
+            if (!direct) store_f32(out, m * N + n, buf, len, odt);
+            j0 += len;
+        }
+    }
+}
+
+/* x [M, N] quantized in groups of L consecutive rows down each column (L = M: one group per column,
+ * "row" of xᵀ; L = b: "tile"; with bw = b: "block"). scales: fp32 [M / L, N / bw]. Threads split the
+ * panels of L rows, or, with one panel, the columns (in multiples of bw). */
+int lb_quant_cols(const void *x, void *out, int64_t M, int64_t N, int64_t L, int64_t bw, const lb_params *p,
+                   float *scales) {
+    int64_t npan = M / L, nt = p->nthreads > 0 ? p->nthreads : 1;
+    int64_t ncol = npan >= nt ? 1 : nt, cw = ((N / ncol + bw - 1) / bw) * bw; /* column range per task */
+    if (cw == 0) cw = N;
+    int64_t ntask = npan * ((N + cw - 1) / cw);
+    int failed = 0;
+    #pragma omp parallel num_threads(p->nthreads) if (M * N > (1 << 16)) reduction(|:failed)
+    {
+        float *sg = malloc((size_t)cw * 2 * sizeof(float));
+        uint32_t *am = malloc((size_t)cw * sizeof(uint32_t));
+        failed |= sg == NULL || am == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntask; t++) {
+            int64_t pan = t % npan, n0 = (t / npan) * cw, n1 = n0 + cw < N ? n0 + cw : N;
+            if (sg && am) quant_colpanel(x, out, M, N, pan * L, L, bw, n0, n1, p, scales, sg, sg + cw, am);
+        }
+        free(sg);
+        free(am);
+    }
+    return failed;
 }

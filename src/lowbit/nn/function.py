@@ -108,7 +108,7 @@ class QLinearFunction(torch.autograd.Function):
         xc, res, lo, hi = _occ(x, spec, observer)
         xq, _ = quantize_operand(xc, spec, "input", state, gen)
         if spec.weight_in_axis:  # once along N (per input channel); dX reuses it
-            wq_t, w_amax = quantize_operand(w.t().contiguous(), spec, "weight", state, gen)
+            wq_t, w_amax = quantize_operand(w.t(), spec, "weight", state, gen)
             wq = wq_t.t()
         else:
             wq, w_amax = quantize_operand(w, spec, "weight", state, gen)
@@ -141,7 +141,7 @@ class QLinearFunction(torch.autograd.Function):
             if need_dx:
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
-                    wt = weight.to(ctx.cdtype).to(gemm_dtype).t().contiguous()
+                    wt = weight.to(ctx.cdtype).to(gemm_dtype).t()
                     wq = quantize_operand(wt, spec, "weight", state, gen, amax=ctx.w_amax, record=False,
                                           q=spec.dgrad_weight, gemm="dgrad")[0].t()
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
@@ -193,11 +193,11 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
         if dyq is not None and spec.reuse_dyq:
             gq = dyq.t()
         else:
-            gq, _ = quantize_operand(dy.t().contiguous(), spec, "grad_output", state, gen, record=False,
+            gq, _ = quantize_operand(dy.t(), spec, "grad_output", state, gen, record=False,
                                      gemm="wgrad")
         xq = xq_saved
         if xq is None:
-            xq = quantize_operand(xc.t().contiguous(), spec, "input", state, gen, record=False, gemm="wgrad")[0].t()
+            xq = quantize_operand(xc.t(), spec, "input", state, gen, record=False, gemm="wgrad")[0].t()
         dw = cpu_bf16.mm(gq, xq)
     if res is not None:
         comp = residual_tmm(dy, res)
