@@ -162,6 +162,13 @@ static void quant_seg(const float *src, float *dst, const float *sa, const float
     }
 }
 
+static inline __attribute__((always_inline)) void expand_fixed(const float *restrict sg, const float *restrict eg,
+                                                                int64_t G, float *restrict sa, float *restrict ea,
+                                                                const int B) {
+    for (int64_t g = 0; g < G; g++)
+        for (int k = 0; k < B; k++) { sa[g * B + k] = sg[g]; ea[g * B + k] = eg[g]; }
+}
+
 /* out[off .. off+n) = the quantized x[off .. off+n), element i scaled by sg[(off + i) / B] (eg likewise;
  * sg, eg: per-group scales with group 0 at element 0). fp32 in and out go straight from x to out; other
  * dtypes through an L1 staging buffer. Runs inside one group use the scalar loop. */
@@ -172,7 +179,10 @@ static void quant_span(const void *x, void *out, int64_t off, int64_t n, const f
     for (int64_t i0 = 0; i0 < n; i0 += SEG) {
         int64_t m = n - i0 < SEG ? n - i0 : SEG, g0 = i0 / B;
         int one = (i0 + m - 1) / B == g0; /* the whole segment lies in group g0 */
-        if (!one) {
+        if (!one && i0 % B == 0 && m % B == 0 && (B == 16 || B == 32)) {
+            if (B == 16) expand_fixed(sg + g0, eg + g0, m / 16, sa, ea, 16);
+            else expand_fixed(sg + g0, eg + g0, m / 32, sa, ea, 32);
+        } else if (!one) {
             for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
                 int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
                 end = end < m ? end : m;
@@ -210,74 +220,141 @@ static inline float round_e4m3(float v) { /* formats.round_to_grid_(v, e4m3), sa
     return (v + c) - c;
 }
 
-static void group_scale(float amax, const lb_params *p, float *s_out, float *e_out) {
-    float s, e = 1.0f;
-    if (p->scale_fmt == SCALE_FP32) {
-        if (p->reciprocal) {
-            e = amax == 0.0f ? 1.0f : (1.0f / amax) * p->fmax; /* torch: fmax / t is t.reciprocal() * fmax */
+/* 2^ceil(log2 r) as frexp gives it (scales._pow2, "ceil"), exponent clamped to [-127, 127]; r >= 0 finite.
+ * r = 0 gives 2^0 (frexp(0) = (0, 0)); subnormal r: 2^-126 above 2^-127, else 2^-127. */
+static inline float pow2_ceil(float r) {
+    uint32_t b = f2u(r), ex = (b >> 23) & 0xFFu;
+    int32_t k = (int32_t)ex - 127 + ((b & 0x7FFFFFu) != 0);
+    k = ex ? k : (b == 0 ? 0 : (b > 0x00400000u ? -126 : -127));
+    k = k < -127 ? -127 : (k > 127 ? 127 : k);
+    return k == -127 ? u2f(0x00400000u) : u2f((uint32_t)(k + 127) << 23);
+}
+
+enum { R_FP32, R_FP32_RCP, R_E8M0_FLOOR, R_E8M0_CEIL, R_NVFP4, R_NVFP4_RCP };
+
+typedef struct { float fmax, mult, st, g, ginv, c_emax; int tbad; } scale_consts;
+
+static inline __attribute__((always_inline)) void scales_impl(
+        const uint32_t *restrict am, int64_t n, scale_consts c, float *restrict sg, float *restrict eg,
+        const int RULE, const int MULT) {
+    const float tiny = 1.17549435e-38f /* 2^-126 */, e8min = 5.87747175e-39f /* 2^-127 */;
+    for (int64_t i = 0; i < n; i++) {
+        float a = bits_value(am[i]), s, e = 1.0f;
+        if (RULE == R_FP32) {
+            s = a / c.fmax;
+            s = s < tiny ? tiny : s;
+        } else if (RULE == R_FP32_RCP) {
+            e = a == 0.0f ? 1.0f : (1.0f / a) * c.fmax; /* torch: fmax / t is t.reciprocal() * fmax */
             e = e > FP32_MAX ? FP32_MAX : e;
             s = 1.0f / e;
-        } else {
-            s = amax / p->fmax;
-            s = s < 1.17549435e-38f ? 1.17549435e-38f : s; /* 2^-126 */
-        }
-    } else if (p->scale_fmt == SCALE_E8M0) {
-        if (!p->ceil_round) {
-            s = u2f(f2u(amax) & 0x7F800000u) * ldexpf(1.0f, -p->emax);
-            s = s < ldexpf(1.0f, -127) ? ldexpf(1.0f, -127) : s;
-        } else {
-            int k;
-            float m = frexpf(amax / p->fmax, &k);
-            k -= (m == 0.5f);
-            k = k < -127 ? -127 : (k > 127 ? 127 : k);
-            s = ldexpf(1.0f, k);
-        }
-        e = 1.0f / s;
-    } else { /* NVFP4: E4M3 group scale x fp32 tensor scale */
-        float t = p->tensor_amax;
-        if (p->reciprocal) {
-            float g = (1.0f / t) * (p->fmax * p->block_max);
-            g = g > FP32_MAX ? FP32_MAX : g;
-            g = g == 0.0f ? 1.0f : g;
-            float d = amax / p->fmax * g;
+        } else if (RULE == R_E8M0_FLOOR || RULE == R_E8M0_CEIL) {
+            if (RULE == R_E8M0_CEIL) {
+                s = pow2_ceil(a / c.fmax);
+            } else {
+                s = u2f(f2u(a) & 0x7F800000u) * c.c_emax;
+                s = s < e8min ? e8min : s;
+            }
+            e = 1.0f / s;
+        } else if (RULE == R_NVFP4_RCP) { /* Transformer Engine's rule */
+            float d = a / c.fmax * c.g;
             d = round_e4m3(d > 448.0f ? 448.0f : d);
-            s = d * (1.0f / g);
+            s = d * c.ginv;
             e = 1.0f / s;
             e = e > FP32_MAX ? FP32_MAX : e;
-        } else {
-            float st = t / (p->fmax * p->block_max);
-            st = (t == 0.0f || st == 0.0f) ? 1.0f : st;
-            float d = round_e4m3(amax / p->fmax / st);
+            s = c.tbad ? NAN : s;
+        } else { /* NVFP4, divide */
+            float d = round_e4m3(a / c.fmax / c.st);
             d = d < 0.001953125f ? 0.001953125f : d; /* E4M3's smallest subnormal, 2^-9 */
-            s = d * st;
+            s = c.tbad ? NAN : d * c.st;
         }
-        if (!(t < INFINITY)) s = NAN;
+        if (MULT) {
+            s = s * c.mult;
+            e = e / c.mult;
+            e = e > FP32_MAX ? FP32_MAX : e;
+        }
+        int zero = a == 0.0f, bad = !(a < INFINITY);
+        sg[i] = bad ? NAN : (zero ? 1.0f : s);
+        eg[i] = bad ? NAN : (zero ? 1.0f : e);
     }
-    if (p->has_mult) {
-        s = s * p->scale_mult;
-        e = e / p->scale_mult;
-        e = e > FP32_MAX ? FP32_MAX : e;
+}
+
+#define SCALES(R) (p->has_mult ? scales_impl(am, n, c, sg, eg, R, 1) : scales_impl(am, n, c, sg, eg, R, 0))
+
+/* Decode scales sg (and encode factors eg) of n groups from their absmax bit patterns am: scales.scale_from_amax
+ * element by element, in its fp32 order. One branch-free loop per rule, so it vectorises across groups. */
+static void group_scales(const uint32_t *am, int64_t n, const lb_params *p, float *sg, float *eg) {
+    scale_consts c = {p->fmax, p->scale_mult, 0, 0, 0, ldexpf(1.0f, -p->emax), !(p->tensor_amax < INFINITY)};
+    /* NVFP4's tensor-level factors (one per tensor), as scales._nvfp4 computes them */
+    float t = p->tensor_amax, bm = p->fmax * p->block_max;
+    c.st = t / bm;
+    c.st = (t == 0.0f || c.st == 0.0f) ? 1.0f : c.st;
+    c.g = (1.0f / t) * bm;
+    c.g = c.g > FP32_MAX ? FP32_MAX : c.g;
+    c.g = c.g == 0.0f ? 1.0f : c.g;
+    c.ginv = 1.0f / c.g;
+    if (p->scale_fmt == SCALE_FP32) { if (p->reciprocal) SCALES(R_FP32_RCP); else SCALES(R_FP32); }
+    else if (p->scale_fmt == SCALE_E8M0) { if (p->ceil_round) SCALES(R_E8M0_CEIL); else SCALES(R_E8M0_FLOOR); }
+    else if (p->reciprocal) SCALES(R_NVFP4_RCP);
+    else SCALES(R_NVFP4);
+}
+
+/* am[g] = the absmax bit pattern of group g (B elements at x[off + g·B]) over rows off, off + stride, ...
+ * (nr rows), for G groups; B = 16 and 32 get loops of constant length. */
+static inline __attribute__((always_inline)) void amax_f32_fixed(const uint32_t *restrict r, int64_t G,
+                                                                  uint32_t *restrict am, const int B) {
+    for (int64_t g = 0; g < G; g++) {
+        uint32_t m = am[g];
+        for (int k = 0; k < B; k++) { uint32_t a = r[g * B + k] & 0x7FFFFFFFu; m = a > m ? a : m; }
+        am[g] = m;
     }
-    if (amax == 0.0f) { s = 1.0f; e = 1.0f; }
-    if (!(amax < INFINITY)) { s = NAN; e = NAN; }
-    *s_out = s;
-    *e_out = e;
+}
+
+static inline __attribute__((always_inline)) void amax_u16_fixed(const uint16_t *restrict r, int64_t G,
+                                                                  uint32_t *restrict am, const int B) {
+    for (int64_t g = 0; g < G; g++) {
+        uint16_t m = (uint16_t)am[g];
+        for (int k = 0; k < B; k++) { uint16_t a = r[g * B + k] & 0x7FFFu; m = a > m ? a : m; }
+        am[g] = m;
+    }
+}
+
+static void group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int64_t G, int64_t B,
+                         int dt, uint32_t *am) {
+    for (int64_t g = 0; g < G; g++) am[g] = 0;
+    if (dt == LB_F32 || (B != 16 && B != 32)) {
+        for (int64_t r = 0; r < nr; r++) {
+            int64_t o = off + r * stride;
+            if (dt == LB_F32 && B == 16) amax_f32_fixed((const uint32_t *)x + o, G, am, 16);
+            else if (dt == LB_F32 && B == 32) amax_f32_fixed((const uint32_t *)x + o, G, am, 32);
+            else for (int64_t g = 0; g < G; g++) {
+                uint32_t b = absmax_bits(x, o + g * B, B, dt);
+                am[g] = b > am[g] ? b : am[g];
+            }
+        }
+        return;
+    }
+    /* bf16/fp16 with 16- or 32-element groups: reduce the 16-bit magnitude patterns, convert at the end */
+    for (int64_t r = 0; r < nr; r++) {
+        const uint16_t *row = (const uint16_t *)x + off + r * stride;
+        if (B == 16) amax_u16_fixed(row, G, am, 16);
+        else amax_u16_fixed(row, G, am, 32);
+    }
+    for (int64_t g = 0; g < G; g++) {
+        if (dt == LB_BF16) { am[g] <<= 16; continue; }
+        uint16_t h16 = (uint16_t)am[g];
+        _Float16 h; memcpy(&h, &h16, 2);
+        am[g] = f2u((float)h);
+    }
 }
 
 /* Rows r0..r0+nr of x as [R, G, B] sharing scales over the `nr` rows (1: row/tile; block: the block size).
- * sg, eg: scratch for G scales each. */
+ * sg, eg, am: scratch for G entries each. */
 static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
-                           const lb_params *p, float *scales, float *sg, float *eg) {
+                           const lb_params *p, float *scales, float *sg, float *eg, uint32_t *am) {
     int64_t per_row = G * B;
-    for (int64_t g = 0; g < G; g++) {
-        uint32_t m = 0;
-        for (int64_t r = r0; r < r0 + nr; r++) {
-            uint32_t b = absmax_bits(x, r * per_row + g * B, B, p->in_dtype);
-            m = b > m ? b : m;
-        }
-        group_scale(bits_value(m), p, &sg[g], &eg[g]);
-        if (scales) scales[(r0 / nr) * G + g] = sg[g];
-    }
+    group_absmax(x, r0 * per_row, per_row, nr, G, B, p->in_dtype, am);
+    group_scales(am, G, p, sg, eg);
+    if (scales) memcpy(scales + (r0 / nr) * G, sg, (size_t)G * sizeof(float));
     for (int64_t r = r0; r < r0 + nr; r++) {
         int64_t c = r / p->chunk_rows;
         uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
@@ -294,11 +371,11 @@ int lb_quant_groups(const void *x, void *out, int64_t R, int64_t G, int64_t B, i
     int failed = 0;
     #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16)) reduction(|:failed)
     {
-        float *sg = malloc((size_t)G * 2 * sizeof(float));
+        float *sg = malloc((size_t)G * 3 * sizeof(float));
         failed |= sg == NULL;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < nblk; i++)
-            if (sg) quant_rowblock(x, out, i * brows, brows, G, B, p, scales, sg, sg + G);
+            if (sg) quant_rowblock(x, out, i * brows, brows, G, B, p, scales, sg, sg + G, (uint32_t *)(sg + 2 * G));
         free(sg);
     }
     return failed; /* nonzero: a work buffer could not be allocated, the output is incomplete */
@@ -328,10 +405,11 @@ static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64
     for (int64_t j = 0; j < w; j += bw) { /* a block's columns share one scale */
         uint32_t b = 0;
         for (int64_t t = j; t < j + bw; t++) b = am[t] > b ? am[t] : b;
-        group_scale(bits_value(b), p, &sg[j], &eg[j]);
-        for (int64_t t = j + 1; t < j + bw; t++) { sg[t] = sg[j]; eg[t] = eg[j]; }
-        if (scales) scales[(m0 / L) * (N / bw) + (n0 + j) / bw] = sg[j];
+        for (int64_t t = j; t < j + bw; t++) am[t] = b;
     }
+    group_scales(am, w, p, sg, eg);
+    if (scales)
+        for (int64_t j = 0; j < w; j += bw) scales[(m0 / L) * (N / bw) + (n0 + j) / bw] = sg[j];
     for (int64_t m = m0; m < m0 + L; m++) {
         for (int64_t j0 = 0; j0 < w;) { /* segments that stay inside one rng chunk of xᵀ's rows */
             int64_t n = n0 + j0, c = n / p->chunk_rows, end = (c + 1) * p->chunk_rows - n0;
