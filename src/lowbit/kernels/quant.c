@@ -321,7 +321,14 @@ static inline __attribute__((always_inline)) void amax_u16_fixed(const uint16_t 
 static void group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int64_t G, int64_t B,
                          int dt, uint32_t *am) {
     for (int64_t g = 0; g < G; g++) am[g] = 0;
-    if (dt == LB_F32 || (B != 16 && B != 32)) {
+    if (B == 1 && dt == LB_F32) { /* one element per group per row: columns, vectorised across them */
+        for (int64_t r = 0; r < nr; r++) {
+            const uint32_t *row = (const uint32_t *)x + off + r * stride;
+            for (int64_t g = 0; g < G; g++) { uint32_t a = row[g] & 0x7FFFFFFFu; am[g] = a > am[g] ? a : am[g]; }
+        }
+        return;
+    }
+    if (dt == LB_F32 || (B != 1 && B != 16 && B != 32)) {
         for (int64_t r = 0; r < nr; r++) {
             int64_t o = off + r * stride;
             if (dt == LB_F32 && B == 16) amax_f32_fixed((const uint32_t *)x + o, G, am, 16);
@@ -333,11 +340,12 @@ static void group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr,
         }
         return;
     }
-    /* bf16/fp16 with 16- or 32-element groups: reduce the 16-bit magnitude patterns, convert at the end */
+    /* bf16/fp16 with 1-, 16- or 32-element groups: reduce the 16-bit magnitude patterns, convert at the end */
     for (int64_t r = 0; r < nr; r++) {
         const uint16_t *row = (const uint16_t *)x + off + r * stride;
         if (B == 16) amax_u16_fixed(row, G, am, 16);
-        else amax_u16_fixed(row, G, am, 32);
+        else if (B == 32) amax_u16_fixed(row, G, am, 32);
+        else amax_u16_fixed(row, G, am, 1);
     }
     for (int64_t g = 0; g < G; g++) {
         if (dt == LB_BF16) { am[g] <<= 16; continue; }
@@ -392,16 +400,7 @@ static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64
     int64_t w = n1 - n0;
     float buf[SEG];
     int odt = p->dequant ? p->out_dtype : LB_F32, direct = p->in_dtype == LB_F32 && odt == LB_F32;
-    for (int64_t j = 0; j < w; j++) am[j] = 0;
-    for (int64_t m = m0; m < m0 + L; m++) {
-        if (p->in_dtype == LB_F32) {
-            const uint32_t *r = (const uint32_t *)x + m * N + n0;
-            for (int64_t j = 0; j < w; j++) { uint32_t a = r[j] & 0x7FFFFFFFu; am[j] = a > am[j] ? a : am[j]; }
-        } else {
-            for (int64_t j = 0; j < w; j++) { uint32_t a = absmax_bits(x, m * N + n0 + j, 1, p->in_dtype);
-                                              am[j] = a > am[j] ? a : am[j]; }
-        }
-    }
+    group_absmax(x, m0 * N + n0, N, L, w, 1, p->in_dtype, am); /* w one-column groups over L rows */
     for (int64_t j = 0; j < w; j += bw) { /* a block's columns share one scale */
         uint32_t b = 0;
         for (int64_t t = j; t < j + bw; t++) b = am[t] > b ? am[t] : b;
