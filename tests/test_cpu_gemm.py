@@ -76,6 +76,9 @@ def test_machine_info_records_the_path():
     info = machine_info()
     assert info["cpu_bf16_gemm"] == cpu_bf16.cpu_gemm_path(torch.bfloat16)
     assert "cpu_flags" in info
+    from lowbit import kernels
+
+    assert info["quant_kernels"] == kernels.which()
 
 
 def test_resume_on_another_path_is_refused_or_warned(fresh, tmp_path, private_cache, caplog):

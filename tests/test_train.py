@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fp32_compute, trainer_with_batch_hook
+from lowbit import kernels
 from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, lr_at, parse_count, train
 from lowbit.train import checkpoint as ckpt_mod
@@ -174,6 +175,7 @@ def test_run_dir_layout_metrics_and_result(corpus, tmp_path):
     assert csv_lines[0].startswith("step,tokens,train_loss,val_loss,lr,grad_norm,tokens_per_s,mfu") and len(csv_lines) == 5
     saved = json.loads((out / "result.json").read_text())
     assert saved["final_val_loss"] == res.final_val_loss == rows[-1]["val_loss"]
+    assert saved["quant_kernels"] == kernels.which()  # which quantizers ran: the compiled ones or eager
     assert res.tokens_per_s > 0 and res.step_time_s > 0 and res.peak_mem_bytes > 0 and res.wall_time_s > 0
     assert res.mfu is not None and 0 < res.mfu < 1
     assert rows[0]["train_loss"] > rows[-1]["train_loss"]  # it learns even in 8 steps

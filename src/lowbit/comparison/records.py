@@ -49,6 +49,9 @@ def machine_info() -> dict:
     flags = cpu_flags()
     info["cpu_flags"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_fp16") if f in flags)
     info["cpu_bf16_gemm"] = cpu_gemm_path(torch.bfloat16)
+    from lowbit import kernels
+
+    info["quant_kernels"] = kernels.which()  # fused CPU kernels or eager PyTorch ops (same numbers)
     try:
         from importlib.metadata import version
 

@@ -84,6 +84,13 @@ def cpu_gemm(recipe: recipes.Recipe, device: torch.device) -> str | None:
     return cpu_gemm_path(torch.bfloat16)
 
 
+def quant_kernels(device: torch.device) -> str:
+    """Which quantizers a run on `device` uses: "cpu" (lowbit's compiled kernels) or "eager" (PyTorch ops)."""
+    from lowbit import kernels
+
+    return kernels.which() if device.type == "cpu" else "eager"
+
+
 def state_dict_hash(model: torch.nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every state_dict entry, in order."""
     h = hashlib.sha256()

@@ -49,6 +49,7 @@ from lowbit.train.runtime import (
     check_budget,
     cpu_gemm,
     make_optimizer,
+    quant_kernels,
     resolve_device,
     say_cpu_peak,
     seed_everything,
@@ -379,7 +380,8 @@ class Trainer:
         result = TrainResult(
             final_train_loss=float(last_row.get("train_loss", float("nan"))), final_val_loss=final_val,
             steps=final_step, tokens=final_step * self.tokens_per_step, tokens_per_s=tps, step_time_s=step_time,
-            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source, cpu_gemm=cpu_gemm(self.recipe, self.device),
+            peak_mem_bytes=self.memory.peak(), peak_mem_source=self.memory.source,
+            cpu_gemm=cpu_gemm(self.recipe, self.device), quant_kernels=quant_kernels(self.device),
             quant_stats={k: v for k, v in last_row.items() if k not in BASE_COLUMNS},
             wall_time_s=time.perf_counter() - self.t_call, diverged_at_step=diverged_at, history=list(history),
             init_hash=self.init_hash, data_hash=self.data_hash, out=str(self.run.path), mfu=self._mfu(tps),
