@@ -30,7 +30,7 @@ from _results import corpus_file, load_avg, write_section  # bench/ is on sys.pa
 
 import torch
 
-from lowbit import flops, recipes
+from lowbit import flops, kernels, recipes
 from lowbit.cpu_bf16 import cpu_gemm_path
 from lowbit.data import prepare_dataset
 from lowbit.models import get_config
@@ -71,6 +71,20 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
     return rows
 
 
+def run_modes(modes, models, names, window, windows, device, workdir: Path, ds):
+    """run() under each LOWBIT_KERNELS mode; the quantized recipes of every mode but the last are labelled
+    "<recipe> [<mode> quantizers]" (fp32/bf16 quantize nothing and run once)."""
+    rows = []
+    for i, mode in enumerate(modes):
+        os.environ["LOWBIT_KERNELS"] = mode.strip()
+        last = i == len(modes) - 1
+        todo = names if last else [n for n in names if n not in ("fp32", "bf16")]
+        for r in run(models, todo, window, windows, device, SHAPES, workdir, ds):
+            rows.append(r if last else {**r, "recipe": f"{r['recipe']} [{mode.strip()} quantizers]"})
+    os.environ.pop("LOWBIT_KERNELS", None)
+    return rows
+
+
 def table(rows, peak_flops: float) -> str:
     ref = {(r["model"], r["recipe"]): r["tokens_per_s"] for r in rows}
     mem = {(r["model"], r["recipe"]): r.get("peak_mib") for r in rows}
@@ -98,6 +112,9 @@ def main(argv=None) -> int:
                    help="run every cell this many times, keep the fastest (a shared machine only slows runs down)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--kernels", default="auto",
+                   help="LOWBIT_KERNELS modes to run the quantized recipes under, e.g. 'eager,auto' for the eager "
+                        "quantizers beside the fused ones in one run (default: auto)")
     p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in {RESULTS.name}")
     args = p.parse_args(argv)
     if args.window < 1 or args.windows < 1:
@@ -114,9 +131,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
         ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
-        passes = [run(models, names, args.window, args.windows, str(device), SHAPES, Path(d), ds)
-                  for _ in range(args.passes)]
+        passes = [run_modes(args.kernels.split(","), models, names, args.window, args.windows, str(device),
+                            Path(d), ds) for _ in range(args.passes)]
     peaks.append(peak(device))
+    os.environ["LOWBIT_KERNELS"] = args.kernels.split(",")[-1].strip()
+    used = kernels.which() if device.type == "cpu" else "eager"
+    os.environ.pop("LOWBIT_KERNELS", None)
     rows = [max(cells, key=lambda c: c["tokens_per_s"]) for cells in zip(*passes)]
     best_peak = max(peaks)
     wall = time.perf_counter() - t0
@@ -142,6 +162,9 @@ def main(argv=None) -> int:
            "its GeMMs, so 'step × bf16' is the cost of the quantization simulation itself. No FP4/FP8 hardware "
            "speed-up is possible here. Peak memory: the run's resident-set high-water mark (CPU; reset per run "
            "where Linux allows) or CUDA's peak allocation."),
+        f"Quantizers (LOWBIT_KERNELS): {', '.join(args.kernels.split(','))}; rows without a label used the last "
+        f"mode ({used} here: 'cpu' is lowbit's fused CPU kernels, 'eager' its PyTorch ops; the numbers "
+        "are bit for bit the same).",
         "", table(rows, best_peak), "",
     ])
     print(text)
