@@ -174,3 +174,52 @@ def test_cpu_peak_is_the_gemm_path_the_run_takes(monkeypatch, path, want):
     assert flops.peak_flops("cpu", torch.bfloat16) == 1e9 and seen == [want]
     assert flops.peak_flops("cpu", torch.float32) == 1e9 and seen[-1] == torch.float32
     assert flops.peak_flops("cpu") == 1e9 and seen[-1] == torch.float32
+
+
+@pytest.mark.parametrize(
+    "name, fmt, want",  # dense = half the datasheets' "with sparsity" figures
+    [
+        ("NVIDIA H100 80GB HBM3", "fp8", 1979e12),  # 3,958 TFLOPS FP8 with sparsity
+        ("NVIDIA H100 PCIe", "fp8", 1513e12),
+        ("NVIDIA H200", "fp8", 1979e12),
+        ("NVIDIA GeForce RTX 4090", "fp8", 330e12),  # Ada whitepaper: 330.3 dense, FP32 accumulate
+        ("NVIDIA L40S", "fp8", 733e12),
+        ("NVIDIA B200", "fp8", 4500e12),
+        ("NVIDIA B200", "fp4", 9000e12),
+        ("NVIDIA GB200", "fp4", 10000e12),
+        ("AMD Instinct MI300X", "fp8", 2615e12),
+        ("NVIDIA A100-SXM4-80GB", "fp8", None),  # no FP8 tensor cores
+        ("NVIDIA H100 80GB HBM3", "fp4", None),  # no FP4 tensor cores before Blackwell
+        ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ],
+)
+def test_gpu_peak_table_per_format(name, fmt, want):
+    assert flops.gpu_peak_flops(name, fmt) == want
+
+
+def test_peak_flops_per_format(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match="no fp8 tensor cores"):
+        flops.peak_flops("cuda", fmt="fp8")
+    monkeypatch.setattr(flops, "measure_cpu_fp8_flops", lambda: 7e9)
+    assert flops.peak_flops("cpu", torch.bfloat16, "fp8") == 7e9  # gemm = "hardware" on a CPU: _scaled_mm's
+    with pytest.raises(ValueError, match="no FP4 GeMM runs on a CPU"):
+        flops.peak_flops("cpu", fmt="fp4")
+    with pytest.raises(ValueError, match="unknown GeMM format"):
+        flops.gpu_peak_flops("H100", "fp6")
+
+
+def test_measured_cpu_fp8_peak():
+    a = flops.measure_cpu_fp8_flops(n=256, repeats=2)
+    assert 1e7 < a < 1e14
+
+
+def test_flops_cli_gpu_peak(capsys):
+    from lowbit.cli import main
+
+    assert main(["flops", "--model", "tiny", "--gpu", "H100", "--format", "fp8"]) == 0
+    assert "on H100 (fp8 GeMMs) (peak 1.98 PFLOP/s)" in capsys.readouterr().out
+    assert main(["flops", "--model", "tiny", "--gpu", "A100", "--format", "fp8"]) != 0
+    assert "no fp8 peak known for GPU 'A100'" in capsys.readouterr().err
+    assert main(["flops", "--model", "tiny", "--gpu", "H100", "--peak", "5"]) != 0
+    assert "not both" in capsys.readouterr().err

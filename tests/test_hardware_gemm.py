@@ -82,12 +82,19 @@ def test_name_at_mode_selects_the_gemm():
         recipes.get("nvfp4@hardware")
 
 
-def test_trains_through_the_trainer(tmp_path):
+def test_trains_through_the_trainer(tmp_path, monkeypatch):
     from conftest import write_corpus
+    from lowbit import flops
+    from lowbit.models import get_config
     from lowbit.train import TrainConfig, train
 
+    # MFU of a hardware run is taken against the FP8 GeMM's peak, not bf16's (bug caught: the bf16 peak kept)
+    monkeypatch.setattr(flops, "measure_cpu_fp8_flops", lambda: 3e9)
+    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", lambda dtype=torch.float32: 5e9)
     corpus = write_corpus(tmp_path, "kings")
     res = train(TrainConfig(model="llama-nano", recipe="fp8-rowwise@hardware", data=str(corpus),
                             tokenizer="bytes", tokens=3 * 4 * 32, batch_size=4, seq_len=32, device="cpu",
                             eval_batches=1, out=str(tmp_path / "run")), progress=False)
     assert res.final_val_loss == res.final_val_loss and HardwareLinearFunction is not None
+    fpt = flops.flops_per_token(get_config("llama-nano", vocab_size=257), 32)["train"]
+    assert res.mfu == pytest.approx(res.tokens_per_s * fpt / 3e9, rel=1e-9)

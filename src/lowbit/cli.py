@@ -256,6 +256,10 @@ def _add_flops(sub) -> None:
     p.add_argument("--mfu", type=float, default=0.4, help="utilisation for the time estimate, a fraction (default: 0.4)")
     p.add_argument("--peak", type=float, default=None, metavar="TFLOPS",
                    help="device peak in TFLOP/s (e.g. 989 for an H100 SXM in BF16): adds tokens/s and time at --mfu")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="take the peak from lowbit's datasheet table for this GPU (e.g. H100, B200) instead of --peak")
+    p.add_argument("--format", default="bf16", choices=("bf16", "fp8", "fp4"),
+                   help="GeMM format of that peak: bf16, or fp8/fp4 for real low-precision GeMMs (default: bf16)")
     p.add_argument("--vocab-size", type=_positive_int, default=None, help="override the preset's vocabulary size")
     p.set_defaults(func=commands.cmd_flops)
 

@@ -140,7 +140,16 @@ def cmd_flops(args) -> int:
     peak = None if args.peak is None else args.peak * 1e12
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         raise ValueError(f"--peak must be a positive number of TFLOP/s, got {args.peak}")
-    print(flops.format_report(config, seq_len=args.seq, mfu=args.mfu, peak=peak, name=args.model))
+    device = None
+    if args.gpu is not None:
+        if peak is not None:
+            raise ValueError("give --peak or --gpu, not both")
+        peak, device = flops.gpu_peak_flops(args.gpu, args.format), f"{args.gpu} ({args.format} GeMMs)"
+        if peak is None:
+            known = ", ".join(k for k, _ in flops.PEAK_FORMATS[args.format])
+            raise ValueError(f"no {args.format} peak known for GPU {args.gpu!r}; known: {known} (or give --peak)")
+    print(flops.format_report(config, seq_len=args.seq, mfu=args.mfu, peak=peak, name=args.model,
+                              device_name=device))
     return 0
 
 

@@ -52,6 +52,33 @@ GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+# Dense FP8 (E4M3/E5M2, FP32 accumulate) and FP4 tensor-core peaks, FLOP/s, from the same datasheets (NVIDIA's
+# H100/H200/L40S/L4/RTX 6000 Ada product briefs, the Ada whitepaper for the RTX 4090, NVIDIA's HGX/GB200 NVL72
+# specifications for Blackwell, AMD's MI300X datasheet): half the "with sparsity" figures. GPUs without FP8
+# (FP4) tensor cores are absent. Matched like GPU_PEAK_BF16_FLOPS.
+GPU_PEAK_FP8_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 5000e12),
+    ("B200", 4500e12),
+    ("H100 PCIe", 1513e12),
+    ("H100 NVL", 1671e12),
+    ("H200 NVL", 1671e12),
+    ("H100", 1979e12),
+    ("H200", 1979e12),
+    ("H800", 1979e12),
+    ("L40S", 733e12),
+    ("L40", 362e12),
+    ("L4", 242e12),
+    ("RTX 6000 Ada", 728e12),
+    ("RTX 4090", 330e12),
+    ("MI300X", 2615e12),
+)
+GPU_PEAK_FP4_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 10000e12),
+    ("B200", 9000e12),
+)
+PEAK_FORMATS = {"bf16": GPU_PEAK_BF16_FLOPS, "fp8": GPU_PEAK_FP8_FLOPS, "fp4": GPU_PEAK_FP4_FLOPS}
+
+
 def count_params(config) -> dict[str, int]:
     """Analytic parameter count of the model `build_model(config)` builds.
 
@@ -136,12 +163,35 @@ def kv_cache_bytes_context(config, seq_len: int | None = None, batch_size: int =
     return kv_cache_bytes(config, dtype_bytes) * T * batch_size
 
 
-def gpu_peak_flops(name: str) -> float | None:
-    """Dense BF16 peak FLOP/s for a GPU name (as torch.cuda.get_device_name gives it), None if unknown."""
-    for key, flops in GPU_PEAK_BF16_FLOPS:
+def gpu_peak_flops(name: str, fmt: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of a GPU (a name as torch.cuda.get_device_name gives it) for GeMMs in `fmt` ("bf16",
+    "fp8", "fp4"); None if unknown or the GPU has no such tensor cores."""
+    if fmt not in PEAK_FORMATS:
+        raise ValueError(f"unknown GeMM format {fmt!r} for a peak; choose one of {', '.join(PEAK_FORMATS)}")
+    for key, flops in PEAK_FORMATS[fmt]:
         if key.lower() in name.lower():
             return flops
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_fp8_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured throughput of torch._scaled_mm on FP8 E4M3 operands (tensorwise scales, bf16 out) on this CPU,
+    FLOP/s, best of `repeats` n×n×n products after two warm-ups: the peak of gemm = "hardware" on a CPU."""
+    a = torch.randn(n, n).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants its second operand
+    one = torch.ones((), dtype=torch.float32)
+
+    def mm():
+        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    mm()
+    mm()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,23 +220,27 @@ def cpu_peak_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return dtype if low and cpu_gemm_path(dtype) == "native" else torch.float32
 
 
-def peak_flops(device: str | torch.device, dtype: torch.dtype | None = None) -> float:
-    """Peak FLOP/s to compute MFU against on `device`, for GeMMs in `dtype` (the compute dtype).
+def peak_flops(device: str | torch.device, dtype: torch.dtype | None = None, fmt: str = "bf16") -> float:
+    """Peak FLOP/s to compute MFU against on `device`, for GeMMs in `dtype` (the compute dtype), or, with
+    fmt="fp8"/"fp4", for real low-precision GeMMs (gemm = "hardware").
 
-    CUDA/ROCm: the dense BF16 tensor-core peak of the GPU from GPU_PEAK_BF16_FLOPS;
-    CPU: the measured matmul throughput of the GeMM path `dtype` takes (cpu_peak_dtype: native bf16 where the
-    CPU has bf16 units, else fp32), so MFU compares like with like. Raises ValueError for a GPU not in the table
-    or another device type (pass the peak explicitly then)."""
+    CUDA/ROCm: the dense tensor-core peak of the GPU for `fmt` from PEAK_FORMATS' tables;
+    CPU: the measured throughput of the GeMM path taken (fp8: torch._scaled_mm; else cpu_peak_dtype: native bf16
+    where the CPU has bf16 units, else fp32), so MFU compares like with like. Raises ValueError for a GPU not
+    in the table or another device type (pass the peak explicitly then)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return measure_cpu_matmul_flops(dtype=cpu_peak_dtype(dtype))
+        if fmt == "fp4":
+            raise ValueError("no FP4 GeMM runs on a CPU; fp4 peaks exist for Blackwell GPUs only")
+        return measure_cpu_fp8_flops() if fmt == "fp8" else measure_cpu_matmul_flops(dtype=cpu_peak_dtype(dtype))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        flops = gpu_peak_flops(name)
+        flops = gpu_peak_flops(name, fmt)
         if flops is None:
+            table = {"bf16": "GPU_PEAK_BF16_FLOPS", "fp8": "GPU_PEAK_FP8_FLOPS", "fp4": "GPU_PEAK_FP4_FLOPS"}[fmt]
             raise ValueError(
-                f"unknown peak FLOP/s for GPU {name!r}; add it to lowbit.flops.GPU_PEAK_BF16_FLOPS "
-                "or pass the peak explicitly"
+                f"unknown {fmt} peak FLOP/s for GPU {name!r} (or it has no {fmt} tensor cores); add it to "
+                f"lowbit.flops.{table} or pass the peak explicitly"
             )
         return flops
     raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass the peak explicitly")

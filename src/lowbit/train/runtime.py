@@ -48,10 +48,10 @@ def autocast(recipe: recipes.Recipe, device: torch.device):
 
 
 @functools.lru_cache(maxsize=None)
-def say_cpu_peak(dtype: torch.dtype) -> None:
-    """Log, once per process and dtype, which peak CPU MFU is measured against."""
+def say_cpu_peak(path: "torch.dtype | str") -> None:
+    """Log which peak CPU MFU is measured against (a matmul dtype, or a GeMM path's name)."""
     logging.getLogger("lowbit.train").info("MFU is measured against this CPU's %s matmul peak",
-                                           str(dtype).removeprefix("torch."))
+                                           str(path).removeprefix("torch."))
 
 
 MAX_PASSES = 1000  # more passes over the training split than this is a typo in --tokens, not a plan

@@ -210,9 +210,10 @@ class Trainer:
         self.fpt = flops_mod.flops_per_token(self.model.config, cfg.seq_len)["train"]
         try:
             dtype = torch.bfloat16 if self.recipe.compute_dtype == "bf16" else torch.float32
-            self.peak_flops = flops_mod.peak_flops(self.device, dtype) * self.di.world_size  # over all devices
+            fmt = "fp8" if self.recipe.gemm == "hardware" else "bf16"  # real FP8 GeMMs: the FP8 peak
+            self.peak_flops = flops_mod.peak_flops(self.device, dtype, fmt) * self.di.world_size  # all devices
             if self.device.type == "cpu":
-                say_cpu_peak(flops_mod.cpu_peak_dtype(dtype))
+                say_cpu_peak("fp8 _scaled_mm" if fmt == "fp8" else flops_mod.cpu_peak_dtype(dtype))
         except ValueError as e:
             self.peak_flops = None
             log.info("MFU not reported: %s", e)
