@@ -244,3 +244,52 @@ def test_threads_do_not_change_results(monkeypatch, fmt, gran):
     finally:
         torch.set_num_threads(n)
     assert bits_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("q", [T("e4m3", "tensor"), T("e2m1", "row"), T("e2m1", "tile", 8, "e4m3"),
+                               T("e5m2", "tensor", scale_mult=0.5)], ids=qid)
+@pytest.mark.parametrize("view", ["contiguous", "transposed", "every 3rd row"])
+def test_operand_stats_match_the_eager_statistics(monkeypatch, q, dtype, view):
+    """The one-pass statistics against lowbit.nn.stats.operand_stats: counts (nonfinite, underflow,
+    saturated) exactly; rel_err and sqnr_db to 1e-5 relative (double vs fp32 sums: the summation order and
+    precision differ, nothing else). Saturation shows with scale_mult 0.5 (values beyond max)."""
+    from lowbit.formats import get_format
+    from lowbit.nn.stats import operand_stats
+
+    b = nasty((24, 32), dtype, seed=9).masked_fill(torch.rand(24, 32, generator=torch.Generator().manual_seed(2))
+                                                  < 0.3, 1e-30)  # values that underflow
+    # no finite |value| whose square overflows fp32 (1e30 in nasty()): there the eager fp32 norms give inf/inf =
+    # NaN and the double sums a finite rel_err
+    b = torch.where(b.float().abs() > 1e15, b.float().sign() * 1e15, b.float()).to(dtype).masked_fill(b.isinf(), math.inf)
+    if q.scale_mult != 1:  # finite, so the tensor scale is too and values past max saturate
+        b = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+    t = b.t().contiguous().t() if view == "transposed" else b
+    k = 3 if view == "every 3rd row" else 1
+    tq, scales = fake_quantize_with_scales(t, q)
+    got = K.operand_stats(t, tq, q, get_format(q.fmt).max, scales, k)
+    ss = scales if q.granularity == "tensor" or k == 1 else scales[::k]
+    from lowbit.quant import divide_by_scales
+    ts, tqs = t[::k], tq[::k]
+    ref = operand_stats(ts, tqs.clone(), q, divide_by_scales(ts, q, ss), scales)
+    for name in ("nonfinite", "underflow", "saturated", "amax"):
+        assert bits_equal(got[name], ref[name].float()), name
+    for name in ("rel_err", "sqnr_db"):
+        torch.testing.assert_close(got[name], ref[name].float(), rtol=1e-5, atol=0, equal_nan=True)
+    if q.scale_mult == 0.5 and k == 1:
+        assert got["saturated"] > 0
+
+
+def test_operand_stats_finite_values():
+    """Without specials the error statistics are finite numbers (the NaN-filled cases above compare NaN)."""
+    from lowbit.formats import get_format
+    from lowbit.nn.stats import operand_stats
+    from lowbit.quant import divide_by_scales
+
+    q = T("e2m1", "row")
+    t = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    tq, scales = fake_quantize_with_scales(t, q)
+    got = K.operand_stats(t, tq, q, get_format("e2m1").max, scales, 1)
+    ref = operand_stats(t, tq.clone(), q, divide_by_scales(t, q, scales), scales)
+    assert 0 < float(got["rel_err"]) < 1
+    torch.testing.assert_close(got["rel_err"], ref["rel_err"], rtol=1e-5, atol=0)

@@ -170,3 +170,27 @@ def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Fo
     _check(_lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p),
                                   scales.data_ptr()))
     return scales
+
+
+def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float, scales: torch.Tensor, k: int):
+    """lowbit.nn.stats.operand_stats' element-wise statistics of rows 0, k, 2k, ... of t and tq (2-D, any
+    strides) in one pass, scales in absmax_scale's shape for t (granularity tensor, row or tile); None where
+    the kernel does not apply. Returns 0-d fp32 tensors; their sums differ from the eager ones only by
+    summation order (double accumulation here)."""
+    if (t.device.type != "cpu" or t.dim() != 2 or t.dtype not in _DTYPES or tq.dtype not in _DTYPES
+            or q.granularity == "block" or torch.compiler.is_compiling() or _lib() is None or not t.numel()):
+        return None
+    R, C = t.shape
+    sc = scales.float().contiguous()
+    ss, B = (0, C) if q.granularity == "tensor" else ((1, C) if q.granularity == "row" else (C // q.block, q.block))
+    out = (ctypes.c_double * 8)()
+    thr = float(torch.tensor(fmax * (1 + 2 ** -20), dtype=torch.float32))  # the eager comparison's fp32 threshold
+    _lib().lb_operand_stats(t.data_ptr(), _DTYPES[t.dtype], t.stride(0), t.stride(1), tq.data_ptr(),
+                            _DTYPES[tq.dtype], tq.stride(0), tq.stride(1), R, C, k, sc.data_ptr(), ss, B, thr,
+                            torch.get_num_threads(), out)
+    n, nonfin, amax, nz, under, t2, e2, sat = list(out)
+    norm = math.sqrt(t2)
+    err = math.sqrt(e2) / norm if norm > 0 else math.sqrt(e2)
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    return {"nonfinite": f(nonfin / n), "amax": f(amax), "underflow": f(under / max(nz, 1.0)),
+            "saturated": f(sat / n), "rel_err": f(err), "sqnr_db": f(-20 * math.log10(max(err, 1e-30)))}

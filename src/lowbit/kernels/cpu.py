@@ -89,6 +89,9 @@ def _load(path: Path):
     lib.lb_absmax.restype = f32
     lib.lb_quant_scalar.argtypes = [vp, vp, p64, f32, f32, i32, P]
     lib.lb_quant_scalar.restype = None
+    lib.lb_operand_stats.argtypes = [vp, i32, p64, p64, vp, i32, p64, p64, p64, p64, p64, vp, p64, p64, f32, i32,
+                                     ctypes.POINTER(ctypes.c_double)]
+    lib.lb_operand_stats.restype = None
     for f in (lib.lb_quant_groups, lib.lb_quant_cols):
         f.argtypes = [vp, vp, p64, p64, p64, p64, P, vp]
         f.restype = i32

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.nn.spec import scaled_and_scales_2d
 from lowbit.quant import divide_by_scales
@@ -50,17 +51,22 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, scaled: tor
     under = torch.count_nonzero((t != 0) & (tq == 0)).float() / n_nz
     err = torch.linalg.vector_norm(tq.sub_(t))
     err = err / torch.where(norm > 0, norm, torch.ones_like(norm))
-    ls = torch.log2(scales.float().flatten())
-    ls = ls[torch.isfinite(ls)]
-    if ls.numel() == 0:
-        ls = torch.full((1,), math.nan, device=t.device)
     # beyond max by more than the rounding of x / s (the group's absmax itself lands within 2^-22 of max)
     sat = torch.count_nonzero(scaled.abs_() > get_format(q.fmt).max * (1 + 2 ** -20)).float() / n
     return {"nonfinite": torch.count_nonzero(torch.isnan(t * 0)).float() / n,  # inf·0 and NaN·0 are NaN
             "amax": torch.maximum(t.amax(), -t.amin()).float() if t.numel() else torch.zeros(()),
             "underflow": under,
             "saturated": sat, "rel_err": err, "sqnr_db": -20 * torch.log10(err.clamp_min(1e-30)),
-            "scale_log2_min": ls.min(), "scale_log2_mean": ls.mean(), "scale_log2_max": ls.max()}
+            **scale_stats(scales)}
+
+
+def scale_stats(scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """min / mean / max of log2 of the finite decode scales (NaN when none is finite), 0-d fp32 tensors."""
+    ls = torch.log2(scales.float().flatten())
+    ls = ls[torch.isfinite(ls)]
+    if ls.numel() == 0:
+        ls = torch.full((1,), math.nan, device=scales.device)
+    return {"scale_log2_min": ls.min(), "scale_log2_mean": ls.mean(), "scale_log2_max": ls.max()}
 
 
 # the model-wide metrics: (metric, gemm, operand, statistic), from the GeMM that quantizes the operand first
@@ -129,6 +135,10 @@ def record_operand(observer: LayerStats, gemm: str, op: str, t: torch.Tensor, tq
     extra cost small."""
     k = max(1, t.numel() // SAMPLE_ELEMS) if t.dim() == 2 else 1
     if scales is not None and q.granularity != "block":  # scales per row (or one): sample rows and their scales
+        fused = kernels.operand_stats(t, tq, q, get_format(q.fmt).max, scales, k)  # one pass on CPU
+        if fused is not None:
+            observer.record(gemm, op, {**fused, **scale_stats(scales)})
+            return
         ts, tqs = (t[::k], tq[::k]) if k > 1 else (t, tq)
         ss = scales if q.granularity == "tensor" or k == 1 else scales[::k]
         observer.record(gemm, op, operand_stats(ts, tqs, q, divide_by_scales(ts, q, ss), scales))
