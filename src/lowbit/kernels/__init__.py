@@ -194,3 +194,19 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
     f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     return {"nonfinite": f(nonfin / n), "amax": f(amax), "underflow": f(under / max(nz, 1.0)),
             "saturated": f(sat / n), "rel_err": f(err), "sqnr_db": f(-20 * math.log10(max(err, 1e-30)))}
+
+
+def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int):
+    """lowbit.estimators.occ_clamp_rows' (xc, residual, lo [M, 1], hi [M, 1]) for a contiguous CPU x [M, K] in
+    one pass (per-row order statistics by quickselect, clamp, residual); None where the kernel does not apply.
+    The same values; only the sign of a zero bound or clamped zero may differ (torch's own vectorised and
+    scalar maximum disagree there too), which no quantizer sees (zeros quantize to +0)."""
+    if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or not x.is_contiguous()
+            or torch.compiler.is_compiling() or _lib() is None):
+        return None
+    M, K = x.shape
+    xc, res = torch.empty_like(x), torch.empty_like(x)
+    lo, hi = torch.empty((M, 1), dtype=x.dtype), torch.empty((M, 1), dtype=x.dtype)
+    _check(_lib().lb_occ_rows(x.data_ptr(), _DTYPES[x.dtype], M, K, i_lo, i_hi, xc.data_ptr(), res.data_ptr(),
+                              lo.data_ptr(), hi.data_ptr(), torch.get_num_threads()))
+    return xc, res, lo, hi

@@ -493,3 +493,79 @@ void lb_operand_stats(const void *t, int32_t tdt, int64_t ts0, int64_t ts1, cons
     out[0] = n; out[1] = nonfin; out[2] = bits_value(am); out[3] = nz; out[4] = under; out[5] = t2; out[6] = e2;
     out[7] = sat;
 }
+
+/* --- OCC per token (estimators.occ_clamp_rows): order statistics, clamp and residual in one pass ---- */
+
+/* A total order on floats as unsigned keys: -0 and +0 equal, NaN (either sign) above +inf, as torch.sort and
+ * torch.topk order them. */
+static inline uint32_t sort_key(float f) {
+    uint32_t u = f2u(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFFFFFu;
+    if ((u & 0x7FFFFFFFu) == 0) return 0x80000000u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline float key_value(uint32_t k) {
+    if (k == 0xFFFFFFFFu) return NAN;
+    return u2f((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+/* The i-th smallest of a[0..n) (0-based), reordering a (Hoare quickselect, median of three: deterministic). */
+static uint32_t select_kth(uint32_t *a, int64_t n, int64_t i) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        int64_t mid = lo + (hi - lo) / 2;
+        uint32_t x = a[lo], y = a[mid], z = a[hi];
+        uint32_t pv = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t l = lo, r = hi;
+        while (l <= r) {
+            while (a[l] < pv) l++;
+            while (a[r] > pv) r--;
+            if (l <= r) { uint32_t t = a[l]; a[l] = a[r]; a[r] = t; l++; r--; }
+        }
+        if (i <= r) hi = r;
+        else if (i >= l) lo = l;
+        else return a[i];
+    }
+    return a[i];
+}
+
+/* x [M, K] (dtype dt, contiguous): per row lo = sorted[i_lo], hi = sorted[i_hi]; xc = min(max(x, lo), hi)
+ * (NaN stays NaN), res = x − xc rounded to dt; lo, hi [M] in dt. Returns nonzero if scratch failed. */
+int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, int64_t i_hi, void *xc, void *res,
+                void *lo_out, void *hi_out, int32_t nthreads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) if (M * K > (1 << 15)) reduction(|:failed)
+    {
+        uint32_t *keys = malloc((size_t)K * sizeof(uint32_t));
+        float *row = malloc((size_t)K * sizeof(float));
+        failed |= keys == NULL || row == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            if (!keys || !row) continue;
+            load_f32(row, x, m * K, K, dt);
+            for (int64_t j = 0; j < K; j++) keys[j] = sort_key(row[j]);
+            float lo = key_value(select_kth(keys, K, i_lo)), hi = key_value(select_kth(keys, K, i_hi));
+            float buf[SEG], rb[SEG];
+            for (int64_t j0 = 0; j0 < K; j0 += SEG) {
+                int64_t n = K - j0 < SEG ? K - j0 : SEG;
+                for (int64_t j = 0; j < n; j++) {
+                    float v = row[j0 + j];
+                    /* torch.maximum/minimum: NaN in either operand wins (a NaN lo implies a NaN hi: NaN
+                     * sorts last) */
+                    float c = v < lo ? lo : v;
+                    c = isnan(hi) || c > hi ? hi : c;
+                    buf[j] = c;
+                    rb[j] = v - c;
+                }
+                store_f32(xc, m * K + j0, buf, n, dt);
+                store_f32(res, m * K + j0, rb, n, dt);
+            }
+            store_f32(lo_out, m, &lo, 1, dt);
+            store_f32(hi_out, m, &hi, 1, dt);
+        }
+        free(keys);
+        free(row);
+    }
+    return failed;
+}
