@@ -300,7 +300,7 @@ def _zero_sign_free(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha", [0.99, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("alpha", [0.99, 0.9, 0.999, 1.0, 0.7])  # 0.7, K=256: tails over 64, quickselect
 @pytest.mark.parametrize("K", [1, 3, 37, 256])
 def test_occ_rows_match_the_eager_clamp(monkeypatch, dtype, alpha, K):
     """Per-token OCC (order statistics, clamp, residual) against estimators.occ_clamp_rows run eager: NaN rows
@@ -317,3 +317,19 @@ def test_occ_rows_match_the_eager_clamp(monkeypatch, dtype, alpha, K):
     for r, g in zip(ref, got):
         assert r.shape == g.shape and r.dtype == g.dtype
         assert bits_equal(_zero_sign_free(r), _zero_sign_free(g))
+
+
+def test_occ_rows_quickselect_on_many_shapes(monkeypatch):
+    """Tails over 64 entries take the quickselect path: random widths, alphas and heavy ties (values from a
+    handful of integers), against the eager topk."""
+    from lowbit.estimators import occ_clamp_rows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        K = int(torch.randint(130, 400, (1,), generator=g))
+        alpha = [0.55, 0.6, 0.7][int(torch.randint(0, 3, (1,), generator=g))]
+        x = torch.randint(-4, 5, (16, K), generator=g).float() * torch.rand(16, 1, generator=g)
+        x[::2] += torch.randn(8, K, generator=g)  # half the rows without ties
+        ref, got = both(monkeypatch, lambda x=x, alpha=alpha: occ_clamp_rows(x, alpha))
+        for r, k in zip(ref, got):
+            assert bits_equal(_zero_sign_free(r), _zero_sign_free(k)), (K, alpha)

@@ -499,10 +499,10 @@ void lb_operand_stats(const void *t, int32_t tdt, int64_t ts0, int64_t ts1, cons
 /* A total order on floats as unsigned keys: -0 and +0 equal, NaN (either sign) above +inf, as torch.sort and
  * torch.topk order them. */
 static inline uint32_t sort_key(float f) {
-    uint32_t u = f2u(f);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFFFFFu;
-    if ((u & 0x7FFFFFFFu) == 0) return 0x80000000u;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    uint32_t u = f2u(f), a = u & 0x7FFFFFFFu;
+    uint32_t k = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    k = a == 0 ? 0x80000000u : k;
+    return a > 0x7F800000u ? 0xFFFFFFFFu : k;
 }
 
 static inline float key_value(uint32_t k) {
@@ -530,6 +530,23 @@ static uint32_t select_kth(uint32_t *a, int64_t n, int64_t i) {
     return a[i];
 }
 
+/* The m-th smallest (largest: of the complements) key of a[0..n) in one pass keeping the m smallest in a
+ * sorted buffer (m <= 64): most elements cost one comparison against the buffer's top. */
+static uint32_t tail_kth(const uint32_t *a, int64_t n, int64_t m, int largest) {
+    uint32_t buf[64];
+    int64_t cnt = 0;
+    uint32_t top = 0xFFFFFFFFu; /* the buffer's largest once full */
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k = largest ? ~a[j] : a[j];
+        if (cnt == m && k >= top) continue;
+        int64_t i = cnt < m ? cnt++ : m - 1; /* full: the largest drops out */
+        while (i > 0 && buf[i - 1] > k) { buf[i] = buf[i - 1]; i--; }
+        buf[i] = k;
+        if (cnt == m) top = buf[m - 1];
+    }
+    return largest ? ~buf[m - 1] : buf[m - 1];
+}
+
 /* x [M, K] (dtype dt, contiguous): per row lo = sorted[i_lo], hi = sorted[i_hi]; xc = min(max(x, lo), hi)
  * (NaN stays NaN), res = x − xc rounded to dt; lo, hi [M] in dt. Returns nonzero if scratch failed. */
 int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, int64_t i_hi, void *xc, void *res,
@@ -545,16 +562,22 @@ int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, i
             if (!keys || !row) continue;
             load_f32(row, x, m * K, K, dt);
             for (int64_t j = 0; j < K; j++) keys[j] = sort_key(row[j]);
-            float lo = key_value(select_kth(keys, K, i_lo)), hi = key_value(select_kth(keys, K, i_hi));
+            int64_t m_lo = i_lo + 1, m_hi = K - i_hi;
+            uint32_t klo = m_lo <= 64 ? tail_kth(keys, K, m_lo, 0) : select_kth(keys, K, i_lo);
+            uint32_t khi = m_hi <= 64 ? tail_kth(keys, K, m_hi, 1) : select_kth(keys, K, i_hi);
+            float lo = key_value(klo), hi = key_value(khi);
+            /* torch.maximum/minimum: NaN in either operand wins; a NaN lo implies a NaN hi (NaN sorts last),
+             * and a NaN hi makes every entry NaN */
+            const int nanhi = isnan(hi);
+            const float top = nanhi ? INFINITY : hi;
             float buf[SEG], rb[SEG];
             for (int64_t j0 = 0; j0 < K; j0 += SEG) {
                 int64_t n = K - j0 < SEG ? K - j0 : SEG;
                 for (int64_t j = 0; j < n; j++) {
                     float v = row[j0 + j];
-                    /* torch.maximum/minimum: NaN in either operand wins (a NaN lo implies a NaN hi: NaN
-                     * sorts last) */
                     float c = v < lo ? lo : v;
-                    c = isnan(hi) || c > hi ? hi : c;
+                    c = c > top ? top : c;
+                    c = nanhi ? NAN : c;
                     buf[j] = c;
                     rb[j] = v - c;
                 }
