@@ -333,3 +333,41 @@ def test_occ_rows_quickselect_on_many_shapes(monkeypatch):
         ref, got = both(monkeypatch, lambda x=x, alpha=alpha: occ_clamp_rows(x, alpha))
         for r, k in zip(ref, got):
             assert bits_equal(_zero_sign_free(r), _zero_sign_free(k)), (K, alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_to_csr_is_to_sparse_csr(dtype):
+    x = nasty((12, 40), dtype, seed=5)
+    x[x.float().abs() > 1] = 0.0  # mostly zeros, ±0 among them
+    x[1, 3], x[2, 4] = -0.0, math.nan
+    got = K.dense_to_csr(x, 1.0)
+    ref = x.float().to_sparse_csr()
+    assert torch.equal(got.crow_indices(), ref.crow_indices()) and torch.equal(got.col_indices(), ref.col_indices())
+    assert bits_equal(got.values(), ref.values()) and got.shape == ref.shape
+    assert K.dense_to_csr(torch.ones(4, 4, dtype=dtype), 0.25) is False  # too dense: the caller goes dense
+
+
+RECIPES = ["fp8-tensor", "fp8-tensor-delayed", "fp8-block", "fp8-rowwise", "mxfp8", "fp4-direct", "fp4-paper",
+           "fp4-paper-allfp4", "mxfp4", "nvfp4", "nvfp4-4over6", "quartet"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_layer_step_is_the_same_with_and_without_kernels(monkeypatch, name):
+    """A QLinear forward and backward (bf16 autocast, two calls: delayed scaling's history, the layer's random
+    streams) gives the same Y, dX, dW, db bit for bit with the compiled kernels and with the eager code."""
+    from lowbit.nn import QLinear
+
+    def step():
+        torch.manual_seed(0)
+        q = QLinear.from_linear(torch.nn.Linear(64, 96), name)
+        x = torch.randn(48, 64, requires_grad=True)
+        g = torch.randn(48, 96)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = q(x)
+            y.float().backward(g)
+        return y.detach(), x.grad, q.weight.grad, q.bias.grad
+
+    ref, got = both(monkeypatch, step)
+    for r, k in zip(ref, got):
+        assert bits_equal(r, k)

@@ -210,3 +210,21 @@ def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int):
     _check(_lib().lb_occ_rows(x.data_ptr(), _DTYPES[x.dtype], M, K, i_lo, i_hi, xc.data_ptr(), res.data_ptr(),
                               lo.data_ptr(), hi.data_ptr(), torch.get_num_threads()))
     return xc, res, lo, hi
+
+
+def dense_to_csr(x: torch.Tensor, max_density: float):
+    """x [M, K] (contiguous CPU) as an fp32 sparse CSR tensor of its nonzeros (what x.float().to_sparse_csr()
+    gives: same pattern, NaN kept, ±0 dropped, int64 indices), or False when more than max_density of it is
+    nonzero; None where the kernel does not apply."""
+    if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or not x.is_contiguous()
+            or torch.compiler.is_compiling() or _lib() is None):
+        return None
+    M, K = x.shape
+    crow = torch.empty(M + 1, dtype=torch.int64)
+    nnz = _lib().lb_csr_count(x.data_ptr(), _DTYPES[x.dtype], M, K, crow.data_ptr(), torch.get_num_threads())
+    if nnz > max_density * x.numel():
+        return False
+    col, val = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=torch.float32)
+    _lib().lb_csr_fill(x.data_ptr(), _DTYPES[x.dtype], M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
+                       torch.get_num_threads())
+    return torch.sparse_csr_tensor(crow, col, val, (M, K))

@@ -92,6 +92,10 @@ def _load(path: Path):
     lib.lb_operand_stats.argtypes = [vp, i32, p64, p64, vp, i32, p64, p64, p64, p64, p64, vp, p64, p64, f32, i32,
                                      ctypes.POINTER(ctypes.c_double)]
     lib.lb_operand_stats.restype = None
+    lib.lb_csr_count.argtypes = [vp, i32, p64, p64, vp, i32]
+    lib.lb_csr_count.restype = p64
+    lib.lb_csr_fill.argtypes = [vp, i32, p64, p64, vp, vp, vp, i32]
+    lib.lb_csr_fill.restype = None
     lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, i32]
     lib.lb_occ_rows.restype = i32
     for f in (lib.lb_quant_groups, lib.lb_quant_cols):

@@ -592,3 +592,37 @@ int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, i
     }
     return failed;
 }
+
+/* --- a dense matrix's nonzeros as CSR (OCC's sparse residual) ----------------------------------- */
+
+/* crow[m + 1] = the nonzeros (NaN included, ±0 not) of rows 0..m of x [M, K]; returns their total. */
+int64_t lb_csr_count(const void *x, int32_t dt, int64_t M, int64_t K, int64_t *crow, int32_t nthreads) {
+    crow[0] = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+        int64_t c = 0;
+        if (dt == LB_F32) {
+            const uint32_t *r = (const uint32_t *)x + m * K;
+            for (int64_t j = 0; j < K; j++) c += (r[j] & 0x7FFFFFFFu) != 0;
+        } else {
+            const uint16_t *r = (const uint16_t *)x + m * K;
+            for (int64_t j = 0; j < K; j++) c += (r[j] & 0x7FFFu) != 0;
+        }
+        crow[m + 1] = c;
+    }
+    for (int64_t m = 0; m < M; m++) crow[m + 1] += crow[m];
+    return crow[M];
+}
+
+/* col / val (fp32) of the nonzeros of x [M, K], row by row, at the offsets crow gives. */
+void lb_csr_fill(const void *x, int32_t dt, int64_t M, int64_t K, const int64_t *crow, int64_t *col, float *val,
+                 int32_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+        int64_t o = crow[m];
+        for (int64_t j = 0; j < K; j++) {
+            float v = load_any(x, m * K + j, dt);
+            if (f2u(v) & 0x7FFFFFFFu) { col[o] = j; val[o] = v; o++; }
+        }
+    }
+}
