@@ -70,7 +70,7 @@ def build_key(cc: str) -> str:
 
 def _build(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    print("lowbit: compiling the CPU quantization kernels (once per machine, about a second)...",
+    print("lowbit: compiling the CPU quantization kernels (once per machine, a few seconds)...",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
