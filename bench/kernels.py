@@ -12,9 +12,8 @@ import os
 import statistics
 from pathlib import Path
 
-from _results import machine_meta, timeit, write_section  # bench/ is on sys.path when a script here runs
-
 import torch
+from _results import machine_meta, timeit, write_section  # bench/ is on sys.path when a script here runs
 
 from lowbit import kernels
 from lowbit.formats import empty
@@ -56,21 +55,27 @@ def measure(size: int, repeats: int, threads: list[int], dtypes: list[torch.dtyp
     g = torch.Generator().manual_seed(0)
     for dt in dtypes:
         x = torch.randn(size, size, generator=g).to(dt)
-        y = torch.empty_like(x)
         for th in threads:
             torch.set_num_threads(th)
-            cell = out[(dt, th)] = {"copy": _time(lambda: y.copy_(x), repeats),
-                                    "copy_alloc": _time(lambda: empty(x.shape, x.dtype, x.device).copy_(x), repeats)}
-            for label, _, q in SETTINGS + SR:
-                fn = lambda q=q: fake_quantize(x, q, torch.Generator().manual_seed(1))  # noqa: E731
-                for mode in ("eager", "cpu"):
-                    os.environ["LOWBIT_KERNELS"] = mode
-                    cell[(label, mode)] = _time(fn, repeats)
-                kernels.empty = lambda shape, dtype, device: y if dtype == y.dtype else torch.empty(shape, dtype=dtype)
-                cell[(label, "cpu_prealloc")] = _time(fn, repeats)
-                kernels.empty = empty
+            out[(dt, th)] = _cell(x, repeats)
     os.environ.pop("LOWBIT_KERNELS", None)
     return out
+
+
+def _cell(x: torch.Tensor, repeats: int) -> dict:
+    y = torch.empty_like(x)
+    cell = {"copy": _time(lambda: y.copy_(x), repeats),
+            "copy_alloc": _time(lambda: empty(x.shape, x.dtype, x.device).copy_(x), repeats)}
+    for label, _, q in SETTINGS + SR:
+        def fn(q=q):
+            return fake_quantize(x, q, torch.Generator().manual_seed(1))
+        for mode in ("eager", "cpu"):
+            os.environ["LOWBIT_KERNELS"] = mode
+            cell[(label, mode)] = _time(fn, repeats)
+        kernels.empty = lambda shape, dtype, device: y if dtype == y.dtype else torch.empty(shape, dtype=dtype)
+        cell[(label, "cpu_prealloc")] = _time(fn, repeats)
+        kernels.empty = empty
+    return cell
 
 
 def table(res: dict) -> str:

@@ -1,0 +1,80 @@
+/* Shared pieces of lowbit's CPU kernels (quant.c, stats.c, occ.c): dtype codes, exact dtype conversion,
+ * bit-pattern absmax. Everything here is static inline: each translation unit keeps its own copy. */
+#ifndef LOWBIT_KERNELS_COMMON_H
+#define LOWBIT_KERNELS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LB_F32 0
+#define LB_BF16 1
+#define LB_F16 2
+#define SCALE_FP32 0
+#define SCALE_E8M0 1
+#define SCALE_E4M3 2
+#define FP32_MAX 3.4028234663852886e38f
+#define SEG 512 /* elements per fp32 staging segment (stays in L1) */
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* --- dtype conversion -------------------------------------------------------------------------- */
+
+static inline void load_f32(float *dst, const void *src, int64_t off, int64_t n, int dt) {
+    if (dt == LB_F32) {
+        memcpy(dst, (const float *)src + off, (size_t)n * 4);
+    } else if (dt == LB_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int64_t i = 0; i < n; i++) dst[i] = u2f((uint32_t)s[i] << 16);
+    } else {
+        const _Float16 *s = (const _Float16 *)src + off;
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16's round to nearest even; NaN -> 0x7FC0 */
+    uint32_t u = f2u(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+
+static inline void store_f32(void *dst, int64_t off, const float *src, int64_t n, int dt) {
+    if (dt == LB_F32) {
+        memcpy((float *)dst + off, src, (size_t)n * 4);
+    } else if (dt == LB_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        _Float16 *d = (_Float16 *)dst + off;
+        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
+    }
+}
+
+/* --- absmax: max of the magnitude bit patterns (NaN patterns sort above inf, so NaN propagates) -- */
+
+static inline uint32_t absmax_bits(const void *x, int64_t off, int64_t n, int dt) {
+    uint32_t m = 0;
+    if (dt == LB_F32) {
+        const uint32_t *s = (const uint32_t *)x + off;
+        for (int64_t i = 0; i < n; i++) { uint32_t a = s[i] & 0x7FFFFFFFu; m = a > m ? a : m; }
+    } else { /* bf16 and fp16: 16-bit patterns, converted after the reduction */
+        const uint16_t *s = (const uint16_t *)x + off;
+        uint16_t m16 = 0;
+        for (int64_t i = 0; i < n; i++) { uint16_t a = s[i] & 0x7FFFu; m16 = a > m16 ? a : m16; }
+        if (dt == LB_BF16) return (uint32_t)m16 << 16;
+        _Float16 h; memcpy(&h, &m16, 2); return f2u((float)h);
+    }
+    return m;
+}
+
+static inline float bits_value(uint32_t b) { return b > 0x7F800000u ? NAN : u2f(b); }
+
+static inline float load_any(const void *p, int64_t i, int dt) {
+    if (dt == LB_F32) return ((const float *)p)[i];
+    if (dt == LB_BF16) return u2f((uint32_t)((const uint16_t *)p)[i] << 16);
+    return (float)((const _Float16 *)p)[i];
+}
+
+#endif
