@@ -371,3 +371,23 @@ def test_a_layer_step_is_the_same_with_and_without_kernels(monkeypatch, name):
     ref, got = both(monkeypatch, step)
     for r, k in zip(ref, got):
         assert bits_equal(r, k)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dw_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt,k,clamp", [("e2m1", 5.0, 3.0), ("e4m3", 3.0, 10.0), ("e1m2", 5.0, 3.0)])
+def test_dge_apply_matches_the_eager_derivative(monkeypatch, layout, dw_dtype, fmt, k, clamp):
+    """DGE's factor on dW (estimators.dge_apply) with and without the kernels, bit for bit: grid points (t = 1
+    and t = 0, where the derivative is clamped), values past max, NaN, ±inf, both layouts of the scaled weight,
+    and a size where torch's pow splits its work across threads."""
+    from lowbit.estimators import dge_apply
+    from lowbit.formats import get_format
+
+    g = torch.Generator().manual_seed(3)
+    R, C = 300, 260
+    ws = torch.randn(R, C, generator=g) * get_format(fmt).max / 2
+    ws.view(-1)[:6] = torch.tensor([0.5, 1.25, 1e9, math.nan, -math.inf, -0.0])  # on the grid, midway, past max
+    ws = ws.t().contiguous().t() if layout == "transposed" else ws
+    dw = torch.randn(R, C, generator=g).to(dw_dtype)
+    ref, got = both(monkeypatch, lambda: dge_apply(dw, ws, fmt, k, clamp))
+    assert got.dtype == torch.float32 and bits_equal(ref, got)

@@ -100,6 +100,18 @@ def dge_derivative(x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: floa
     return d.masked_fill_(a > fmt.max, 0.0)  # NaN stays NaN (NaN > max is False)
 
 
+def dge_apply(dw: torch.Tensor, x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: float = 5.0,
+              clamp: float = 3.0) -> torch.Tensor:
+    """dw.float() · dge_derivative(x_scaled, fmt, k, clamp): the weight gradient with the DGE factor, fp32 of
+    dw's shape (on CPU fused by lowbit.kernels, the same values bit for bit)."""
+    fmt = get_format(fmt)
+    _check_dge_format(fmt)
+    if k <= 0 or clamp <= 0:
+        raise ValueError(f"k and clamp must be > 0, got k={k}, clamp={clamp}")
+    fused = kernels.dge_apply(dw, x_scaled, fmt, k, clamp)
+    return fused if fused is not None else dw.float() * dge_derivative(x_scaled, fmt, k, clamp)
+
+
 def dge_function(x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: float = 5.0) -> torch.Tensor:
     """The DGE's smooth stand-in f(x) for the quantizer (module docstring), elementwise;
     ±fmt.max beyond the range. Used to check dge_derivative by finite differences and to

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import cpu_bf16, kernels
-from lowbit.estimators import dge_derivative, occ_clamp, occ_clamp_rows
+from lowbit.estimators import dge_apply, occ_clamp, occ_clamp_rows
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
@@ -156,7 +156,7 @@ class QLinearFunction(torch.autograd.Function):
                     wc = weight.to(ctx.cdtype).to(gemm_dtype)
                     ws = scaled_values_2d(wc.t().contiguous(), spec.weight, amax=ctx.w_amax).t() \
                         if spec.weight_in_axis else scaled_values_2d(wc, spec.weight, amax=ctx.w_amax)
-                    dw = dw.float() * dge_derivative(ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)
+                    dw = dge_apply(dw, ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)
                 dw = dw.to(weight.dtype)
             if need_db and ctx.bias_dtype is not None:
                 db = dy.sum(0).to(ctx.bias_dtype)
