@@ -26,7 +26,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from lowbit import cpu_bf16, kernels
 from lowbit.estimators import dge_apply, occ_clamp, occ_clamp_rows
@@ -188,8 +187,8 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
         R = state.hadamard_rotation
-        dyt = rotate(F.pad(dy.t(), (0, pad)), R).to(dy.dtype)
-        xt = rotate(F.pad(xc.t(), (0, pad)), R).to(xc.dtype)
+        dyt = rotate(dy.t(), R, pad).to(dy.dtype)
+        xt = rotate(xc.t(), R, pad).to(xc.dtype)
         gq, _ = quantize_operand(dyt, spec, "grad_output", state, gen, record=False, gemm="wgrad")
         xq, _ = quantize_operand(xt, spec, "input", state, gen, record=False, gemm="wgrad")
         dw = cpu_bf16.mm(gq, xq.t())

@@ -23,9 +23,13 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
     return s[:, None] * hadamard_matrix(n) / math.sqrt(n)
 
 
-def rotate(a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """a [rows, L] (L a multiple of n) times blockdiag(R, R, ...) [L, L] along the last dim, in fp32."""
+def rotate(a: torch.Tensor, R: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """a [rows, L] (any layout, any float dtype), zero-padded to L + pad columns (a multiple of n), times
+    blockdiag(R, R, ...) along the last dim: fp32 [rows, L + pad]."""
     rows, L = a.shape
     n = R.shape[0]
-    # one [rows·L/n, n] × [n, n] GeMM (a batched matmul would broadcast R into rows·L/n copies)
-    return (a.float().reshape(-1, n) @ R.float()).view(rows, L)
+    # the GeMM operand built in one pass (layout, dtype and padding at once; a transposed `a` would otherwise
+    # be copied three times), then one [rows·(L+pad)/n, n] × [n, n] GeMM (a batched matmul would broadcast R)
+    buf = (torch.zeros if pad else torch.empty)((rows, L + pad), dtype=torch.float32, device=a.device)
+    buf[:, :L].copy_(a)
+    return (buf.view(-1, n) @ R.float()).view(rows, L + pad)

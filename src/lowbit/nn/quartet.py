@@ -88,7 +88,7 @@ class QuartetFunction(torch.autograd.Function):
             R = signs.to(H.dtype)[:, None] * H
             if need_dx:  # along N
                 dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, gen, obs, cdtype, "dgrad", "grad_output"),
-                                  _quantize_bwd(wq.t().contiguous(), R, spec, gen, obs, cdtype, "dgrad", "weight").t())
+                                  _quantize_bwd(wq.t(), R, spec, gen, obs, cdtype, "dgrad", "weight").t())
                 dx = rotate(dxh * mx, H.t()).to(ctx.x_dtype)
             if need_dw:  # along M, zero-padded to a multiple of n
                 pad = (-dy.shape[0]) % n
