@@ -41,7 +41,8 @@ def step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
     return step
 
 
-def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int) -> tuple[str, dict]:
+def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int,
+        names: list[str] | None = None) -> tuple[str, dict]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     load_before = os.getloadavg()
@@ -65,8 +66,8 @@ def run(widths, tokens: int, repeats: int, device: str, bf16_max_width: int) -> 
         if base16:
             lines.append(f"| nn.Linear bf16 autocast | {width} | {base16[0] * 1e3:.1f} | {base16[1] * 1e3:.1f} | "
                          f"{base16[0] / base32[0]:.2f} | 1.00 |")
-        for name in recipes.names():
-            r = recipes.get(name)
+        for name in names or recipes.names():
+            r = recipes.get(name)  # NAME@MODE too, e.g. fp8-tensor@hardware (real FP8 GeMMs)
             bf16 = r.compute_dtype == "bf16"
             m, b = med(QLinear.from_linear(lin, r), bf16)
             vs16 = (f"{m / base16[0]:.3f}" if base16 else "not measured") if bf16 else "-"
@@ -105,6 +106,8 @@ def main():
                    help="time nn.Linear under bf16 autocast only up to this width (default: every width where bf16 "
                         "GeMMs are native, i.e. on CUDA or a CPU with fast bf16 units; else 1024)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--recipes", default="all",
+                   help="comma-separated recipes (NAME@MODE selects the GeMM mode, e.g. fp8-tensor@hardware), or all")
     p.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     args = p.parse_args()
     if args.bf16_max_width is None:
@@ -112,7 +115,8 @@ def main():
 
         native = args.device.startswith("cuda") or cpu_gemm_path(torch.bfloat16) == "native"
         args.bf16_max_width = max(args.widths) if native else 1024
-    table, meta = run(args.widths, args.tokens, args.repeats, args.device, args.bf16_max_width)
+    names = None if args.recipes == "all" else [n.strip() for n in args.recipes.split(",")]
+    table, meta = run(args.widths, args.tokens, args.repeats, args.device, args.bf16_max_width, names)
     print(table)
     print(f"\nload: {meta['load']}; wall {meta['wall']:.0f} s")
     if args.write:
@@ -120,7 +124,8 @@ def main():
               (f" --widths {' '.join(map(str, args.widths))}" if args.widths != [1024, 4096] else "") + \
               (f" --tokens {args.tokens}" if args.tokens != 2048 else "") + \
               (f" --repeats {args.repeats}" if args.repeats != 3 else "") + \
-              (f" --bf16-max-width {args.bf16_max_width}" if args.bf16_max_width < max(args.widths) else "")
+              (f" --bf16-max-width {args.bf16_max_width}" if args.bf16_max_width < max(args.widths) else "") + \
+              (f" --recipes {args.recipes}" if args.recipes != "all" else "")
         write_results(table, meta, cmd + " --write", Path(__file__).parent / "RESULTS.md")
 
 
