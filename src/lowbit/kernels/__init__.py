@@ -10,8 +10,10 @@ replaces one where it applies and is tested equal to it (tests/test_kernels.py).
 Covered: every format (E2M1, E1M2, E3M0, E4M3, E5M2), granularity (tensor, row, 1×N tile, N×N block) and
 absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-level E4M3 × fp32, the scale
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
-lowbit.rng), fp32/bf16/fp16 in and out. Not covered (eager): QuEST's σ scales, "4 over 6", tensors on
-accelerators (no Triton kernels yet), and anything traced by torch.compile.
+lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
+per token with its CSR residual, DGE's factor on dW and a sampled step's statistics. Not covered (eager): QuEST's
+σ scales, "4 over 6", the Hadamard rotations, tensors on accelerators (no Triton kernels yet), and anything
+traced by torch.compile.
 """
 from __future__ import annotations
 
