@@ -7,6 +7,7 @@ the raw bit patterns everywhere except NaN, where only NaN-ness is compared (pay
 """
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,10 +200,12 @@ def test_modes_and_errors(monkeypatch):
     assert K.applies(x, q) and K.which() == "cpu"
     assert not K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # eager-only rules
     assert not K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))
-    for bad, match in (("fast", "not one of auto, eager, cpu"), ("triton", "no Triton kernels")):
-        monkeypatch.setenv("LOWBIT_KERNELS", bad)
-        with pytest.raises(ValueError, match=match):
-            fake_quantize(x, q)
+    assert K.which("cuda") == ("triton" if K._triton() is not None else "eager") and K.which("mps") == "eager"
+    monkeypatch.setenv("LOWBIT_KERNELS", "eager")
+    assert K.which("cuda") == "eager"
+    monkeypatch.setenv("LOWBIT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="not one of auto, eager, cpu, triton"):
+        fake_quantize(x, q)
 
 
 def test_no_compiler_falls_back_once_and_cpu_mode_says_why(monkeypatch, capsys):
@@ -422,3 +425,51 @@ def test_a_model_training_step_is_the_same_with_and_without_kernels(monkeypatch,
 
     ref, got = both(monkeypatch, train_two_steps)
     assert len(ref) == len(got) and all(bits_equal(r, g) for r, g in zip(ref, got))
+
+
+TRITON_CHECK = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton_quant defines its kernel: the interpreter runs it on CPU
+sys.path.insert(0, sys.argv[1])
+import torch
+from test_kernels import QUANTS, bits_equal, nasty, qid
+from lowbit.formats import get_format
+from lowbit.kernels import triton_quant
+from lowbit.quant import fake_quantize_with_scales
+
+os.environ["LOWBIT_KERNELS"] = "eager"
+n = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for q in QUANTS:
+        if not triton_quant.applies(torch.empty(0, dtype=dtype), q, None):
+            continue
+        # nasty() values, and rows of near-ties: E2M1 midpoints times each row's scale, rounded to fp32, so x / s
+        # lands a last bit either side of a tie (where x * (1 / s) would round differently)
+        mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)
+        ties = (torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 100 + 1) * mid / 6
+        for x in (nasty((16, 24), dtype, seed=7), ties.to(dtype)):
+            R = x.shape[0]
+            B = 24 if q.granularity == "row" else q.block
+            out, sc = triton_quant.fake_quantize_groups(x.view(R, 24 // B, B), q, get_format(q.fmt))
+            ref, rs = fake_quantize_with_scales(x, q)
+            assert bits_equal(out.view(R, 24), ref) and bits_equal(sc.view(rs.shape), rs), (qid(q), dtype)
+        n += 1
+print("checked", n)
+"""
+
+
+def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):
+    """The Triton fake-quantize (GPU) run by Triton's interpreter on CPU tensors, bit for bit the eager quantizer
+    for every configuration it covers, fp32 and bf16, on nasty() data (in a subprocess: TRITON_INTERPRET must
+    be set before the kernel is defined). Bug caught e.g.: Triton's approximate `/` for div_rn, or bf16 output
+    through the float conversion (checked by mutation)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = tmp_path / "check.py"
+    script.write_text(TRITON_CHECK)
+    r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split("checked")[1]) >= 10  # the covered configurations really ran

@@ -201,7 +201,7 @@ def _run(x, q, generator, amax, dequant):
     # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
     # rounds to at most max: the saturating clamp can be skipped.
     saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
-    if x.numel() and kernels.applies(x, q) and (amax is None or q.granularity == "tensor"):  # else eager raises
+    if x.numel() and kernels.applies(x, q, amax, dequant):  # (amax beyond granularity "tensor": eager raises)
         return kernels.run(x, q, fmt, generator, amax, dequant, saturate)
     xc = x.contiguous()
     x3 = as3d(xc, q)

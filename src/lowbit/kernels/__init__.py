@@ -5,15 +5,17 @@ replaces one where it applies and is tested equal to it (tests/test_kernels.py).
 
     LOWBIT_KERNELS=auto    (default) the compiled CPU kernels for CPU tensors where they build, else eager
     LOWBIT_KERNELS=eager   always the eager PyTorch code
-    LOWBIT_KERNELS=cpu     the compiled CPU kernels; an error where they cannot be built
+    LOWBIT_KERNELS=cpu     the compiled CPU kernels; an error where they cannot be built (GPU tensors: eager)
+    LOWBIT_KERNELS=triton  the Triton kernel for GPU tensors, an error where triton cannot be imported (CPU
+                           tensors: as auto)
 
 Covered: every format (E2M1, E1M2, E3M0, E4M3, E5M2), granularity (tensor, row, 1×N tile, N×N block) and
 absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-level E4M3 × fp32, the scale
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
 per token with its CSR residual, DGE's factor on dW and a sampled step's statistics. Not covered (eager): QuEST's
-σ scales, "4 over 6", the Hadamard rotations, tensors on accelerators (no Triton kernels yet), and anything
-traced by torch.compile.
+σ scales, "4 over 6", the Hadamard rotations, on GPUs everything but row/tile round-to-nearest fake-quantize
+with fp32 or E8M0-floor scales (lowbit.kernels.triton_quant), and anything traced by torch.compile.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from lowbit.rng import draw_key
 from lowbit.scales import E4M3_MAX, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
-MODES = ("auto", "eager", "cpu")
+MODES = ("auto", "eager", "cpu", "triton")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SCALE_FMTS = {"fp32": 0, "e8m0": 1, "e4m3": 2}
 
@@ -37,9 +39,6 @@ _SCALE_FMTS = {"fp32": 0, "e8m0": 1, "e4m3": 2}
 def mode() -> str:
     """The LOWBIT_KERNELS setting (default "auto"); ValueError naming the choices for anything else."""
     m = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
-    if m == "triton":
-        raise ValueError("LOWBIT_KERNELS=triton: lowbit has no Triton kernels yet; GPU tensors use the eager "
-                         "quantizers. Set LOWBIT_KERNELS=auto (or unset it)")
     if m not in MODES:
         raise ValueError(f"LOWBIT_KERNELS={m!r} is not one of {', '.join(MODES)}; unset it for 'auto'")
     return m
@@ -57,15 +56,40 @@ def _lib():
     return lib
 
 
-def which() -> str:
-    """Which quantizers CPU tensors run in this process: "cpu" (compiled) or "eager" (for result.json)."""
-    return "cpu" if _lib() is not None else "eager"
+def _triton():
+    """lowbit.kernels.triton_quant, or None where triton is not importable (LOWBIT_KERNELS=triton: an error)."""
+    m = mode()
+    if m in ("eager", "cpu"):
+        return None
+    try:
+        from lowbit.kernels import triton_quant
+    except ImportError as e:
+        if m == "triton":
+            raise RuntimeError(f"LOWBIT_KERNELS=triton but triton cannot be imported ({e}); install the CUDA build of "
+                               "torch (it ships triton) or set LOWBIT_KERNELS=auto") from e
+        return None
+    return triton_quant
 
 
-def applies(x: torch.Tensor, q: TensorQuant) -> bool:
-    """Whether a compiled kernel computes fake_quantize/quantize of x under q (else the eager code runs)."""
+def which(device_type: str = "cpu") -> str:
+    """Which quantizers tensors on `device_type` run in this process (for result.json): "cpu" (the compiled C
+    kernels), "triton" (CUDA, where triton imports; it covers row/tile fake-quantize, eager does the rest) or
+    "eager"."""
+    if device_type == "cuda":
+        return "triton" if _triton() is not None else "eager"
+    return "cpu" if device_type == "cpu" and _lib() is not None else "eager"
+
+
+def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) -> bool:
+    """Whether a compiled kernel computes fake_quantize/quantize of x under q (else the eager code runs): the C
+    kernels on CPU, the Triton one on CUDA (row/tile groups, RNE, fp32 or E8M0-floor scales, fake-quantize)."""
+    if torch.compiler.is_compiling():
+        return False
+    if x.device.type == "cuda":
+        tq = _triton()
+        return dequant and tq is not None and tq.applies(x, q, amax)
     return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
-            and not torch.compiler.is_compiling() and _lib() is not None)
+            and _lib() is not None and (amax is None or q.granularity == "tensor"))
 
 
 def absmax(x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +121,9 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     bit. A transposed 2-D view x = b.t() of a contiguous b is quantized along b's columns without the
     transposed copy; the output is then also a transposed view (same values, same scales)."""
     odt = x.dtype if dequant else torch.float32
+    if x.device.type == "cuda":  # applies() admitted it: Triton, row/tile groups
+        out, scales = _triton().fake_quantize_groups(as3d(x.contiguous(), q), q, fmt)
+        return out.view(x.shape), scales.view(scale_shape(x.shape, q))
     if _transposed(x, q):
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
     xc = x.contiguous()

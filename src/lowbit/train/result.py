@@ -21,8 +21,8 @@ class TrainResult:
                       of the run) or "trainer" (the process's peak RSS so far, which only grows across runs).
     cpu_gemm          on CPU under a bf16/fp16 recipe: "native" (torch's bf16 GeMMs) or "upcast" (fp32 GeMMs of
                       the upcast operands), as lowbit.cpu_bf16 decided for this machine; else None.
-    quant_kernels     the quantizers that ran: "cpu" (lowbit's compiled CPU kernels) or "eager" (PyTorch ops;
-                      the same numbers, bit for bit, see lowbit.kernels).
+    quant_kernels     the quantizers that ran: "cpu" (lowbit's compiled CPU kernels), "triton" (its Triton kernel
+                      on CUDA, eager beside it) or "eager" (PyTorch ops; the same numbers, see lowbit.kernels).
     quant_stats       the recipe's quantization statistics (lowbit.nn.quant_stats) at the last logged step
                       ({} if the recipe quantizes nothing).
     wall_time_s       seconds from the call to the end, everything included.

@@ -85,10 +85,10 @@ def cpu_gemm(recipe: recipes.Recipe, device: torch.device) -> str | None:
 
 
 def quant_kernels(device: torch.device) -> str:
-    """Which quantizers a run on `device` uses: "cpu" (lowbit's compiled kernels) or "eager" (PyTorch ops)."""
+    """Which quantizers a run on `device` uses: "cpu" or "triton" (lowbit's kernels) or "eager" (PyTorch ops)."""
     from lowbit import kernels
 
-    return kernels.which() if device.type == "cpu" else "eager"
+    return kernels.which(device.type)
 
 
 def state_dict_hash(model: torch.nn.Module) -> str:

@@ -1,0 +1,92 @@
+"""Triton fake-quantize for groups along the last dim (GPU), bit for bit the eager quantizer (lowbit.quant).
+
+Covers granularity "row" and "tile" with the fp32 absmax scale (divide or reciprocal) or E8M0 floor scales,
+round-to-nearest-even, any element format, fp32/bf16 in and out. Every step is the eager code's fp32 operation
+(see lowbit/kernels/quant.c for the same list): correctly rounded division (`div_rn`: Triton's `/` is an
+approximate division on NVIDIA GPUs), the `(v + c) − c` grid rounding, the bit-pattern absmax (NaN propagates),
+and bf16 rounding in integer arithmetic (the interpreter's float conversions are not trustworthy near binade
+tops). Tested on CPU tensors under TRITON_INTERPRET=1 (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.formats import Format
+from lowbit.tensor_quant import TensorQuant
+
+
+@triton.jit
+def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr, GB: tl.constexpr,
+                       fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr):
+    pid = tl.program_id(0)
+    g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
+    j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
+    mask = (g < n_groups) & (j < B)
+    offs = g * B + j
+    if BF16:
+        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = (xb << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    ab = tl.max(bits, axis=1)[:, None]  # magnitude patterns: NaN sorts above inf
+    amax = tl.where(ab > 0x7F800000, float("nan"), ab.to(tl.float32, bitcast=True))
+    if RULE == 0:  # fp32, divide: max(amax / fmax, 2^-126)
+        s = tl.math.div_rn(amax, fmax)
+        s = tl.where(s < 1.1754943508222875e-38, 1.1754943508222875e-38, s)
+        e = s
+    elif RULE == 1:  # fp32, reciprocal (torch's fmax / t is t.reciprocal() * fmax)
+        e = tl.where(amax == 0, 1.0, tl.math.div_rn(1.0, amax) * fmax)
+        e = tl.where(e > 3.4028234663852886e38, 3.4028234663852886e38, e)
+        s = tl.math.div_rn(1.0, e)
+    else:  # e8m0 floor: 2^floor(log2 amax) · 2^-emax, at least 2^-127
+        p2 = ((amax.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)) * c_emax
+        s = tl.where(p2 < 5.877471754111438e-39, 5.877471754111438e-39, p2)
+        e = s
+    zero = amax == 0
+    bad = ~(amax < float("inf"))
+    s = tl.where(bad, float("nan"), tl.where(zero, 1.0, s))
+    e = tl.where(bad, float("nan"), tl.where(zero, 1.0, e))
+    v = x * e if RULE == 1 else tl.math.div_rn(x, s)
+    if SAT:
+        v = tl.where(v < -fmax, -fmax, tl.where(v > fmax, fmax, v))
+    E = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    E = tl.where(E < min_normal, min_normal, E)
+    c = E * k
+    v = (v + c) - c
+    y = v * s
+    if BF16:  # c10::BFloat16: round to nearest even, NaN -> 0x7FC0
+        u = y.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(out_ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y, mask=mask)
+    first = j == 0
+    tl.store(s_ptr + g + j * 0, s + x * 0, mask=(g < n_groups) & first)
+
+
+def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
+    """Whether fake_quantize_groups covers x under q."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and q.granularity in ("row", "tile") and amax is None
+            and q.rounding == "nearest" and q.scale_rule == "absmax" and not q.four_over_six
+            and q.scale_mult == 1.0 and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor"
+                                                                   and not q.reciprocal)))
+
+
+def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake-quantized x3, decode scales [R, G]) for contiguous x3 [R, G, B] (fp32 or bf16), as lowbit.quant."""
+    R, G, B = x3.shape
+    out = torch.empty_like(x3)
+    scales = torch.empty((R, G), dtype=torch.float32, device=x3.device)
+    n = R * G
+    GB = max(1, min(64, 4096 // triton.next_power_of_2(B)))
+    rule = 2 if q.scale_fmt == "e8m0" else (1 if q.reciprocal else 0)
+    saturate = not (q.scale_fmt == "fp32" and not q.reciprocal)  # as quant._run: divide by the fp32 absmax scale
+    _fake_quant_groups[(triton.cdiv(n, GB),)](
+        x3, out, scales, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
+        k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
+        SAT=saturate)
+    return out, scales
