@@ -470,6 +470,6 @@ def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(TRITON_CHECK)
     r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split("checked")[1]) >= 10  # the covered configurations really ran

@@ -220,7 +220,8 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
     n, nonfin, amax, nz, under, t2, e2, sat = list(out)
     norm = math.sqrt(t2)
     err = math.sqrt(e2) / norm if norm > 0 else math.sqrt(e2)
-    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    def f(v):
+        return torch.tensor(v, dtype=torch.float32)
     return {"nonfinite": f(nonfin / n), "amax": f(amax), "underflow": f(under / max(nz, 1.0)),
             "saturated": f(sat / n), "rel_err": f(err), "sqnr_db": f(-20 * math.log10(max(err, 1e-30)))}
 
