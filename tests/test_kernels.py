@@ -433,6 +433,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton_quant defines its kernel: 
 sys.path.insert(0, sys.argv[1])
 import torch
 from test_kernels import QUANTS, bits_equal, nasty, qid
+from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.kernels import triton_quant
 from lowbit.quant import fake_quantize_with_scales
@@ -441,19 +442,22 @@ os.environ["LOWBIT_KERNELS"] = "eager"
 n = 0
 for dtype in (torch.float32, torch.bfloat16):
     for q in QUANTS:
-        if not triton_quant.applies(torch.empty(0, dtype=dtype), q, None):
-            continue
         # nasty() values, and rows of near-ties: E2M1 midpoints times each row's scale, rounded to fp32, so x / s
         # lands a last bit either side of a tie (where x * (1 / s) would round differently)
         mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)
         ties = (torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 100 + 1) * mid / 6
-        for x in (nasty((16, 24), dtype, seed=7), ties.to(dtype)):
-            R = x.shape[0]
-            B = 24 if q.granularity == "row" else q.block
-            out, sc = triton_quant.fake_quantize_groups(x.view(R, 24 // B, B), q, get_format(q.fmt))
-            ref, rs = fake_quantize_with_scales(x, q)
-            assert bits_equal(out.view(R, 24), ref) and bits_equal(sc.view(rs.shape), rs), (qid(q), dtype)
-        n += 1
+        for amax in ((None, 1.0, 0.0, float("inf")) if q.granularity == "tensor" else (None,)):
+            if not triton_quant.applies(torch.empty(0, dtype=dtype), q, amax):
+                continue
+            # quant._run's rule: the clamp is needed unless fp32 current scaling by division
+            sat = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+            for x in (nasty((16, 24), dtype, seed=7), ties.to(dtype), -ties.to(dtype)):  # negative: |x| matters
+                os.environ["LOWBIT_KERNELS"] = "triton"
+                out, sc = kernels._run_triton(x, q, get_format(q.fmt), amax, sat)  # what CUDA tensors run
+                os.environ["LOWBIT_KERNELS"] = "eager"
+                ref, rs = fake_quantize_with_scales(x, q, amax=amax)
+                assert bits_equal(out, ref) and bits_equal(sc, rs), (qid(q), dtype, amax)
+            n += 1
 print("checked", n)
 """
 
@@ -472,4 +476,4 @@ def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert int(r.stdout.split("checked")[1]) >= 10  # the covered configurations really ran
+    assert int(r.stdout.split("checked")[1]) >= 30  # the covered configurations really ran

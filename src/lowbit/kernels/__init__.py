@@ -14,8 +14,9 @@ absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-le
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
 per token with its CSR residual, DGE's factor on dW and a sampled step's statistics. Not covered (eager): QuEST's
-σ scales, "4 over 6", the Hadamard rotations, on GPUs everything but row/tile round-to-nearest fake-quantize
-with fp32 or E8M0-floor scales (lowbit.kernels.triton_quant), and anything traced by torch.compile.
+σ scales, "4 over 6", the Hadamard rotations, on GPUs everything but round-to-nearest fake-quantize with one
+scale per tensor or fp32/E8M0-floor scales per row or tile (lowbit.kernels.triton_quant), and anything traced by
+torch.compile.
 """
 from __future__ import annotations
 
@@ -121,9 +122,8 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     bit. A transposed 2-D view x = b.t() of a contiguous b is quantized along b's columns without the
     transposed copy; the output is then also a transposed view (same values, same scales)."""
     odt = x.dtype if dequant else torch.float32
-    if x.device.type == "cuda":  # applies() admitted it: Triton, row/tile groups
-        out, scales = _triton().fake_quantize_groups(as3d(x.contiguous(), q), q, fmt)
-        return out.view(x.shape), scales.view(scale_shape(x.shape, q))
+    if x.device.type == "cuda":  # applies() admitted it: Triton
+        return _run_triton(x.contiguous(), q, fmt, amax, saturate)
     if _transposed(x, q):
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
     xc = x.contiguous()
@@ -141,6 +141,17 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     if q.granularity == "block":
         return out, scales.view(scales.shape[0], 1, scales.shape[1], 1)
     return out, scales.view(scale_shape(x.shape, q))
+
+
+def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool):
+    tq = _triton()
+    if q.granularity == "tensor":  # the scale as the eager code computes it (torch ops, no host sync)
+        a = torch.maximum(x.amax(), -x.amin()).float() if amax is None else \
+            torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
+        s, e = scale_from_amax(a, q, fmt)
+        return tq.fake_quantize_scalar(x, s, e, fmt, saturate).view(x.shape), s
+    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt)
+    return out.view(x.shape), scales.view(scale_shape(x.shape, q))
 
 
 def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:

@@ -1,7 +1,8 @@
 """Triton fake-quantize for groups along the last dim (GPU), bit for bit the eager quantizer (lowbit.quant).
 
-Covers granularity "row" and "tile" with the fp32 absmax scale (divide or reciprocal) or E8M0 floor scales,
-round-to-nearest-even, any element format, fp32/bf16 in and out. Every step is the eager code's fp32 operation
+Covers granularity "row" and "tile" with the fp32 absmax scale (divide or reciprocal) or E8M0 floor scales, and
+one scale for the whole tensor (computed by lowbit.scales, current or delayed), round-to-nearest-even, any element
+format, fp32/bf16 in and out. Every step is the eager code's fp32 operation
 (see lowbit/kernels/quant.c for the same list): correctly rounded division (`div_rn`: Triton's `/` is an
 approximate division on NVIDIA GPUs), the `(v + c) − c` grid rounding, the bit-pattern absmax (NaN propagates),
 and bf16 rounding in integer arithmetic (the interpreter's float conversions are not trustworthy near binade
@@ -68,12 +69,62 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
     tl.store(s_ptr + g + j * 0, s + x * 0, mask=(g < n_groups) & first)
 
 
+@triton.jit
+def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fmax, min_normal, k,
+                       USE_E: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr, INF: tl.constexpr):
+    """One scale for all n elements (granularity "tensor"; delayed scaling): s, e 0-d fp32 tensors."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if BF16:
+        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = (xb << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(s_ptr)
+    v = x * tl.load(e_ptr) if USE_E else tl.math.div_rn(x, s)
+    if SAT:
+        v = tl.where(v < -fmax, -fmax, tl.where(v > fmax, fmax, v))
+    E = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    E = tl.where(E < min_normal, min_normal, E)
+    c = E * k
+    v = (v + c) - c
+    if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
+        v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
+    y = v * s
+    if BF16:
+        u = y.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(out_ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y, mask=mask)
+
+
+def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
+                         saturate: bool) -> torch.Tensor:
+    """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s), as
+    lowbit.quant's kernel: saturate when the caller's rule needs it; e5m2 keeps ±inf then."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    s = s.reshape(()).float().contiguous()
+    e_t = s if e is None else e.reshape(()).float().contiguous()
+    _fake_quant_scalar[(triton.cdiv(n, 1024),)](
+        x, out, s, e_t, n, BLOCK=1024, fmax=fmt.max, min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits),
+        USE_E=e is not None, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf)
+    return out
+
+
 def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
-    """Whether fake_quantize_groups covers x under q."""
-    return (x.dtype in (torch.float32, torch.bfloat16) and q.granularity in ("row", "tile") and amax is None
-            and q.rounding == "nearest" and q.scale_rule == "absmax" and not q.four_over_six
-            and q.scale_mult == 1.0 and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor"
-                                                                   and not q.reciprocal)))
+    """Whether the Triton kernels cover x under q: fake-quantize with round-to-nearest, fp32/bf16; row/tile
+    groups with fp32 or E8M0-floor scales (no delayed amax), or one scale for the tensor (any absmax rule but
+    QuEST's; current or delayed)."""
+    if (x.dtype not in (torch.float32, torch.bfloat16) or q.rounding != "nearest" or q.scale_rule != "absmax"
+            or q.four_over_six):
+        return False
+    if q.granularity == "tensor":
+        return True
+    return (q.granularity in ("row", "tile") and amax is None and q.scale_mult == 1.0
+            and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor" and not q.reciprocal)))
 
 
 def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
