@@ -459,6 +459,14 @@ for dtype in (torch.float32, torch.bfloat16):
                 assert bits_equal(out, ref) and bits_equal(sc, rs), (qid(q), dtype, amax)
             n += 1
 print("checked", n)
+
+# the first-use self-check passes here, and a kernel that is off by one bit is caught and turned off, said once
+os.environ["LOWBIT_KERNELS"] = "triton"
+assert kernels._gpu_self_check(torch.device("cpu"))
+real = triton_quant.fake_quantize_scalar
+triton_quant.fake_quantize_scalar = lambda *a: real(*a) * 1.0000001
+kernels._GPU_CHECKED.clear()
+assert not kernels._gpu_self_check(torch.device("cpu")) and not kernels._gpu_self_check(torch.device("cpu"))
 """
 
 
@@ -477,3 +485,15 @@ def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):
                        timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split("checked")[1]) >= 30  # the covered configurations really ran
+    assert r.stderr.count("Triton quantization kernels are off on cpu: they differ from the eager quantizer") == 1
+
+
+def test_gpu_self_check_turns_failing_triton_kernels_off(monkeypatch, capsys):
+    """Without the interpreter a Triton launch on CPU tensors fails: the first-use check catches it, turns the
+    kernels off for that device and says so once (on a GPU the same path guards against a driver or Triton
+    version that miscompiles)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOWBIT_KERNELS", "triton")
+    monkeypatch.setattr(K, "_GPU_CHECKED", {})
+    assert not K._gpu_self_check(torch.device("cpu")) and not K._gpu_self_check(torch.device("cpu"))
+    assert capsys.readouterr().err.count("Triton quantization kernels are off on cpu: they failed") == 1

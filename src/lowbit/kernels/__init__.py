@@ -60,7 +60,7 @@ def _lib():
 def _triton():
     """lowbit.kernels.triton_quant, or None where triton is not importable (LOWBIT_KERNELS=triton: an error)."""
     m = mode()
-    if m in ("eager", "cpu"):
+    if m in ("eager", "cpu") or _EAGER_ONLY:
         return None
     try:
         from lowbit.kernels import triton_quant
@@ -70,6 +70,50 @@ def _triton():
                                "torch (it ships triton) or set LOWBIT_KERNELS=auto") from e
         return None
     return triton_quant
+
+
+_EAGER_ONLY: list = []  # non-empty while the self-check computes its eager reference
+_GPU_CHECKED: dict[str, str | None] = {}  # device -> None (passed) or why the Triton kernels are off there
+
+
+def _gpu_self_check(device: torch.device) -> bool:
+    """On a device's first use: the Triton kernels against the eager quantizer on a small tensor with NaN, inf,
+    zeros and ties, bit for bit. A mismatch or an error turns them off on that device, said once (a new GPU,
+    driver or Triton version must not silently change a run's numbers)."""
+    key = str(device)
+    if key not in _GPU_CHECKED:
+        from lowbit.formats import get_format
+        from lowbit.quant import fake_quantize_with_scales
+        why = None
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(64, 64, generator=g) * torch.logspace(-3, 3, 64)).to(device)
+            x[2] = 0.0
+            special = x.clone()  # a NaN and an inf: the whole tensor (or that row) must come out NaN
+            special[1, :3] = torch.tensor([float("nan"), float("inf"), 0.0])
+            for q in (TensorQuant("e4m3", "tensor"), TensorQuant("e2m1", "row"), TensorQuant("e2m1", "tile", 32, "e8m0"),
+                      TensorQuant("e5m2", "row", reciprocal=True)):
+                for t in (x, x.bfloat16(), special):
+                    sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
+                    got = _run_triton(t, q, get_format(q.fmt), None, sat)
+                    _EAGER_ONLY.append(1)
+                    try:
+                        ref = fake_quantize_with_scales(t, q)
+                    finally:
+                        _EAGER_ONLY.pop()
+                    if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
+                        why = f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
+                        break
+                if why:
+                    break
+        except Exception as e:  # noqa: BLE001 -- any Triton or driver failure: eager is always available
+            why = f"they failed ({type(e).__name__}: {e})"
+        _GPU_CHECKED[key] = why
+        if why:
+            import sys
+            print(f"lowbit: the Triton quantization kernels are off on {key}: {why}; using the eager quantizers "
+                  "(same numbers, slower)", file=sys.stderr, flush=True)
+    return _GPU_CHECKED[key] is None
 
 
 def which(device_type: str = "cpu") -> str:
@@ -88,9 +132,9 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
         return False
     if x.device.type == "cuda":
         tq = _triton()
-        return dequant and tq is not None and tq.applies(x, q, amax)
+        return dequant and tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
     return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
-            and _lib() is not None and (amax is None or q.granularity == "tensor"))
+            and not _EAGER_ONLY and _lib() is not None and (amax is None or q.granularity == "tensor"))
 
 
 def absmax(x: torch.Tensor) -> torch.Tensor:
