@@ -36,7 +36,6 @@ shape [..., C] with R = prod(leading dims):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +240,9 @@ def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.
                               amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake_quantize(x, q, generator, amax), the decode scales it used: absmax_scale's shape)."""
     return _run(x, q, generator, amax, dequant=True)
+
+
+kernels.set_reference(fake_quantize_with_scales)  # what the GPU kernels are checked against on first use
 
 
 def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,12 @@ def _triton():
 
 
 _EAGER_ONLY: list = []  # non-empty while the self-check computes its eager reference
+_REFERENCE: list = []  # [lowbit.quant.fake_quantize_with_scales], registered by lowbit.quant (no import cycle)
+
+
+def set_reference(fn) -> None:
+    """Register the eager quantizer the GPU self-check compares against (lowbit.quant does, on import)."""
+    _REFERENCE[:] = [fn]
 _GPU_CHECKED: dict[str, str | None] = {}  # device -> None (passed) or why the Triton kernels are off there
 
 
@@ -83,7 +89,7 @@ def _gpu_self_check(device: torch.device) -> bool:
     key = str(device)
     if key not in _GPU_CHECKED:
         from lowbit.formats import get_format
-        from lowbit.quant import fake_quantize_with_scales
+        fake_quantize_with_scales = _REFERENCE[0]
         why = None
         try:
             g = torch.Generator().manual_seed(0)
