@@ -19,6 +19,38 @@ from lowbit.tensor_quant import TensorQuant
 
 
 @triton.jit
+def _load_f32(ptr, offs, mask, BF16: tl.constexpr):
+    """Elements as fp32 (bf16 widened exactly through its bit pattern)."""
+    if BF16:
+        xb = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return (xb << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _round_to_grid(v, fmax, min_normal, k, SAT: tl.constexpr):
+    """formats.round_to_grid_ (nearest): saturate if asked, then (v + c) − c with c = 1.5·2^(23−mbits)·E."""
+    if SAT:
+        v = tl.where(v < -fmax, -fmax, tl.where(v > fmax, fmax, v))
+    E = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    E = tl.where(E < min_normal, min_normal, E)
+    c = E * k
+    return (v + c) - c
+
+
+@triton.jit
+def _store(ptr, offs, y, mask, BF16: tl.constexpr):
+    """fp32 y stored; bf16 rounded as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), in integer arithmetic."""
+    if BF16:
+        u = y.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, y, mask=mask)
+
+
+@triton.jit
 def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr, GB: tl.constexpr,
                        fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr):
     pid = tl.program_id(0)
@@ -26,11 +58,7 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
     j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
     mask = (g < n_groups) & (j < B)
     offs = g * B + j
-    if BF16:
-        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-        x = (xb << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = _load_f32(x_ptr, offs, mask, BF16)
     bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     ab = tl.max(bits, axis=1)[:, None]  # magnitude patterns: NaN sorts above inf
     amax = tl.where(ab > 0x7F800000, float("nan"), ab.to(tl.float32, bitcast=True))
@@ -51,20 +79,9 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
     s = tl.where(bad, float("nan"), tl.where(zero, 1.0, s))
     e = tl.where(bad, float("nan"), tl.where(zero, 1.0, e))
     v = x * e if RULE == 1 else tl.math.div_rn(x, s)
-    if SAT:
-        v = tl.where(v < -fmax, -fmax, tl.where(v > fmax, fmax, v))
-    E = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    E = tl.where(E < min_normal, min_normal, E)
-    c = E * k
-    v = (v + c) - c
+    v = _round_to_grid(v, fmax, min_normal, k, SAT)
     y = v * s
-    if BF16:  # c10::BFloat16: round to nearest even, NaN -> 0x7FC0
-        u = y.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
-        tl.store(out_ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + offs, y, mask=mask)
+    _store(out_ptr, offs, y, mask, BF16)
     first = j == 0
     tl.store(s_ptr + g + j * 0, s + x * 0, mask=(g < n_groups) & first)
 
@@ -75,29 +92,14 @@ def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fma
     """One scale for all n elements (granularity "tensor"; delayed scaling): s, e 0-d fp32 tensors."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if BF16:
-        xb = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-        x = (xb << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = _load_f32(x_ptr, offs, mask, BF16)
     s = tl.load(s_ptr)
     v = x * tl.load(e_ptr) if USE_E else tl.math.div_rn(x, s)
-    if SAT:
-        v = tl.where(v < -fmax, -fmax, tl.where(v > fmax, fmax, v))
-    E = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    E = tl.where(E < min_normal, min_normal, E)
-    c = E * k
-    v = (v + c) - c
+    v = _round_to_grid(v, fmax, min_normal, k, SAT)
     if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
         v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
     y = v * s
-    if BF16:
-        u = y.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
-        tl.store(out_ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + offs, y, mask=mask)
+    _store(out_ptr, offs, y, mask, BF16)
 
 
 def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
