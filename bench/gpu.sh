@@ -1,37 +1,46 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (its timeouts add up to 9.8 minutes on one GPU): installs nothing beyond the project
-# itself (torch with CUDA must already be there), then
-#   1. bench/train.py on small and gpt2-small for every recipe (tokens/s, step time and ratios to bf16),
-#   2. bench/qlinear.py at widths 1024 and 4096 for every recipe (one layer, forward + backward),
-#   3. the test subset that runs on CUDA (the quantizers and formats on both devices, the CUDA training path),
-#   4. real FP8 GeMMs (gemm = "hardware", SM89+): bench/qlinear.py at widths 4096 and 8192 and bench/train.py on
-#      small and llama-400m, each recipe beside its simulated twin and bf16,
-# writing the tables to $OUT (default bench/gpu_out): train.md, qlinear.md, tests.txt, hardware_qlinear.md,
-# hardware_train.md, machine.txt.
+# The GPU check, in one go: its timeouts add up to under 8 minutes on one GPU. Installs nothing: it runs the source
+# tree (PYTHONPATH=src) under the machine's own python3 with its CUDA torch and Triton, so it works on a machine
+# with no network. In order of what matters most if time runs out:
+#   1. the CUDA tests: Triton quantizers bit for bit the eager ones on the GPU, the FP8 GeMMs (gemm = "hardware",
+#      fp8-block's block-scaled GeMM on Hopper) against the exact simulation, training on CUDA (tests.txt);
+#   2. bench/gpu_kernels.py: Triton fake-quantize vs eager vs a plain copy (kernels.md);
+#   3. bench/qlinear.py at widths 4096 and 8192, every recipe and the hardware variants (qlinear.md);
+#   4. bench/train.py on small and gpt2-small, every recipe, Triton quantizers where they apply (train.md);
+#   5. bench/train.py on gpt2-small and llama-400m with real FP8 GeMMs beside the simulation and bf16 (hardware_train.md);
+# and machine.txt. Tables go to $OUT (default bench/gpu_out).
 #   bash bench/gpu.sh                 # OUT=bench/gpu_out
-#   OUT=/tmp/g bash bench/gpu.sh
+#   OUT=/tmp/g PY=python bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-python - <<'EOF' || { echo "bench/gpu.sh: no CUDA device visible to torch; run it on a GPU machine" >&2; exit 2; }
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+$PY - <<'EOF' || { echo "bench/gpu.sh: no CUDA device visible to torch; run it on a GPU machine" >&2; exit 2; }
 import torch
 assert torch.cuda.is_available()
 EOF
-pip install -q --no-deps -e . >/dev/null 2>&1 || pip install -q --no-deps -e .
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; lscpu | grep -E 'Model name'; } > "$OUT/machine.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability())"
+  lscpu | grep -E 'Model name|^CPU\(s\)'; gcc --version | head -1; } > "$OUT/machine.txt" 2>&1
 status=0
-timeout 200 python bench/train.py --models small,gpt2-small --device cuda --window 3 --windows 2 --passes 1 \
-    > "$OUT/train.md" 2>&1 || { echo "bench/train.py failed or timed out (see $OUT/train.md)"; status=1; }
-timeout 100 python bench/qlinear.py --device cuda --widths 1024 4096 --bf16-max-width 8192 \
-    > "$OUT/qlinear.md" 2>&1 || { echo "bench/qlinear.py failed or timed out (see $OUT/qlinear.md)"; status=1; }
-timeout 120 python -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_formats.py \
-    tests/test_train.py tests/test_hardware_gemm.py -k "cuda or hardware" > "$OUT/tests.txt" 2>&1 || { echo "CUDA tests failed (see $OUT/tests.txt)"; status=1; }
-HW=bf16,fp8-tensor,fp8-tensor@hardware,fp8-rowwise,fp8-rowwise@hardware
-timeout 80 python bench/qlinear.py --device cuda --widths 4096 8192 --bf16-max-width 8192 --recipes "$HW" \
-    > "$OUT/hardware_qlinear.md" 2>&1 || { echo "hardware qlinear failed or timed out (see $OUT/hardware_qlinear.md)"; status=1; }
-timeout 90 python bench/train.py --models small,llama-400m --device cuda --window 3 --windows 2 --passes 1 \
-    --recipes "$HW" > "$OUT/hardware_train.md" 2>&1 || { echo "hardware train failed or timed out (see $OUT/hardware_train.md)"; status=1; }
-tail -n 3 "$OUT/tests.txt"
-echo "bench/gpu.sh: tables in $OUT"
+section() {  # section SECONDS FILE what... : run with a timeout, output to $OUT/FILE, note a failure
+    local t=$1 f=$2; shift 2
+    local t0=$SECONDS
+    timeout "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
+    echo "$f: $((SECONDS - t0)) s"
+}
+section 120 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hardware" \
+    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_train.py tests/test_quant.py tests/test_formats.py
+tail -n 4 "$OUT/tests.txt"
+section 40 kernels.md $PY bench/gpu_kernels.py --size 8192 --repeats 20
+HW=fp8-tensor@hardware,fp8-rowwise@hardware,fp8-rowwise-gw-hp@hardware,fp8-block@hardware
+ALL=$($PY -c "from lowbit import recipes; print(','.join(recipes.names()))")
+section 70 qlinear.md $PY bench/qlinear.py --device cuda --widths 4096 8192 --tokens 8192 --repeats 10 \
+    --bf16-max-width 8192 --recipes "$ALL,$HW"
+section 140 train.md $PY bench/train.py --models small,gpt2-small --device cuda --window 3 --windows 2 --passes 1
+section 100 hardware_train.md $PY bench/train.py --models gpt2-small,llama-400m --device cuda --window 3 \
+    --windows 2 --passes 1 --recipes "bf16,fp8-tensor,fp8-tensor@hardware,fp8-rowwise@hardware,fp8-block,fp8-block@hardware"
+echo "bench/gpu.sh: tables in $OUT (status $status)"
 exit $status

@@ -57,7 +57,8 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
         for r in recipe_names:
             steps = window * (windows + 1)
             cfg = TrainConfig(model=model, recipe=r, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
-                              eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1,
+                              eval_interval=10**9, eval_batches=1, log_interval=window, ckpt_interval=10**9,
+                              keep_last=1,
                               out=str(workdir / f"{model}-{r}"), overwrite=True, seed=0)
             res = train(cfg, progress=False, dataset=ds)
             timed = res.history[1:]  # drop the warm-up window
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                             Path(d), ds) for _ in range(args.passes)]
     peaks.append(peak(device))
     os.environ["LOWBIT_KERNELS"] = args.kernels.split(",")[-1].strip()
-    used = kernels.which() if device.type == "cpu" else "eager"
+    used = kernels.which(device.type)
     os.environ.pop("LOWBIT_KERNELS", None)
     rows = [max(cells, key=lambda c: c["tokens_per_s"]) for cells in zip(*passes)]
     best_peak = max(peaks)
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
            "speed-up is possible here. Peak memory: the run's resident-set high-water mark (CPU; reset per run "
            "where Linux allows) or CUDA's peak allocation."),
         f"Quantizers (LOWBIT_KERNELS): {', '.join(args.kernels.split(','))}; rows without a label used the last "
-        f"mode ({used} here: 'cpu' is lowbit's fused CPU kernels, 'eager' its PyTorch ops; the numbers "
+        f"mode ({used} here: 'cpu' is lowbit's fused CPU kernels, 'triton' its GPU ones, 'eager' its PyTorch ops; "
+        "the numbers "
         "are bit for bit the same).",
         "", table(rows, best_peak), "",
     ])

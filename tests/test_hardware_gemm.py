@@ -13,19 +13,32 @@ from lowbit.nn import QLinear
 from lowbit.nn.hardware import HardwareLinearFunction, scaled_mm
 
 RECIPES = ["fp8-tensor", "fp8-tensor-delayed", "fp8-rowwise", "fp8-rowwise-gw-hp"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
-def run(name: str, gemm: str, compute: str, calls: int = 2, seed: int = 0):
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def run(name: str, gemm: str, compute: str, calls: int = 2, seed: int = 0, device: str = "cpu",
+        shape: tuple[int, int, int] = (32, 64, 48)):
+    """Two forward/backward calls of one QLinear [in -> out] on `tokens` rows: (Y, dX, dW, db) of the last."""
+    tokens, d_in, d_out = shape
     r = dataclasses.replace(recipes.get(name), gemm=gemm, compute_dtype=compute, name=f"{name}-{gemm}")
     torch.manual_seed(seed)
-    q = QLinear.from_linear(torch.nn.Linear(64, 48), r)
-    x = torch.randn(32, 64, requires_grad=True)
-    g = torch.randn(32, 48) * torch.linspace(0.01, 3, 48)  # columns of different scales: rowwise matters
+    q = QLinear.from_linear(torch.nn.Linear(d_in, d_out), r).to(device)
+    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
+    g = torch.randn(tokens, d_out, device=device) * torch.linspace(0.01, 3, d_out, device=device)  # rowwise matters
     for _ in range(calls):  # the second call reads delayed scaling's amax history
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=compute == "bf16"):
             y = q(x)
         y.float().backward(g)
     return y.detach().float(), x.grad.clone(), q.weight.grad.clone(), q.bias.grad.clone()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -41,6 +54,64 @@ def test_hardware_equals_the_exact_simulation(name, monkeypatch):
     assert len(calls) == 2 * (2 if name == "fp8-rowwise-gw-hp" else 3)
     for a, b in zip(run(name, "exact", "fp32"), hw):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@CUDA
+@pytest.mark.parametrize("name", RECIPES + ["fp8-block"])
+def test_hardware_on_the_gpu_equals_the_exact_simulation(name):
+    # The FP8 tensor cores against the exact simulation on the same GPU. Tolerance: Hopper's FP8 MMA keeps fewer
+    # bits than fp32 in its partial sums between cuBLAS's promotions to fp32 (DeepSeek-V3 §3.3.2 measured about
+    # 2^-14 relative per partial sum), so the outputs agree to ~1e-4 in norm, not bit for bit; a wrong scale or
+    # layout is off by O(1). Shapes: multiples of 128, as the block-scaled GeMM needs.
+    if name == "fp8-block" and not hopper():
+        pytest.skip("block-scaled FP8 GeMMs run on Hopper (SM90) only")
+    shape = (256, 384, 256)
+    for a, b in zip(run(name, "exact", "fp32", device="cuda", shape=shape),
+                    run(name, "hardware", "fp32", device="cuda", shape=shape)):
+        err = rel_err(b, a)
+        print(f"{name}: relative error {err:.2e}")
+        assert err < 1e-4
+
+
+def _emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm as its CUDA tests define it for block scales (an independent reference): a [M, K] row-major,
+    b [K, N] column-major; each scale tensor is a grid over its operand ([] one, [M, 1] per row, [M, K/128] 1x128
+    tiles stored outer-dim-major, [M/128, K/128] blocks; b's the same over [K, N]); every FP8 code times the scale
+    of its cell, then an fp32 product."""
+    M, K = a.shape
+    N = b.shape[1]
+    assert b.stride(0) == 1, "b must be column-major"
+    if scale_a.dim() == 2 and scale_a.shape == (M, K // 128) and K > 128:
+        assert scale_a.stride() == (1, M), "1x128 scales of the first operand are read outer-dim-major"
+
+    def grid(s, rows, cols):
+        if s.dim() == 0:
+            return s.expand(rows, cols)
+        return s.repeat_interleave(rows // s.shape[0], 0).repeat_interleave(cols // s.shape[1], 1)
+    return ((a.float() * grid(scale_a, M, K)) @ (b.float() * grid(scale_b, K, N))).to(out_dtype)
+
+
+def test_block_scaled_layouts_as_torch_reads_them(monkeypatch):
+    # fp8-block on hardware with torch._scaled_mm replaced by an emulation of its block-scaled semantics (the CPU
+    # _scaled_mm has none): every GeMM's codes and scales, laid out as the CUDA kernel reads them, give the exact
+    # simulation's Y, dX, dW, db (the same fp32 products: bitwise on this CPU; rtol 1e-6 for the summation order).
+    # Bugs caught: b's scales not transposed with b (a [N/128, K/128] grid read as [K/128, N/128]), tile scales
+    # row-major, dgrad's Wᵀ blocks taken from W's grid untransposed.
+    from lowbit.nn import hardware
+    monkeypatch.setattr(hardware, "check_device", lambda device, blockwise=False: None)
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    shape = (256, 384, 256)
+    for a, b in zip(run("fp8-block", "exact", "fp32", shape=shape),
+                    run("fp8-block", "hardware", "fp32", shape=shape)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_block_scaled_gemm_refused_off_hopper():
+    # one line naming the need and the fix, at the first forward (bug caught: the CPU _scaled_mm called with
+    # block scales, failing deep in torch with a message about scale shapes)
+    with pytest.raises(ValueError, match=r"fp8-block\) need a Hopper GPU \(SM90\).*this is a CPU: use "
+                                         r"gemm='rounded'"):
+        run("fp8-block", "hardware", "fp32", calls=1, shape=(128, 128, 128))
 
 
 @pytest.mark.parametrize("name", ["fp8-tensor", "fp8-rowwise"])
@@ -68,6 +139,13 @@ def test_scaled_mm_by_hand_and_empty():
 def test_recipes_the_fp8_gemm_cannot_run_are_refused(name):
     with pytest.raises(ValueError, match="gemm='rounded'"):
         dataclasses.replace(recipes.get(name), gemm="hardware")
+
+
+def test_block_scales_other_than_128_refused():
+    # cuBLAS's block-scaled FP8 GeMM takes 1x128 and 128x128 only (bug caught: any tile size let through)
+    r = recipes.get("fp8-block")
+    with pytest.raises(ValueError, match="e4m3/tile64/nearest: use gemm='rounded'"):
+        dataclasses.replace(r, input=dataclasses.replace(r.input, block=64), gemm="hardware")
 
 
 def test_name_at_mode_selects_the_gemm():

@@ -201,6 +201,11 @@ def test_modes_and_errors(monkeypatch):
     assert not K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # eager-only rules
     assert not K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))
     assert K.which("cuda") == ("triton" if K._triton() is not None else "eager") and K.which("mps") == "eager"
+    monkeypatch.setenv("LOWBIT_KERNELS", "auto")
+    if K._triton() is not None:  # triton importable: "auto" says triton on CUDA unless the self-check failed there
+        assert K.which("cuda") == "triton"
+        monkeypatch.setattr(K, "_GPU_CHECKED", {"cuda:0": "they failed"})
+        assert K.which("cuda") == "eager"  # (bug caught: result.json saying triton for an eager run)
     monkeypatch.setenv("LOWBIT_KERNELS", "eager")
     assert K.which("cuda") == "eager"
     monkeypatch.setenv("LOWBIT_KERNELS", "fast")
@@ -427,38 +432,49 @@ def test_a_model_training_step_is_the_same_with_and_without_kernels(monkeypatch,
     assert len(ref) == len(got) and all(bits_equal(r, g) for r, g in zip(ref, got))
 
 
+def check_triton_cases(device: str) -> int:
+    """Every configuration the Triton fake-quantize covers, fp32 and bf16, on `device` (CPU tensors under
+    TRITON_INTERPRET=1, or a CUDA GPU): bit for bit the eager quantizer on the same tensors, values and scales.
+    Returns how many configurations ran."""
+    import os
+
+    from lowbit.formats import get_format
+    from lowbit.kernels import triton_quant
+    from lowbit.quant import fake_quantize_with_scales
+
+    n = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for q in QUANTS:
+            # nasty() values, and rows of near-ties: E2M1 midpoints times each row's scale, rounded to fp32, so
+            # x / s lands a last bit either side of a tie (where x * (1 / s) would round differently)
+            mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)
+            ties = (torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 100 + 1) * mid / 6
+            for amax in ((None, 1.0, 0.0, float("inf")) if q.granularity == "tensor" else (None,)):
+                if not triton_quant.applies(torch.empty(0, dtype=dtype), q, amax):
+                    continue
+                # quant._run's rule: the clamp is needed unless fp32 current scaling by division
+                sat = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+                for x in (nasty((16, 24), dtype, seed=7), ties.to(dtype), -ties.to(dtype)):  # negative: |x|
+                    x = x.to(device)
+                    os.environ["LOWBIT_KERNELS"] = "triton"
+                    out, sc = K._run_triton(x, q, get_format(q.fmt), amax, sat)  # what CUDA tensors run
+                    os.environ["LOWBIT_KERNELS"] = "eager"
+                    ref, rs = fake_quantize_with_scales(x, q, amax=amax)
+                    assert bits_equal(out.cpu(), ref.cpu()) and bits_equal(sc.cpu(), rs.cpu()), (qid(q), dtype, amax)
+                n += 1
+    return n
+
+
 TRITON_CHECK = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton_quant defines its kernel: the interpreter runs it on CPU
 sys.path.insert(0, sys.argv[1])
 import torch
-from test_kernels import QUANTS, bits_equal, nasty, qid
+from test_kernels import check_triton_cases
 from lowbit import kernels
-from lowbit.formats import get_format
 from lowbit.kernels import triton_quant
-from lowbit.quant import fake_quantize_with_scales
 
-os.environ["LOWBIT_KERNELS"] = "eager"
-n = 0
-for dtype in (torch.float32, torch.bfloat16):
-    for q in QUANTS:
-        # nasty() values, and rows of near-ties: E2M1 midpoints times each row's scale, rounded to fp32, so x / s
-        # lands a last bit either side of a tie (where x * (1 / s) would round differently)
-        mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)
-        ties = (torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 100 + 1) * mid / 6
-        for amax in ((None, 1.0, 0.0, float("inf")) if q.granularity == "tensor" else (None,)):
-            if not triton_quant.applies(torch.empty(0, dtype=dtype), q, amax):
-                continue
-            # quant._run's rule: the clamp is needed unless fp32 current scaling by division
-            sat = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
-            for x in (nasty((16, 24), dtype, seed=7), ties.to(dtype), -ties.to(dtype)):  # negative: |x| matters
-                os.environ["LOWBIT_KERNELS"] = "triton"
-                out, sc = kernels._run_triton(x, q, get_format(q.fmt), amax, sat)  # what CUDA tensors run
-                os.environ["LOWBIT_KERNELS"] = "eager"
-                ref, rs = fake_quantize_with_scales(x, q, amax=amax)
-                assert bits_equal(out, ref) and bits_equal(sc, rs), (qid(q), dtype, amax)
-            n += 1
-print("checked", n)
+print("checked", check_triton_cases("cpu"))
 
 # the first-use self-check passes here, and a kernel that is off by one bit is caught and turned off, said once
 os.environ["LOWBIT_KERNELS"] = "triton"
@@ -468,6 +484,19 @@ triton_quant.fake_quantize_scalar = lambda *a: real(*a) * 1.0000001
 kernels._GPU_CHECKED.clear()
 assert not kernels._gpu_self_check(torch.device("cpu")) and not kernels._gpu_self_check(torch.device("cpu"))
 """
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
+def test_triton_kernel_bitwise_on_the_gpu(monkeypatch):
+    """The compiled Triton kernels on a real GPU, bit for bit the eager quantizer run by torch on the same GPU
+    (the interpreter test checks the algorithm; this one the compiler and the hardware's division, rounding and
+    bf16 store), and the first-use self-check passes there."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOWBIT_KERNELS", "eager")
+    assert check_triton_cases("cuda") >= 30
+    monkeypatch.setenv("LOWBIT_KERNELS", "triton")
+    monkeypatch.setattr(K, "_GPU_CHECKED", {})
+    assert K._gpu_self_check(torch.device("cuda"))
 
 
 def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):

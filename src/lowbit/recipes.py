@@ -202,10 +202,13 @@ def hardware_problem(r: "Recipe") -> str | None:
     for name, q in ops.items():
         if q is None and name != "dgrad_weight":
             return f"gemm='hardware' needs every GeMM operand in FP8, but {name} is not quantized"
-        if q is not None and not (q.fmt in ("e4m3", "e5m2") and q.granularity in ("tensor", "row")
+        blocked = q is not None and q.granularity in ("tile", "block") and q.block == 128 and q.fmt == "e4m3"
+        if q is not None and not (q.fmt in ("e4m3", "e5m2") and (q.granularity in ("tensor", "row") or blocked)
                                   and q.rounding == "nearest" and not q.hadamard and not q.four_over_six):
-            return (f"gemm='hardware' runs FP8 GeMMs with per-tensor or per-row scales (torch._scaled_mm); {name} is "
-                    f"{q.fmt}/{q.granularity}/{q.rounding}: use gemm='rounded' to simulate this recipe")
+            return (f"gemm='hardware' runs FP8 GeMMs with per-tensor, per-row or E4M3 1x128/128x128 block scales "
+                    f"(torch._scaled_mm); {name} is {q.fmt}/{q.granularity}"
+                    f"{q.block if q.granularity in ('tile', 'block') else ''}/{q.rounding}: use gemm='rounded' to "
+                    "simulate this recipe")
     if r.scheme != "lowbit" or r.occ.enabled or r.dge.enabled or r.weight_scale_axis == "in" \
             or r.wgrad_input == "forward":
         return ("gemm='hardware' takes no OCC, DGE, scheme='quartet', weight_scale_axis='in' or "

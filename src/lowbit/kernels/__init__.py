@@ -126,8 +126,9 @@ def which(device_type: str = "cpu") -> str:
     """Which quantizers tensors on `device_type` run in this process (for result.json): "cpu" (the compiled C
     kernels), "triton" (CUDA, where triton imports; it covers row/tile fake-quantize, eager does the rest) or
     "eager"."""
-    if device_type == "cuda":
-        return "triton" if _triton() is not None else "eager"
+    if device_type == "cuda":  # "eager" too where the first-use self-check turned Triton off
+        off = any(why for dev, why in _GPU_CHECKED.items() if dev.startswith("cuda"))
+        return "triton" if _triton() is not None and not off else "eager"
     return "cpu" if device_type == "cpu" and _lib() is not None else "eager"
 
 

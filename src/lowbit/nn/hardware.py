@@ -7,9 +7,10 @@ operands along its reduction dim, as the simulation does:
     Y  = Q(X) · Q(W)ᵀ            X [M, K] rows, W [N, K] rows
     dX = Q(dY) · Q_dg(Wᵀ)ᵀ        dY [M, N] rows, Wᵀ [K, N] rows (dgrad_weight's quantizer when the recipe sets one)
     dW = Q(dYᵀ) · Q(Xᵀ)ᵀ          dYᵀ [N, M] rows, Xᵀ [K, M] rows (high precision with wgrad_high_precision)
-Which recipes can run here is recipes.hardware_problem's rule (FP8, tensor or row scales, nearest rounding, no
-OCC/DGE/Hadamard). torch._scaled_mm runs tensorwise and rowwise FP8 on CPUs too (a numerics path there: slower
-than a bf16 matmul) and on CUDA GPUs with FP8 tensor cores (SM89+). Statistics are not collected on this path.
+Which recipes can run here is recipes.hardware_problem's rule (FP8; tensor, row, or DeepSeek-V3's 1x128 tile and
+128x128 block scales; nearest rounding; no OCC/DGE/Hadamard). torch._scaled_mm runs tensorwise and rowwise FP8 on
+CPUs too (a numerics path there: slower than a bf16 matmul) and on CUDA GPUs with FP8 tensor cores (SM89+); the
+block-scaled GeMM (fp8-block) on Hopper through cuBLAS 12.9+. Statistics are not collected on this path.
 """
 from __future__ import annotations
 
@@ -20,37 +21,61 @@ from lowbit.quant import quantize
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def check_device(device: torch.device) -> None:
-    """One line naming what is missing where torch._scaled_mm has no FP8 GeMM: a CUDA GPU below SM89, or a device
-    other than a CPU or a CUDA GPU."""
+def _blockwise(spec) -> bool:
+    """Whether the spec's GeMMs take DeepSeek-V3's 1x128 tile / 128x128 block scales (fp8-block)."""
+    qs = (spec.input, spec.weight, spec.grad_output, spec.dgrad_weight)
+    return any(q is not None and q.granularity in ("tile", "block") for q in qs)
+
+
+def check_device(device: torch.device, blockwise: bool = False) -> None:
+    """One line naming what is missing where torch._scaled_mm has no FP8 GeMM for these scales: tensorwise and
+    rowwise run on CPUs and CUDA GPUs from SM89; 1x128/128x128 block scales on Hopper (SM90) through cuBLAS 12.9+
+    only (torch's CPU _scaled_mm has no block-scaled path)."""
+    where = "a CPU" if device.type == "cpu" else device.type
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
+        where = f"{torch.cuda.get_device_name(device)} (SM{major}{minor})"
         if (major, minor) < (8, 9):
-            raise ValueError(f"gemm='hardware' needs FP8 tensor cores (SM89+: Ada, Hopper, Blackwell); "
-                             f"{torch.cuda.get_device_name(device)} is SM{major}{minor}: use gemm='rounded' to "
-                             "simulate")
-    elif device.type != "cpu":
-        raise ValueError(f"gemm='hardware' runs on CPUs and CUDA GPUs (SM89+), not on {device.type}; "
-                         "use gemm='rounded' to simulate")
+            raise ValueError(f"gemm='hardware' needs FP8 tensor cores (SM89+: Ada, Hopper, Blackwell); {where} "
+                             "has none: use gemm='rounded' to simulate")
+        if not blockwise or major == 9:
+            return
+    elif device.type == "cpu" and not blockwise:
+        return
+    need = ("FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
+            if blockwise else "FP8 GeMMs need a CPU or a CUDA GPU (SM89+)")
+    raise ValueError(f"gemm='hardware': {need}; this is {where}: use gemm='rounded' to simulate")
 
 
-def _codes(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 codes [R, K], fp32 scales [R, 1]) of t [R, K] quantized along its last dim."""
+def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [R, K] quantized along K -> (FP8 codes [R, K], fp32 dequantization scales laid out as torch._scaled_mm
+    takes them for its *first* operand): tensor [] · row [R, 1] · tile 1x128 [R, K/128], outer-dim-major
+    (strides (1, R), as cuBLAS reads 1D block scales) · block 128x128 [R/128, K/128]."""
     qt = quantize(t.contiguous(), q, None, amax)
-    return qt.codes.view(_FP8[q.fmt]), qt.scales.float().reshape(-1, 1).expand(t.shape[0], 1).contiguous()
+    codes, s, (R, K) = qt.codes.view(_FP8[q.fmt]), qt.scales.float(), t.shape
+    if q.granularity == "tensor":
+        return codes, s.reshape(())
+    if q.granularity == "row":
+        return codes, s.reshape(R, 1)
+    if q.granularity == "tile":
+        return codes, s.reshape(R, K // q.block).t().contiguous().t()
+    return codes, s.reshape(R // q.block, K // q.block)
 
 
 def scaled_mm(a: torch.Tensor, qa, b: torch.Tensor, qb, out_dtype: torch.dtype, amax_a=None,
               amax_b=None) -> torch.Tensor:
-    """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N]."""
+    """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N].
+    The second operand goes in transposed (codes [K, N] column-major), its scales with it: row [1, N],
+    tile [K/128, N], block [K/128, N/128]; a tensor scale beside a row scale is broadcast to a row."""
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:  # an expert no token chose: nothing to multiply
         return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    ca, sa = _codes(a, qa, amax_a)
-    cb, sb = _codes(b, qb, amax_b)
-    if qa.granularity == "tensor" and qb.granularity == "tensor":
-        sa, sb = sa[:1, 0].reshape(()), sb[:1, 0].reshape(())  # tensorwise: one scale each
-    else:
-        sb = sb.reshape(1, -1)
+    ca, sa = _operand(a, qa, amax_a)
+    cb, sb = _operand(b, qb, amax_b)
+    if "row" in (qa.granularity, qb.granularity):  # rowwise (a tensor scale beside a row one broadcast to a row)
+        sa = sa.reshape(-1, 1).expand(a.shape[0], 1).contiguous()
+        sb = sb.reshape(1, -1).expand(1, b.shape[0]).contiguous()
+    else:  # tensorwise, or block-scaled: b's scales transposed with it
+        sb = sb.t()
     return torch._scaled_mm(ca, cb.t(), sa, sb, out_dtype=out_dtype)
 
 
@@ -59,7 +84,7 @@ class HardwareLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec, state, cdtype):
-        check_device(x2.device)
+        check_device(x2.device, _blockwise(spec))
         x, w = x2.to(cdtype), weight.to(cdtype)
         ax = state.delayed_amax("input", x, True) if spec.delayed else None
         aw = state.delayed_amax("weight", w, True) if spec.delayed else None
