@@ -459,8 +459,8 @@ def check_triton_cases(device: str) -> int:
                     os.environ["LOWBIT_KERNELS"] = "triton"
                     out, sc = K._run_triton(x, q, get_format(q.fmt), amax, sat)  # what CUDA tensors run
                     os.environ["LOWBIT_KERNELS"] = "eager"
-                    ref, rs = fake_quantize_with_scales(x, q, amax=amax)
-                    assert bits_equal(out.cpu(), ref.cpu()) and bits_equal(sc.cpu(), rs.cpu()), (qid(q), dtype, amax)
+                    ref, rs = fake_quantize_with_scales(x.cpu(), q, amax=amax)  # the CPU's eager: the spec
+                    assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax)
                 n += 1
     return n
 
@@ -484,6 +484,45 @@ triton_quant.fake_quantize_scalar = lambda *a: real(*a) * 1.0000001
 kernels._GPU_CHECKED.clear()
 assert not kernels._gpu_self_check(torch.device("cpu")) and not kernels._gpu_self_check(torch.device("cpu"))
 """
+
+
+def _triton_variants():
+    """(kernel, signature, constexprs) for every specialisation the launchers in triton_quant can ask for."""
+    from lowbit.kernels import triton_quant as tq
+    for bf16, use_e, sat, inf in itertools.product((False, True), repeat=4):
+        p = "*bf16" if bf16 else "*fp32"
+        sig = {"x_ptr": p, "out_ptr": p, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr",
+               "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "USE_E": "constexpr", "BF16": "constexpr",
+               "SAT": "constexpr", "INF": "constexpr"}
+        yield tq._fake_quant_scalar, sig, {"BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat, "INF": inf}
+    for bf16, rule, sat in itertools.product((False, True), (0, 1, 2), (False, True)):
+        p = "*bf16" if bf16 else "*fp32"
+        sig = {"x_ptr": p, "out_ptr": p, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr", "BP": "constexpr",
+               "GB": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "c_emax": "fp32",
+               "RULE": "constexpr", "BF16": "constexpr", "SAT": "constexpr"}
+        yield tq._fake_quant_groups, sig, {"B": 24, "BP": 32, "GB": 64, "RULE": rule, "BF16": bf16, "SAT": sat}
+
+
+def test_triton_kernels_compile_for_hopper_without_fma():
+    """Every specialisation of the Triton kernels compiled to PTX for sm_90 with the launch options the code uses
+    (no GPU needed: Triton's compiler and the ptxas it ships run on CPU), and no fused multiply-add in the PTX.
+    Bugs caught, both seen on an H200 and invisible to the interpreter: a helper with a return per branch (bf16
+    and fp32 return types) fails to compile; Triton's default FP fusion turns x·e + c into one fma."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit.kernels import triton_quant as tq
+    n = 0
+    for fn, sig, const in _triton_variants():
+        names = list(sig)
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(tq.OPTIONS)).asm["ptx"]
+        assert "fma." not in ptx, (fn.__name__, const)
+        if fn is tq._fake_quant_groups and const["RULE"] == 0:
+            assert "div.rn.f32" in ptx  # the divide rule divides correctly rounded, not div.full/approx
+        n += 1
+    assert n == 28
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")

@@ -37,6 +37,13 @@ E4M3_MAX_4OVER6 = 256.0
 _E4M3 = get_format("e4m3")
 
 
+def _div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """a / c, correctly rounded on every device. (On CUDA, PyTorch turns a division by a Python number into a
+    multiplication by its reciprocal, which differs from a / c in the last bit for c = 6 and 448: scales, and so
+    codes, would depend on the device. Dividing by a tensor is a true division everywhere.)"""
+    return a / torch.full_like(a, c)
+
+
 def _to_e4m3_(s: torch.Tensor) -> torch.Tensor:
     """Round fp32 s onto the E4M3 grid in place (saturating at 448)."""
     round_to_grid_(s.view(-1), _E4M3, torch.empty_like(s).view(-1))
@@ -49,14 +56,14 @@ def _pow2(amax: torch.Tensor, q: TensorQuant, fmt: Format) -> torch.Tensor:
         s = torch.bitwise_and(amax.view(torch.int32), 0x7F800000).view(torch.float32)
         return s.mul_(2.0 ** -fmt.emax).clamp_min_(2.0 ** -127)  # amax < 2^-126 -> 2^-127 (E8M0's min)
     # ceil, exactly (no log2 rounding): r = m·2^k with m in [0.5, 1); 2^ceil(log2 r) = 2^(k-1) iff m == 0.5
-    m, k = torch.frexp(amax / fmt.max)
+    m, k = torch.frexp(_div(amax, fmt.max))
     k = k - (m == 0.5).to(k.dtype)
     return torch.ldexp(torch.ones_like(amax), k.clamp_(-127, 127))
 
 
 def _tensor_scale(amax, tensor_amax, fmt, block_max):
     t = (amax.amax() if tensor_amax is None else tensor_amax).float()
-    s_t = t / (fmt.max * block_max)
+    s_t = _div(t, fmt.max * block_max)
     return t, torch.where((t == 0) | (s_t == 0), 1.0, s_t)
 
 
@@ -66,12 +73,12 @@ def _nvfp4(amax, q, fmt, tensor_amax, block_max=E4M3_MAX):
         t = (amax.amax() if tensor_amax is None else tensor_amax).float()
         g = (fmt.max * block_max / t).clamp_max_(FP32_MAX)
         g = torch.where(g == 0, 1.0, g)
-        d = _to_e4m3_((amax / fmt.max * g).clamp_max_(E4M3_MAX))
+        d = _to_e4m3_((_div(amax, fmt.max) * g).clamp_max_(E4M3_MAX))
         s = d * (1.0 / g)
         e = (1.0 / s).clamp_max_(FP32_MAX)
         return s.masked_fill_(~(t < math.inf), math.nan), e
     t, s_t = _tensor_scale(amax, tensor_amax, fmt, block_max)
-    s = _to_e4m3_(amax / fmt.max / s_t).clamp_min_(E4M3_MIN_SUBNORMAL).mul_(s_t)
+    s = _to_e4m3_(_div(amax, fmt.max) / s_t).clamp_min_(E4M3_MIN_SUBNORMAL).mul_(s_t)
     return s.masked_fill_(~(t < math.inf), math.nan), None  # a non-finite tensor absmax: every group
 
 
@@ -115,7 +122,7 @@ def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
         else:
             # at least fp32's smallest normal, 2^-126: a subnormal scale would lose relative precision,
             # and x / s could then exceed max (see `saturate` in quant._run)
-            s = (amax / fmt.max).clamp_min_(FP32_MIN_NORMAL)
+            s = _div(amax, fmt.max).clamp_min_(FP32_MIN_NORMAL)
     elif q.scale_fmt == "e8m0":
         s = _pow2(amax, q, fmt)
         e = 1.0 / s if q.reciprocal else None  # exact: a power of two
@@ -123,7 +130,7 @@ def scale_from_amax(amax: torch.Tensor, q: TensorQuant, fmt: Format,
         s, e = _nvfp4(amax, q, fmt, tensor_amax, block_max)
     if q.scale_mult != 1.0:
         s = s * q.scale_mult
-        e = None if e is None else (e / q.scale_mult).clamp_max_(FP32_MAX)
+        e = None if e is None else _div(e, q.scale_mult).clamp_max_(FP32_MAX)
     zero, bad = amax == 0, ~(amax < math.inf)
     s.masked_fill_(zero, 1.0).masked_fill_(bad, math.nan)
     if e is not None:

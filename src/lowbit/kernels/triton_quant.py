@@ -17,14 +17,20 @@ import triton.language as tl
 from lowbit.formats import Format
 from lowbit.tensor_quant import TensorQuant
 
+# Launch options of every kernel here: no FMA contraction. With Triton's default (fusion on) x·e + c compiles to
+# one fma, rounding once where the eager code rounds x·e first (seen in the PTX for sm_90).
+OPTIONS = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def _load_f32(ptr, offs, mask, BF16: tl.constexpr):
     """Elements as fp32 (bf16 widened exactly through its bit pattern)."""
-    if BF16:
+    if BF16:  # one return at the end: Triton compiles every return statement, and their types must agree
         xb = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-        return (xb << 16).to(tl.float32, bitcast=True)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+        x = (xb << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x
 
 
 @triton.jit
@@ -112,7 +118,8 @@ def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | Non
     e_t = s if e is None else e.reshape(()).float().contiguous()
     _fake_quant_scalar[(triton.cdiv(n, 1024),)](
         x, out, s, e_t, n, BLOCK=1024, fmax=fmt.max, min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits),
-        USE_E=e is not None, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf)
+        USE_E=e is not None, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf,
+        **OPTIONS)
     return out
 
 
@@ -141,5 +148,5 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format) -> tuple
     _fake_quant_groups[(triton.cdiv(n, GB),)](
         x3, out, scales, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
-        SAT=saturate)
+        SAT=saturate, **OPTIONS)
     return out, scales

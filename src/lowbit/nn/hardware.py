@@ -21,17 +21,30 @@ from lowbit.quant import quantize
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def _blockwise(spec) -> bool:
-    """Whether the spec's GeMMs take DeepSeek-V3's 1x128 tile / 128x128 block scales (fp8-block)."""
-    qs = (spec.input, spec.weight, spec.grad_output, spec.dgrad_weight)
-    return any(q is not None and q.granularity in ("tile", "block") for q in qs)
+def _granularities(spec) -> set[str]:
+    return {q.granularity for q in (spec.input, spec.weight, spec.grad_output, spec.dgrad_weight) if q is not None}
 
 
-def check_device(device: torch.device, blockwise: bool = False) -> None:
-    """One line naming what is missing where torch._scaled_mm has no FP8 GeMM for these scales: tensorwise and
-    rowwise run on CPUs and CUDA GPUs from SM89; 1x128/128x128 block scales on Hopper (SM90) through cuBLAS 12.9+
-    only (torch's CPU _scaled_mm has no block-scaled path)."""
-    where = "a CPU" if device.type == "cpu" else device.type
+_CPU_ROWWISE: list[bool] = []  # whether this torch's CPU _scaled_mm takes per-row scales (probed once)
+
+
+def _cpu_rowwise() -> bool:
+    if not _CPU_ROWWISE:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        try:
+            torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.float32)
+            _CPU_ROWWISE.append(True)
+        except RuntimeError:  # torch 2.11's CPU kernel (oneDNN) asserts per-tensor scales
+            _CPU_ROWWISE.append(False)
+    return _CPU_ROWWISE[0]
+
+
+def check_device(device: torch.device, spec) -> None:
+    """One line naming what is missing where torch._scaled_mm has no FP8 GeMM for the spec's scales: tensorwise
+    runs on CPUs and CUDA GPUs from SM89; rowwise on those GPUs and on CPUs with torch >= 2.13; 1x128/128x128
+    block scales on Hopper (SM90) through cuBLAS 12.9+ only."""
+    kinds = _granularities(spec)
+    blockwise = bool(kinds & {"tile", "block"})
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"{torch.cuda.get_device_name(device)} (SM{major}{minor})"
@@ -40,33 +53,43 @@ def check_device(device: torch.device, blockwise: bool = False) -> None:
                              "has none: use gemm='rounded' to simulate")
         if not blockwise or major == 9:
             return
-    elif device.type == "cpu" and not blockwise:
-        return
-    need = ("FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
-            if blockwise else "FP8 GeMMs need a CPU or a CUDA GPU (SM89+)")
+        need = "FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
+    elif device.type == "cpu":
+        where = f"a CPU with torch {torch.__version__}"
+        if blockwise:
+            need = "FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
+        elif "row" in kinds and not _cpu_rowwise():
+            need = "rowwise FP8 GeMMs on a CPU need torch >= 2.13 (this torch's CPU _scaled_mm takes per-tensor scales)"
+        else:
+            return
+    else:
+        where, need = device.type, "FP8 GeMMs need a CPU or a CUDA GPU (SM89+)"
     raise ValueError(f"gemm='hardware': {need}; this is {where}: use gemm='rounded' to simulate")
 
 
 def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, K] quantized along K -> (FP8 codes [R, K], fp32 dequantization scales laid out as torch._scaled_mm
     takes them for its *first* operand): tensor [] · row [R, 1] · tile 1x128 [R, K/128], outer-dim-major
-    (strides (1, R), as cuBLAS reads 1D block scales) · block 128x128 [R/128, K/128]."""
+    (strides (1, R), as cuBLAS reads 1D block scales) · block 128x128: the same 1x128 layout, each row carrying
+    its block's scale. (cuBLAS's own 128x128 layout wants the scale rows padded to a multiple of 4 blocks, which
+    torch 2.11 neither does nor checks: on an H200 a K of 384 gave garbage. 1x128 everywhere is the same
+    product with one more scale load per 128 codes.)"""
     qt = quantize(t.contiguous(), q, None, amax)
     codes, s, (R, K) = qt.codes.view(_FP8[q.fmt]), qt.scales.float(), t.shape
     if q.granularity == "tensor":
         return codes, s.reshape(())
     if q.granularity == "row":
         return codes, s.reshape(R, 1)
-    if q.granularity == "tile":
-        return codes, s.reshape(R, K // q.block).t().contiguous().t()
-    return codes, s.reshape(R // q.block, K // q.block)
+    if q.granularity == "block":
+        s = s.reshape(R // q.block, K // q.block).repeat_interleave(q.block, 0)
+    return codes, s.reshape(R, K // q.block).t().contiguous().t()
 
 
 def scaled_mm(a: torch.Tensor, qa, b: torch.Tensor, qb, out_dtype: torch.dtype, amax_a=None,
               amax_b=None) -> torch.Tensor:
     """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N].
     The second operand goes in transposed (codes [K, N] column-major), its scales with it: row [1, N],
-    tile [K/128, N], block [K/128, N/128]; a tensor scale beside a row scale is broadcast to a row."""
+    tile and block [K/128, N]; a tensor scale beside a row scale is broadcast to a row."""
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:  # an expert no token chose: nothing to multiply
         return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     ca, sa = _operand(a, qa, amax_a)
@@ -84,7 +107,7 @@ class HardwareLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec, state, cdtype):
-        check_device(x2.device, _blockwise(spec))
+        check_device(x2.device, spec)
         x, w = x2.to(cdtype), weight.to(cdtype)
         ax = state.delayed_amax("input", x, True) if spec.delayed else None
         aw = state.delayed_amax("weight", w, True) if spec.delayed else None
