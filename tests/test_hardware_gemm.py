@@ -163,16 +163,22 @@ def test_block_scaled_gemm_refused_off_hopper():
         run("fp8-block", "hardware", "fp32", calls=1, shape=(128, 128, 128))
 
 
-@pytest.mark.parametrize("name", ["fp8-tensor", "fp8-rowwise"])
+@pytest.mark.parametrize("name", ["fp8-tensor", "fp8-rowwise", "fp8-rowwise-gw-hp"])
 def test_bf16_output_within_one_bf16_step(name):
     # bf16 compute: the fp32 GeMM result is rounded to bf16 once in both paths; a different accumulation order can
     # put a value on the other side of a rounding boundary, so Y may differ by one bf16 step (at most 2^-7 of the
     # value: bf16 keeps 8 significant bits); the gradients (fp32) as in fp32.
+    # gw-hp's weight gradient is a plain bf16 GeMM on hardware (torchao's rowwise_with_gw_hp), which is what
+    # the "rounded" simulation computes, not "exact"'s fp32 product: equal to the former bit for bit.
     cpu_rowwise(name)
     e, h = run(name, "exact", "bf16"), run(name, "hardware", "bf16")
     assert ((e[0] - h[0]).abs() <= e[0].abs() * 2.0 ** -7).all()
     assert (e[0] != h[0]).float().mean() < 0.05  # a few boundary cases, not a different computation
-    for a, b, bound in zip(e[1:], h[1:], order_bounds((32, 64, 48), compute="bf16")[1:]):
+    bounds = order_bounds((32, 64, 48), compute="bf16")
+    if name == "fp8-rowwise-gw-hp":
+        assert torch.equal(h[2], run(name, "rounded", "bf16")[2])  # bug caught: dW as an fp32 GeMM (slow on GPUs)
+        e, h, bounds = e[:2] + e[3:], h[:2] + h[3:], bounds[:2] + bounds[3:]
+    for a, b, bound in zip(e[1:], h[1:], bounds[1:]):
         assert_within(b, a, bound)
 
 

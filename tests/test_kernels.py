@@ -440,7 +440,7 @@ def check_triton_cases(device: str) -> int:
 
     from lowbit.formats import get_format
     from lowbit.kernels import triton_quant
-    from lowbit.quant import fake_quantize_with_scales
+    from lowbit.quant import _run, fake_quantize_with_scales
 
     n = 0
     for dtype in (torch.float32, torch.bfloat16):
@@ -461,6 +461,11 @@ def check_triton_cases(device: str) -> int:
                     os.environ["LOWBIT_KERNELS"] = "eager"
                     ref, rs = fake_quantize_with_scales(x.cpu(), q, amax=amax)  # the CPU's eager: the spec
                     assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax)
+                    os.environ["LOWBIT_KERNELS"] = "triton"  # quantize()'s rounded values (codes), fp32
+                    out, sc = K._run_triton(x, q, get_format(q.fmt), amax, sat, dequant=False)
+                    os.environ["LOWBIT_KERNELS"] = "eager"
+                    ref, rs = _run(x.cpu(), q, None, amax, dequant=False)
+                    assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax, "codes")
                 n += 1
     return n
 
@@ -489,18 +494,21 @@ assert not kernels._gpu_self_check(torch.device("cpu")) and not kernels._gpu_sel
 def _triton_variants():
     """(kernel, signature, constexprs) for every specialisation the launchers in triton_quant can ask for."""
     from lowbit.kernels import triton_quant as tq
-    for bf16, use_e, sat, inf in itertools.product((False, True), repeat=4):
-        p = "*bf16" if bf16 else "*fp32"
-        sig = {"x_ptr": p, "out_ptr": p, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr",
+    for bf16, use_e, sat, inf, deq in itertools.product((False, True), repeat=5):
+        p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
+        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr",
                "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "USE_E": "constexpr", "BF16": "constexpr",
-               "SAT": "constexpr", "INF": "constexpr"}
-        yield tq._fake_quant_scalar, sig, {"BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat, "INF": inf}
-    for bf16, rule, sat in itertools.product((False, True), (0, 1, 2), (False, True)):
-        p = "*bf16" if bf16 else "*fp32"
-        sig = {"x_ptr": p, "out_ptr": p, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr", "BP": "constexpr",
+               "SAT": "constexpr", "INF": "constexpr", "DEQUANT": "constexpr", "OUT_BF16": "constexpr"}
+        yield tq._fake_quant_scalar, sig, {"BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat, "INF": inf,
+                                           "DEQUANT": deq, "OUT_BF16": bf16 and deq}
+    for bf16, rule, sat, deq in itertools.product((False, True), (0, 1, 2), (False, True), (False, True)):
+        p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
+        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr", "BP": "constexpr",
                "GB": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "c_emax": "fp32",
-               "RULE": "constexpr", "BF16": "constexpr", "SAT": "constexpr"}
-        yield tq._fake_quant_groups, sig, {"B": 24, "BP": 32, "GB": 64, "RULE": rule, "BF16": bf16, "SAT": sat}
+               "RULE": "constexpr", "BF16": "constexpr", "SAT": "constexpr", "DEQUANT": "constexpr",
+               "OUT_BF16": "constexpr"}
+        yield tq._fake_quant_groups, sig, {"B": 24, "BP": 32, "GB": 64, "RULE": rule, "BF16": bf16, "SAT": sat,
+                                           "DEQUANT": deq, "OUT_BF16": bf16 and deq}
 
 
 def test_triton_kernels_compile_for_hopper_without_fma():
@@ -522,7 +530,7 @@ def test_triton_kernels_compile_for_hopper_without_fma():
         if fn is tq._fake_quant_groups and const["RULE"] == 0:
             assert "div.rn.f32" in ptx  # the divide rule divides correctly rounded, not div.full/approx
         n += 1
-    assert n == 28
+    assert n == 56
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")

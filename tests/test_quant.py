@@ -295,10 +295,10 @@ def test_device(device):
               TensorQuant("e4m3", "tensor"), TensorQuant("e5m2", "row", reciprocal=True),
               TensorQuant("e2m1", "tile", 32, "e8m0"), TensorQuant("e4m3", "tile", 32, "e8m0", scale_round="ceil"),
               TensorQuant("e2m1", "tile", 16, "e4m3", reciprocal=True), TensorQuant("e4m3", "tile", 128),
-              TensorQuant("e2m1", "row", scale_mult=0.75), TensorQuant("e2m1", "row", rounding="stochastic")):
-        y = fake_quantize(x, q, generator=torch.Generator().manual_seed(1))
+              TensorQuant("e2m1", "row", scale_mult=0.75)):  # (SR: each device's generator draws its own keys)
+        y = fake_quantize(x, q)
         assert y.device == x.device
-        assert torch.equal(y.cpu(), fake_quantize(x.cpu(), q, generator=torch.Generator().manual_seed(1))), q
+        assert torch.equal(y.cpu(), fake_quantize(x.cpu(), q)), q
 
 
 def test_scales_do_not_depend_on_cudas_division_by_a_number(monkeypatch):

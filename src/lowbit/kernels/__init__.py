@@ -134,12 +134,12 @@ def which(device_type: str = "cpu") -> str:
 
 def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) -> bool:
     """Whether a compiled kernel computes fake_quantize/quantize of x under q (else the eager code runs): the C
-    kernels on CPU, the Triton one on CUDA (row/tile groups, RNE, fp32 or E8M0-floor scales, fake-quantize)."""
+    kernels on CPU, the Triton one on CUDA (row/tile groups, RNE, fp32 or E8M0-floor scales; values or codes)."""
     if torch.compiler.is_compiling():
         return False
     if x.device.type == "cuda":
         tq = _triton()
-        return dequant and tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
+        return tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
     return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
             and not _EAGER_ONLY and _lib() is not None and (amax is None or q.granularity == "tensor"))
 
@@ -174,7 +174,7 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     transposed copy; the output is then also a transposed view (same values, same scales)."""
     odt = x.dtype if dequant else torch.float32
     if x.device.type == "cuda":  # applies() admitted it: Triton
-        return _run_triton(x.contiguous(), q, fmt, amax, saturate)
+        return _run_triton(x.contiguous(), q, fmt, amax, saturate, dequant)
     if _transposed(x, q):
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
     xc = x.contiguous()
@@ -194,14 +194,14 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     return out, scales.view(scale_shape(x.shape, q))
 
 
-def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool):
+def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True):
     tq = _triton()
     if q.granularity == "tensor":  # the scale as the eager code computes it (torch ops, no host sync)
         a = torch.maximum(x.amax(), -x.amin()).float() if amax is None else \
             torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
         s, e = scale_from_amax(a, q, fmt)
-        return tq.fake_quantize_scalar(x, s, e, fmt, saturate).view(x.shape), s
-    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt)
+        return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant).view(x.shape), s
+    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant)
     return out.view(x.shape), scales.view(scale_shape(x.shape, q))
 
 

@@ -58,7 +58,9 @@ def _store(ptr, offs, y, mask, BF16: tl.constexpr):
 
 @triton.jit
 def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr, GB: tl.constexpr,
-                       fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr):
+                       fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr,
+                       DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s."""
     pid = tl.program_id(0)
     g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
     j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
@@ -86,16 +88,18 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
     e = tl.where(bad, float("nan"), tl.where(zero, 1.0, e))
     v = x * e if RULE == 1 else tl.math.div_rn(x, s)
     v = _round_to_grid(v, fmax, min_normal, k, SAT)
-    y = v * s
-    _store(out_ptr, offs, y, mask, BF16)
+    y = v * s if DEQUANT else v
+    _store(out_ptr, offs, y, mask, OUT_BF16)
     first = j == 0
     tl.store(s_ptr + g + j * 0, s + x * 0, mask=(g < n_groups) & first)
 
 
 @triton.jit
 def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fmax, min_normal, k,
-                       USE_E: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr, INF: tl.constexpr):
-    """One scale for all n elements (granularity "tensor"; delayed scaling): s, e 0-d fp32 tensors."""
+                       USE_E: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr, INF: tl.constexpr,
+                       DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
+    """One scale for all n elements (granularity "tensor"; delayed scaling): s, e 0-d fp32 tensors; the
+    fake-quantized values (DEQUANT) or the fp32 rounded values."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load_f32(x_ptr, offs, mask, BF16)
@@ -104,27 +108,28 @@ def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fma
     v = _round_to_grid(v, fmax, min_normal, k, SAT)
     if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
         v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
-    y = v * s
-    _store(out_ptr, offs, y, mask, BF16)
+    y = v * s if DEQUANT else v
+    _store(out_ptr, offs, y, mask, OUT_BF16)
 
 
 def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
-                         saturate: bool) -> torch.Tensor:
+                         saturate: bool, dequant: bool = True) -> torch.Tensor:
     """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s), as
-    lowbit.quant's kernel: saturate when the caller's rule needs it; e5m2 keeps ±inf then."""
-    out = torch.empty_like(x)
+    lowbit.quant's kernel: saturate when the caller's rule needs it; e5m2 keeps ±inf then. dequant=False: the
+    rounded values (fp32) instead, what quantize() turns into codes."""
+    out = torch.empty_like(x, dtype=x.dtype if dequant else torch.float32)
     n = x.numel()
     s = s.reshape(()).float().contiguous()
     e_t = s if e is None else e.reshape(()).float().contiguous()
     _fake_quant_scalar[(triton.cdiv(n, 1024),)](
         x, out, s, e_t, n, BLOCK=1024, fmax=fmt.max, min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits),
         USE_E=e is not None, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf,
-        **OPTIONS)
+        DEQUANT=dequant, OUT_BF16=out.dtype == torch.bfloat16, **OPTIONS)
     return out
 
 
 def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
-    """Whether the Triton kernels cover x under q: fake-quantize with round-to-nearest, fp32/bf16; row/tile
+    """Whether the Triton kernels cover x under q: fake-quantize or quantize, round-to-nearest, fp32/bf16; row/tile
     groups with fp32 or E8M0-floor scales (no delayed amax), or one scale for the tensor (any absmax rule but
     QuEST's; current or delayed)."""
     if (x.dtype not in (torch.float32, torch.bfloat16) or q.rounding != "nearest" or q.scale_rule != "absmax"
@@ -136,10 +141,12 @@ def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
             and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor" and not q.reciprocal)))
 
 
-def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fake-quantized x3, decode scales [R, G]) for contiguous x3 [R, G, B] (fp32 or bf16), as lowbit.quant."""
+def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format,
+                         dequant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake-quantized x3, decode scales [R, G]) for contiguous x3 [R, G, B] (fp32 or bf16), as lowbit.quant;
+    dequant=False: the fp32 rounded values instead of x3's dtype's fake-quantized ones."""
     R, G, B = x3.shape
-    out = torch.empty_like(x3)
+    out = torch.empty_like(x3, dtype=x3.dtype if dequant else torch.float32)
     scales = torch.empty((R, G), dtype=torch.float32, device=x3.device)
     n = R * G
     GB = max(1, min(64, 4096 // triton.next_power_of_2(B)))
@@ -148,5 +155,5 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format) -> tuple
     _fake_quant_groups[(triton.cdiv(n, GB),)](
         x3, out, scales, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
-        SAT=saturate, **OPTIONS)
+        SAT=saturate, DEQUANT=dequant, OUT_BF16=out.dtype == torch.bfloat16, **OPTIONS)
     return out, scales

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit import cpu_bf16
 from lowbit.quant import quantize
 
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -131,8 +132,8 @@ class HardwareLinearFunction(torch.autograd.Function):
             qw = spec.dgrad_weight or spec.weight
             dx = scaled_mm(dy, spec.grad_output, w.t(), qw, torch.float32, ag, ctx.aw).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            if spec.wgrad_hp:  # the weight-gradient GeMM in high precision (fp32 accumulation)
-                dw = dy.float().t() @ x.float()
+            if spec.wgrad_hp:  # the weight-gradient GeMM unquantized in the compute dtype, as the simulation
+                dw = cpu_bf16.mm(dy.t(), x)
             else:
                 ax = state.delayed_amax("input", x, False) if spec.delayed else None  # the history, as the forward's
                 dw = scaled_mm(dy.t(), spec.grad_output, x.t(), spec.input, torch.float32, ag, ax)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The short GPU re-check (about 3.5 minutes on one H200), for a session with little device time left after
+# bench/gpu.sh: the CUDA tests (Triton quantizers bit for bit, FP8 GeMMs incl. fp8-block, CPU == GPU eager
+# scales), the Triton-vs-eager quantizer table, one layer at width 8192, and gpt2-small steps with the eager
+# and the Triton quantizers. Same conventions as bench/gpu.sh (python3, PYTHONPATH=src, tables to $OUT).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/gpu_out}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/machine.txt" 2>&1
+status=0
+section() {  # section SECONDS FILE what... : run with a hard timeout (no SIGTERM checkpointing), note a failure
+    local t=$1 f=$2; shift 2
+    local t0=$SECONDS
+    timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
+    echo "$f: $((SECONDS - t0)) s"
+}
+section 70 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hopper or device" \
+    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py
+tail -n 12 "$OUT/tests.txt"
+section 25 kernels.md $PY bench/gpu_kernels.py --size 8192 --repeats 20
+tail -n 3 "$OUT/kernels.md"
+section 30 qlinear.md $PY bench/qlinear.py --device cuda --widths 8192 --tokens 8192 --repeats 10 \
+    --bf16-max-width 8192 --recipes bf16,fp8-tensor,fp8-block,fp4-direct,mxfp4,nvfp4,fp8-tensor@hardware,fp8-block@hardware
+section 90 train.md $PY bench/train.py --models gpt2-small --device cuda --window 3 --windows 2 --passes 1 \
+    --recipes bf16,fp8-tensor,fp4-direct,mxfp8 --kernels eager,auto
+echo "bench/gpu_check.sh: tables in $OUT (status $status)"
+exit $status
