@@ -47,13 +47,16 @@ def measure(size: int, repeats: int) -> list[dict]:
         y = torch.empty_like(x)
         copy = cuda_time(lambda x=x, y=y: y.copy_(x), repeats)
         for label, recipe, q in SETTINGS:
-            if not triton_quant.applies(x, q, None):
+            # "fused": scales and elements in one Triton kernel; "scaled": eager scales, one Triton elementwise pass
+            path = "fused" if triton_quant.applies(x, q, None) else \
+                "scaled" if triton_quant.scaled_applies(x, q) else None
+            if path is None:
                 continue
             same = torch.equal(run_mode("eager", x, q).view(torch.int16 if dt == torch.bfloat16 else torch.int32),
                                run_mode("triton", x, q).view(torch.int16 if dt == torch.bfloat16 else torch.int32))
             eager = cuda_time(lambda x=x, q=q: run_mode("eager", x, q), repeats)
             fused = cuda_time(lambda x=x, q=q: run_mode("triton", x, q), repeats)
-            rows.append({"quantizer": label, "recipe": recipe, "dtype": str(dt).removeprefix("torch."),
+            rows.append({"quantizer": label, "recipe": recipe, "dtype": str(dt).removeprefix("torch."), "path": path,
                          "bitwise": same, "copy_s": copy, "eager_s": eager, "triton_s": fused})
     os.environ.pop("LOWBIT_KERNELS", None)
     return rows
@@ -63,10 +66,11 @@ def table(rows: list[dict], size: int) -> str:
     gb = lambda r, s: 2 * size * size * (4 if r["dtype"] == "float32" else 2) / s / 1e9  # read + write
     lines = [f"Fake-quantize of a {size}×{size} tensor on {torch.cuda.get_device_name()}, torch {torch.__version__}"
              f" (copy: {gb(rows[0], rows[0]['copy_s']):.0f} GB/s fp32)." if rows else "no configuration ran", "",
-             "| quantizer | recipe | dtype | bit for bit | eager (% of copy) | Triton (% of copy) | Triton ÷ eager |",
-             "|---|---|---|---|---:|---:|---:|"]
+             ("| quantizer | recipe | dtype | Triton path | bit for bit | eager (% of copy) | Triton (% of copy) | "
+              "Triton ÷ eager |"), "|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['quantizer']} | {r['recipe']} | {r['dtype']} | {'yes' if r['bitwise'] else '**NO**'} | "
+        lines.append(f"| {r['quantizer']} | {r['recipe']} | {r['dtype']} | {r['path']} | "
+                     f"{'yes' if r['bitwise'] else '**NO**'} | "
                      f"{100 * r['copy_s'] / r['eager_s']:.0f}% | {100 * r['copy_s'] / r['triton_s']:.0f}% | "
                      f"{r['eager_s'] / r['triton_s']:.1f}× faster |")
     return "\n".join(lines)

@@ -467,6 +467,36 @@ def check_triton_cases(device: str) -> int:
                     ref, rs = _run(x.cpu(), q, None, amax, dequant=False)
                     assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax, "codes")
                 n += 1
+    return n + _check_scaled_cases(device)
+
+
+def _check_scaled_cases(device: str) -> int:
+    """quant._run's CUDA path for the rules whose scales stay eager (block, E8M0 ceil, NVFP4, scale_mult, delayed):
+    its scales, then triton_quant.quantize_scaled, bit for bit the CPU's eager quantizer (values and codes)."""
+    from lowbit.formats import get_format
+    from lowbit.groups import as3d
+    from lowbit.kernels import triton_quant
+    from lowbit.quant import _run, _scales3
+
+    # rows of near-ties (E2M1 midpoints times a row scale): where x · (1/s) and x / s round apart
+    mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)
+    ties = (torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 100 + 1) * mid / 6
+    n = 0
+    for dtype, q in itertools.product((torch.float32, torch.bfloat16), QUANTS):
+        if q.rounding != "nearest" or not triton_quant.scaled_applies(torch.empty(0, dtype=dtype), q):
+            continue
+        fmt = get_format(q.fmt)
+        for amax, dequant in itertools.product((None, 0.5) if q.granularity == "tensor" else (None,), (True, False)):
+            sat = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+            for x in (nasty((16, 24), dtype, seed=3), ties.to(dtype)):
+                x = x.to(device)
+                x3 = as3d(x, q)
+                s3, e3 = _scales3(x3, q, fmt, amax)
+                out = torch.empty(x.shape, dtype=dtype if dequant else torch.float32, device=device)
+                triton_quant.quantize_scaled(x3, s3, e3, fmt, sat, out.view(x3.shape), dequant)
+                ref, _ = _run(x.cpu(), q, None, amax, dequant)
+                assert bits_equal(out.cpu(), ref), (qid(q), dtype, amax, dequant)
+            n += 1
     return n
 
 
@@ -496,11 +526,12 @@ def _triton_variants():
     from lowbit.kernels import triton_quant as tq
     for bf16, use_e, sat, inf, deq in itertools.product((False, True), repeat=5):
         p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
-        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr",
-               "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "USE_E": "constexpr", "BF16": "constexpr",
-               "SAT": "constexpr", "INF": "constexpr", "DEQUANT": "constexpr", "OUT_BF16": "constexpr"}
-        yield tq._fake_quant_scalar, sig, {"BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat, "INF": inf,
-                                           "DEQUANT": deq, "OUT_BF16": bf16 and deq}
+        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "B": "i32", "G": "i32",
+               "PER_ROW": "constexpr", "BLOCK": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32",
+               "USE_E": "constexpr", "BF16": "constexpr", "SAT": "constexpr", "INF": "constexpr",
+               "DEQUANT": "constexpr", "OUT_BF16": "constexpr"}
+        yield tq._quant_scaled, sig, {"PER_ROW": use_e, "BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat,
+                                      "INF": inf, "DEQUANT": deq, "OUT_BF16": bf16 and deq}
     for bf16, rule, sat, deq in itertools.product((False, True), (0, 1, 2), (False, True), (False, True)):
         p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
         sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr", "BP": "constexpr",
@@ -540,7 +571,7 @@ def test_triton_kernel_bitwise_on_the_gpu(monkeypatch):
     bf16 store), and the first-use self-check passes there."""
     pytest.importorskip("triton")
     monkeypatch.setenv("LOWBIT_KERNELS", "eager")
-    assert check_triton_cases("cuda") >= 30
+    assert check_triton_cases("cuda") >= 60
     monkeypatch.setenv("LOWBIT_KERNELS", "triton")
     monkeypatch.setattr(K, "_GPU_CHECKED", {})
     assert K._gpu_self_check(torch.device("cuda"))
@@ -560,7 +591,7 @@ def test_triton_kernel_bitwise_under_the_interpreter(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert int(r.stdout.split("checked")[1]) >= 30  # the covered configurations really ran
+    assert int(r.stdout.split("checked")[1]) >= 60  # the covered configurations really ran
     assert r.stderr.count("Triton quantization kernels are off on cpu: they differ from the eager quantizer") == 1
 
 

@@ -212,6 +212,10 @@ def _run(x, q, generator, amax, dequant):
             raise ValueError("four_over_six takes its scales from the current tensor; drop amax= "
                              "(delayed scaling) or set four_over_six=false")
         return out, group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
+    if kernels.scaled_applies(x, q):  # CUDA: the scales as below, then one Triton pass over the elements
+        s3, e3 = _scales3(x3, q, fmt, amax)
+        kernels.run_scaled(x3, s3, e3, fmt, saturate, out.view(x3.shape), dequant)
+        return out, group_scales(s3, x.shape, q)
     fused = q.granularity in ("row", "tile") and amax is None and q.scale_rule == "absmax"
     tensor_amax = None
     if fused:

@@ -84,34 +84,14 @@ _GPU_CHECKED: dict[str, str | None] = {}  # device -> None (passed) or why the T
 
 def _gpu_self_check(device: torch.device) -> bool:
     """On a device's first use: the Triton kernels against the eager quantizer on a small tensor with NaN, inf,
-    zeros and ties, bit for bit. A mismatch or an error turns them off on that device, said once (a new GPU,
-    driver or Triton version must not silently change a run's numbers)."""
+    zeros and ties, bit for bit: the fused ones directly, the elementwise one through lowbit.quant (rules whose
+    scales stay eager). A mismatch or an error turns them off on that device, said once (a new GPU, driver or
+    Triton version must not silently change a run's numbers)."""
     key = str(device)
     if key not in _GPU_CHECKED:
-        from lowbit.formats import get_format
-        fake_quantize_with_scales = _REFERENCE[0]
-        why = None
+        _GPU_CHECKED[key] = None  # while checking: the public path below may ask again
         try:
-            g = torch.Generator().manual_seed(0)
-            x = (torch.randn(64, 64, generator=g) * torch.logspace(-3, 3, 64)).to(device)
-            x[2] = 0.0
-            special = x.clone()  # a NaN and an inf: the whole tensor (or that row) must come out NaN
-            special[1, :3] = torch.tensor([float("nan"), float("inf"), 0.0])
-            for q in (TensorQuant("e4m3", "tensor"), TensorQuant("e2m1", "row"), TensorQuant("e2m1", "tile", 32, "e8m0"),
-                      TensorQuant("e5m2", "row", reciprocal=True)):
-                for t in (x, x.bfloat16(), special):
-                    sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
-                    got = _run_triton(t, q, get_format(q.fmt), None, sat)
-                    _EAGER_ONLY.append(1)
-                    try:
-                        ref = fake_quantize_with_scales(t, q)
-                    finally:
-                        _EAGER_ONLY.pop()
-                    if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
-                        why = f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
-                        break
-                if why:
-                    break
+            why = _compare_on(device)
         except Exception as e:  # noqa: BLE001 -- any Triton or driver failure: eager is always available
             why = f"they failed ({type(e).__name__}: {e})"
         _GPU_CHECKED[key] = why
@@ -120,6 +100,35 @@ def _gpu_self_check(device: torch.device) -> bool:
             print(f"lowbit: the Triton quantization kernels are off on {key}: {why}; using the eager quantizers "
                   "(same numbers, slower)", file=sys.stderr, flush=True)
     return _GPU_CHECKED[key] is None
+
+
+def _compare_on(device: torch.device) -> str | None:
+    """Why the Triton kernels differ from the eager quantizer on `device`, or None."""
+    from lowbit.formats import get_format
+    reference = _REFERENCE[0]  # lowbit.quant.fake_quantize_with_scales
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 64, generator=g) * torch.logspace(-3, 3, 64)).to(device)
+    x[2] = 0.0
+    special = x.clone()  # a NaN and an inf: the whole tensor (or that row) must come out NaN
+    special[1, :3] = torch.tensor([float("nan"), float("inf"), 0.0])
+    fused = (TensorQuant("e4m3", "tensor"), TensorQuant("e2m1", "row"), TensorQuant("e2m1", "tile", 32, "e8m0"),
+             TensorQuant("e5m2", "row", reciprocal=True))
+    scaled = (TensorQuant("e2m1", "tile", 16, "e4m3"), TensorQuant("e4m3", "block", 16),
+              TensorQuant("e4m3", "row", scale_fmt="e8m0", scale_round="ceil"))
+    for q in fused + scaled:
+        for t in (x, x.bfloat16(), special):
+            if q in fused:
+                got = _run_triton(t, q, get_format(q.fmt), None, not (q.scale_fmt == "fp32" and not q.reciprocal))
+            else:
+                got = reference(t, q)  # through lowbit.quant: eager scales, the Triton elementwise pass
+            _EAGER_ONLY.append(1)
+            try:
+                ref = reference(t, q)
+            finally:
+                _EAGER_ONLY.pop()
+            if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
+                return f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
+    return None
 
 
 def which(device_type: str = "cpu") -> str:
@@ -142,6 +151,22 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
         return tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
     return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
             and not _EAGER_ONLY and _lib() is not None and (amax is None or q.granularity == "tensor"))
+
+
+def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
+    """Whether, once lowbit.quant has the scales (eagerly: any rule, granularity, delayed amax), one Triton pass
+    does the elements (CUDA, round-to-nearest, fp32/bf16, not 4-over-6)."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    tq = _triton()
+    return tq is not None and tq.scaled_applies(x, q) and _gpu_self_check(x.device)
+
+
+def run_scaled(x3: torch.Tensor, s3: torch.Tensor, e3, fmt: Format, saturate: bool, out3: torch.Tensor,
+               dequant: bool) -> torch.Tensor:
+    """out3 = round(x3 / s3) (· s3 if dequant) for x3 [R, G, B], s3/e3 [R|1, G, 1]: lowbit.quant's elementwise
+    kernel as one Triton pass."""
+    return _triton().quantize_scaled(x3, s3, e3, fmt, saturate, out3, dequant)
 
 
 def absmax(x: torch.Tensor) -> torch.Tensor:

@@ -95,16 +95,18 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
 
 
 @triton.jit
-def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fmax, min_normal, k,
-                       USE_E: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr, INF: tl.constexpr,
-                       DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
-    """One scale for all n elements (granularity "tensor"; delayed scaling): s, e 0-d fp32 tensors; the
-    fake-quantized values (DEQUANT) or the fp32 rounded values."""
+def _quant_scaled(x_ptr, out_ptr, s_ptr, e_ptr, n, B, G, PER_ROW: tl.constexpr,
+                  BLOCK: tl.constexpr, fmax, min_normal, k, USE_E: tl.constexpr, BF16: tl.constexpr,
+                  SAT: tl.constexpr, INF: tl.constexpr, DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
+    """x viewed as [R, G, B] with given fp32 decode scales s (encode factors e with USE_E) of shape [R, G]
+    (PER_ROW) or [G] shared by every row (one scale for the tensor: G = B = 1): round(x / s) (or round(x · e)),
+    times s with DEQUANT, as lowbit.quant's elementwise kernel."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load_f32(x_ptr, offs, mask, BF16)
-    s = tl.load(s_ptr)
-    v = x * tl.load(e_ptr) if USE_E else tl.math.div_rn(x, s)
+    si = offs // B if PER_ROW else (offs // B) % G
+    s = tl.load(s_ptr + si, mask=mask, other=1.0)
+    v = x * tl.load(e_ptr + si, mask=mask, other=1.0) if USE_E else tl.math.div_rn(x, s)
     v = _round_to_grid(v, fmax, min_normal, k, SAT)
     if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
         v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
@@ -112,20 +114,37 @@ def _fake_quant_scalar(x_ptr, out_ptr, s_ptr, e_ptr, n, BLOCK: tl.constexpr, fma
     _store(out_ptr, offs, y, mask, OUT_BF16)
 
 
+def quantize_scaled(x3: torch.Tensor, s3: torch.Tensor, e3: torch.Tensor | None, fmt: Format, saturate: bool,
+                    out3: torch.Tensor, dequant: bool = True) -> torch.Tensor:
+    """out3 = round(x3 / s3) (round(x3 · e3) with encode factors), times s3 if dequant: x3 [R, G, B] contiguous
+    fp32/bf16, s3/e3 [R|1, G, 1] fp32 (lowbit.quant's layout), out3 like x3 (fp32 without dequant). Saturate
+    when the caller's rule needs it; e5m2 keeps ±inf then."""
+    R, G, B = x3.shape
+    n = x3.numel()
+    s = s3.float().contiguous()
+    e = s if e3 is None else e3.float().contiguous()
+    _quant_scaled[(triton.cdiv(n, 1024),)](
+        x3, out3, s, e, n, B=B, G=G, PER_ROW=s3.shape[0] > 1 or R == 1, BLOCK=1024, fmax=fmt.max,
+        min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits), USE_E=e3 is not None,
+        BF16=x3.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf, DEQUANT=dequant,
+        OUT_BF16=out3.dtype == torch.bfloat16, **OPTIONS)
+    return out3
+
+
 def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
                          saturate: bool, dequant: bool = True) -> torch.Tensor:
-    """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s), as
-    lowbit.quant's kernel: saturate when the caller's rule needs it; e5m2 keeps ±inf then. dequant=False: the
-    rounded values (fp32) instead, what quantize() turns into codes."""
+    """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s); dequant=False:
+    the rounded values (fp32) instead, what quantize() turns into codes."""
     out = torch.empty_like(x, dtype=x.dtype if dequant else torch.float32)
-    n = x.numel()
-    s = s.reshape(()).float().contiguous()
-    e_t = s if e is None else e.reshape(()).float().contiguous()
-    _fake_quant_scalar[(triton.cdiv(n, 1024),)](
-        x, out, s, e_t, n, BLOCK=1024, fmax=fmt.max, min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits),
-        USE_E=e is not None, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf,
-        DEQUANT=dequant, OUT_BF16=out.dtype == torch.bfloat16, **OPTIONS)
-    return out
+    one = (1, 1, 1)
+    return quantize_scaled(x.view(-1, 1, 1), s.reshape(one), None if e is None else e.reshape(one), fmt,
+                           saturate, out.view(-1, 1, 1), dequant).view(x.shape)
+
+
+def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
+    """Whether quantize_scaled covers x under q once the eager code has its scales: round-to-nearest, fp32/bf16,
+    any granularity and scale rule but 4-over-6 (which picks between two roundings)."""
+    return x.dtype in (torch.float32, torch.bfloat16) and q.rounding == "nearest" and not q.four_over_six
 
 
 def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
