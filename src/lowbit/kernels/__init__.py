@@ -222,8 +222,11 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
 def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True):
     tq = _triton()
     if q.granularity == "tensor":  # the scale as the eager code computes it (torch ops, no host sync)
-        a = torch.maximum(x.amax(), -x.amin()).float() if amax is None else \
-            torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
+        if amax is None:  # max |x| from one pass (aminmax), NaN propagating
+            lo, hi = torch.aminmax(x)
+            a = torch.maximum(hi, -lo).float()
+        else:
+            a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
         s, e = scale_from_amax(a, q, fmt)
         return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant).view(x.shape), s
     out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant)
