@@ -18,7 +18,7 @@ section() {  # section SECONDS FILE what... : run with a hard timeout (no SIGTER
     timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
     echo "$f: $((SECONDS - t0)) s"
 }
-section 75 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hopper or device" \
+section 100 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hopper or device" \
     tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py
 tail -n 12 "$OUT/tests.txt"
 section 25 kernels.md $PY bench/gpu_kernels.py --size 8192 --repeats 20
@@ -26,7 +26,7 @@ tail -n 3 "$OUT/kernels.md"
 section 30 qlinear.md $PY bench/qlinear.py --device cuda --widths 8192 --tokens 8192 --repeats 10 \
     --bf16-max-width 8192 \
     --recipes bf16,fp8-tensor,fp8-rowwise,fp8-block,fp4-direct,mxfp8,nvfp4,fp8-tensor@hardware,fp8-rowwise@hardware,fp8-block@hardware
-section 140 train.md $PY bench/train.py --models gpt2-small --device cuda --window 3 --windows 2 --passes 1 \
+section 120 train.md $PY bench/train.py --models gpt2-small --device cuda --window 3 --windows 2 --passes 1 \
     --recipes bf16,fp8-tensor,fp8-block,fp4-direct,mxfp8,nvfp4,fp8-tensor@hardware,fp8-block@hardware --kernels eager,auto
 echo "bench/gpu_check.sh: tables in $OUT (status $status)"
 exit $status
