@@ -18,7 +18,7 @@ section() {  # section SECONDS FILE what... : run with a hard timeout (no SIGTER
     timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
     echo "$f: $((SECONDS - t0)) s"
 }
-section 100 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hopper or device" \
+section 100 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or device" \
     tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py
 tail -n 12 "$OUT/tests.txt"
 section 25 kernels.md $PY bench/gpu_kernels.py --size 8192 --repeats 20
