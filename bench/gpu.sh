@@ -25,10 +25,10 @@ EOF
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability())"
   lscpu | grep -E 'Model name|^CPU\(s\)'; gcc --version | head -1; } > "$OUT/machine.txt" 2>&1
 status=0
-section() {  # section SECONDS FILE what... : run with a timeout, output to $OUT/FILE, note a failure
+section() {  # section SECONDS FILE what... : run with a hard timeout (a SIGTERM makes training write a checkpoint first), output to $OUT/FILE
     local t=$1 f=$2; shift 2
     local t0=$SECONDS
-    timeout "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
+    timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
     echo "$f: $((SECONDS - t0)) s"
 }
 section 120 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hardware" \
