@@ -46,12 +46,13 @@ class _Fallbacks(logging.Handler):
             self.messages.append(record.getMessage())
 
 
-def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds) -> dict:
+def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds, mode: str = "default") -> dict:
     B, T = SHAPES.get(model, (8, 128))
     steps = window * (windows + 1)
     cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
                       eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1, seed=0,
-                      compile=compile_, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"), overwrite=True)
+                      compile=compile_, compile_mode=mode, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"),
+                      overwrite=True)
     torch._dynamo.reset()  # a fresh compile cache per cell: cells must not share dynamo's recompile budget
     handler = _Fallbacks()
     logging.getLogger("lowbit").addHandler(handler)
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=3, help="timed windows after the compile/warm-up one (default: 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), "
+                                                     "max-autotune (default: default)")
     p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.window < 1 or args.windows < 1:
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
         for model in models:
             for r in names:
                 eager = cell(model, r, False, args.window, args.windows, str(device), Path(d), ds)
-                comp = cell(model, r, True, args.window, args.windows, str(device), Path(d), ds)
+                comp = cell(model, r, True, args.window, args.windows, str(device), Path(d), ds, args.mode)
                 rows.append((model, r, eager, comp))
                 print(f"{model:>6} {r:<12} eager {eager['step_s'] * 1e3:8.1f} ms  compiled {comp['step_s'] * 1e3:8.1f} ms"
                       f"  x{eager['step_s'] / comp['step_s']:.2f}{'  (fell back to eager)' if comp['fallback'] else ''}"
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
     text = "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}`", "",
-        f"{where}, torch {torch.__version__}, inductor backend; every cell two real `lowbit.train.train` runs "
+        f"{where}, torch {torch.__version__}, inductor backend, mode {args.mode}; every cell two real "
+        "`lowbit.train.train` runs "
         f"(eager, `compile=True`) of {args.window * (args.windows + 1)} steps, seed 0: median step time over "
         f"{args.windows} windows of {args.window} steps after the first window (which includes compilation); "
         f"{wall:.0f} s in all. Load average (1 min): {before} before, {load_avg()} after. "

@@ -178,3 +178,21 @@ def test_train_with_compile_runs_and_matches_eager(tmp_path, monkeypatch):
     # may amplify to one E2M1 step on a few entries; over 4 steps the loss moves by far less than 1e-2.
     assert max(abs(a - b) for a, b in zip(le, lc)) < 1e-2
     assert le[-1] < le[0]  # it trained
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    # --compile-mode reduce-overhead (CUDA graphs, for launch-bound GPU steps) is passed to torch.compile; the
+    # default passes no mode; a bad mode is one line naming the choices. Bug caught: the option parsed and dropped.
+    import lowbit.train.compile as tc
+    seen = []
+    monkeypatch.setattr(tc, "compile_model", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("ab cd ef gh " * 400)
+    common = dict(model="tiny", recipe="bf16", data=str(corpus), tokenizer="bytes", tokens=2 * 4 * 32, batch_size=4,
+                  seq_len=32, device="cpu", val_fraction=0.0, compile=True)
+    train(TrainConfig(out=str(tmp_path / "a"), compile_mode="reduce-overhead", **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), **common), progress=False)
+    assert seen == [{"mode": "reduce-overhead"}, {}]
+    with pytest.raises(ValueError, match="compile_mode 'fast' is not one of default, reduce-overhead, max-autotune"):
+        TrainConfig(compile_mode="fast")

@@ -71,6 +71,9 @@ def _opt(default, help: str, *, free: bool = False, per_run: bool = False, posit
     return dataclasses.field(default=default, metadata=meta)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
+
+
 @dataclass
 class TrainConfig:
     """One training run. Defaults train the 1.3M-parameter `tiny` GPT on 2M Shakespeare tokens.
@@ -122,6 +125,8 @@ class TrainConfig:
                            per_run=True)
     compile: bool = _opt(False, "torch.compile the model (falls back to eager, with a warning, if compiling "
                                 "fails)", free=True)
+    compile_mode: str = _opt("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: "
+                                        "for GPU steps bound by kernel launches) or max-autotune", free=True)
     fsdp: bool = _opt(False, "multi-process runs: shard the model with FSDP2 (fully_shard) instead of DDP",
                       free=True, compare=False)
     max_bad_steps: int = _opt(5, "consecutive non-finite steps skipped before the run stops as diverged",
@@ -174,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pick one")
         if not self.out:

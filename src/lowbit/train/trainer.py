@@ -104,7 +104,8 @@ class Trainer:
     def compile(self, model: torch.nn.Module) -> torch.nn.Module:
         from lowbit.train.compile import compile_model
 
-        return compile_model(model)  # eager fallback (with a warning) if compiling fails
+        mode = self.cfg.compile_mode  # eager fallback (with a warning) if compiling fails
+        return compile_model(model) if mode == "default" else compile_model(model, mode=mode)
 
     # --- setup phases --------------------------------------------------------------------------------
 
