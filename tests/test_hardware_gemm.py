@@ -93,6 +93,21 @@ def test_hardware_equals_the_exact_simulation(name, monkeypatch):
         assert_within(b, a, bound)
 
 
+@pytest.mark.parametrize("name,quantized", [("fp8-tensor", 3), ("fp8-tensor-delayed", 4), ("fp8-rowwise", 6)])
+def test_tensorwise_operands_quantized_once(name, quantized, monkeypatch):
+    # One scale per tensor: Q(Xᵀ) = Q(X)ᵀ, so the backward transposes the forward's FP8 codes instead of
+    # quantizing X, W and dY a second time (3 quantizations per call instead of 6; delayed scaling re-reads X's
+    # history in the backward, so X is quantized again: 4); the numbers are the ones the other tests pin to the
+    # exact simulation. Bug caught: the reuse switched off, or applied to row scales.
+    from lowbit.nn import hardware
+    cpu_rowwise(name)
+    calls = []
+    real = hardware._operand
+    monkeypatch.setattr(hardware, "_operand", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(name, "hardware", "fp32", calls=1)
+    assert len(calls) == quantized
+
+
 @CUDA
 @pytest.mark.parametrize("name", RECIPES + ["fp8-block"])
 def test_hardware_on_the_gpu_equals_the_exact_simulation(name):

@@ -86,25 +86,38 @@ def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]
     return codes, s.reshape(R, K // q.block).t().contiguous().t()
 
 
-def scaled_mm(a: torch.Tensor, qa, b: torch.Tensor, qb, out_dtype: torch.dtype, amax_a=None,
-              amax_b=None) -> torch.Tensor:
-    """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N].
-    The second operand goes in transposed (codes [K, N] column-major), its scales with it: row [1, N],
-    tile and block [K/128, N]; a tensor scale beside a row scale is broadcast to a row."""
-    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:  # an expert no token chose: nothing to multiply
-        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    ca, sa = _operand(a, qa, amax_a)
-    cb, sb = _operand(b, qb, amax_b)
+def _gemm(a, qa, b, qb, out_dtype: torch.dtype) -> torch.Tensor:
+    """Q(a) · Q(b)ᵀ [M, N] from _operand's (codes [M, K], scales) a and (codes [N, K], scales) b. The second
+    operand goes in transposed (codes [K, N] column-major), its scales with it: row [1, N], tile and block
+    [K/128, N]; a tensor scale beside a row scale is broadcast to a row."""
+    (ca, sa), (cb, sb) = a, b
     if "row" in (qa.granularity, qb.granularity):  # rowwise (a tensor scale beside a row one broadcast to a row)
-        sa = sa.reshape(-1, 1).expand(a.shape[0], 1).contiguous()
-        sb = sb.reshape(1, -1).expand(1, b.shape[0]).contiguous()
+        sa = sa.reshape(-1, 1).expand(ca.shape[0], 1).contiguous()
+        sb = sb.reshape(1, -1).expand(1, cb.shape[0]).contiguous()
     else:  # tensorwise, or block-scaled: b's scales transposed with it
         sb = sb.t()
     return torch._scaled_mm(ca, cb.t(), sa, sb, out_dtype=out_dtype)
 
 
+def scaled_mm(a: torch.Tensor, qa, b: torch.Tensor, qb, out_dtype: torch.dtype, amax_a=None,
+              amax_b=None) -> torch.Tensor:
+    """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N]."""
+    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:  # an expert no token chose: nothing to multiply
+        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    return _gemm(_operand(a, qa, amax_a), qa, _operand(b, qb, amax_b), qb, out_dtype)
+
+
+def _transposed(op):
+    """The operand of tᵀ from t's, for a quantizer with one scale per tensor: Q(tᵀ) = Q(t)ᵀ exactly (same
+    absmax, same scale, each element rounded alike), so the backward transposes 1-byte codes instead of
+    quantizing the bf16 tensor again (what Transformer Engine's cast-transpose does)."""
+    c, s = op
+    return c.t().contiguous(), s
+
+
 class HardwareLinearFunction(torch.autograd.Function):
-    """x2 [M, K], weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype; the GeMMs in FP8."""
+    """x2 [M, K], weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype; the GeMMs in FP8.
+    Operands with one current scale per tensor are quantized once and their codes transposed for the backward."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec, state, cdtype):
@@ -112,31 +125,53 @@ class HardwareLinearFunction(torch.autograd.Function):
         x, w = x2.to(cdtype), weight.to(cdtype)
         ax = state.delayed_amax("input", x, True) if spec.delayed else None
         aw = state.delayed_amax("weight", w, True) if spec.delayed else None
-        y = scaled_mm(x, spec.input, w, spec.weight, torch.float32, ax, aw)
+        tensorwise = x.numel() > 0 and w.numel() > 0
+        # X's history is read again in the backward (delayed): reuse only current scales; W's amax is passed on
+        ctx.reuse_x = tensorwise and spec.input.granularity == "tensor" and not spec.delayed and not spec.wgrad_hp
+        ctx.reuse_w = tensorwise and spec.weight.granularity == "tensor" and spec.dgrad_weight in (None, spec.weight)
+        if ctx.reuse_x or ctx.reuse_w:
+            opx, opw = _operand(x, spec.input, ax), _operand(w, spec.weight, aw)
+            y = _gemm(opx, spec.input, opw, spec.weight, torch.float32)
+        else:
+            y = scaled_mm(x, spec.input, w, spec.weight, torch.float32, ax, aw)
         if bias is not None:
             y = y + bias.to(cdtype).float()  # as the simulation: the bias rounded to the compute dtype first
         ctx.spec, ctx.state, ctx.cdtype, ctx.x_dtype, ctx.w_dtype, ctx.aw = spec, state, cdtype, x2.dtype, \
             weight.dtype, aw
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(*(opx if ctx.reuse_x else (x, None)), *(opw if ctx.reuse_w else (w, None)))
         return y.to(cdtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
+        x, sx, w, sw = ctx.saved_tensors
         spec, state = ctx.spec, ctx.state
         dy = dy.to(ctx.cdtype).contiguous()
         ag = state.delayed_amax("grad_output", dy, True) if spec.delayed else None
+        qg, (M, N), K = spec.grad_output, dy.shape, x.shape[1]
+        opdy = _operand(dy, qg, ag) if dy.numel() and K else None  # along N; dYᵀ's too when one scale per tensor
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             qw = spec.dgrad_weight or spec.weight
-            dx = scaled_mm(dy, spec.grad_output, w.t(), qw, torch.float32, ag, ctx.aw).to(ctx.x_dtype)
+            if opdy is None:
+                dx = torch.zeros(M, K, dtype=torch.float32, device=dy.device)
+            else:
+                opwt = _transposed((w, sw)) if ctx.reuse_w else _operand(w.t(), qw, ctx.aw)
+                dx = _gemm(opdy, qg, opwt, qw, torch.float32)
+            dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if spec.wgrad_hp:  # the weight-gradient GeMM unquantized in the compute dtype, as the simulation
                 dw = cpu_bf16.mm(dy.t(), x)
+            elif opdy is None:
+                dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
             else:
-                ax = state.delayed_amax("input", x, False) if spec.delayed else None  # the history, as the forward's
-                dw = scaled_mm(dy.t(), spec.grad_output, x.t(), spec.input, torch.float32, ag, ax)
+                opdyt = _transposed(opdy) if qg.granularity == "tensor" else _operand(dy.t(), qg, ag)
+                if ctx.reuse_x:
+                    opxt = _transposed((x, sx))
+                else:  # delayed: X's amax read from the history again, as in the forward
+                    ax = state.delayed_amax("input", x, False) if spec.delayed else None
+                    opxt = _operand(x.t(), spec.input, ax)
+                dw = _gemm(opdyt, qg, opxt, spec.input, torch.float32)
             dw = dw.to(ctx.w_dtype)
         if ctx.needs_input_grad[2] and ctx.bias_dtype is not None:
             db = dy.float().sum(0).to(ctx.bias_dtype)
