@@ -432,6 +432,15 @@ def test_a_model_training_step_is_the_same_with_and_without_kernels(monkeypatch,
     assert len(ref) == len(got) and all(bits_equal(r, g) for r, g in zip(ref, got))
 
 
+def same_fp8(codes: torch.Tensor, values: torch.Tensor, fmt: str) -> bool:
+    """uint8 codes equal torch's float8 cast of the (on-grid) fp32 values, bit for bit; any two NaN codes match
+    (a NaN's sign bit is the hardware's choice)."""
+    ref = values.to({"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt])
+    got = codes.view(ref.dtype)
+    nan_r, nan_g = ref.float().isnan(), got.float().isnan()
+    return torch.equal(nan_r, nan_g) and torch.equal(codes[~nan_g], ref.view(torch.uint8)[~nan_r])
+
+
 def check_triton_cases(device: str) -> int:
     """Every configuration the Triton fake-quantize covers, fp32 and bf16, on `device` (CPU tensors under
     TRITON_INTERPRET=1, or a CUDA GPU): bit for bit the eager quantizer on the same tensors, values and scales.
@@ -465,7 +474,12 @@ def check_triton_cases(device: str) -> int:
                     out, sc = K._run_triton(x, q, get_format(q.fmt), amax, sat, dequant=False)
                     os.environ["LOWBIT_KERNELS"] = "eager"
                     ref, rs = _run(x.cpu(), q, None, amax, dequant=False)
-                    assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax, "codes")
+                    assert bits_equal(out.cpu(), ref) and bits_equal(sc.cpu(), rs), (qid(q), dtype, amax, "values")
+                    if q.fmt in ("e4m3", "e5m2"):  # the FP8 codes written by the kernel, as quantize() casts them
+                        os.environ["LOWBIT_KERNELS"] = "triton"
+                        codes, _ = K._run_triton(x, q, get_format(q.fmt), amax, sat, dequant=False, codes=True)
+                        os.environ["LOWBIT_KERNELS"] = "eager"
+                        assert same_fp8(codes.cpu(), ref, q.fmt), (qid(q), dtype, amax, "codes")
                 n += 1
     return n + _check_scaled_cases(device)
 
@@ -496,6 +510,10 @@ def _check_scaled_cases(device: str) -> int:
                 triton_quant.quantize_scaled(x3, s3, e3, fmt, sat, out.view(x3.shape), dequant)
                 ref, _ = _run(x.cpu(), q, None, amax, dequant)
                 assert bits_equal(out.cpu(), ref), (qid(q), dtype, amax, dequant)
+                if not dequant and q.fmt in ("e4m3", "e5m2"):
+                    codes = torch.empty(x.shape, dtype=torch.uint8, device=device)
+                    triton_quant.quantize_scaled(x3, s3, e3, fmt, sat, codes.view(x3.shape), False)
+                    assert same_fp8(codes.cpu(), ref, q.fmt), (qid(q), dtype, amax, "codes")
             n += 1
     return n
 
@@ -524,22 +542,27 @@ assert not kernels._gpu_self_check(torch.device("cpu")) and not kernels._gpu_sel
 def _triton_variants():
     """(kernel, signature, constexprs) for every specialisation the launchers in triton_quant can ask for."""
     from lowbit.kernels import triton_quant as tq
-    for bf16, use_e, sat, inf, deq in itertools.product((False, True), repeat=5):
-        p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
-        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "B": "i32", "G": "i32",
-               "PER_ROW": "constexpr", "BLOCK": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32",
-               "USE_E": "constexpr", "BF16": "constexpr", "SAT": "constexpr", "INF": "constexpr",
-               "DEQUANT": "constexpr", "OUT_BF16": "constexpr"}
-        yield tq._quant_scaled, sig, {"PER_ROW": use_e, "BLOCK": 1024, "USE_E": use_e, "BF16": bf16, "SAT": sat,
-                                      "INF": inf, "DEQUANT": deq, "OUT_BF16": bf16 and deq}
-    for bf16, rule, sat, deq in itertools.product((False, True), (0, 1, 2), (False, True), (False, True)):
-        p, o = "*bf16" if bf16 else "*fp32", "*bf16" if bf16 and deq else "*fp32"
-        sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr", "BP": "constexpr",
-               "GB": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32", "c_emax": "fp32",
-               "RULE": "constexpr", "BF16": "constexpr", "SAT": "constexpr", "DEQUANT": "constexpr",
-               "OUT_BF16": "constexpr"}
-        yield tq._fake_quant_groups, sig, {"B": 24, "BP": 32, "GB": 64, "RULE": rule, "BF16": bf16, "SAT": sat,
-                                           "DEQUANT": deq, "OUT_BF16": bf16 and deq}
+
+    def outs(bf16):  # (DEQUANT, OUT): fake-quantized in the input dtype, or fp32 values / E4M3 / E5M2 codes
+        return [(True, 1 if bf16 else 0), (False, 0), (False, 2), (False, 3)]
+    for bf16, use_e, sat, inf in itertools.product((False, True), repeat=4):
+        for deq, out in outs(bf16):
+            p, o = "*bf16" if bf16 else "*fp32", {0: "*fp32", 1: "*bf16"}.get(out, "*u8")
+            sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "e_ptr": "*fp32", "n": "i32", "B": "i32",
+                   "G": "i32", "PER_ROW": "constexpr", "BLOCK": "constexpr", "fmax": "fp32", "min_normal": "fp32",
+                   "k": "fp32", "USE_E": "constexpr", "BF16": "constexpr", "SAT": "constexpr", "INF": "constexpr",
+                   "DEQUANT": "constexpr", "OUT": "constexpr"}
+            yield tq._quant_scaled, sig, {"PER_ROW": use_e, "BLOCK": 1024, "USE_E": use_e, "BF16": bf16,
+                                          "SAT": sat, "INF": inf, "DEQUANT": deq, "OUT": out}
+    for bf16, rule, sat in itertools.product((False, True), (0, 1, 2), (False, True)):
+        for deq, out in outs(bf16):
+            p, o = "*bf16" if bf16 else "*fp32", {0: "*fp32", 1: "*bf16"}.get(out, "*u8")
+            sig = {"x_ptr": p, "out_ptr": o, "s_ptr": "*fp32", "n_groups": "i32", "B": "constexpr",
+                   "BP": "constexpr", "GB": "constexpr", "fmax": "fp32", "min_normal": "fp32", "k": "fp32",
+                   "c_emax": "fp32", "RULE": "constexpr", "BF16": "constexpr", "SAT": "constexpr",
+                   "DEQUANT": "constexpr", "OUT": "constexpr"}
+            yield tq._fake_quant_groups, sig, {"B": 24, "BP": 32, "GB": 64, "RULE": rule, "BF16": bf16, "SAT": sat,
+                                               "DEQUANT": deq, "OUT": out}
 
 
 def test_triton_kernels_compile_for_hopper_without_fma():
@@ -561,7 +584,7 @@ def test_triton_kernels_compile_for_hopper_without_fma():
         if fn is tq._fake_quant_groups and const["RULE"] == 0:
             assert "div.rn.f32" in ptx  # the divide rule divides correctly rounded, not div.full/approx
         n += 1
-    assert n == 56
+    assert n == 112
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")

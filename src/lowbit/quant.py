@@ -221,6 +221,12 @@ def _opaque(x, q, generator, amax, dequant):
                                      q.scale_rule, q.scale_mult, a, dequant)
 
 
+def _saturates(q: TensorQuant, amax) -> bool:
+    """Whether rounding must clamp to ±max first. With fp32 current scaling by division |x / s| <= max·(1 + 2^-22)
+    (or the group is NaN), which rounds to at most max: the clamp can be skipped."""
+    return not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+
+
 def _run(x, q, generator, amax, dequant):
     _check_q(q)
     check_float(x)
@@ -230,9 +236,7 @@ def _run(x, q, generator, amax, dequant):
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
                          f"create it with torch.Generator(device={str(x.device)!r})")
-    # With fp32 current scaling by division |x / s| <= max·(1 + 2^-22) (or the group is NaN), which
-    # rounds to at most max: the saturating clamp can be skipped.
-    saturate = not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
+    saturate = _saturates(q, amax)
     if x.numel() and kernels.applies(x, q, amax, dequant):  # (amax beyond granularity "tensor": eager raises)
         return kernels.run(x, q, fmt, generator, amax, dequant, saturate)
     xc = x.contiguous()
@@ -335,6 +339,9 @@ def quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None 
              amax=None) -> QTensor:
     """Quantize x under q into codes and scales; dequantize(quantize(x)) equals
     fake_quantize(x) exactly (same generator state for stochastic rounding)."""
+    direct = _triton_codes(x, q, amax) if q.rounding == "nearest" else None
+    if direct is not None:  # CUDA: the codes written by the Triton kernel itself
+        return QTensor(direct[0], direct[1], x.shape, q, x.dtype)
     v, scales = _run(x, q, generator, amax, dequant=False)  # signed rounded values, fp32
     v = v.contiguous()  # the compiled kernels return a transposed view for a transposed x
     fmt = get_format(q.fmt)
@@ -343,6 +350,23 @@ def quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None 
     else:
         codes = pack4(encode4(v, fmt))
     return QTensor(codes, scales, x.shape, q, x.dtype)
+
+
+def _triton_codes(x: torch.Tensor, q: TensorQuant, amax):
+    """(FP8 codes, scales) of a CUDA tensor from the Triton kernels (fused, or eager scales and one pass), or None
+    where they do not apply."""
+    if q.fmt not in _FP8_DTYPES or not x.numel() or x.device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    fmt, sat = get_format(q.fmt), _saturates(q, amax)
+    if kernels.applies(x, q, amax, dequant=False):
+        return kernels.run_codes(x, q, fmt, amax, sat)
+    if not q.four_over_six and kernels.scaled_applies(x, q):
+        x3 = as3d(x.contiguous(), q)
+        s3, e3 = _scales3(x3, q, fmt, amax)
+        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        kernels.run_scaled(x3, s3, e3, fmt, sat, out.view(x3.shape), False)
+        return out, group_scales(s3, x.shape, q)
+    return None
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -128,7 +128,16 @@ def _compare_on(device: torch.device) -> str | None:
                 _EAGER_ONLY.pop()
             if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
                 return f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
+            if q in fused and q.fmt in _FP8:  # the FP8 codes quantize() takes from the kernel, decoded
+                sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
+                codes, sc = _run_triton(t, q, get_format(q.fmt), None, sat, dequant=False, codes=True)
+                deq = (codes.view(_FP8[q.fmt]).float() * (sc if q.granularity == "tensor" else sc.view(-1, 1)))
+                if not torch.equal(deq.to(t.dtype).nan_to_num(7.0), ref[0].nan_to_num(7.0)):
+                    return f"their FP8 codes differ from the eager quantizer's ({q.fmt} {q.granularity}, {t.dtype})"
     return None
+
+
+_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def which(device_type: str = "cpu") -> str:
@@ -219,7 +228,10 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     return out, scales.view(scale_shape(x.shape, q))
 
 
-def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True):
+def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True,
+                codes: bool = False):
+    """(fake-quantized x, or its rounded fp32 values without dequant, or their FP8 codes (uint8) with codes;
+    the decode scales) from the fused Triton kernels, for x contiguous on a GPU."""
     tq = _triton()
     if q.granularity == "tensor":  # the scale as the eager code computes it (torch ops, no host sync)
         if amax is None:  # max |x| from one pass (aminmax), NaN propagating
@@ -228,9 +240,15 @@ def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bo
         else:
             a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
         s, e = scale_from_amax(a, q, fmt)
-        return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant).view(x.shape), s
-    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant)
+        return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant, codes).view(x.shape), s
+    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes)
     return out.view(x.shape), scales.view(scale_shape(x.shape, q))
+
+
+def run_codes(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool):
+    """(FP8 codes uint8 of x's shape, decode scales): quantize()'s result for a CUDA tensor applies() admits,
+    written by the Triton kernel directly (no fp32 values, no cast pass)."""
+    return _run_triton(x.contiguous(), q, fmt, amax, saturate, dequant=False, codes=True)
 
 
 def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:

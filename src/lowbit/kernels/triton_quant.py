@@ -45,21 +45,47 @@ def _round_to_grid(v, fmax, min_normal, k, SAT: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, offs, y, mask, BF16: tl.constexpr):
-    """fp32 y stored; bf16 rounded as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), in integer arithmetic."""
-    if BF16:
+def _fp8_code(v, E4M3: tl.constexpr):
+    """The FP8 bit pattern of fp32 v already on the format's grid (torch's float8_e4m3fn / float8_e5m2 cast of
+    an exact value: NaN -> 0x7F, e4m3 inf -> 0x7F, e5m2 inf -> 0x7C, signs kept), in integer arithmetic."""
+    u = v.to(tl.uint32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    av = a.to(tl.float32, bitcast=True)
+    if E4M3:  # bias 7, 3 mantissa bits; below 2^-6: subnormal m · 2^-9
+        c = tl.where(a >= 0x3C800000, (((a >> 23) - 120) << 3) | ((a >> 20) & 7), (av * 512.0).to(tl.uint32))
+        c = tl.where(a >= 0x7F800000, 0x7F, c)
+    else:  # bias 15, 2 mantissa bits; below 2^-14: subnormal m · 2^-16
+        c = tl.where(a >= 0x38800000, (((a >> 23) - 112) << 2) | ((a >> 21) & 3), (av * 65536.0).to(tl.uint32))
+        c = tl.where(a == 0x7F800000, 0x7C, tl.where(a > 0x7F800000, 0x7F, c))
+    return (c | ((u >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _store(ptr, offs, y, mask, OUT: tl.constexpr):
+    """fp32 y stored as OUT: 0 fp32; 1 bf16, rounded as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), in
+    integer arithmetic; 2 / 3 the E4M3 / E5M2 code of y (on the grid: quantize()'s codes)."""
+    if OUT == 1:
         u = y.to(tl.uint32, bitcast=True)
         r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
         tl.store(ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif OUT >= 2:
+        tl.store(ptr + offs, _fp8_code(y, OUT == 2), mask=mask)
     else:
         tl.store(ptr + offs, y, mask=mask)
+
+
+def _out_kind(out: torch.Tensor, fmt: Format) -> int:
+    """_store's OUT for an output tensor: uint8 holds FP8 codes of fmt."""
+    if out.dtype == torch.uint8:
+        return 2 if fmt.name == "e4m3" else 3
+    return 1 if out.dtype == torch.bfloat16 else 0
 
 
 @triton.jit
 def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr, GB: tl.constexpr,
                        fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr,
-                       DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
+                       DEQUANT: tl.constexpr, OUT: tl.constexpr):
     """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s."""
     pid = tl.program_id(0)
     g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
@@ -89,7 +115,7 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
     v = x * e if RULE == 1 else tl.math.div_rn(x, s)
     v = _round_to_grid(v, fmax, min_normal, k, SAT)
     y = v * s if DEQUANT else v
-    _store(out_ptr, offs, y, mask, OUT_BF16)
+    _store(out_ptr, offs, y, mask, OUT)
     first = j == 0
     tl.store(s_ptr + g + j * 0, s + x * 0, mask=(g < n_groups) & first)
 
@@ -97,7 +123,7 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
 @triton.jit
 def _quant_scaled(x_ptr, out_ptr, s_ptr, e_ptr, n, B, G, PER_ROW: tl.constexpr,
                   BLOCK: tl.constexpr, fmax, min_normal, k, USE_E: tl.constexpr, BF16: tl.constexpr,
-                  SAT: tl.constexpr, INF: tl.constexpr, DEQUANT: tl.constexpr, OUT_BF16: tl.constexpr):
+                  SAT: tl.constexpr, INF: tl.constexpr, DEQUANT: tl.constexpr, OUT: tl.constexpr):
     """x viewed as [R, G, B] with given fp32 decode scales s (encode factors e with USE_E) of shape [R, G]
     (PER_ROW) or [G] shared by every row (one scale for the tensor: G = B = 1): round(x / s) (or round(x · e)),
     times s with DEQUANT, as lowbit.quant's elementwise kernel."""
@@ -111,7 +137,7 @@ def _quant_scaled(x_ptr, out_ptr, s_ptr, e_ptr, n, B, G, PER_ROW: tl.constexpr,
     if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
         v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
     y = v * s if DEQUANT else v
-    _store(out_ptr, offs, y, mask, OUT_BF16)
+    _store(out_ptr, offs, y, mask, OUT)
 
 
 def quantize_scaled(x3: torch.Tensor, s3: torch.Tensor, e3: torch.Tensor | None, fmt: Format, saturate: bool,
@@ -127,15 +153,15 @@ def quantize_scaled(x3: torch.Tensor, s3: torch.Tensor, e3: torch.Tensor | None,
         x3, out3, s, e, n, B=B, G=G, PER_ROW=s3.shape[0] > 1 or R == 1, BLOCK=1024, fmax=fmt.max,
         min_normal=fmt.min_normal, k=1.5 * 2.0 ** (23 - fmt.mbits), USE_E=e3 is not None,
         BF16=x3.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf, DEQUANT=dequant,
-        OUT_BF16=out3.dtype == torch.bfloat16, **OPTIONS)
+        OUT=_out_kind(out3, fmt), **OPTIONS)
     return out3
 
 
 def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
-                         saturate: bool, dequant: bool = True) -> torch.Tensor:
+                         saturate: bool, dequant: bool = True, codes: bool = False) -> torch.Tensor:
     """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s); dequant=False:
-    the rounded values (fp32) instead, what quantize() turns into codes."""
-    out = torch.empty_like(x, dtype=x.dtype if dequant else torch.float32)
+    the rounded values (fp32) instead; codes=True: their FP8 codes (uint8)."""
+    out = torch.empty_like(x, dtype=torch.uint8 if codes else x.dtype if dequant else torch.float32)
     one = (1, 1, 1)
     return quantize_scaled(x.view(-1, 1, 1), s.reshape(one), None if e is None else e.reshape(one), fmt,
                            saturate, out.view(-1, 1, 1), dequant).view(x.shape)
@@ -160,12 +186,13 @@ def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
             and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor" and not q.reciprocal)))
 
 
-def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format,
-                         dequant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant: bool = True,
+                         codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized x3, decode scales [R, G]) for contiguous x3 [R, G, B] (fp32 or bf16), as lowbit.quant;
-    dequant=False: the fp32 rounded values instead of x3's dtype's fake-quantized ones."""
+    dequant=False: the fp32 rounded values instead of x3's dtype's fake-quantized ones; codes=True: their FP8
+    codes (uint8)."""
     R, G, B = x3.shape
-    out = torch.empty_like(x3, dtype=x3.dtype if dequant else torch.float32)
+    out = torch.empty_like(x3, dtype=torch.uint8 if codes else x3.dtype if dequant else torch.float32)
     scales = torch.empty((R, G), dtype=torch.float32, device=x3.device)
     n = R * G
     GB = max(1, min(64, 4096 // triton.next_power_of_2(B)))
@@ -174,5 +201,5 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format,
     _fake_quant_groups[(triton.cdiv(n, GB),)](
         x3, out, scales, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
-        SAT=saturate, DEQUANT=dequant, OUT_BF16=out.dtype == torch.bfloat16, **OPTIONS)
+        SAT=saturate, DEQUANT=dequant, OUT=_out_kind(out, fmt), **OPTIONS)
     return out, scales
