@@ -29,7 +29,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, scale_from_amax
+from lowbit.scales import E4M3_MAX, _tensor_scale, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -112,13 +112,14 @@ def _compare_on(device: torch.device) -> str | None:
     special = x.clone()  # a NaN and an inf: the whole tensor (or that row) must come out NaN
     special[1, :3] = torch.tensor([float("nan"), float("inf"), 0.0])
     fused = (TensorQuant("e4m3", "tensor"), TensorQuant("e2m1", "row"), TensorQuant("e2m1", "tile", 32, "e8m0"),
-             TensorQuant("e5m2", "row", reciprocal=True))
-    scaled = (TensorQuant("e2m1", "tile", 16, "e4m3"), TensorQuant("e4m3", "block", 16),
-              TensorQuant("e4m3", "row", scale_fmt="e8m0", scale_round="ceil"))
+             TensorQuant("e5m2", "row", reciprocal=True), TensorQuant("e2m1", "tile", 16, "e4m3"),
+             TensorQuant("e4m3", "row", scale_fmt="e8m0", scale_round="ceil"))
+    scaled = (TensorQuant("e4m3", "block", 16), TensorQuant("e2m1", "row", scale_mult=0.75))
     for q in fused + scaled:
         for t in (x, x.bfloat16(), special):
+            sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
             if q in fused:
-                got = _run_triton(t, q, get_format(q.fmt), None, not (q.scale_fmt == "fp32" and not q.reciprocal))
+                got = _run_triton(t, q, get_format(q.fmt), None, sat)
             else:
                 got = reference(t, q)  # through lowbit.quant: eager scales, the Triton elementwise pass
             _EAGER_ONLY.append(1)
@@ -129,7 +130,6 @@ def _compare_on(device: torch.device) -> str | None:
             if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
                 return f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
             if q in fused and q.fmt in _FP8:  # the FP8 codes quantize() takes from the kernel, decoded
-                sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
                 codes, sc = _run_triton(t, q, get_format(q.fmt), None, sat, dequant=False, codes=True)
                 deq = (codes.view(_FP8[q.fmt]).float() * (sc if q.granularity == "tensor" else sc.view(-1, 1)))
                 if not torch.equal(deq.to(t.dtype).nan_to_num(7.0), ref[0].nan_to_num(7.0)):
@@ -241,7 +241,12 @@ def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bo
             a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
         s, e = scale_from_amax(a, q, fmt)
         return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant, codes).view(x.shape), s
-    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes)
+    st = None
+    if q.scale_fmt == "e4m3":  # NVFP4: the tensor scale first, as lowbit.scales computes it
+        lo, hi = torch.aminmax(x)
+        t, st = _tensor_scale(None, torch.maximum(hi, -lo).float(), fmt, E4M3_MAX)
+        st = torch.where(t < math.inf, st, math.nan)
+    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes, st)
     return out.view(x.shape), scales.view(scale_shape(x.shape, q))
 
 

@@ -83,10 +83,11 @@ def _out_kind(out: torch.Tensor, fmt: Format) -> int:
 
 
 @triton.jit
-def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr, GB: tl.constexpr,
-                       fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr,
-                       DEQUANT: tl.constexpr, OUT: tl.constexpr):
-    """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s."""
+def _fake_quant_groups(x_ptr, out_ptr, s_ptr, st_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr,
+                       GB: tl.constexpr, fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr,
+                       SAT: tl.constexpr, DEQUANT: tl.constexpr, OUT: tl.constexpr):
+    """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s.
+    RULE: 0 fp32 divide, 1 fp32 reciprocal, 2 E8M0 floor, 3 E8M0 ceil, 4 NVFP4 (st_ptr: the tensor scale)."""
     pid = tl.program_id(0)
     g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
     j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
@@ -104,9 +105,23 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, n_groups, B: tl.constexpr, BP: tl.
         e = tl.where(amax == 0, 1.0, tl.math.div_rn(1.0, amax) * fmax)
         e = tl.where(e > 3.4028234663852886e38, 3.4028234663852886e38, e)
         s = tl.math.div_rn(1.0, e)
-    else:  # e8m0 floor: 2^floor(log2 amax) · 2^-emax, at least 2^-127
+    elif RULE == 2:  # e8m0 floor: 2^floor(log2 amax) · 2^-emax, at least 2^-127
         p2 = ((amax.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)) * c_emax
         s = tl.where(p2 < 5.877471754111438e-39, 5.877471754111438e-39, p2)
+        e = s
+    elif RULE == 3:  # e8m0 ceil: 2^ceil(log2(amax / fmax)) in [2^-127, 2^127], from r's bits (frexp, exactly)
+        r = tl.math.div_rn(amax, fmax).to(tl.uint32, bitcast=True)
+        ex, mant = ((r >> 23) & 0xFF).to(tl.int32), r & 0x7FFFFF
+        kp = ex - 126 - (mant == 0).to(tl.int32)
+        kp = tl.where(kp > 127, 127, kp)
+        sub = tl.where(mant > 0x400000, 0x00800000, 0x00400000)  # r subnormal: 2^-126 or 2^-127
+        s = tl.where(ex == 0, sub, (kp + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+        e = s
+    else:  # NVFP4: e4m3(amax / fmax / s_t), at least 2^-9, times s_t (NaN when the tensor absmax is not finite)
+        st = tl.load(st_ptr)
+        d = _round_to_grid(tl.math.div_rn(tl.math.div_rn(amax, fmax), st), 448.0, 0.015625, 1572864.0, True)
+        d = tl.where(d < 0.001953125, 0.001953125, d)
+        s = d * st
         e = s
     zero = amax == 0
     bad = ~(amax < float("inf"))
@@ -174,32 +189,38 @@ def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
 
 
 def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
-    """Whether the Triton kernels cover x under q: fake-quantize or quantize, round-to-nearest, fp32/bf16; row/tile
-    groups with fp32 or E8M0-floor scales (no delayed amax), or one scale for the tensor (any absmax rule but
-    QuEST's; current or delayed)."""
+    """Whether the fused Triton kernels cover x under q: fake-quantize or quantize, round-to-nearest, fp32/bf16;
+    row/tile groups with fp32, E8M0 (floor or ceil) or NVFP4 (divide) scales, no delayed amax, no scale_mult; or
+    one scale for the tensor (any absmax rule but QuEST's; current or delayed)."""
     if (x.dtype not in (torch.float32, torch.bfloat16) or q.rounding != "nearest" or q.scale_rule != "absmax"
             or q.four_over_six):
         return False
     if q.granularity == "tensor":
         return True
     return (q.granularity in ("row", "tile") and amax is None and q.scale_mult == 1.0
-            and (q.scale_fmt == "fp32" or (q.scale_fmt == "e8m0" and q.scale_round == "floor" and not q.reciprocal)))
+            and (q.scale_fmt != "e4m3" or not q.reciprocal))
 
 
-def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant: bool = True,
-                         codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+# (scale_fmt, E8M0 rounding or fp32/e4m3 reciprocal) -> _fake_quant_groups' RULE. E8M0 scales are powers of
+# two, so x / s and x · (1/s) agree: the reciprocal flag does not matter there.
+_RULES = {("fp32", False): 0, ("fp32", True): 1, ("e8m0", "floor"): 2, ("e8m0", "ceil"): 3, ("e4m3", False): 4}
+
+
+def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant: bool = True, codes: bool = False,
+                         st: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized x3, decode scales [R, G]) for contiguous x3 [R, G, B] (fp32 or bf16), as lowbit.quant;
     dequant=False: the fp32 rounded values instead of x3's dtype's fake-quantized ones; codes=True: their FP8
-    codes (uint8)."""
+    codes (uint8). st: NVFP4's fp32 tensor scale (NaN when the tensor absmax is not finite), for scale_fmt e4m3."""
     R, G, B = x3.shape
     out = torch.empty_like(x3, dtype=torch.uint8 if codes else x3.dtype if dequant else torch.float32)
     scales = torch.empty((R, G), dtype=torch.float32, device=x3.device)
     n = R * G
     GB = max(1, min(64, 4096 // triton.next_power_of_2(B)))
-    rule = 2 if q.scale_fmt == "e8m0" else (1 if q.reciprocal else 0)
+    rule = _RULES[(q.scale_fmt, q.scale_round if q.scale_fmt == "e8m0" else q.reciprocal)]
     saturate = not (q.scale_fmt == "fp32" and not q.reciprocal)  # as quant._run: divide by the fp32 absmax scale
+    st = scales if st is None else st.reshape(1).float()
     _fake_quant_groups[(triton.cdiv(n, GB),)](
-        x3, out, scales, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
+        x3, out, scales, st, n, B=B, BP=triton.next_power_of_2(B), GB=GB, fmax=fmt.max, min_normal=fmt.min_normal,
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
         SAT=saturate, DEQUANT=dequant, OUT=_out_kind(out, fmt), **OPTIONS)
     return out, scales
