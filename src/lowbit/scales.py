@@ -61,7 +61,9 @@ def _pow2(amax: torch.Tensor, q: TensorQuant, fmt: Format) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(amax), k.clamp_(-127, 127))
 
 
-def _tensor_scale(amax, tensor_amax, fmt, block_max):
+def nvfp4_tensor_scale(amax, tensor_amax, fmt, block_max):
+    """(t, s_t): NVFP4's fp32 tensor absmax (tensor_amax, or the max of the group absmaxes amax) and tensor
+    scale t / (fmt.max · block_max), 1 where that is 0."""
     t = (amax.amax() if tensor_amax is None else tensor_amax).float()
     s_t = _div(t, fmt.max * block_max)
     return t, torch.where((t == 0) | (s_t == 0), 1.0, s_t)
@@ -77,7 +79,7 @@ def _nvfp4(amax, q, fmt, tensor_amax, block_max=E4M3_MAX):
         s = d * (1.0 / g)
         e = (1.0 / s).clamp_max_(FP32_MAX)
         return s.masked_fill_(~(t < math.inf), math.nan), e
-    t, s_t = _tensor_scale(amax, tensor_amax, fmt, block_max)
+    t, s_t = nvfp4_tensor_scale(amax, tensor_amax, fmt, block_max)
     s = _to_e4m3_(_div(amax, fmt.max) / s_t).clamp_min_(E4M3_MIN_SUBNORMAL).mul_(s_t)
     return s.masked_fill_(~(t < math.inf), math.nan), None  # a non-finite tensor absmax: every group
 

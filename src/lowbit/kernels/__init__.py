@@ -29,7 +29,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, _tensor_scale, scale_from_amax
+from lowbit.scales import E4M3_MAX, nvfp4_tensor_scale, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -244,7 +244,7 @@ def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bo
     st = None
     if q.scale_fmt == "e4m3":  # NVFP4: the tensor scale first, as lowbit.scales computes it
         lo, hi = torch.aminmax(x)
-        t, st = _tensor_scale(None, torch.maximum(hi, -lo).float(), fmt, E4M3_MAX)
+        t, st = nvfp4_tensor_scale(None, torch.maximum(hi, -lo).float(), fmt, E4M3_MAX)
         st = torch.where(t < math.inf, st, math.nan)
     out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes, st)
     return out.view(x.shape), scales.view(scale_shape(x.shape, q))
