@@ -216,12 +216,9 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     out = empty(x.shape, odt, x.device)
     chunk_rows = max(1, chunk_elems(x.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
     if q.granularity == "tensor":
-        a = absmax(xc) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-        if a.numel() != 1:
-            raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(a.shape)}")
-        s, e = scale_from_amax(a.reshape(()).abs(), q, fmt)
+        s, e = _tensor_scale(xc, q, fmt, amax)
         quantize_scalar(xc, out, s, e, q, fmt, generator, saturate, dequant, chunk_rows)
-        return out, s
+        return out, torch.tensor(s, dtype=torch.float32)
     scales = quantize_groups(x3, out, q, fmt, generator, saturate, dequant, chunk_rows)
     if q.granularity == "block":
         return out, scales.view(scales.shape[0], 1, scales.shape[1], 1)
@@ -283,6 +280,22 @@ def _run_cols(x, q, fmt, generator, dequant, saturate, odt):
     if q.granularity == "block":
         return out.t(), scales.view(N // bw, 1, M // L, 1)
     return out.t(), scales.view(scale_shape(x.shape, q))
+
+
+def _tensor_scale(xc: torch.Tensor, q: TensorQuant, fmt: Format, amax) -> tuple[float, float | None]:
+    """(decode scale, encode factor or None) of contiguous CPU xc under one scale per tensor, from its absmax or
+    the given (delayed) amax: scales.scale_from_amax, computed in C (one call instead of a dozen 0-d torch ops)."""
+    if amax is None:
+        a = _lib().lb_absmax(xc.data_ptr(), xc.numel(), _DTYPES[xc.dtype], torch.get_num_threads())
+    else:
+        t = torch.as_tensor(amax, dtype=torch.float32)
+        if t.numel() != 1:
+            raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(t.shape)}")
+        a = float(t.reshape(()).abs())
+    p, _keys = _params(q, fmt, xc, xc, False, False, None, 0, 1, tensor_amax=a)  # no random keys drawn
+    s, e = ctypes.c_float(), ctypes.c_float()
+    _lib().lb_scale_one(a, ctypes.byref(p), ctypes.byref(s), ctypes.byref(e))
+    return s.value, (e.value if q.reciprocal else None)
 
 
 def _check(failed: int) -> None:

@@ -232,6 +232,13 @@ static void group_scales(const uint32_t *am, int64_t n, const lb_params *p, floa
     else SCALES(R_NVFP4);
 }
 
+/* scales.scale_from_amax for one scale (granularity "tensor": the current or delayed absmax a, inf or NaN
+ * allowed): the group rule above with one group, NVFP4's tensor absmax being a itself (p->tensor_amax). */
+void lb_scale_one(float a, const lb_params *p, float *s, float *e) {
+    uint32_t am = f2u(a) & 0x7FFFFFFFu; /* |a|; NaN patterns sort above inf */
+    group_scales(&am, 1, p, s, e);
+}
+
 /* am[g] = the absmax bit pattern of group g (B elements at x[off + g·B]) over rows off, off + stride, ...
  * (nr rows), for G groups; B = 16 and 32 get loops of constant length. */
 static inline __attribute__((always_inline)) void amax_f32_fixed(const uint32_t *restrict r, int64_t G,
