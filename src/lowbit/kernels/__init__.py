@@ -20,6 +20,7 @@ torch.compile.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, nvfp4_tensor_scale, scale_from_amax
+from lowbit.scales import E4M3_MAX, nvfp4_tensor_scale
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -73,6 +74,16 @@ def _triton():
 
 
 _EAGER_ONLY: list = []  # non-empty while the self-check computes its eager reference
+
+
+@contextlib.contextmanager
+def eager_only():
+    """Within: every quantizer runs the eager code (the GPU self-check's reference)."""
+    _EAGER_ONLY.append(1)
+    try:
+        yield
+    finally:
+        _EAGER_ONLY.pop()
 _REFERENCE: list = []  # [lowbit.quant.fake_quantize_with_scales], registered by lowbit.quant (no import cycle)
 
 
@@ -91,7 +102,8 @@ def _gpu_self_check(device: torch.device) -> bool:
     if key not in _GPU_CHECKED:
         _GPU_CHECKED[key] = None  # while checking: the public path below may ask again
         try:
-            why = _compare_on(device)
+            from lowbit.kernels.gpu_check import compare_on
+            why = compare_on(device, _REFERENCE[0], run_triton, eager_only)
         except Exception as e:  # noqa: BLE001 -- any Triton or driver failure: eager is always available
             why = f"they failed ({type(e).__name__}: {e})"
         _GPU_CHECKED[key] = why
@@ -100,44 +112,6 @@ def _gpu_self_check(device: torch.device) -> bool:
             print(f"lowbit: the Triton quantization kernels are off on {key}: {why}; using the eager quantizers "
                   "(same numbers, slower)", file=sys.stderr, flush=True)
     return _GPU_CHECKED[key] is None
-
-
-def _compare_on(device: torch.device) -> str | None:
-    """Why the Triton kernels differ from the eager quantizer on `device`, or None."""
-    from lowbit.formats import get_format
-    reference = _REFERENCE[0]  # lowbit.quant.fake_quantize_with_scales
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(64, 64, generator=g) * torch.logspace(-3, 3, 64)).to(device)
-    x[2] = 0.0
-    special = x.clone()  # a NaN and an inf: the whole tensor (or that row) must come out NaN
-    special[1, :3] = torch.tensor([float("nan"), float("inf"), 0.0])
-    fused = (TensorQuant("e4m3", "tensor"), TensorQuant("e2m1", "row"), TensorQuant("e2m1", "tile", 32, "e8m0"),
-             TensorQuant("e5m2", "row", reciprocal=True), TensorQuant("e2m1", "tile", 16, "e4m3"),
-             TensorQuant("e4m3", "row", scale_fmt="e8m0", scale_round="ceil"))
-    scaled = (TensorQuant("e4m3", "block", 16), TensorQuant("e2m1", "row", scale_mult=0.75))
-    for q in fused + scaled:
-        for t in (x, x.bfloat16(), special):
-            sat = not (q.scale_fmt == "fp32" and not q.reciprocal)
-            if q in fused:
-                got = _run_triton(t, q, get_format(q.fmt), None, sat)
-            else:
-                got = reference(t, q)  # through lowbit.quant: eager scales, the Triton elementwise pass
-            _EAGER_ONLY.append(1)
-            try:
-                ref = reference(t, q)
-            finally:
-                _EAGER_ONLY.pop()
-            if not all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(got, ref)):
-                return f"they differ from the eager quantizer ({q.fmt} {q.granularity}, {t.dtype})"
-            if q in fused and q.fmt in _FP8:  # the FP8 codes quantize() takes from the kernel, decoded
-                codes, sc = _run_triton(t, q, get_format(q.fmt), None, sat, dequant=False, codes=True)
-                deq = (codes.view(_FP8[q.fmt]).float() * (sc if q.granularity == "tensor" else sc.view(-1, 1)))
-                if not torch.equal(deq.to(t.dtype).nan_to_num(7.0), ref[0].nan_to_num(7.0)):
-                    return f"their FP8 codes differ from the eager quantizer's ({q.fmt} {q.granularity}, {t.dtype})"
-    return None
-
-
-_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def which(device_type: str = "cpu") -> str:
@@ -208,7 +182,7 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     transposed copy; the output is then also a transposed view (same values, same scales)."""
     odt = x.dtype if dequant else torch.float32
     if x.device.type == "cuda":  # applies() admitted it: Triton
-        return _run_triton(x.contiguous(), q, fmt, amax, saturate, dequant)
+        return run_triton(x.contiguous(), q, fmt, amax, saturate, dequant)
     if _transposed(x, q):
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
     xc = x.contiguous()
@@ -225,19 +199,19 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     return out, scales.view(scale_shape(x.shape, q))
 
 
-def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True,
+def run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True,
                 codes: bool = False):
     """(fake-quantized x, or its rounded fp32 values without dequant, or their FP8 codes (uint8) with codes;
     the decode scales) from the fused Triton kernels, for x contiguous on a GPU."""
     tq = _triton()
-    if q.granularity == "tensor":  # the scale as the eager code computes it (torch ops, no host sync)
+    if q.granularity == "tensor":  # the absmax here (no host sync), the scale inside the kernel
         if amax is None:  # max |x| from one pass (aminmax), NaN propagating
             lo, hi = torch.aminmax(x)
             a = torch.maximum(hi, -lo).float()
         else:
             a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
-        s, e = scale_from_amax(a, q, fmt)
-        return tq.fake_quantize_scalar(x, s, e, fmt, saturate, dequant, codes).view(x.shape), s
+        out, s = tq.quantize_tensor(x, a, q, fmt, saturate, dequant, codes)
+        return out.view(x.shape), s
     st = None
     if q.scale_fmt == "e4m3":  # NVFP4: the tensor scale first, as lowbit.scales computes it
         lo, hi = torch.aminmax(x)
@@ -250,7 +224,7 @@ def _run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bo
 def run_codes(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool):
     """(FP8 codes uint8 of x's shape, decode scales): quantize()'s result for a CUDA tensor applies() admits,
     written by the Triton kernel directly (no fp32 values, no cast pass)."""
-    return _run_triton(x.contiguous(), q, fmt, amax, saturate, dequant=False, codes=True)
+    return run_triton(x.contiguous(), q, fmt, amax, saturate, dequant=False, codes=True)
 
 
 def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:

@@ -83,20 +83,9 @@ def _out_kind(out: torch.Tensor, fmt: Format) -> int:
 
 
 @triton.jit
-def _fake_quant_groups(x_ptr, out_ptr, s_ptr, st_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr,
-                       GB: tl.constexpr, fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr,
-                       SAT: tl.constexpr, DEQUANT: tl.constexpr, OUT: tl.constexpr):
-    """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s.
-    RULE: 0 fp32 divide, 1 fp32 reciprocal, 2 E8M0 floor, 3 E8M0 ceil, 4 NVFP4 (st_ptr: the tensor scale)."""
-    pid = tl.program_id(0)
-    g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
-    j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
-    mask = (g < n_groups) & (j < B)
-    offs = g * B + j
-    x = _load_f32(x_ptr, offs, mask, BF16)
-    bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    ab = tl.max(bits, axis=1)[:, None]  # magnitude patterns: NaN sorts above inf
-    amax = tl.where(ab > 0x7F800000, float("nan"), ab.to(tl.float32, bitcast=True))
+def _scale_rule(amax, fmax, c_emax, st, RULE: tl.constexpr):
+    """(decode s, encode e) from fp32 absmax by scales.scale_from_amax's rule, before its zero/NaN cases:
+    RULE 0 fp32 divide, 1 fp32 reciprocal, 2 E8M0 floor, 3 E8M0 ceil, 4 NVFP4 (st: the tensor scale)."""
     if RULE == 0:  # fp32, divide: max(amax / fmax, 2^-126)
         s = tl.math.div_rn(amax, fmax)
         s = tl.where(s < 1.1754943508222875e-38, 1.1754943508222875e-38, s)
@@ -115,18 +104,41 @@ def _fake_quant_groups(x_ptr, out_ptr, s_ptr, st_ptr, n_groups, B: tl.constexpr,
         kp = ex - 126 - (mant == 0).to(tl.int32)
         kp = tl.where(kp > 127, 127, kp)
         sub = tl.where(mant > 0x400000, 0x00800000, 0x00400000)  # r subnormal: 2^-126 or 2^-127
+        sub = tl.where(mant == 0, 0x3F800000, sub)  # r underflowed to 0: torch.frexp(0) gives 2^0, so 1
         s = tl.where(ex == 0, sub, (kp + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
         e = s
     else:  # NVFP4: e4m3(amax / fmax / s_t), at least 2^-9, times s_t (NaN when the tensor absmax is not finite)
-        st = tl.load(st_ptr)
         d = _round_to_grid(tl.math.div_rn(tl.math.div_rn(amax, fmax), st), 448.0, 0.015625, 1572864.0, True)
         d = tl.where(d < 0.001953125, 0.001953125, d)
         s = d * st
         e = s
-    zero = amax == 0
-    bad = ~(amax < float("inf"))
-    s = tl.where(bad, float("nan"), tl.where(zero, 1.0, s))
-    e = tl.where(bad, float("nan"), tl.where(zero, 1.0, e))
+    return s, e
+
+
+@triton.jit
+def _special(amax, s):
+    """An all-zero group's scale is 1, a group with inf or NaN gets NaN (scales.scale_from_amax)."""
+    return tl.where(~(amax < float("inf")), float("nan"), tl.where(amax == 0, 1.0, s))
+
+
+@triton.jit
+def _fake_quant_groups(x_ptr, out_ptr, s_ptr, st_ptr, n_groups, B: tl.constexpr, BP: tl.constexpr,
+                       GB: tl.constexpr, fmax, min_normal, k, c_emax, RULE: tl.constexpr, BF16: tl.constexpr,
+                       SAT: tl.constexpr, DEQUANT: tl.constexpr, OUT: tl.constexpr):
+    """Per group of B: out = round(x / s) · s (DEQUANT; else the fp32 rounded values round(x / s)), s_ptr = s.
+    RULE: 0 fp32 divide, 1 fp32 reciprocal, 2 E8M0 floor, 3 E8M0 ceil, 4 NVFP4 (st_ptr: the tensor scale)."""
+    pid = tl.program_id(0)
+    g = pid * GB + tl.arange(0, GB)[:, None]  # [GB, 1] group indices
+    j = tl.arange(0, BP)[None, :]  # [1, BP] element within the group
+    mask = (g < n_groups) & (j < B)
+    offs = g * B + j
+    x = _load_f32(x_ptr, offs, mask, BF16)
+    bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    ab = tl.max(bits, axis=1)[:, None]  # magnitude patterns: NaN sorts above inf
+    amax = tl.where(ab > 0x7F800000, float("nan"), ab.to(tl.float32, bitcast=True))
+    st = tl.load(st_ptr) if RULE == 4 else 1.0
+    s, e = _scale_rule(amax, fmax, c_emax, st, RULE)
+    s, e = _special(amax, s), _special(amax, e)
     v = x * e if RULE == 1 else tl.math.div_rn(x, s)
     v = _round_to_grid(v, fmax, min_normal, k, SAT)
     y = v * s if DEQUANT else v
@@ -172,14 +184,51 @@ def quantize_scaled(x3: torch.Tensor, s3: torch.Tensor, e3: torch.Tensor | None,
     return out3
 
 
-def fake_quantize_scalar(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, fmt: Format,
-                         saturate: bool, dequant: bool = True, codes: bool = False) -> torch.Tensor:
-    """x (contiguous, fp32/bf16) fake-quantized with one decode scale s (encode factor e, or x / s); dequant=False:
-    the rounded values (fp32) instead; codes=True: their FP8 codes (uint8)."""
+@triton.jit
+def _quant_tensor(x_ptr, out_ptr, a_ptr, s_ptr, n, BLOCK: tl.constexpr, fmax, min_normal, k, c_emax, mult,
+                  RULE: tl.constexpr, MULT: tl.constexpr, BF16: tl.constexpr, SAT: tl.constexpr,
+                  INF: tl.constexpr, DEQUANT: tl.constexpr, OUT: tl.constexpr):
+    """One scale for all n elements from the fp32 absmax at a_ptr (measured or delayed), computed by every
+    program as scales.scale_from_amax does (no host-side scale ops), program 0 storing it at s_ptr; then the
+    elements as _quant_scaled does (reciprocal rules multiply by the encode factor)."""
+    amax = tl.load(a_ptr)
+    st = 1.0
+    if RULE == 4:  # NVFP4's tensor scale, t = amax itself (scales.nvfp4_tensor_scale); NaN if t is not finite
+        st = tl.math.div_rn(amax, fmax * 448.0)
+        st = tl.where((amax == 0) | (st == 0), 1.0, st)
+        st = tl.where(amax < float("inf"), st, float("nan"))
+    s, e = _scale_rule(amax, fmax, c_emax, st, RULE)
+    if MULT:  # scale_mult: s · m, e / m (at most fp32's max)
+        s = s * mult
+        e = tl.math.div_rn(e, mult)
+        e = tl.where(e > 3.4028234663852886e38, 3.4028234663852886e38, e)
+    s, e = _special(amax, s), _special(amax, e)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _load_f32(x_ptr, offs, mask, BF16)
+    v = x * e if RULE == 1 else tl.math.div_rn(x, s)
+    v = _round_to_grid(v, fmax, min_normal, k, SAT)
+    if INF:  # e5m2 keeps ±inf (the clamp made it ±max)
+        v = tl.where((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000, x, v)
+    y = v * s if DEQUANT else v
+    _store(out_ptr, offs, y, mask, OUT)
+    tl.store(s_ptr + offs * 0, s + x * 0, mask=offs == 0)
+
+
+def quantize_tensor(x: torch.Tensor, amax: torch.Tensor, q: TensorQuant, fmt: Format, saturate: bool,
+                    dequant: bool = True, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x contiguous fp32/bf16 quantized with one scale from the 0-d fp32 absmax `amax`, that scale 0-d fp32):
+    fake-quantized in x's dtype, or the rounded fp32 values (dequant=False), or their FP8 codes (codes=True)."""
     out = torch.empty_like(x, dtype=torch.uint8 if codes else x.dtype if dequant else torch.float32)
-    one = (1, 1, 1)
-    return quantize_scaled(x.view(-1, 1, 1), s.reshape(one), None if e is None else e.reshape(one), fmt,
-                           saturate, out.view(-1, 1, 1), dequant).view(x.shape)
+    s = torch.empty((), dtype=torch.float32, device=x.device)
+    n = x.numel()
+    rule = _RULES[(q.scale_fmt, q.scale_round if q.scale_fmt == "e8m0" else q.reciprocal)]
+    _quant_tensor[(max(1, triton.cdiv(n, 1024)),)](
+        x, out, amax.reshape(()).float(), s, n, BLOCK=1024, fmax=fmt.max, min_normal=fmt.min_normal,
+        k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, mult=q.scale_mult, RULE=rule,
+        MULT=q.scale_mult != 1.0, BF16=x.dtype == torch.bfloat16, SAT=saturate, INF=saturate and fmt.has_inf,
+        DEQUANT=dequant, OUT=_out_kind(out, fmt), **OPTIONS)
+    return out, s
 
 
 def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
@@ -190,15 +239,15 @@ def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
 
 def applies(x: torch.Tensor, q: TensorQuant, amax) -> bool:
     """Whether the fused Triton kernels cover x under q: fake-quantize or quantize, round-to-nearest, fp32/bf16;
-    row/tile groups with fp32, E8M0 (floor or ceil) or NVFP4 (divide) scales, no delayed amax, no scale_mult; or
-    one scale for the tensor (any absmax rule but QuEST's; current or delayed)."""
+    row/tile groups or one scale for the tensor, with fp32, E8M0 (floor or ceil) or NVFP4 (divide) scales; the
+    tensor's scale current or delayed, with any scale_mult; the groups' current, without."""
     if (x.dtype not in (torch.float32, torch.bfloat16) or q.rounding != "nearest" or q.scale_rule != "absmax"
             or q.four_over_six):
         return False
-    if q.granularity == "tensor":
-        return True
-    return (q.granularity in ("row", "tile") and amax is None and q.scale_mult == 1.0
-            and (q.scale_fmt != "e4m3" or not q.reciprocal))
+    key = (q.scale_fmt, q.scale_round if q.scale_fmt == "e8m0" else q.reciprocal)
+    if q.granularity == "tensor":  # any scale_mult, current or delayed amax
+        return key in _RULES
+    return q.granularity in ("row", "tile") and amax is None and q.scale_mult == 1.0 and key in _RULES
 
 
 # (scale_fmt, E8M0 rounding or fp32/e4m3 reciprocal) -> _fake_quant_groups' RULE. E8M0 scales are powers of
