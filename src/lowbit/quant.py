@@ -196,28 +196,37 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
 # elementwise ops (which inductor may round differently). Stochastic rounding stays traced (its torch.Generator
 # breaks the graph either way).
 
-@torch.library.custom_op("lowbit::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, fmt: str, granularity: str, block: int, scale_fmt: str, scale_round: str,
-                 reciprocal: bool, scale_rule: str, scale_mult: float, amax: torch.Tensor | None,
-                 dequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_impl(x: torch.Tensor, fmt: str, granularity: str, block: int, scale_fmt: str, scale_round: str,
+                   reciprocal: bool, scale_rule: str, scale_mult: float, amax: torch.Tensor | None,
+                   dequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q = TensorQuant(fmt, granularity, block, scale_fmt, scale_round=scale_round, reciprocal=reciprocal,
                     scale_rule=scale_rule, scale_mult=scale_mult)
     out, scales = _run(x, q, None, amax, dequant)
     return out.contiguous(), scales.contiguous().clone()  # fresh, contiguous: what the fake promises
 
 
-@_quantize_op.register_fake
-def _(x, fmt, granularity, block, scale_fmt, scale_round, reciprocal, scale_rule, scale_mult, amax, dequant):
+def _quantize_fake(x, fmt, granularity, block, scale_fmt, scale_round, reciprocal, scale_rule, scale_mult, amax,
+                   dequant):
     q = TensorQuant(fmt, granularity, block, scale_fmt)
     return (x.new_empty(x.shape, dtype=x.dtype if dequant else torch.float32),
             x.new_empty(scale_shape(x.shape, q), dtype=torch.float32))
+
+
+try:
+    _QUANTIZE_OP = torch.library.custom_op("lowbit::quantize", mutates_args=())(_quantize_impl)
+    _QUANTIZE_OP.register_fake(_quantize_fake)
+except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take this signature: trace instead
+    import logging
+    _QUANTIZE_OP = None
+    logging.getLogger("lowbit").warning("torch.compile will trace the eager quantizers (the custom op could not be "
+                                        "registered with torch %s: %s)", torch.__version__, e)
 
 
 def _opaque(x, q, generator, amax, dequant):
     """The custom op's call for _run's arguments (round-to-nearest, no 4-over-6)."""
     a = amax if amax is None or isinstance(amax, torch.Tensor) else \
         torch.tensor(float(amax), dtype=torch.float32, device=x.device)
-    return torch.ops.lowbit.quantize(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal,
+    return _QUANTIZE_OP(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal,
                                      q.scale_rule, q.scale_mult, a, dequant)
 
 
@@ -230,7 +239,8 @@ def _saturates(q: TensorQuant, amax) -> bool:
 def _run(x, q, generator, amax, dequant):
     _check_q(q)
     check_float(x)
-    if torch.compiler.is_compiling() and q.rounding == "nearest" and not q.four_over_six:
+    if _QUANTIZE_OP is not None and torch.compiler.is_compiling() and q.rounding == "nearest" \
+            and not q.four_over_six:
         return _opaque(x, q, generator, amax, dequant)
     fmt = get_format(q.fmt)
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
