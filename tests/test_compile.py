@@ -196,3 +196,20 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert seen == [{"mode": "reduce-overhead"}, {}]
     with pytest.raises(ValueError, match="compile_mode 'fast' is not one of default, reduce-overhead, max-autotune"):
         TrainConfig(compile_mode="fast")
+
+
+def test_compile_without_the_custom_op_traces_the_eager_quantizers(monkeypatch):
+    # Where torch cannot register lowbit::quantize (quant._QUANTIZE_OP is None), compiled code traces the eager
+    # quantizer instead: it still compiles as one graph and matches eager (up to the backend's reassociation of
+    # the fp32 GeMMs, as in test_compiled_qlinear_matches_eager). Bug caught: the fallback calling a missing op.
+    from lowbit import quant
+    monkeypatch.setattr(quant, "_QUANTIZE_OP", None)
+    torch.manual_seed(0)
+    eager = QLinear(64, 32, recipe="fp8-tensor")
+    comp = QLinear(64, 32, recipe="fp8-tensor")
+    comp.load_state_dict(eager.state_dict())
+    x = torch.randn(40, 64)
+    ye = eager(x)
+    yc = torch.compile(comp, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    assert ye.abs().max() > 0.1
