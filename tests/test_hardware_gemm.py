@@ -251,16 +251,16 @@ def test_trains_through_the_trainer(tmp_path, monkeypatch):
 
 
 def test_gpu_generations_refused_in_one_line(monkeypatch):
-    # What each CUDA generation lacks, decided from its capability (no GPU needed): rowwise scales below SM90
-    # (torch's SM89 kernel writes bf16 only), block scales off Hopper, anything below SM89. Bug caught: an SM89
-    # rowwise run failing inside torch instead of this line.
+    # What each CUDA generation lacks, decided from its capability (no GPU needed): rowwise scales off Hopper
+    # (torch's SM89 and SM100 rowwise kernel writes bf16 only; SM90 goes through cuBLAS), block scales off Hopper,
+    # anything below SM89. Bug caught: an SM89 rowwise run failing inside torch instead of this line.
     from lowbit.nn.hardware import check_device
     from lowbit.nn.spec import LinearSpec
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
     spec = {n: LinearSpec.from_recipe(recipes.get(n)) for n in ("fp8-tensor", "fp8-rowwise", "fp8-block")}
     cuda = torch.device("cuda")
     for cap, ok in (((8, 0), ()), ((8, 9), ("fp8-tensor",)), ((9, 0), ("fp8-tensor", "fp8-rowwise", "fp8-block")),
-                    ((10, 0), ("fp8-tensor", "fp8-rowwise"))):
+                    ((10, 0), ("fp8-tensor",))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
         for name, sp in spec.items():
             if name in ok:

@@ -52,9 +52,9 @@ def check_device(device: torch.device, spec) -> None:
         if (major, minor) < (8, 9):
             raise ValueError(f"gemm='hardware' needs FP8 tensor cores (SM89+: Ada, Hopper, Blackwell); {where} "
                              "has none: use gemm='rounded' to simulate")
-        if "row" in kinds and major < 9:  # torch's SM89 rowwise kernel (CUTLASS) writes bf16 only; lowbit asks fp32
-            raise ValueError(f"gemm='hardware' with rowwise FP8 scales needs a Hopper or newer GPU (SM90+, cuBLAS "
-                             f"12.9+); {where} runs them with bf16 outputs only: use gemm='rounded' to simulate")
+        if "row" in kinds and major != 9:  # elsewhere torch writes rowwise in bf16 only
+            raise ValueError(f"gemm='hardware' with rowwise FP8 scales needs a Hopper GPU (SM90, cuBLAS 12.9+); "
+                             f"{where} runs them with bf16 outputs only: use gemm='rounded' to simulate")
         if not blockwise or major == 9:
             return
         need = "FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
