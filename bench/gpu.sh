@@ -11,26 +11,7 @@
 # and machine.txt. Tables go to $OUT (default bench/gpu_out).
 #   bash bench/gpu.sh                 # OUT=bench/gpu_out
 #   OUT=/tmp/g PY=python bash bench/gpu.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/gpu_out}
-PY=${PY:-python3}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-$PY - <<'EOF' || { echo "bench/gpu.sh: no CUDA device visible to torch; run it on a GPU machine" >&2; exit 2; }
-import torch
-assert torch.cuda.is_available()
-EOF
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability())"
-  lscpu | grep -E 'Model name|^CPU\(s\)'; gcc --version | head -1; } > "$OUT/machine.txt" 2>&1
-status=0
-section() {  # section SECONDS FILE what... : run with a hard timeout (a SIGTERM makes training write a checkpoint first), output to $OUT/FILE
-    local t=$1 f=$2; shift 2
-    local t0=$SECONDS
-    timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
-    echo "$f: $((SECONDS - t0)) s"
-}
+source "$(dirname "$0")/gpu_common.sh"
 section 120 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hardware" \
     tests/test_kernels.py tests/test_hardware_gemm.py tests/test_train.py tests/test_quant.py tests/test_formats.py
 tail -n 4 "$OUT/tests.txt"

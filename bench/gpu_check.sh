@@ -4,21 +4,7 @@
 # scales), the Triton-vs-eager quantizer table, one layer at width 8192, gpt2-small steps with the eager and
 # the Triton quantizers, and the same steps compiled with CUDA graphs (compile.md). Same conventions as
 # bench/gpu.sh (python3, PYTHONPATH=src, tables to $OUT).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/gpu_out}
-PY=${PY:-python3}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/machine.txt" 2>&1
-status=0
-section() {  # section SECONDS FILE what... : run with a hard timeout (no SIGTERM checkpointing), note a failure
-    local t=$1 f=$2; shift 2
-    local t0=$SECONDS
-    timeout -s KILL "$t" "$@" > "$OUT/$f" 2>&1 || { echo "FAILED or timed out after $((SECONDS - t0)) s: $* (see $f)"; status=1; }
-    echo "$f: $((SECONDS - t0)) s"
-}
+source "$(dirname "$0")/gpu_common.sh"
 section 100 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or device" \
     tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py
 tail -n 12 "$OUT/tests.txt"

@@ -45,6 +45,7 @@ from lowbit.buffers import scratch
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.groups import as3d, group_scales, rows_scales, scale_shape
+from lowbit.quant_op import register_quantize_op
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
@@ -190,44 +191,14 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
     return s_best
 
 
-# --- an opaque op for torch.compile ---------------------------------------------------------
-# Under torch.compile the round-to-nearest quantizers are one custom op: compiled code calls the same fused
-# kernels as eager (C on CPUs, Triton on CUDA) and fuses around them, instead of tracing the eager chain of
-# elementwise ops (which inductor may round differently). Stochastic rounding stays traced (its torch.Generator
-# breaks the graph either way).
+# --- an opaque op for torch.compile (lowbit.quant_op) --------------------------------------
 
-def _quantize_impl(x: torch.Tensor, fmt: str, granularity: str, block: int, scale_fmt: str, scale_round: str,
-                   reciprocal: bool, scale_rule: str, scale_mult: float, amax: torch.Tensor | None,
-                   dequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q = TensorQuant(fmt, granularity, block, scale_fmt, scale_round=scale_round, reciprocal=reciprocal,
-                    scale_rule=scale_rule, scale_mult=scale_mult)
-    out, scales = _run(x, q, None, amax, dequant)
-    return out.contiguous(), scales.contiguous().clone()  # fresh, contiguous: what the fake promises
-
-
-def _quantize_fake(x, fmt, granularity, block, scale_fmt, scale_round, reciprocal, scale_rule, scale_mult, amax,
-                   dequant):
-    q = TensorQuant(fmt, granularity, block, scale_fmt)
-    return (x.new_empty(x.shape, dtype=x.dtype if dequant else torch.float32),
-            x.new_empty(scale_shape(x.shape, q), dtype=torch.float32))
-
-
-try:
-    _QUANTIZE_OP = torch.library.custom_op("lowbit::quantize", mutates_args=())(_quantize_impl)
-    _QUANTIZE_OP.register_fake(_quantize_fake)
-except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take this signature: trace instead
-    import logging
-    _QUANTIZE_OP = None
-    logging.getLogger("lowbit").warning("torch.compile will trace the eager quantizers (the custom op could not be "
-                                        "registered with torch %s: %s)", torch.__version__, e)
-
-
-def _opaque(x, q, generator, amax, dequant):
+def _opaque(x, q, amax, dequant):
     """The custom op's call for _run's arguments (round-to-nearest, no 4-over-6)."""
     a = amax if amax is None or isinstance(amax, torch.Tensor) else \
         torch.tensor(float(amax), dtype=torch.float32, device=x.device)
-    return _QUANTIZE_OP(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal,
-                                     q.scale_rule, q.scale_mult, a, dequant)
+    return _QUANTIZE_OP(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal, q.scale_rule,
+                        q.scale_mult, a, dequant)
 
 
 def _saturates(q: TensorQuant, amax) -> bool:
@@ -236,12 +207,21 @@ def _saturates(q: TensorQuant, amax) -> bool:
     return not (q.scale_fmt == "fp32" and amax is None and not q.reciprocal and q.scale_mult >= 1)
 
 
+def _scaled_pass(x3, shape, q, fmt, amax, saturate, out, dequant):
+    """(out, scales): x3's eager scales, then the Triton pass writing out (x's shape: fake-quantized values with
+    dequant, else fp32 rounded values, or FP8 codes when out is uint8)."""
+    s3, e3 = _scales3(x3, q, fmt, amax)
+    kernels.run_scaled(x3, s3, e3, fmt, saturate, out.view(x3.shape), dequant)
+    return out, group_scales(s3, shape, q)
+
+
 def _run(x, q, generator, amax, dequant):
+    """(fake-quantized x or its fp32 rounded values, the decode scales): every quantizer's one entry point."""
     _check_q(q)
     check_float(x)
     if _QUANTIZE_OP is not None and torch.compiler.is_compiling() and q.rounding == "nearest" \
             and not q.four_over_six:
-        return _opaque(x, q, generator, amax, dequant)
+        return _opaque(x, q, amax, dequant)
     fmt = get_format(q.fmt)
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
@@ -260,9 +240,7 @@ def _run(x, q, generator, amax, dequant):
                              "(delayed scaling) or set four_over_six=false")
         return out, group_scales(_four_over_six(x3, q, fmt, generator, out.view(x3.shape), dequant), x.shape, q)
     if kernels.scaled_applies(x, q):  # CUDA: the scales as below, then one Triton pass over the elements
-        s3, e3 = _scales3(x3, q, fmt, amax)
-        kernels.run_scaled(x3, s3, e3, fmt, saturate, out.view(x3.shape), dequant)
-        return out, group_scales(s3, x.shape, q)
+        return _scaled_pass(x3, x.shape, q, fmt, amax, saturate, out, dequant)
     fused = q.granularity in ("row", "tile") and amax is None and q.scale_rule == "absmax"
     tensor_amax = None
     if fused:
@@ -294,6 +272,7 @@ def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.
 
 
 kernels.set_reference(fake_quantize_with_scales)  # what the GPU kernels are checked against on first use
+_QUANTIZE_OP = register_quantize_op(_run)  # None where this torch cannot register it
 
 
 def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> torch.Tensor:
@@ -371,11 +350,8 @@ def _triton_codes(x: torch.Tensor, q: TensorQuant, amax):
     if kernels.applies(x, q, amax, dequant=False):
         return kernels.run_codes(x, q, fmt, amax, sat)
     if not q.four_over_six and kernels.scaled_applies(x, q):
-        x3 = as3d(x.contiguous(), q)
-        s3, e3 = _scales3(x3, q, fmt, amax)
         out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        kernels.run_scaled(x3, s3, e3, fmt, sat, out.view(x3.shape), False)
-        return out, group_scales(s3, x.shape, q)
+        return _scaled_pass(as3d(x.contiguous(), q), x.shape, q, fmt, amax, sat, out, False)
     return None
 
 

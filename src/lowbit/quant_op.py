@@ -1,0 +1,41 @@
+"""The round-to-nearest quantizer as one opaque custom op, `lowbit::quantize`, for torch.compile.
+
+Under torch.compile lowbit.quant calls this op instead of its chain of elementwise torch ops: compiled code then
+runs the same fused kernels as eager (C on CPUs, Triton on CUDA) and fuses around them, and cannot round
+differently from eager. The fake implementation gives shapes and dtypes only. Stochastic rounding stays traced
+(its torch.Generator breaks the graph either way). lowbit.quant registers its `_run` here (no import cycle).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lowbit.groups import scale_shape
+from lowbit.tensor_quant import TensorQuant
+
+
+def register_quantize_op(run):
+    """torch.ops.lowbit.quantize around run(x, q, generator, amax, dequant) -> (out, scales), or None (with one
+    warning) where this torch's custom_op cannot take its signature: compiled code then traces the eager code."""
+    def impl(x: torch.Tensor, fmt: str, granularity: str, block: int, scale_fmt: str, scale_round: str,
+             reciprocal: bool, scale_rule: str, scale_mult: float, amax: torch.Tensor | None,
+             dequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q = TensorQuant(fmt, granularity, block, scale_fmt, scale_round=scale_round, reciprocal=reciprocal,
+                        scale_rule=scale_rule, scale_mult=scale_mult)
+        out, scales = run(x, q, None, amax, dequant)
+        return out.contiguous(), scales.contiguous().clone()  # fresh, contiguous: what the fake promises
+
+    def fake(x, fmt, granularity, block, scale_fmt, scale_round, reciprocal, scale_rule, scale_mult, amax, dequant):
+        q = TensorQuant(fmt, granularity, block, scale_fmt)
+        return (x.new_empty(x.shape, dtype=x.dtype if dequant else torch.float32),
+                x.new_empty(scale_shape(x.shape, q), dtype=torch.float32))
+
+    try:
+        op = torch.library.custom_op("lowbit::quantize", mutates_args=())(impl)
+        op.register_fake(fake)
+        return op
+    except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take this signature: trace instead
+        logging.getLogger("lowbit").warning("torch.compile will trace the eager quantizers (the custom op could not "
+                                            "be registered with torch %s: %s)", torch.__version__, e)
+        return None
