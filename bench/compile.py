@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
-
 import torch
+from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
+from torch._dynamo.utils import counters
 
 from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, resolve_device, train
@@ -54,6 +54,7 @@ def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds, mo
                       compile=compile_, compile_mode=mode, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"),
                       overwrite=True)
     torch._dynamo.reset()  # a fresh compile cache per cell: cells must not share dynamo's recompile budget
+    skips0 = counters["inductor"]["cudagraph_skips"]
     handler = _Fallbacks()
     logging.getLogger("lowbit").addHandler(handler)
     try:
@@ -63,7 +64,15 @@ def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds, mo
     first = res.history[0]
     step_s = statistics.median(B * T * cfg.grad_accum / h["tokens_per_s"] for h in res.history[1:])
     return {"step_s": step_s, "first_window_s": window * B * T / first["tokens_per_s"],
-            "fallback": bool(handler.messages), "loss": res.final_train_loss}
+            "fallback": bool(handler.messages), "loss": res.final_train_loss,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips0}
+
+
+def _note(c: dict) -> str:
+    notes = ["compile failed: eager fallback"] if c["fallback"] else []
+    if c["cudagraph_skips"]:  # inductor's reasons are in its warnings on stderr
+        notes.append(f"CUDA graphs skipped {c['cudagraph_skips']}x")
+    return "; ".join(notes)
 
 
 def main(argv=None) -> int:
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
         B, T = SHAPES.get(model, (8, 128))
         lines.append(f"| {model} | {r} | {B}x{T} | {e['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
                      f"{e['step_s'] / c['step_s']:.2f} | {c['first_window_s']:.1f} | "
-                     f"{'compile failed: eager fallback' if c['fallback'] else ''} |")
+                     f"{_note(c)} |")
     text = "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}`", "",
