@@ -8,7 +8,9 @@ Each cell is a real `lowbit.train.train` run (the `lowbit train` code path) of `
 optimizer steps, once eager and once with `compile=True`, from the same seed, data and initial weights. The
 first window holds the compilation (reported as "first window s") and is dropped; a cell's step time is the
 median over the other windows. "× eager" is eager step time / compiled step time (> 1: compile is faster).
-If compiling failed and the trainer fell back to eager (it logs a warning), the cell says so. Data: the
+If compiling failed and the trainer fell back to eager (it logs a warning), the cell says so. No quantization
+statistics (`stats_interval=0`): under --compile a sampled step runs eagerly, which would mix eager steps into
+the compiled timing (their cost is bench/stats_overhead.py's). Data: the
 BPE-2048 stdlib-source token stream of bench/train.py (no network).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from _results import corpus_file, load_avg, write_section  # bench/ is on sys.pa
 from torch._dynamo.utils import counters
 
 from lowbit.data import prepare_dataset
+from lowbit.models import get_config
 from lowbit.train import TrainConfig, resolve_device, train
 
 SECTION = "## torch.compile (bench/compile.py)"
@@ -46,11 +49,17 @@ class _Fallbacks(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+def _shape(model: str) -> tuple[int, int]:
+    """(batch, seq) as bench/train.py times the model: its SHAPES, else 8 sequences of the full context."""
+    return SHAPES.get(model, (8, get_config(model).block_size))
+
+
 def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds, mode: str = "default") -> dict:
-    B, T = SHAPES.get(model, (8, 128))
+    B, T = _shape(model)
     steps = window * (windows + 1)
     cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
-                      eval_interval=10**9, log_interval=window, ckpt_interval=10**9, keep_last=1, seed=0,
+                      eval_interval=10**9, log_interval=window, stats_interval=0, ckpt_interval=10**9, keep_last=1,
+                      seed=0,
                       compile=compile_, compile_mode=mode, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"),
                       overwrite=True)
     torch._dynamo.reset()  # a fresh compile cache per cell: cells must not share dynamo's recompile budget
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
     lines = ["| model | recipe | batch x seq | eager ms/step | compiled ms/step | × eager | compiled first window s | note |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for model, r, e, c in rows:
-        B, T = SHAPES.get(model, (8, 128))
+        B, T = _shape(model)
         lines.append(f"| {model} | {r} | {B}x{T} | {e['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
                      f"{e['step_s'] / c['step_s']:.2f} | {c['first_window_s']:.1f} | "
                      f"{_note(c)} |")

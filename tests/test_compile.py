@@ -213,3 +213,35 @@ def test_compile_without_the_custom_op_traces_the_eager_quantizers(monkeypatch):
     yc = torch.compile(comp, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
     assert ye.abs().max() > 0.1
+
+
+def test_compiled_steps_hold_no_statistics_and_sampled_steps_run_eagerly(tmp_path, monkeypatch):
+    # Under --compile a step that samples statistics runs the eager model; the compiled model never runs with
+    # statistics on (under CUDA graphs their tensors were overwritten by the next replay: a crash on the H200).
+    # The records equal an eager run's. Bugs caught: every step through the compiled model (stats inside its
+    # graph); statistics left on for every step under --compile (the old rule).
+    from lowbit.train.qstats import read
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "c.txt").write_text("ab cd ef gh " * 400)
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *a):
+            seen.append(any(m.qstate.collect for m in self.model.modules() if isinstance(m, QLinear)))
+            return self.model(*a)
+
+    class SpyTrainer(Trainer):
+        def compile(self, model):
+            return Spy(model)
+
+    common = dict(model="tiny", recipe="fp8-tensor", data=str(tmp_path / "c.txt"), tokenizer="bytes",
+                  tokens=4 * 4 * 32, batch_size=4, seq_len=32, device="cpu", val_fraction=0.0, log_interval=2)
+    train(TrainConfig(out=str(tmp_path / "c"), compile=True, **common), progress=False, trainer=SpyTrainer)
+    train(TrainConfig(out=str(tmp_path / "e"), **common), progress=False)
+    assert seen == [False, False]  # steps 1 and 3; steps 2 and 4 sampled, eagerly
+    comp, eager = read(tmp_path / "c"), read(tmp_path / "e")
+    assert sorted({r["step"] for r in comp}) == [2, 4] and comp == eager

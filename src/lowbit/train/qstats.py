@@ -42,15 +42,15 @@ class StatsSchedule:
     """Switches statistics on for the steps that sample them, writes quant_stats.jsonl after them, and keeps the
     model-wide means of the sampled steps for the metrics (`pop_means`)."""
 
-    def __init__(self, model, run_path, interval: int, steps: int, always: bool, write: bool,
+    def __init__(self, model, run_path, interval: int, steps: int, write: bool,
                  keep_until: int | None = None, tb=None):
-        self.model, self.interval, self.steps, self.always = model, interval, steps, always
+        self.model, self.interval, self.steps = model, interval, steps
         self.path = Path(run_path) / FILE if write else None
         self.moe_path = Path(run_path) / MOE_FILE if write else None
         self.tb = tb
-        self.on = always
+        self.on = False
         self._means: list[dict[str, float]] = []
-        collect_stats(model, always)
+        collect_stats(model, False)
         for path in (self.path, self.moe_path):
             if path is not None and path.exists():
                 kept = [r for r in read(run_path, path.name) if keep_until is not None and r["step"] <= keep_until]
@@ -60,7 +60,7 @@ class StatsSchedule:
         return self.interval > 0 and (n % self.interval == 0 or n == self.steps)
 
     def before_step(self, n: int) -> None:
-        want = self.always or self.sampled(n)
+        want = self.sampled(n)
         if want != self.on:
             collect_stats(self.model, want)
             self.on = want

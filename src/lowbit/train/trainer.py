@@ -225,9 +225,8 @@ class Trainer:
         self.timer = StepTimer()
         self.model_stats: dict[str, float] = {}  # what the model's after_optimizer_step last returned (MoE load)
         interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
-        # under --compile toggling statistics would compile a second graph: they stay on (when wanted at all)
-        self.stats_schedule = StatsSchedule(self.model, self.run.path, interval, self.steps,
-                                            always=bool(cfg.compile) and interval > 0, write=self.di.is_main,
+        # under --compile the sampled steps run eagerly (step_model_for): the compiled graph never holds statistics
+        self.stats_schedule = StatsSchedule(self.model, self.run.path, interval, self.steps, write=self.di.is_main,
                                             keep_until=keep, tb=self.logger.tb_writer)
 
     # --- state ----------------------------------------------------------------------------------------
@@ -284,6 +283,12 @@ class Trainer:
             self.logger.close()
         return self._result(diverged_at)
 
+    def step_model_for(self, n: int) -> torch.nn.Module:
+        """What step n calls: under --compile a step that samples statistics runs the eager model (the same
+        quantizers bit for bit), so the compiled graph holds no statistics: they cost nothing on the other steps,
+        need no second graph, and keep no tensors across CUDA-graph replays (which overwrite them)."""
+        return self.dist_model if self.cfg.compile and self.stats_schedule.on else self.step_model
+
     def train_step(self, stop: StopRequest | None = None) -> tuple[int, bool]:
         """One optimizer step of grad_accum micro-batches: forward/backward under the recipe's autocast, the
         global-norm clip, the AdamW update unless the loss or gradient is non-finite. Returns (steps done,
@@ -302,7 +307,7 @@ class Trainer:
             # gradients are all-reduced (DDP) / reduce-scattered (FSDP2) after the last micro-batch only
             with dist.no_grad_sync(self.dist_model, di.distributed and i < cfg.grad_accum - 1):
                 with autocast(self.recipe, self.device):
-                    _, loss = self.step_model(x, y)
+                    _, loss = self.step_model_for(n)(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         self._last_batch = (x, y)  # for the divergence forensics (lowbit.train.forensics)
@@ -350,7 +355,7 @@ class Trainer:
     def _log_if_due(self, n: int, bar, last: bool) -> None:
         if not self.should_log(n, last):
             return
-        qstats = self.stats_schedule.pop_means()  # this window's sampled steps (under --compile: the window's)
+        qstats = self.stats_schedule.pop_means()  # this window's sampled steps
         val_loss = eval_loss(self.step_model, self.val, self.recipe, self.device, self.di) \
             if self.evaluate_due(n, last) else None
         tps = self.timer.window_tokens_per_s(self.tokens_per_step)
