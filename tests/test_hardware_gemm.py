@@ -268,3 +268,37 @@ def test_gpu_generations_refused_in_one_line(monkeypatch):
             else:
                 with pytest.raises(ValueError, match="gemm='rounded'"):
                     check_device(cuda, sp)
+
+
+def test_device_check_once_per_gpu_and_never_inside_a_compiled_graph(monkeypatch):
+    # A layer's call checks its CUDA device once per scale kind (the device queries cost host time at every call:
+    # the H200's steps were host-bound), and not while torch.compile traces (there it broke the graph at every
+    # layer: no CUDA-graph speed-up on the H200). Bugs caught: no memo; the check traced.
+    from lowbit.nn import hardware
+    from lowbit.nn.spec import LinearSpec
+    queries = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: queries.append(1) or (9, 0))
+    monkeypatch.setattr(hardware, "_CHECKED", set())
+    spec, cuda = LinearSpec.from_recipe(recipes.get("fp8-tensor")), torch.device("cuda", 0)
+    for _ in range(3):
+        hardware.check_once(cuda, spec)
+    assert len(queries) == 1
+    monkeypatch.setattr(hardware, "_CHECKED", set())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    hardware.check_once(cuda, spec)
+    assert len(queries) == 1
+
+
+def test_trainer_refuses_a_device_before_the_first_step(tmp_path, monkeypatch):
+    # gemm=hardware on a device without the GeMM: the trainer's setup names it (so a compiled model, whose traced
+    # layers skip the check, still gets the one line). Bug caught: check_model not called by the trainer.
+    from lowbit.nn import hardware
+    from lowbit.train import TrainConfig, Trainer
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "check_once", lambda device, spec: None)  # only the setup's check remains
+    (tmp_path / "c.txt").write_text("ab cd ef gh " * 400)
+    with pytest.raises(ValueError, match=r"fp8-block\) need a Hopper GPU.*use gemm='rounded'"):
+        Trainer(TrainConfig(model="tiny", recipe="fp8-block@hardware", data=str(tmp_path / "c.txt"),
+                            tokenizer="bytes", tokens=4 * 32, batch_size=4, seq_len=32, device="cpu",
+                            val_fraction=0.0, out=str(tmp_path / "r")))

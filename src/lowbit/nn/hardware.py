@@ -71,6 +71,30 @@ def check_device(device: torch.device, spec) -> None:
     raise ValueError(f"gemm='hardware': {need}; this is {where}: use gemm='rounded' to simulate")
 
 
+_CHECKED: set[tuple] = set()  # (device type, index, scale kinds) that passed check_device on a CUDA device
+
+
+def check_once(device: torch.device, spec) -> None:
+    """check_device at a layer's call: remembered per CUDA device and scale kinds (its device queries cost host
+    time at every call), skipped while torch.compile traces (a graph break per layer otherwise; the trainer runs
+    check_model before compiling)."""
+    if torch.compiler.is_compiling():
+        return
+    key = (device.type, device.index, frozenset(_granularities(spec)))
+    if key not in _CHECKED:
+        check_device(device, spec)
+        if device.type == "cuda":  # CPU checks query nothing (and tests fake the CPU probe)
+            _CHECKED.add(key)
+
+
+def check_model(model: torch.nn.Module, device: torch.device) -> None:
+    """check_device for every layer of `model` that runs its GeMMs on hardware (before training or compiling)."""
+    for m in model.modules():
+        spec = getattr(m, "spec", None)
+        if getattr(spec, "hardware", False):
+            check_device(device, spec)
+
+
 def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, K] quantized along K -> (FP8 codes [R, K], fp32 dequantization scales laid out as torch._scaled_mm
     takes them for its *first* operand): tensor [] · row [R, 1] · tile 1x128 [R, K/128], outer-dim-major
@@ -124,7 +148,7 @@ class HardwareLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec, state, cdtype):
-        check_device(x2.device, spec)
+        check_once(x2.device, spec)
         x, w = x2.to(cdtype), weight.to(cdtype)
         ax = state.delayed_amax("input", x, True) if spec.delayed else None
         aw = state.delayed_amax("weight", w, True) if spec.delayed else None

@@ -33,6 +33,7 @@ from lowbit.cpu_bf16 import check_resumed_path
 from lowbit.data import Batcher, Tokenizer, eval_batches, prepare_dataset
 from lowbit.models import config_to_dict
 from lowbit.nn import check_block_sizes
+from lowbit.nn.hardware import check_model
 from lowbit.train import dist, forensics
 from lowbit.train.checkpointer import CheckpointManager
 from lowbit.train.config import TrainConfig
@@ -168,6 +169,7 @@ class Trainer:
         apply_recipe(model, self.recipe)
         check_block_sizes(model, self.recipe, cfg.model)
         model.to(self.device)
+        check_model(model, self.device)  # gemm=hardware: one line naming what this device lacks, before any step
         if self.resume_ckpt is not None:
             ckpt_dir, meta = self.resume_ckpt
             if meta.get("vocab_size") != vocab:
