@@ -69,8 +69,10 @@ def profile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: i
     wall_ms = (marks[skip + steps] - marks[skip]) / steps * 1e3
     ev = prof.key_averages()
     per = lambda names: sum(e.count for e in ev if e.key in names) / steps
-    kernels = sorted((e for e in ev if _device_us(e) > 0 and e.device_type.name == "CUDA"),
-                     key=_device_us, reverse=True)
+    # device-side copies of host annotations (ProfilerStep*, Optimizer.step#...) share a host event's name
+    host_names = {e.key for e in ev if e.device_type.name == "CPU"}
+    kernels = sorted((e for e in ev if _device_us(e) > 0 and e.device_type.name == "CUDA"
+                      and e.key not in host_names), key=_device_us, reverse=True)
     busy_ms = sum(_device_us(e) for e in kernels) / steps / 1e3
     lines = [f"### {model} · {recipe}", "",
              (f"wall {wall_ms:.1f} ms/step · device kernels {busy_ms:.1f} ms/step "
