@@ -245,3 +245,53 @@ def test_compiled_steps_hold_no_statistics_and_sampled_steps_run_eagerly(tmp_pat
     assert seen == [False, False]  # steps 1 and 3; steps 2 and 4 sampled, eagerly
     comp, eager = read(tmp_path / "c"), read(tmp_path / "e")
     assert sorted({r["step"] for r in comp}) == [2, 4] and comp == eager
+
+
+def _raise_from(filename: str, exc: Exception):
+    """A function that raises exc from a frame whose code lives in `filename` (as torch's compiler's would)."""
+    ns: dict = {}
+    exec(compile("def f(*a, **k):\n    raise EXC\n", filename, "exec"), {"EXC": exc}, ns)
+    return ns["f"]
+
+
+def test_compiler_internal_assert_falls_back_and_model_errors_still_raise(caplog):
+    # dynamo's "Global autocast(cpu)_enabled state changed while dynamo tracing" is a plain AssertionError from
+    # torch/_dynamo: it crashed `lowbit train --compile` (fp4-paper on CPU). It now falls back like any compile
+    # failure; an error of the model's own still raises. Bugs caught: only TorchDynamoException caught (the crash);
+    # every exception swallowed (a model's bug hidden behind a silent eager re-run).
+    model = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    wrapped = CompiledModel(model, backend="eager")
+    wrapped.__dict__["_compiled"] = _raise_from("/x/torch/_dynamo/convert_frame.py",
+                                                AssertionError("Global autocast state changed"))
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        assert torch.equal(wrapped(x), model(x))
+    assert "Global autocast state changed" in wrapped.failed
+    wrapped = CompiledModel(model, backend="eager")
+    wrapped.__dict__["_compiled"] = _raise_from("/x/lowbit/models/gpt.py", AssertionError("a model bug"))
+    with pytest.raises(AssertionError, match="a model bug"):
+        wrapped(x)
+    assert wrapped.failed is None
+
+
+@pytest.mark.parametrize("recipe", ["fp4-paper", "fp4-direct", "fp8-tensor"])
+def test_bf16_autocast_step_traces_as_one_graph(recipe):
+    # A CPU bf16 step traces with no graph break: the CPU GeMM path (read from /proc/cpuinfo on first use) is a
+    # constant to dynamo. Bug caught: cpu_gemm_path traced (`open` breaks the graph inside every QLinear's
+    # autograd Function, which then runs eagerly; with autocast on, dynamo's autocast assert crashed the run).
+    from lowbit import cpu_bf16
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cpu_bf16, "_PATH", {})  # first use inside the trace
+    torch.manual_seed(0)
+    model = lowbit.convert(build_model("tiny"), recipe)
+    x = torch.randint(0, 100, (2, 32))
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, x)[1]
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(step)(x)
+    finally:
+        monkeypatch.undo()
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

@@ -48,6 +48,7 @@ def _env_path() -> str | None:
     return None if env == "auto" else env
 
 
+@torch.compiler.assume_constant_result  # read /proc/cpuinfo eagerly, not inside a torch.compile trace
 def cpu_gemm_path(dtype: torch.dtype = torch.bfloat16) -> str:
     """"native" or "upcast": how CPU GeMMs of `dtype` (bf16/fp16) run in this process. Native where the CPU has
     the flag of a matrix unit for that dtype (amx_bf16/avx512_bf16; amx_fp16/avx512_fp16), upcast elsewhere;

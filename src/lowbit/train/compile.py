@@ -17,9 +17,9 @@ class CompiledModel(nn.Module):
 
     torch.compile compiles lazily, at the first call (and again on a recompile, e.g. when grad mode
     or shapes change); a failure there (no C++ compiler for inductor, an unsupported Python or op)
-    raises a TorchDynamoException. The backward graph is compiled together with the forward one
-    (functorch's `force_non_lazy_backward_lowering`), so its failures surface here too instead of
-    in `loss.backward()`. After a failure every call runs `model` eagerly. A failed call changes no
+    raises a TorchDynamoException or trips one of the compiler's internal asserts (`_compiler_error`).
+    The backward graph is compiled together with the forward one (functorch's
+    `force_non_lazy_backward_lowering`), so its failures surface here too instead of in `loss.backward()`. After a failure every call runs `model` eagerly. A failed call changes no
     layer state (the Function never does; a layer commits after its call), except where a graph break
     let part of it run: for recipes that draw random numbers a layer's call counter may then have advanced
     once (its random streams shift by one call). QLinear's forward traces as one graph for recipes with
@@ -55,9 +55,24 @@ class CompiledModel(nn.Module):
             try:
                 with _eager_backward_compile():
                     return compiled(*args, **kwargs)
-            except torch._dynamo.exc.TorchDynamoException as e:
+            except Exception as e:
+                if not _compiler_error(e):
+                    raise
                 self._fall_back(e)
         return self.model(*args, **kwargs)
+
+
+def _compiler_error(e: Exception) -> bool:
+    """Whether e is the compiler's failure rather than the model's: a TorchDynamoException, or any error whose
+    innermost frame is in torch's compiler (dynamo's internal asserts are plain AssertionErrors, e.g. "Global
+    autocast state changed while dynamo tracing")."""
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
+    return any(f"/torch/{m}/" in where for m in ("_dynamo", "_inductor", "_functorch"))
 
 
 def _eager_backward_compile():
