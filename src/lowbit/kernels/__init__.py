@@ -139,7 +139,7 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
 def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
     """Whether, once lowbit.quant has the scales (eagerly: any rule, granularity, delayed amax), one Triton pass
     does the elements (CUDA, round-to-nearest, fp32/bf16, not 4-over-6)."""
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.device.type != "cuda":
         return False
     tq = _triton()
     return tq is not None and tq.scaled_applies(x, q) and _gpu_self_check(x.device)
@@ -306,8 +306,9 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
     strides) in one pass, scales in absmax_scale's shape for t (granularity tensor, row or tile); None where
     the kernel does not apply. Returns 0-d fp32 tensors; their sums differ from the eager ones only by
     summation order (double accumulation here)."""
-    if (t.device.type != "cpu" or t.dim() != 2 or t.dtype not in _DTYPES or tq.dtype not in _DTYPES
-            or q.granularity == "block" or torch.compiler.is_compiling() or _lib() is None or not t.numel()):
+    if torch.compiler.is_compiling() or (t.device.type != "cpu" or t.dim() != 2 or t.dtype not in _DTYPES
+                                         or tq.dtype not in _DTYPES or q.granularity == "block" or _lib() is None
+                                         or not t.numel()):
         return None
     R, C = t.shape
     sc = scales.float().contiguous()
@@ -331,8 +332,8 @@ def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int):
     one pass (per-row order statistics by quickselect, clamp, residual); None where the kernel does not apply.
     The same values; only the sign of a zero bound or clamped zero may differ (torch's own vectorised and
     scalar maximum disagree there too), which no quantizer sees (zeros quantize to +0)."""
-    if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or not x.is_contiguous()
-            or torch.compiler.is_compiling() or _lib() is None):
+    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES
+                                         or not x.is_contiguous() or _lib() is None):
         return None
     M, K = x.shape
     xc, res = torch.empty_like(x), torch.empty_like(x)
@@ -346,8 +347,8 @@ def dense_to_csr(x: torch.Tensor, max_density: float):
     """x [M, K] (contiguous CPU) as an fp32 sparse CSR tensor of its nonzeros (what x.float().to_sparse_csr()
     gives: same pattern, NaN kept, ±0 dropped, int64 indices), or False when more than max_density of it is
     nonzero; None where the kernel does not apply."""
-    if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or not x.is_contiguous()
-            or torch.compiler.is_compiling() or _lib() is None):
+    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES
+                                         or not x.is_contiguous() or _lib() is None):
         return None
     M, K = x.shape
     crow = torch.empty(M + 1, dtype=torch.int64)
@@ -365,8 +366,9 @@ def dge_apply(dw: torch.Tensor, ws: torch.Tensor, fmt: Format, k: float, clamp: 
     pow on a tensor of ws's layout (so its vectorised and scalar iterations, and their values, are the eager
     code's); None where the kernel does not apply. dw [R, C] contiguous; ws fp32, contiguous or a transposed
     view of a contiguous tensor."""
-    if (dw.device.type != "cpu" or dw.dim() != 2 or dw.dtype not in _DTYPES or not dw.is_contiguous()
-            or ws.dtype != torch.float32 or ws.shape != dw.shape or torch.compiler.is_compiling() or _lib() is None):
+    if torch.compiler.is_compiling() or (dw.device.type != "cpu" or dw.dim() != 2 or dw.dtype not in _DTYPES
+                                         or not dw.is_contiguous() or ws.dtype != torch.float32
+                                         or ws.shape != dw.shape or _lib() is None):
         return None
     R, C = dw.shape
     if not (ws.is_contiguous() or (ws.t().is_contiguous() and R > 1)):
