@@ -4,14 +4,15 @@
     python bench/compile.py --write                           # ... and record it in bench/RESULTS.md
     python bench/compile.py --models tiny --recipes fp4-paper --window 2 --windows 1   # a smoke run
 
-Each cell is a real `lowbit.train.train` run (the `lowbit train` code path) of `--window * (--windows + 1)`
-optimizer steps, once eager and once with `compile=True`, from the same seed, data and initial weights. The
-first window holds the compilation (reported as "first window s") and is dropped; a cell's step time is the
-median over the other windows. "× eager" is eager step time / compiled step time (> 1: compile is faster).
-If compiling failed and the trainer fell back to eager (it logs a warning), the cell says so. No quantization
-statistics (`stats_interval=0`): under --compile a sampled step runs eagerly, which would mix eager steps into
-the compiled timing (their cost is bench/stats_overhead.py's). Data: the
-BPE-2048 stdlib-source token stream of bench/train.py (no network).
+Each cell is two real `lowbit.train.Trainer`s (the `lowbit train` code path) of one config, same seed, data
+and initial weights, one eager and one with `compile=True`, stepped alternately in one process (`cell`): the
+compiled one's first `--window` steps hold the compilation (reported as "first window s"), then
+`--window * --windows` pairs of steps with the order swapped each pair. This VM's step times drift by tens of
+percent between minutes; alternating makes the ratio immune to that. "× eager" is the median of the per-pair
+eager / compiled ratios (> 1: compile is faster). If compiling failed and the trainer fell back to eager (it logs
+a warning), the cell says so. No quantization statistics (`stats_interval=0`): under --compile a sampled step
+runs eagerly (their cost is bench/stats_overhead.py's). Data: the BPE-2048 stdlib-source token stream of
+bench/train.py (no network).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch._dynamo.utils import counters
 
 from lowbit.data import prepare_dataset
 from lowbit.models import get_config
-from lowbit.train import TrainConfig, resolve_device, train
+from lowbit.train import TrainConfig, Trainer, resolve_device
 
 SECTION = "## torch.compile (bench/compile.py)"
 from train import RESULTS, SHAPES  # bench/train.py: the shapes timed there
@@ -54,26 +55,44 @@ def _shape(model: str) -> tuple[int, int]:
     return SHAPES.get(model, (8, get_config(model).block_size))
 
 
-def cell(model, recipe, compile_, window, windows, device, workdir: Path, ds, mode: str = "default") -> dict:
+def cell(model, recipe, window, windows, device, workdir: Path, ds, mode: str = "default") -> dict:
+    """An eager and a compiled Trainer of the same config (seed, data, initial weights), stepped alternately: the
+    compiled one's first `window` steps hold the compilation; then `window * windows` pairs, the order swapped
+    each pair, so drift on a shared machine hits both alike. × eager is the median of the per-pair ratios."""
     B, T = _shape(model)
-    steps = window * (windows + 1)
-    cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
-                      eval_interval=10**9, log_interval=window, stats_interval=0, ckpt_interval=10**9, keep_last=1,
-                      seed=0,
-                      compile=compile_, compile_mode=mode, out=str(workdir / f"{model}-{recipe}-{int(compile_)}"),
-                      overwrite=True)
+    pairs = window * windows
+
+    def make(compile_: bool) -> Trainer:
+        cfg = TrainConfig(model=model, recipe=recipe, tokens=(window + pairs + 1) * B * T, batch_size=B, seq_len=T,
+                          device=device, eval_interval=10**9, log_interval=10**9, stats_interval=0,
+                          ckpt_interval=10**9, keep_last=1, seed=0, compile=compile_, compile_mode=mode,
+                          out=str(workdir / f"{model}-{recipe}-{int(compile_)}"), overwrite=True)
+        return Trainer(cfg, progress=False, dataset=ds, device=torch.device(device))
+
     torch._dynamo.reset()  # a fresh compile cache per cell: cells must not share dynamo's recompile budget
     skips0 = counters["inductor"]["cudagraph_skips"]
     handler = _Fallbacks()
     logging.getLogger("lowbit").addHandler(handler)
     try:
-        res = train(cfg, progress=False, dataset=ds)
+        eager, comp = make(False), make(True)
+        t0 = time.perf_counter()
+        for _ in range(window):
+            comp.train_step()
+        first_window_s = time.perf_counter() - t0
+        eager.train_step()  # warm-up
+        times: dict[int, list[float]] = {id(eager): [], id(comp): []}
+        for i in range(pairs):
+            for tr in ((eager, comp) if i % 2 == 0 else (comp, eager)):
+                t = time.perf_counter()
+                tr.train_step()
+                times[id(tr)].append(time.perf_counter() - t)
     finally:
         logging.getLogger("lowbit").removeHandler(handler)
-    first = res.history[0]
-    step_s = statistics.median(B * T * cfg.grad_accum / h["tokens_per_s"] for h in res.history[1:])
-    return {"step_s": step_s, "first_window_s": window * B * T / first["tokens_per_s"],
-            "fallback": bool(handler.messages), "loss": res.final_train_loss,
+    for tr in (eager, comp):
+        tr.logger.close()
+    te, tc = times[id(eager)], times[id(comp)]
+    return {"eager_s": statistics.median(te), "step_s": statistics.median(tc), "first_window_s": first_window_s,
+            "x_eager": statistics.median(e / c for e, c in zip(te, tc)), "fallback": bool(handler.messages),
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips0}
 
 
@@ -111,31 +130,29 @@ def main(argv=None) -> int:
         ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
         for model in models:
             for r in names:
-                eager = cell(model, r, False, args.window, args.windows, str(device), Path(d), ds)
-                comp = cell(model, r, True, args.window, args.windows, str(device), Path(d), ds, args.mode)
-                rows.append((model, r, eager, comp))
-                print(f"{model:>6} {r:<12} eager {eager['step_s'] * 1e3:8.1f} ms  compiled {comp['step_s'] * 1e3:8.1f} ms"
-                      f"  x{eager['step_s'] / comp['step_s']:.2f}{'  (fell back to eager)' if comp['fallback'] else ''}"
+                c = cell(model, r, args.window, args.windows, str(device), Path(d), ds, args.mode)
+                rows.append((model, r, c))
+                print(f"{model:>6} {r:<12} eager {c['eager_s'] * 1e3:8.1f} ms  compiled {c['step_s'] * 1e3:8.1f} ms"
+                      f"  x{c['x_eager']:.2f}{'  (fell back to eager)' if c['fallback'] else ''}"
                       f"  load {load_avg()}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     lines = ["| model | recipe | batch x seq | eager ms/step | compiled ms/step | × eager | compiled first window s | note |",
              "|---|---|---|---:|---:|---:|---:|---|"]
-    for model, r, e, c in rows:
+    for model, r, c in rows:
         B, T = _shape(model)
-        lines.append(f"| {model} | {r} | {B}x{T} | {e['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
-                     f"{e['step_s'] / c['step_s']:.2f} | {c['first_window_s']:.1f} | "
-                     f"{_note(c)} |")
+        lines.append(f"| {model} | {r} | {B}x{T} | {c['eager_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | "
+                     f"{c['x_eager']:.2f} | {c['first_window_s']:.1f} | {_note(c)} |")
     text = "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}`", "",
-        f"{where}, torch {torch.__version__}, inductor backend, mode {args.mode}; every cell two real "
-        "`lowbit.train.train` runs "
-        f"(eager, `compile=True`) of {args.window * (args.windows + 1)} steps, seed 0: median step time over "
-        f"{args.windows} windows of {args.window} steps after the first window (which includes compilation); "
-        f"{wall:.0f} s in all. Load average (1 min): {before} before, {load_avg()} after. "
-        "× eager > 1 means the compiled step is faster.",
+        (f"{where}, torch {torch.__version__}, inductor backend, mode {args.mode}; every cell an eager and a "
+         "compiled `lowbit.train.Trainer` of the same config (seed 0), stepped alternately after the compiled one's "
+         f"first {args.window} steps (which hold the compilation): {args.window * args.windows} pairs, the order "
+         "swapped each pair; ms/step are medians, × eager the median of the per-pair eager ÷ compiled ratios "
+         f"(> 1: compiled is faster); no statistics sampled. {wall:.0f} s in all. Load average (1 min): {before} "
+         f"before, {load_avg()} after."),
         "", "\n".join(lines), "",
     ])
     print(text)
