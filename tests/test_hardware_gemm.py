@@ -302,3 +302,29 @@ def test_trainer_refuses_a_device_before_the_first_step(tmp_path, monkeypatch):
         Trainer(TrainConfig(model="tiny", recipe="fp8-block@hardware", data=str(tmp_path / "c.txt"),
                             tokenizer="bytes", tokens=4 * 32, batch_size=4, seq_len=32, device="cpu",
                             val_fraction=0.0, out=str(tmp_path / "r")))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemms_write_the_compute_dtype_directly(monkeypatch, bias):
+    # bf16 compute: Y's FP8 GeMM writes bf16 itself (one rounding of the fp32 result, as fp32-then-cast: checked
+    # equal on this CPU for tensorwise and rowwise), saving an fp32 [M, N] pass; with a bias Y stays fp32 until the
+    # bias is added (the simulation's order). dX and dW are written in their parameters' dtype (fp32 here).
+    # Bug caught: the output dtype chosen but the bias then added to a bf16 Y (a second rounding).
+    seen = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, out_dtype, **k: seen.append(out_dtype) or
+                        real(*a, out_dtype=out_dtype, **k))
+    r = dataclasses.replace(recipes.get("fp8-tensor"), gemm="hardware", compute_dtype="bf16")
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    q = QLinear.from_linear(lin, r)
+    x = torch.randn(32, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    y.float().sum().backward()
+    assert seen == [torch.float32 if bias else torch.bfloat16, torch.float32, torch.float32]
+    e = QLinear.from_linear(lin, dataclasses.replace(r, gemm="exact"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ye = e(x)
+    # one bf16 step at most: the two GeMMs may sum the fp32 products in different orders (bitwise on the EPYC;
+    # a Xeon's oneDNN reorders), which can move a value across one bf16 rounding boundary
+    assert ((y.float() - ye.float()).abs() <= 2.0 ** -7 * ye.float().abs()).all()

@@ -142,6 +142,12 @@ def _transposed(op):
     return c.t().contiguous(), s
 
 
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a GeMM whose result is cast to `dtype` writes: `dtype` itself where _scaled_mm writes it (the same single
+    rounding of the fp32 result, one pass less), else fp32."""
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # (fp16: not in every rowwise kernel)
+
+
 class HardwareLinearFunction(torch.autograd.Function):
     """x2 [M, K], weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype; the GeMMs in FP8.
     Operands with one current scale per tensor are quantized once and their codes transposed for the backward."""
@@ -156,11 +162,13 @@ class HardwareLinearFunction(torch.autograd.Function):
         # X's history is read again in the backward (delayed): reuse only current scales; W's amax is passed on
         ctx.reuse_x = tensorwise and spec.input.granularity == "tensor" and not spec.delayed and not spec.wgrad_hp
         ctx.reuse_w = tensorwise and spec.weight.granularity == "tensor" and spec.dgrad_weight in (None, spec.weight)
+        # the GeMM writes cdtype itself (one rounding of alpha·acc, as fp32-then-cast), fp32 when a bias follows
+        ydt = torch.float32 if bias is not None else _out_dtype(cdtype)
         if ctx.reuse_x or ctx.reuse_w:
             opx, opw = _operand(x, spec.input, ax), _operand(w, spec.weight, aw)
-            y = _gemm(opx, spec.input, opw, spec.weight, torch.float32)
+            y = _gemm(opx, spec.input, opw, spec.weight, ydt)
         else:
-            y = scaled_mm(x, spec.input, w, spec.weight, torch.float32, ax, aw)
+            y = scaled_mm(x, spec.input, w, spec.weight, ydt, ax, aw)
         if bias is not None:
             y = y + bias.to(cdtype).float()  # as the simulation: the bias rounded to the compute dtype first
         ctx.spec, ctx.state, ctx.cdtype, ctx.x_dtype, ctx.w_dtype, ctx.aw = spec, state, cdtype, x2.dtype, \
@@ -184,7 +192,7 @@ class HardwareLinearFunction(torch.autograd.Function):
                 dx = torch.zeros(M, K, dtype=torch.float32, device=dy.device)
             else:
                 opwt = _transposed((w, sw)) if ctx.reuse_w else _operand(w.t(), qw, ctx.aw)
-                dx = _gemm(opdy, qg, opwt, qw, torch.float32)
+                dx = _gemm(opdy, qg, opwt, qw, _out_dtype(ctx.x_dtype))
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if spec.wgrad_hp:  # the weight-gradient GeMM unquantized in the compute dtype, as the simulation
@@ -198,7 +206,7 @@ class HardwareLinearFunction(torch.autograd.Function):
                 else:  # delayed: X's amax read from the history again, as in the forward
                     ax = state.delayed_amax("input", x, False) if spec.delayed else None
                     opxt = _operand(x.t(), spec.input, ax)
-                dw = _gemm(opdyt, qg, opxt, spec.input, torch.float32)
+                dw = _gemm(opdyt, qg, opxt, spec.input, _out_dtype(ctx.w_dtype))
             dw = dw.to(ctx.w_dtype)
         if ctx.needs_input_grad[2] and ctx.bias_dtype is not None:
             db = dy.float().sum(0).to(ctx.bias_dtype)
