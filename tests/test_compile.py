@@ -313,3 +313,15 @@ def test_recipe_compiles_forward_and_backward_under_autocast(recipe):
     loss.backward()
     assert wrapped.failed is None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_random_recipes_warn_that_they_compile_in_pieces(caplog):
+    # A recipe that draws random numbers breaks the graph at every layer call: the user is told once, at compile
+    # time, rather than left to wonder why --compile is slower. Bug caught: the check reading the wrong attribute
+    # (no warning for nvfp4) or warning for every recipe (fp8-tensor).
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        CompiledModel(lowbit.convert(nn.Sequential(nn.Linear(32, 32)), "fp8-tensor"), backend="eager")
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        CompiledModel(lowbit.convert(nn.Sequential(nn.Linear(32, 32)), "nvfp4"), backend="eager")
+    assert len(caplog.records) == 1 and "compiles in pieces" in caplog.records[0].getMessage()

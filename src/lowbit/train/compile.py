@@ -34,6 +34,10 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.model = model
         self.failed: str | None = None
+        if any(getattr(getattr(m, "qstate", None), "random", False) for m in model.modules()):
+            log.warning("torch.compile: this recipe draws random numbers (stochastic rounding or Quartet's "
+                        "rotations) from a torch.Generator per layer call, which dynamo cannot put in a graph: the "
+                        "model compiles in pieces and may run slower than eager (bench/RESULTS.md 'torch.compile')")
         try:
             compiled = torch.compile(model, backend=backend, **compile_kwargs)
         except Exception as e:  # torch.compile refuses up front (e.g. an unsupported Python version)
