@@ -51,20 +51,21 @@ class _Stepper(Trainer):
         return out
 
 
-def _config(model, recipe, steps, device, out) -> TrainConfig:
+def _config(model, recipe, steps, device, out, compile_mode: str = "") -> TrainConfig:
     B, T = {"tiny": (8, 128), "small": (2, 256)}.get(model, (8, get_config(model).block_size))
     return TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
                        eval_interval=10**9, log_interval=10**9, ckpt_interval=10**9, keep_last=1, seed=0,
-                       out=str(out), overwrite=True)
+                       out=str(out), overwrite=True, compile=bool(compile_mode),
+                       compile_mode=compile_mode or "default")
 
 
-def profile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: int) -> str:
+def profile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: int, compile_mode: str = "") -> str:
     """One markdown section: per-step wall/device time, launches, syncs, top kernels and host ops."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     marks = []
     with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=steps, repeat=1)) as prof:
         _Stepper.hook = lambda: (marks.append(time.perf_counter()), prof.step())
-        train(_config(model, recipe, skip + 2 + steps, str(device), workdir / recipe), progress=False,
+        train(_config(model, recipe, skip + 2 + steps, str(device), workdir / recipe, compile_mode), progress=False,
               dataset=ds, trainer=_Stepper)
     wall_ms = (marks[skip + steps] - marks[skip]) / steps * 1e3
     ev = prof.key_averages()
@@ -74,7 +75,7 @@ def profile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: i
     kernels = sorted((e for e in ev if _device_us(e) > 0 and e.device_type.name == "CUDA"
                       and e.key not in host_names), key=_device_us, reverse=True)
     busy_ms = sum(_device_us(e) for e in kernels) / steps / 1e3
-    lines = [f"### {model} · {recipe}", "",
+    lines = [f"### {model} · {recipe}{f' (compiled, {compile_mode})' if compile_mode else ''}", "",
              (f"wall {wall_ms:.1f} ms/step · device kernels {busy_ms:.1f} ms/step "
              f"({busy_ms / wall_ms:.0%} busy) · launches {per(LAUNCHES):.0f}/step · syncs {per(SYNCS):.1f}/step · "
              f"aten ops {sum(e.count for e in ev if e.key.startswith('aten::')) / steps:.0f}/step"), ""]
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="rows per table (default: 12)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cprofile", default="", help="a recipe to run once more under cProfile")
+    p.add_argument("--compile-mode", default="", help="profile compiled steps (default, reduce-overhead, ...); "
+                                                       "--skip must then cover the compilation")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -126,7 +129,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
         for r in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-            print(profile_recipe(args.model, r, args.skip, args.steps, device, Path(d), ds, args.top), flush=True)
+            print(profile_recipe(args.model, r, args.skip, args.steps, device, Path(d), ds, args.top,
+                                 args.compile_mode), flush=True)
         if args.cprofile:
             print(cprofile_recipe(args.model, args.cprofile, args.skip, args.steps, device, Path(d), ds,
                                   3 * args.top), flush=True)
