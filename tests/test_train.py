@@ -516,3 +516,17 @@ def test_files_and_directories_keep_the_umask_mode(corpus, tmp_path):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for p in (run, run / "ckpt", ckpt, run / "tokenizer"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o755, p
+
+
+def test_adamw_is_the_fused_kernel_on_cpu_with_decay_on_matrices_only():
+    # The fused AdamW is 5x the foreach one on a CPU (bench: 7.8 vs 39.5 ms per step of `small`); weight decay goes
+    # to matrices and embeddings, not to biases and norms. Bugs caught: foreach on CPU; decay on 1-D parameters.
+    from types import SimpleNamespace
+    from lowbit.train.runtime import make_optimizer
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    cfg = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    decay, no_decay = opt.param_groups
+    assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0

@@ -109,13 +109,14 @@ def batch_hash(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on >= 2-D parameters (matrices, embeddings) only; fused on CUDA, foreach
-    elsewhere. `cfg`: a TrainConfig (lr, beta1, beta2, weight_decay)."""
+    """AdamW with weight decay on >= 2-D parameters (matrices, embeddings) only; torch's fused kernel on CUDA and
+    CPU (on the 2-core EPYC 5x the foreach step: 7.8 vs 39.5 ms for `small`'s 12.3M parameters; the same update
+    up to the last bit of fp32 rounding), foreach elsewhere. `cfg`: a TrainConfig (lr, beta1, beta2, weight_decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kind)
 
 
