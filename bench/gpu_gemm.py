@@ -9,29 +9,15 @@ Times are CUDA-event medians over `--repeats` calls after warm-up; TFLOP/s = 2·
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
+from gpu_kernels import cuda_time  # bench/ is on sys.path when a script here runs
 
 CASES = [("bf16 mm", None, None, torch.bfloat16), ("e4m3 x e4m3 -> bf16", "e4m3", "e4m3", torch.bfloat16),
          ("e4m3 x e4m3 -> fp32", "e4m3", "e4m3", torch.float32), ("e5m2 x e4m3 -> bf16", "e5m2", "e4m3", torch.bfloat16),
          ("e5m2 x e4m3 -> fp32", "e5m2", "e4m3", torch.float32)]
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def case_fn(n: int, fa, fb, out_dtype):
@@ -56,7 +42,7 @@ def main(argv=None) -> int:
     n, rows = args.size, []
     for name, fa, fb, out in CASES:
         try:
-            rows.append((name, time_ms(case_fn(n, fa, fb, out), args.repeats)))
+            rows.append((name, 1e3 * cuda_time(case_fn(n, fa, fb, out), args.repeats)))
         except RuntimeError as e:  # a GPU without FP8 GeMMs, or a layout torch refuses
             rows.append((name, float("nan")))
             print(f"{name}: {str(e).splitlines()[0][:200]}", file=sys.stderr)

@@ -71,7 +71,7 @@ def check_device(device: torch.device, spec) -> None:
     raise ValueError(f"gemm='hardware': {need}; this is {where}: use gemm='rounded' to simulate")
 
 
-_CHECKED: set[tuple] = set()  # (device type, index, scale kinds) that passed check_device on a CUDA device
+_CHECKED: set[tuple] = set()  # (CUDA device index, scale kinds) that passed check_device
 
 
 def check_once(device: torch.device, spec) -> None:
@@ -80,11 +80,13 @@ def check_once(device: torch.device, spec) -> None:
     check_model before compiling)."""
     if torch.compiler.is_compiling():
         return
-    key = (device.type, device.index, frozenset(_granularities(spec)))
+    if device.type != "cuda":  # CPU checks query nothing (and tests fake the CPU probe): no memo
+        check_device(device, spec)
+        return
+    key = (device.index, frozenset(_granularities(spec)))
     if key not in _CHECKED:
         check_device(device, spec)
-        if device.type == "cuda":  # CPU checks query nothing (and tests fake the CPU probe)
-            _CHECKED.add(key)
+        _CHECKED.add(key)
 
 
 def check_model(model: torch.nn.Module, device: torch.device) -> None:

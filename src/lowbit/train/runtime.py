@@ -166,3 +166,11 @@ def _max_rss() -> int:
         return 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
+
+
+def progress_bar(progress: bool, steps: int, start: int):
+    """The training loop's tqdm bar (steps), shown only when asked and stderr is a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
+                disable=not (progress and sys.stderr.isatty()))

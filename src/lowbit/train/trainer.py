@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import time
 
 import torch
@@ -50,6 +49,7 @@ from lowbit.train.runtime import (
     check_budget,
     cpu_gemm,
     make_optimizer,
+    progress_bar,
     quant_kernels,
     resolve_device,
     say_cpu_peak,
@@ -227,7 +227,6 @@ class Trainer:
         self.timer = StepTimer()
         self.model_stats: dict[str, float] = {}  # what the model's after_optimizer_step last returned (MoE load)
         interval = cfg.log_interval if cfg.stats_interval is None else cfg.stats_interval
-        # under --compile the sampled steps run eagerly (step_model_for): the compiled graph never holds statistics
         self.stats_schedule = StatsSchedule(self.model, self.run.path, interval, self.steps, write=self.di.is_main,
                                             keep_until=keep, tb=self.logger.tb_writer)
 
@@ -258,7 +257,7 @@ class Trainer:
             log.info("%s already finished its %d steps; nothing to resume (raise --tokens to train further)",
                      self.run.path, self.finished.steps)
             return self.finished
-        bar = _progress_bar(self.progress and self.di.is_main, self.steps, self.train_state.step)
+        bar = progress_bar(self.progress and self.di.is_main, self.steps, self.train_state.step)
         diverged_at = None
         try:
             with StopRequest() as stop:
@@ -286,9 +285,8 @@ class Trainer:
         return self._result(diverged_at)
 
     def step_model_for(self, n: int) -> torch.nn.Module:
-        """What step n calls: under --compile a step that samples statistics runs the eager model (the same
-        quantizers bit for bit), so the compiled graph holds no statistics: they cost nothing on the other steps,
-        need no second graph, and keep no tensors across CUDA-graph replays (which overwrite them)."""
+        """What step n calls: under --compile a step that samples statistics runs the eager model (the same quantizers
+        bit for bit), so the compiled graph holds none (no second graph, no tensors kept across CUDA-graph replays)."""
         return self.dist_model if self.cfg.compile and self.stats_schedule.on else self.step_model
 
     def train_step(self, stop: StopRequest | None = None) -> tuple[int, bool]:
@@ -399,9 +397,3 @@ class Trainer:
             self.run.write_result(result.to_dict())
         return result
 
-
-def _progress_bar(progress: bool, steps: int, start: int):
-    from tqdm import tqdm
-
-    return tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
-                disable=not (progress and sys.stderr.isatty()))
