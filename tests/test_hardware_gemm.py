@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit import recipes
-from lowbit.nn import QLinear
+from lowbit.nn import LinearSpec, QLinear
 from lowbit.nn.hardware import HardwareLinearFunction, scaled_mm
 
 RECIPES = ["fp8-tensor", "fp8-tensor-delayed", "fp8-rowwise", "fp8-rowwise-gw-hp"]
@@ -307,13 +307,13 @@ def test_trainer_refuses_a_device_before_the_first_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemms_write_the_compute_dtype_directly(monkeypatch, bias):
     # bf16 compute: Y's FP8 GeMM writes bf16 itself (one rounding of the fp32 result, as fp32-then-cast: checked
-    # equal on this CPU for tensorwise and rowwise), saving an fp32 [M, N] pass; with a bias Y stays fp32 until the
-    # bias is added (the simulation's order). dX and dW are written in their parameters' dtype (fp32 here).
-    # Bug caught: the output dtype chosen but the bias then added to a bf16 Y (a second rounding).
+    # equal on this CPU for tensorwise and rowwise), saving an fp32 [M, N] pass, and adds the bias (in bf16, as
+    # the simulation rounds it) in its epilogue. dX and dW are written in their parameters' dtype (fp32 here).
+    # Bug caught: the bias added again after the GeMM, or added to a bf16 Y (a second rounding).
     seen = []
     real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, out_dtype, **k: seen.append(out_dtype) or
-                        real(*a, out_dtype=out_dtype, **k))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, out_dtype, **k: seen.append(
+        (out_dtype, None if k.get("bias") is None else k["bias"].dtype)) or real(*a, out_dtype=out_dtype, **k))
     r = dataclasses.replace(recipes.get("fp8-tensor"), gemm="hardware", compute_dtype="bf16")
     lin = torch.nn.Linear(64, 48, bias=bias)
     q = QLinear.from_linear(lin, r)
@@ -321,10 +321,37 @@ def test_gemms_write_the_compute_dtype_directly(monkeypatch, bias):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = q(x)
     y.float().sum().backward()
-    assert seen == [torch.float32 if bias else torch.bfloat16, torch.float32, torch.float32]
+    assert seen == [(torch.bfloat16, torch.bfloat16 if bias else None), (torch.float32, None),
+                    (torch.float32, None)]
     e = QLinear.from_linear(lin, dataclasses.replace(r, gemm="exact"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ye = e(x)
     # one bf16 step at most: the two GeMMs may sum the fp32 products in different orders (bitwise on the EPYC;
     # a Xeon's oneDNN reorders), which can move a value across one bf16 rounding boundary
     assert ((y.float() - ye.float()).abs() <= 2.0 ** -7 * ye.float().abs()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["fp8-tensor", "fp8-rowwise"])
+def test_bias_in_the_epilogue_is_added_before_the_one_rounding(name, device):
+    # The fused bias equals fp32 Y + bf16 bias then one rounding to bf16 (the unfused order): bit for bit on
+    # CPUs; on a GPU the bf16-output GeMM may split K differently from the fp32-output one, so one bf16 step at
+    # most, on a few elements. Bugs caught: the bias added after rounding Y to bf16 (a second rounding: ~25% of
+    # elements differ), or the bias dropped. Block scales keep the unfused add (cuBLAS has no such epilogue).
+    from lowbit.nn import hardware
+    cpu_rowwise(name)
+    spec = LinearSpec.from_recipe(recipes.get(name))
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(96, 256, generator=g).to(device) for _ in range(2))
+    bias = (torch.randn(96, generator=g) * 4).to(device)
+    opx, opw = hardware._operand(x, spec.input), hardware._operand(w, spec.weight)
+    fused = hardware._gemm(opx, spec.input, opw, spec.weight, torch.bfloat16, hardware._fused_bias(bias, spec,
+                                                                                                   torch.bfloat16))
+    ref = (hardware._gemm(opx, spec.input, opw, spec.weight, torch.float32) + bias.bfloat16().float()).bfloat16()
+    if device == "cpu":
+        assert torch.equal(fused, ref)
+    else:
+        assert ((fused.float() - ref.float()).abs() <= 2.0 ** -7 * ref.float().abs()).all()
+        assert (fused != ref).float().mean() < 0.05
+    assert hardware._fused_bias(bias, LinearSpec.from_recipe(recipes.get("fp8-block")), torch.bfloat16) is None
+    assert hardware._fused_bias(bias, spec, torch.float32) is None  # fp32 compute: Y fp32, the add unchanged

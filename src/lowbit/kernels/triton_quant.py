@@ -273,3 +273,24 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant:
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
         SAT=saturate, DEQUANT=dequant, OUT=_out_kind(out, fmt), **OPTIONS)
     return out, scales
+
+
+@triton.jit
+def _transpose_bytes(x_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """out [C, R] = x [R, C]ᵀ for 1-byte elements, one BR x BC tile per program: read and written along rows
+    (Triton turns the tile around in shared memory), where torch's strided copy writes one byte at a time."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r[:, None] < R) & (c[None, :] < C)
+    t = tl.load(x_ptr + r[:, None].to(tl.int64) * C + c[None, :], mask=mask)
+    tl.store(out_ptr + c[:, None].to(tl.int64) * R + r[None, :], tl.trans(t), mask=tl.trans(mask))
+
+
+def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
+    """x.t().contiguous() for a contiguous 2-D 1-byte tensor (FP8 codes; any 1-byte dtype), in one tiled pass."""
+    R, C = x.shape
+    out = torch.empty((C, R), dtype=x.dtype, device=x.device)
+    if x.numel():
+        _transpose_bytes[(triton.cdiv(R, 64), triton.cdiv(C, 64))](x.view(torch.uint8), out.view(torch.uint8),
+                                                                    R, C, BR=64, BC=64)
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lowbit import cpu_bf16
+from lowbit.kernels import transpose_codes
 from lowbit.quant import quantize
 
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -115,25 +116,39 @@ def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]
     return codes, s.reshape(R, K // q.block).t().contiguous().t()
 
 
-def _gemm(a, qa, b, qb, out_dtype: torch.dtype) -> torch.Tensor:
-    """Q(a) · Q(b)ᵀ [M, N] from _operand's (codes [M, K], scales) a and (codes [N, K], scales) b. The second
-    operand goes in transposed (codes [K, N] column-major), its scales with it: row [1, N], tile and block
-    [K/128, N]; a tensor scale beside a row scale is broadcast to a row."""
+def _gemm(a, qa, b, qb, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+    """Q(a) · Q(b)ᵀ (+ bias [N] in out_dtype, added to the fp32 result before its one rounding) [M, N] from
+    _operand's (codes [M, K], scales) a and (codes [N, K], scales) b. The second operand goes in transposed
+    (codes [K, N] column-major), its scales with it: row [1, N], tile and block [K/128, N]; a tensor scale beside
+    a row scale is broadcast to a row."""
     (ca, sa), (cb, sb) = a, b
     if "row" in (qa.granularity, qb.granularity):  # rowwise (a tensor scale beside a row one broadcast to a row)
         sa = sa.reshape(-1, 1).expand(ca.shape[0], 1).contiguous()
         sb = sb.reshape(1, -1).expand(1, cb.shape[0]).contiguous()
     else:  # tensorwise, or block-scaled: b's scales transposed with it
         sb = sb.t()
-    return torch._scaled_mm(ca, cb.t(), sa, sb, out_dtype=out_dtype)
+    if bias is None:
+        return torch._scaled_mm(ca, cb.t(), sa, sb, out_dtype=out_dtype)
+    return torch._scaled_mm(ca, cb.t(), sa, sb, bias=bias, out_dtype=out_dtype)
+
+
+def _fused_bias(bias, spec, cdtype: torch.dtype):
+    """The bias in bf16 where Y's GeMM adds it in its epilogue (bf16 compute, tensor or row scales: fp32
+    alpha·acc + bias, one rounding to bf16, what the simulation's fp32 Y + bias then cast computes; saves two
+    fp32 [M, N] passes), else None."""
+    if bias is None or cdtype != torch.bfloat16 or _granularities(spec) - {"tensor", "row"}:
+        return None
+    return bias.to(torch.bfloat16)
 
 
 def scaled_mm(a: torch.Tensor, qa, b: torch.Tensor, qb, out_dtype: torch.dtype, amax_a=None,
-              amax_b=None) -> torch.Tensor:
-    """Q(a) · Q(b)ᵀ for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8 GeMM -> [M, N]."""
+              amax_b=None, bias=None) -> torch.Tensor:
+    """Q(a) · Q(b)ᵀ (+ bias [N] in out_dtype) for a [M, K], b [N, K], each quantized along K (qa, qb), as one FP8
+    GeMM -> [M, N]."""
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:  # an expert no token chose: nothing to multiply
-        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    return _gemm(_operand(a, qa, amax_a), qa, _operand(b, qb, amax_b), qb, out_dtype)
+        y = torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+        return y if bias is None else y + bias
+    return _gemm(_operand(a, qa, amax_a), qa, _operand(b, qb, amax_b), qb, out_dtype, bias)
 
 
 def _transposed(op):
@@ -141,7 +156,7 @@ def _transposed(op):
     absmax, same scale, each element rounded alike), so the backward transposes 1-byte codes instead of
     quantizing the bf16 tensor again (what Transformer Engine's cast-transpose does)."""
     c, s = op
-    return c.t().contiguous(), s
+    return transpose_codes(c), s
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,14 +179,16 @@ class HardwareLinearFunction(torch.autograd.Function):
         # X's history is read again in the backward (delayed): reuse only current scales; W's amax is passed on
         ctx.reuse_x = tensorwise and spec.input.granularity == "tensor" and not spec.delayed and not spec.wgrad_hp
         ctx.reuse_w = tensorwise and spec.weight.granularity == "tensor" and spec.dgrad_weight in (None, spec.weight)
-        # the GeMM writes cdtype itself (one rounding of alpha·acc, as fp32-then-cast), fp32 when a bias follows
-        ydt = torch.float32 if bias is not None else _out_dtype(cdtype)
+        # the GeMM writes cdtype itself (one rounding of alpha·acc, as fp32-then-cast), and adds the bias in its
+        # epilogue where it can (_fused_bias); elsewhere Y is fp32 when a bias follows
+        fb = _fused_bias(bias, spec, cdtype)
+        ydt = torch.float32 if bias is not None and fb is None else _out_dtype(cdtype)
         if ctx.reuse_x or ctx.reuse_w:
             opx, opw = _operand(x, spec.input, ax), _operand(w, spec.weight, aw)
-            y = _gemm(opx, spec.input, opw, spec.weight, ydt)
+            y = _gemm(opx, spec.input, opw, spec.weight, ydt, fb)
         else:
-            y = scaled_mm(x, spec.input, w, spec.weight, ydt, ax, aw)
-        if bias is not None:
+            y = scaled_mm(x, spec.input, w, spec.weight, ydt, ax, aw, fb)
+        if bias is not None and fb is None:
             y = y + bias.to(cdtype).float()  # as the simulation: the bias rounded to the compute dtype first
         ctx.spec, ctx.state, ctx.cdtype, ctx.x_dtype, ctx.w_dtype, ctx.aw = spec, state, cdtype, x2.dtype, \
             weight.dtype, aw
@@ -211,5 +228,5 @@ class HardwareLinearFunction(torch.autograd.Function):
                 dw = _gemm(opdyt, qg, opxt, spec.input, _out_dtype(ctx.w_dtype))
             dw = dw.to(ctx.w_dtype)
         if ctx.needs_input_grad[2] and ctx.bias_dtype is not None:
-            db = dy.float().sum(0).to(ctx.bias_dtype)
+            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # fp32 accumulation, no fp32 copy of dY
         return dx, dw, db, None, None, None
