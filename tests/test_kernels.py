@@ -537,17 +537,19 @@ def _check_scaled_cases(device: str) -> int:
     return n
 
 
-def check_transpose_bytes(device: str) -> None:
-    """triton_quant.transpose_bytes (the hardware GeMMs' transposed FP8 codes) equals torch's c.t().contiguous() on
-    shapes that are empty, one element, narrower than a tile, not multiples of the 64x64 tile, and several tiles
-    wide. Bugs caught: the store's mask not transposed with the tile (rows past R written, or lost), R and C
-    swapped in the output's row stride."""
+def check_transpose(device: str) -> None:
+    """triton_quant.transpose (the hardware GeMMs' transposed operands: FP8 codes, bf16, fp32) equals torch's
+    x.t().contiguous() bit for bit (NaN payloads included) on shapes that are empty, one element, narrower than a
+    tile, not multiples of the 64x64 tile, and several tiles wide. Bugs caught: the store's mask not transposed
+    with the tile (rows past R written, or lost), R and C swapped in the output's row stride."""
     from lowbit.kernels import triton_quant
     g = torch.Generator().manual_seed(0)
-    for r, c in [(0, 5), (1, 1), (3, 70), (130, 65), (64, 192), (200, 1)]:
-        x = torch.randint(0, 256, (r, c), generator=g, dtype=torch.uint8).to(device)
-        got = triton_quant.transpose_bytes(x.view(torch.float8_e4m3fn))
-        assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), x.t().contiguous()), (r, c)
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float32):
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[torch.empty(0, dtype=dtype).element_size()]
+        for r, c in [(0, 5), (1, 1), (3, 70), (130, 65), (64, 192), (200, 1)]:
+            x = torch.randint(-128, 128, (r, c), generator=g, dtype=torch.int32).to(bits).to(device)
+            got = triton_quant.transpose(x.view(dtype))
+            assert got.dtype == dtype and torch.equal(got.view(bits), x.t().contiguous()), (dtype, r, c)
 
 
 TRITON_CHECK = r"""
@@ -555,12 +557,12 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton_quant defines its kernel: the interpreter runs it on CPU
 sys.path.insert(0, sys.argv[1])
 import torch
-from test_kernels import check_transpose_bytes, check_triton_cases
+from test_kernels import check_transpose, check_triton_cases
 from lowbit import kernels
 from lowbit.kernels import triton_quant
 
 print("checked", check_triton_cases("cpu"))
-check_transpose_bytes("cpu")
+check_transpose("cpu")
 
 # the first-use self-check passes here, and a kernel that is off by one bit is caught and turned off, said once
 os.environ["LOWBIT_KERNELS"] = "triton"
@@ -606,8 +608,9 @@ def _triton_variants():
                    "INF": "constexpr", "DEQUANT": "constexpr", "OUT": "constexpr"}
             yield tq._quant_tensor, sig, {"BLOCK": 1024, "RULE": rule, "MULT": mult, "BF16": bf16, "SAT": True,
                                           "INF": rule == 1, "DEQUANT": deq, "OUT": out}
-    yield tq._transpose_bytes, {"x_ptr": "*u8", "out_ptr": "*u8", "R": "i32", "C": "i32", "BR": "constexpr",
-                                "BC": "constexpr"}, {"BR": 64, "BC": 64}
+    for p in ("*u8", "*i16", "*i32"):
+        yield tq._transpose, {"x_ptr": p, "out_ptr": p, "R": "i32", "C": "i32", "BR": "constexpr",
+                              "BC": "constexpr"}, {"BR": 64, "BC": 64}
 
 
 def test_triton_kernels_compile_for_hopper_without_fma():
@@ -629,7 +632,7 @@ def test_triton_kernels_compile_for_hopper_without_fma():
         if fn is tq._fake_quant_groups and const["RULE"] == 0:
             assert "div.rn.f32" in ptx  # the divide rule divides correctly rounded, not div.full/approx
         n += 1
-    assert n == 129
+    assert n == 131
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
@@ -640,7 +643,7 @@ def test_triton_kernel_bitwise_on_the_gpu(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("LOWBIT_KERNELS", "eager")
     assert check_triton_cases("cuda") >= 60
-    check_transpose_bytes("cuda")
+    check_transpose("cuda")
     monkeypatch.setenv("LOWBIT_KERNELS", "triton")
     monkeypatch.setattr(K, "_GPU_CHECKED", {})
     assert K._gpu_self_check(torch.device("cuda"))

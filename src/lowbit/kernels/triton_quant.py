@@ -276,9 +276,9 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant:
 
 
 @triton.jit
-def _transpose_bytes(x_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
-    """out [C, R] = x [R, C]ᵀ for 1-byte elements, one BR x BC tile per program: read and written along rows
-    (Triton turns the tile around in shared memory), where torch's strided copy writes one byte at a time."""
+def _transpose(x_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """out [C, R] = x [R, C]ᵀ, one BR x BC tile per program: read and written along rows (Triton turns the tile
+    around in shared memory), where torch's strided copy writes with a stride of R elements."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (r[:, None] < R) & (c[None, :] < C)
@@ -286,11 +286,15 @@ def _transpose_bytes(x_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
     tl.store(out_ptr + c[:, None].to(tl.int64) * R + r[None, :], tl.trans(t), mask=tl.trans(mask))
 
 
-def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
-    """x.t().contiguous() for a contiguous 2-D 1-byte tensor (FP8 codes; any 1-byte dtype), in one tiled pass."""
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # moved as integers: one kernel per width, any dtype
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """x.t().contiguous() for a contiguous 2-D tensor of 1-, 2- or 4-byte elements (FP8 codes, bf16, fp32), in one
+    tiled pass."""
     R, C = x.shape
     out = torch.empty((C, R), dtype=x.dtype, device=x.device)
     if x.numel():
-        _transpose_bytes[(triton.cdiv(R, 64), triton.cdiv(C, 64))](x.view(torch.uint8), out.view(torch.uint8),
-                                                                    R, C, BR=64, BC=64)
+        bits = _BITS[x.element_size()]
+        _transpose[(triton.cdiv(R, 64), triton.cdiv(C, 64))](x.view(bits), out.view(bits), R, C, BR=64, BC=64)
     return out

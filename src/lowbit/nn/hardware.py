@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lowbit import cpu_bf16
-from lowbit.kernels import transpose_codes
+from lowbit.kernels import contiguous_2d
 from lowbit.quant import quantize
 
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -105,7 +105,7 @@ def _operand(t: torch.Tensor, q, amax=None) -> tuple[torch.Tensor, torch.Tensor]
     its block's scale. (cuBLAS's own 128x128 layout wants the scale rows padded to a multiple of 4 blocks, which
     torch 2.11 neither does nor checks: on an H200 a K of 384 gave garbage. 1x128 everywhere is the same
     product with one more scale load per 128 codes.)"""
-    qt = quantize(t.contiguous(), q, None, amax)
+    qt = quantize(contiguous_2d(t), q, None, amax)  # Xᵀ, dYᵀ, Wᵀ: one tiled transpose on GPUs
     codes, s, (R, K) = qt.codes.view(_FP8[q.fmt]), qt.scales.float(), t.shape
     if q.granularity == "tensor":
         return codes, s.reshape(())
@@ -156,7 +156,7 @@ def _transposed(op):
     absmax, same scale, each element rounded alike), so the backward transposes 1-byte codes instead of
     quantizing the bf16 tensor again (what Transformer Engine's cast-transpose does)."""
     c, s = op
-    return transpose_codes(c), s
+    return contiguous_2d(c.t()), s
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
