@@ -13,10 +13,10 @@ section 20 gemm.md $PY bench/gpu_gemm.py --size 8192
 section 40 qlinear.md $PY bench/qlinear.py --device cuda --widths 8192 --tokens 8192 --repeats 10 \
     --bf16-max-width 8192 \
     --recipes bf16,fp8-tensor,fp8-block,fp4-direct,mxfp8,nvfp4,fp8-tensor@hardware,fp8-rowwise@hardware,fp8-block@hardware
-section 220 compile.md $PY bench/compile.py --models gpt2-small --device cuda --window 3 --windows 2 \
+section 170 compile.md $PY bench/compile.py --models gpt2-small --device cuda --window 3 --windows 2 \
     --recipes bf16,fp8-tensor@hardware,fp4-direct,mxfp8 --mode reduce-overhead
 grep -E "^ *gpt2" "$OUT/compile.md"
-section 170 compile_llama.md $PY bench/compile.py --models llama-400m --device cuda --window 3 --windows 2 \
+section 220 compile_llama.md $PY bench/compile.py --models llama-400m --device cuda --window 3 --windows 1 \
     --recipes bf16,fp8-tensor@hardware --mode reduce-overhead
 grep -E "^ *llama" "$OUT/compile_llama.md"
 section 50 profile.md $PY bench/gpu_profile.py --model gpt2-small --device cuda --skip 3 --steps 3 \
