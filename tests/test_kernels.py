@@ -38,12 +38,17 @@ QUANTS = [
     T("e5m2", "row", reciprocal=True, scale_mult=1.5), T("e4m3", "tensor", scale_mult=0.75),
     T("e2m1", "tensor", scale_fmt="e4m3"), T("e4m3", "tensor", scale_fmt="e8m0", scale_round="ceil"),
     T("e5m2", "tensor", reciprocal=True, scale_mult=1.5),
+    # NVFP4 "4 over 6" (kernels/fos.c): tiles, square blocks, SR (two whole-tensor keys), a scale multiplier
+    T("e2m1", "tile", 4, "e4m3", four_over_six=True), T("e2m1", "block", 4, "e4m3", four_over_six=True),
+    T("e2m1", "tile", 8, "e4m3", rounding="stochastic", four_over_six=True),
+    T("e2m1", "tile", 8, "e4m3", scale_mult=0.75, four_over_six=True),
 ]
 
 
 def qid(q):
     return f"{q.fmt}-{q.granularity}{q.block or ''}-{q.scale_fmt}{'-rcp' if q.reciprocal else ''}" \
-           f"{'-ceil' if q.scale_round == 'ceil' else ''}-{q.rounding[:4]}-m{q.scale_mult:g}"
+           f"{'-ceil' if q.scale_round == 'ceil' else ''}-{q.rounding[:4]}-m{q.scale_mult:g}" \
+           f"{'-4over6' if q.four_over_six else ''}"
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -100,8 +105,8 @@ def test_transposed_view_bitwise(monkeypatch, q, dtype):
     b = nasty((16, 24), dtype, seed=4)
     ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(b.t(), q, torch.Generator().manual_seed(3)))
     assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
-    if q.granularity != "tensor" or q.rounding == "nearest":
-        assert got[0].stride() == (1, 24)  # the column kernel ran (no contiguous copy)
+    if (q.granularity != "tensor" or q.rounding == "nearest") and not q.four_over_six:
+        assert got[0].stride() == (1, 24)  # the column kernel ran (no contiguous copy; 4 over 6 copies)
 
 
 @pytest.mark.parametrize("q", [q for q in QUANTS if q.granularity != "block"][::2], ids=qid)
@@ -201,7 +206,10 @@ def test_modes_and_errors(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
     assert K.applies(x, q) and K.which() == "cpu"
     assert not K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # eager-only rules
-    assert not K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))
+    assert K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))  # kernels/fos.c
+    for q6 in (T("e2m1", "tensor", scale_fmt="e4m3", four_over_six=True),  # one group: torch's own sum order
+               T("e2m1", "tile", 12, "e4m3", four_over_six=True)):  # not a power of two: likewise
+        assert not K.applies(torch.randn(4, 12), q6)
     assert K.which("cuda") == ("triton" if K._triton() is not None else "eager") and K.which("mps") == "eager"
     monkeypatch.setenv("LOWBIT_KERNELS", "auto")
     if K._triton() is not None:  # triton importable: "auto" says triton on CUDA unless the self-check failed there

@@ -13,8 +13,9 @@ Covered: every format (E2M1, E1M2, E3M0, E4M3, E5M2), granularity (tensor, row, 
 absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-level E4M3 × fp32, the scale
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
-per token with its CSR residual, DGE's factor on dW and a sampled step's statistics. Not covered (eager): QuEST's
-σ scales, "4 over 6", the Hadamard rotations, on GPUs everything but round-to-nearest fake-quantize with one
+per token with its CSR residual, DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
+tiles and square blocks of 2..64 (a power of two; fos.c). Not covered (eager): QuEST's σ scales, "4 over 6" per
+row or tensor, the Hadamard rotations, on GPUs everything but round-to-nearest fake-quantize with one
 scale per tensor or fp32/E8M0-floor scales per row or tile (lowbit.kernels.triton_quant), and anything traced by
 torch.compile.
 """
@@ -30,7 +31,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, nvfp4_tensor_scale
+from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, nvfp4_tensor_scale
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -132,8 +133,16 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
     if x.device.type == "cuda":
         tq = _triton()
         return tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and not q.four_over_six
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and _fos_ok(q, amax)
             and not _EAGER_ONLY and _lib() is not None and (amax is None or q.granularity == "tensor"))
+
+
+def _fos_ok(q: TensorQuant, amax) -> bool:
+    """Whether the CPU kernel covers q's "4 over 6" (if set): tiles or square blocks of 2..64 elements (a power of
+    two: the eager error sum's pairwise order), current scales."""
+    b = q.block
+    return not q.four_over_six or (q.granularity in ("tile", "block") and amax is None and 2 <= b <= 64
+                                   and b & (b - 1) == 0)
 
 
 def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
@@ -170,7 +179,8 @@ def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, n
                fmax=fmt.max, min_normal=fmt.min_normal, scale_fmt=_SCALE_FMTS[q.scale_fmt],
                reciprocal=int(q.reciprocal), ceil_round=int(q.scale_round == "ceil"),
                has_mult=int(q.scale_mult != 1.0), scale_mult=q.scale_mult,
-               tensor_amax=math.nan if tensor_amax is None else float(tensor_amax), block_max=E4M3_MAX,
+               tensor_amax=math.nan if tensor_amax is None else float(tensor_amax),
+               block_max=E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX,
                keys=keys, chunk_rows=chunk_rows, nthreads=torch.get_num_threads(),
                in_dtype=_DTYPES[x.dtype], out_dtype=_DTYPES[out.dtype])
     return p, keys  # keys must outlive the call
@@ -183,7 +193,7 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     odt = x.dtype if dequant else torch.float32
     if x.device.type == "cuda":  # applies() admitted it: Triton
         return run_triton(x.contiguous(), q, fmt, amax, saturate, dequant)
-    if _transposed(x, q):
+    if _transposed(x, q) and not q.four_over_six:
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
     xc = x.contiguous()
     x3 = as3d(xc, q)
@@ -306,8 +316,12 @@ def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Fo
     R, G, B = x3.shape
     brows = q.block if q.granularity == "block" else 1
     t = absmax(x3) if q.scale_fmt == "e4m3" else None  # NVFP4's tensor scale needs the global absmax first
-    p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
     scales = torch.empty((R // brows, G), dtype=torch.float32)
+    if q.four_over_six:  # two candidates, one key each over the whole tensor (quant._four_over_six's draws)
+        p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, 2, R, t)
+        _check(_lib().lb_quant_fos(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr()))
+        return scales
+    p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
     _check(_lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p),
                                   scales.data_ptr()))
     return scales

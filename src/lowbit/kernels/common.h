@@ -17,8 +17,30 @@
 #define FP32_MAX 3.4028234663852886e38f
 #define SEG 512 /* elements per fp32 staging segment (stays in L1) */
 
+/* What one quantizer call needs (mirrored by lowbit.kernels.cpu.Params: same field order and types). */
+typedef struct {
+    /* element format */
+    int32_t mbits, has_inf, saturate, stochastic, dequant, emax;
+    float fmax, min_normal;
+    /* scale rule (grouped kernel only) */
+    int32_t scale_fmt, reciprocal, ceil_round, has_mult;
+    float scale_mult, tensor_amax, block_max;
+    /* stochastic rounding: keys[c] for the c-th chunk of chunk_rows rows (rng.uniform's key per chunk) */
+    const int32_t *keys;
+    int64_t chunk_rows;
+    int32_t nthreads, in_dtype, out_dtype, pad;
+} lb_params;
+
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint32_t hash32(uint32_t i, uint32_t key) { /* rng._hash_into */
+    uint32_t h = (i * 0x9E3779B9u) ^ key;
+    h ^= h >> 16; h *= 0x85EBCA6Bu;
+    h ^= h >> 13; h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
 
 /* --- dtype conversion -------------------------------------------------------------------------- */
 

@@ -15,18 +15,7 @@
  */
 #include "common.h"
 
-typedef struct {
-    /* element format */
-    int32_t mbits, has_inf, saturate, stochastic, dequant, emax;
-    float fmax, min_normal;
-    /* scale rule (grouped kernel only) */
-    int32_t scale_fmt, reciprocal, ceil_round, has_mult;
-    float scale_mult, tensor_amax, block_max;
-    /* stochastic rounding: keys[c] for the c-th chunk of chunk_rows rows (rng.uniform's key per chunk) */
-    const int32_t *keys;
-    int64_t chunk_rows;
-    int32_t nthreads, in_dtype, out_dtype, pad;
-} lb_params;
+/* lb_params: common.h */
 
 float lb_absmax(const void *x, int64_t n, int32_t dt, int32_t nthreads) {
     uint32_t m = 0;
@@ -40,14 +29,6 @@ float lb_absmax(const void *x, int64_t n, int32_t dt, int32_t nthreads) {
 }
 
 /* --- the element pass: v = x / s (or x * e), round, [* s] -------------------------------------- */
-
-static inline uint32_t hash32(uint32_t i, uint32_t key) { /* rng._hash_into */
-    uint32_t h = (i * 0x9E3779B9u) ^ key;
-    h ^= h >> 16; h *= 0x85EBCA6Bu;
-    h ^= h >> 13; h *= 0xC2B2AE35u;
-    h ^= h >> 16;
-    return h;
-}
 
 /* dst[0..n) = src[0..n) scaled by s (ARR: sa[i]; USE_E: multiplied by e or ea[i]), saturated, rounded,
  * inf kept (e5m2), dequantized; fp32, dst may be src. idx0: the rng index of src[0] within its chunk,
@@ -230,6 +211,11 @@ static void group_scales(const uint32_t *am, int64_t n, const lb_params *p, floa
     else if (p->scale_fmt == SCALE_E8M0) { if (p->ceil_round) SCALES(R_E8M0_CEIL); else SCALES(R_E8M0_FLOOR); }
     else if (p->reciprocal) SCALES(R_NVFP4_RCP);
     else SCALES(R_NVFP4);
+}
+
+/* group_scales for other translation units (fos.c). */
+void lb_group_scales(const uint32_t *am, int64_t n, const lb_params *p, float *sg, float *eg) {
+    group_scales(am, n, p, sg, eg);
 }
 
 /* scales.scale_from_amax for one scale (granularity "tensor": the current or delayed absmax a, inf or NaN
