@@ -213,3 +213,17 @@ def test_four_over_six_picks_the_smaller_error_block_by_block():
     assert ((got - ref).abs() <= 1e-6 * ref.abs()).float().mean() > 0.999
     plain = fake_quantize(x, TensorQuant("e2m1", "tile", 16, "e4m3")).double()
     assert float(got_err.sum()) < float((plain - x.double()).square().sum())  # it helps on Gaussian data
+
+
+def test_four_over_six_error_sums_are_pairwise():
+    # The candidates' errors are summed pairwise, (e0 + e1) + (e2 + e3), the order kernels/fos.c repeats (a
+    # tree both can follow; torch's own sum order is its implementation's). Hand-computed: with 1 and three
+    # 2^-24, left to right gives 1 (each 1 + 2^-24 ties to even), pairwise 1 + 2^-23. Bug caught: the eager
+    # reference back on torch's .sum (the CPU kernel would then pick differently on near-ties).
+    from lowbit.quant import _tree_sum
+    t = torch.tensor([[[1.0, 2.0 ** -24, 2.0 ** -24, 2.0 ** -24]]])
+    assert _tree_sum(t, 2).item() == 1.0 + 2.0 ** -23
+    blocks = t.view(1, 4, 1)  # over rows (a square block's rows): the same tree
+    assert _tree_sum(blocks, 1).item() == 1.0 + 2.0 ** -23 and _tree_sum(blocks, 1).shape == (1, 1, 1)
+    odd = torch.ones(1, 1, 3)  # not a power of two: torch's sum
+    assert _tree_sum(odd, 2).item() == 3.0
