@@ -12,32 +12,54 @@
 
 void lb_group_scales(const uint32_t *am, int64_t n, const lb_params *p, float *sg, float *eg);
 
-static float round1(float v, const lb_params *p, uint32_t idx, uint32_t key) {
-    float E = u2f(f2u(v) & 0x7F800000u);
-    E = E < p->min_normal ? p->min_normal : E;
-    if (p->stochastic) {
-        float step = E * ldexpf(1.0f, -p->mbits);
-        float u = (float)((hash32(idx, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
-        return floorf(v / step + u) * step;
-    }
-    float c = E * (1.5f * ldexpf(1.0f, 23 - p->mbits));
-    return (v + c) - c;
-}
-
-static float tree_sum(float *d, int64_t n) { /* pairwise: (d0 + d1), (d2 + d3), ... then pairs of those */
+static float tree_sum(float *d, int64_t n) { /* pairwise: (d0 + d1), (d2 + d3), ... (n a power of two) */
     for (; n > 1; n /= 2)
         for (int64_t i = 0; i < n / 2; i++) d[i] = d[2 * i] + d[2 * i + 1];
     return d[0];
 }
 
-/* Rows r0 .. r0 + nr of x as [R, G, B]. work: xb [nr·G·B] the rows in fp32 (then the output), v [2][nr·G·B]
- * the rounded candidates, err [2][nr][G] their group errors, sg [2][G] their scales, eg [G] (unused encode
- * factors), am [2][G] the absmax bit patterns (of amax and amax · 1.5). */
+/* One candidate on one row of n = G·B elements: v = round(x / sa) (saturated; sa: the group scales expanded
+ * to elements), d = the squared errors, then d[0..G) = each group's sum by the pairwise tree, level by level
+ * over the whole row (groups are contiguous runs of B, a power of two, so each level pairs within groups).
+ * idx0: the rng index of x[0] in the tensor. SR is a compile-time constant at each call: one branch-free,
+ * vectorised loop per variant. */
+static inline __attribute__((always_inline)) void candidate_row(
+        const float *restrict x, const float *restrict sa, float *restrict v, float *restrict d, int64_t n,
+        int64_t G, const lb_params *p, uint32_t idx0, uint32_t key, const int SR) {
+    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
+    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
+    for (int64_t i = 0; i < n; i++) {
+        float s = sa[i], q = x[i] / s;
+        q = q < -fmax ? -fmax : (q > fmax ? fmax : q);
+        float E = u2f(f2u(q) & 0x7F800000u);
+        E = E < mn ? mn : E;
+        if (SR) {
+            float step = E * sub;
+            float u = (float)((hash32(idx0 + (uint32_t)i, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+            q = floorf(q / step + u) * step;
+        } else {
+            float c = E * k;
+            q = (q + c) - c;
+        }
+        v[i] = q;
+        float t = q * s - x[i];
+        d[i] = t * t;
+    }
+    for (int64_t m = n; m > G; m /= 2)
+        for (int64_t i = 0; i < m / 2; i++) d[i] = d[2 * i] + d[2 * i + 1];
+}
+
+/* Rows r0 .. r0 + nr of x as [R, G, B] (nr = 1, or B for square blocks). work: xb [nr·G·B] the rows in fp32
+ * (then the output), v [2][nr·G·B] the rounded candidates, sa [2][G·B] their scales per element, d [G·B],
+ * err [2][nr][G] the group errors, sg [2][G] the scales, eg [G] (unused encode factors), pk [G·B] the pick per
+ * element, am [2][G] the absmax bit patterns (of amax and amax · 1.5). */
 static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
                          const lb_params *p, float *scales, float *work) {
     int64_t per_row = G * B, n = nr * per_row;
-    float *xb = work, *v = xb + n, *err = v + 2 * n, *sg = err + 2 * nr * G, *eg = sg + 2 * G, d[64];
-    uint32_t *am = (uint32_t *)(eg + G);
+    float *xb = work, *v = xb + n, *sa = v + 2 * n, *d = sa + 2 * per_row, *err = d + per_row;
+    float *sg = err + 2 * nr * G, *eg = sg + 2 * G, tmp[64];
+    int32_t *pk = (int32_t *)(eg + G);
+    uint32_t *am = (uint32_t *)(pk + per_row);
     for (int64_t r = 0; r < nr; r++) load_f32(xb + r * per_row, x, (r0 + r) * per_row, per_row, p->in_dtype);
     for (int64_t g = 0; g < G; g++) {
         uint32_t m = 0;
@@ -50,42 +72,38 @@ static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64
     }
     lb_group_scales(am, G, p, sg, eg);
     lb_group_scales(am + G, G, p, sg + G, eg);
+    for (int64_t g = 0; g < 2 * G; g++)  /* sa[m·G·B + g·B + k] = sg[m·G + g] */
+        for (int64_t k = 0; k < B; k++) sa[g * B + k] = sg[g];
     for (int m = 0; m < 2; m++) {
         uint32_t key = p->stochastic ? (uint32_t)p->keys[m] : 0u;
-        for (int64_t r = 0; r < nr; r++)
-            for (int64_t g = 0; g < G; g++) {
-                float s = sg[m * G + g];
-                for (int64_t k = 0; k < B; k++) {
-                    int64_t i = r * per_row + g * B + k;
-                    float q = xb[i] / s;
-                    q = q < -p->fmax ? -p->fmax : (q > p->fmax ? p->fmax : q);
-                    q = round1(q, p, (uint32_t)((r0 * per_row) + i), key);
-                    v[m * n + i] = q;
-                    float t = q * s - xb[i];
-                    d[k] = t * t;
-                }
-                err[(m * nr + r) * G + g] = tree_sum(d, B);
-            }
+        for (int64_t r = 0; r < nr; r++) {
+            const float *xr = xb + r * per_row;
+            float *vr = v + m * n + r * per_row;
+            uint32_t idx0 = (uint32_t)((r0 + r) * per_row);
+            if (p->stochastic) candidate_row(xr, sa + m * per_row, vr, d, per_row, G, p, idx0, key, 1);
+            else candidate_row(xr, sa + m * per_row, vr, d, per_row, G, p, idx0, key, 0);
+            memcpy(err + (m * nr + r) * G, d, (size_t)G * sizeof(float));
+        }
     }
     for (int64_t g = 0; g < G; g++) {
-        float e0, e1;
-        if (nr == 1) {
-            e0 = err[g]; e1 = err[G + g];
-        } else {
-            for (int64_t r = 0; r < nr; r++) d[r] = err[r * G + g];
-            e0 = tree_sum(d, nr);
-            for (int64_t r = 0; r < nr; r++) d[r] = err[(nr + r) * G + g];
-            e1 = tree_sum(d, nr);
+        float e0 = err[g], e1 = err[nr * G + g];
+        if (nr > 1) { /* a square block: its rows' errors, pairwise too */
+            for (int64_t r = 0; r < nr; r++) tmp[r] = err[r * G + g];
+            e0 = tree_sum(tmp, nr);
+            for (int64_t r = 0; r < nr; r++) tmp[r] = err[(nr + r) * G + g];
+            e1 = tree_sum(tmp, nr);
         }
-        int pick = e1 < e0; /* NaN: "to 6" */
-        float s = sg[pick * G + g];
-        if (scales) scales[(r0 / nr) * G + g] = s;
-        for (int64_t r = 0; r < nr; r++)
-            for (int64_t k = 0; k < B; k++) {
-                int64_t i = r * per_row + g * B + k;
-                float q = v[pick * n + i];
-                xb[i] = p->dequant ? q * s : q;
-            }
+        int pick = e1 < e0; /* ties and NaN: "to 6" */
+        if (scales) scales[(r0 / nr) * G + g] = sg[pick * G + g];
+        for (int64_t k = 0; k < B; k++) pk[g * B + k] = pick;
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        float *o = xb + r * per_row;
+        const float *v0 = v + r * per_row, *v1 = v + n + r * per_row;
+        if (p->dequant)
+            for (int64_t i = 0; i < per_row; i++) o[i] = pk[i] ? v1[i] * sa[per_row + i] : v0[i] * sa[i];
+        else
+            for (int64_t i = 0; i < per_row; i++) o[i] = pk[i] ? v1[i] : v0[i];
     }
     int odt = p->dequant ? p->out_dtype : LB_F32;
     for (int64_t r = 0; r < nr; r++) store_f32(out, (r0 + r) * per_row, xb + r * per_row, per_row, odt);
@@ -95,11 +113,11 @@ static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64
  * [R / brows, G]. Returns nonzero where a work buffer could not be allocated. */
 int lb_quant_fos(const void *x, void *out, int64_t R, int64_t G, int64_t B, int64_t brows, const lb_params *p,
                  float *scales) {
-    int64_t nblk = R / brows, n = brows * G * B;
+    int64_t nblk = R / brows, per_row = G * B, n = brows * per_row;
     int failed = 0;
     #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16)) reduction(|:failed)
     {
-        float *work = malloc((size_t)(3 * n + 2 * brows * G + 5 * G) * sizeof(float));
+        float *work = malloc((size_t)(3 * n + 4 * per_row + 2 * brows * G + 5 * G) * sizeof(float));
         failed |= work == NULL;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < nblk; i++)
