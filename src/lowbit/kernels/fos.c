@@ -11,11 +11,17 @@
 #include "common.h"
 
 void lb_group_scales(const uint32_t *am, int64_t n, const lb_params *p, float *sg, float *eg);
+void lb_group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int64_t G, int64_t B, int dt,
+                     uint32_t *am);
 
 static float tree_sum(float *d, int64_t n) { /* pairwise: (d0 + d1), (d2 + d3), ... (n a power of two) */
     for (; n > 1; n /= 2)
         for (int64_t i = 0; i < n / 2; i++) d[i] = d[2 * i] + d[2 * i + 1];
     return d[0];
+}
+
+static void pair_level(const float *restrict src, float *restrict dst, int64_t m) {
+    for (int64_t i = 0; i < m; i++) dst[i] = src[2 * i] + src[2 * i + 1];
 }
 
 /* One candidate on one row of n = G·B elements: v = round(x / sa) (saturated; sa: the group scales expanded
@@ -45,31 +51,28 @@ static inline __attribute__((always_inline)) void candidate_row(
         float t = q * s - x[i];
         d[i] = t * t;
     }
-    for (int64_t m = n; m > G; m /= 2)
-        for (int64_t i = 0; i < m / 2; i++) d[i] = d[2 * i] + d[2 * i + 1];
+    float *a = d, *b = d + n; /* the levels alternate between d's two halves (no in-place aliasing: vectorises) */
+    for (int64_t m = n; m > G; m /= 2) {
+        pair_level(a, b, m / 2);
+        float *t = a; a = b; b = t;
+    }
+    if (a != d) memcpy(d, a, (size_t)G * sizeof(float));
 }
 
 /* Rows r0 .. r0 + nr of x as [R, G, B] (nr = 1, or B for square blocks). work: xb [nr·G·B] the rows in fp32
- * (then the output), v [2][nr·G·B] the rounded candidates, sa [2][G·B] their scales per element, d [G·B],
+ * (then the output), v [2][nr·G·B] the rounded candidates, sa [2][G·B] their scales per element, d [2][G·B],
  * err [2][nr][G] the group errors, sg [2][G] the scales, eg [G] (unused encode factors), pk [G·B] the pick per
  * element, am [2][G] the absmax bit patterns (of amax and amax · 1.5). */
 static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
                          const lb_params *p, float *scales, float *work) {
     int64_t per_row = G * B, n = nr * per_row;
-    float *xb = work, *v = xb + n, *sa = v + 2 * n, *d = sa + 2 * per_row, *err = d + per_row;
+    float *xb = work, *v = xb + n, *sa = v + 2 * n, *d = sa + 2 * per_row, *err = d + 2 * per_row;
     float *sg = err + 2 * nr * G, *eg = sg + 2 * G, tmp[64];
     int32_t *pk = (int32_t *)(eg + G);
     uint32_t *am = (uint32_t *)(pk + per_row);
     for (int64_t r = 0; r < nr; r++) load_f32(xb + r * per_row, x, (r0 + r) * per_row, per_row, p->in_dtype);
-    for (int64_t g = 0; g < G; g++) {
-        uint32_t m = 0;
-        for (int64_t r = 0; r < nr; r++) {
-            uint32_t b = absmax_bits(x, (r0 + r) * per_row + g * B, B, p->in_dtype);
-            m = b > m ? b : m;
-        }
-        am[g] = m;
-        am[G + g] = f2u(bits_value(m) * 1.5f); /* quant: amax * 1.5 in fp32 (NaN stays NaN) */
-    }
+    lb_group_absmax(x, r0 * per_row, per_row, nr, G, B, p->in_dtype, am);
+    for (int64_t g = 0; g < G; g++) am[G + g] = f2u(bits_value(am[g]) * 1.5f); /* quant: amax * 1.5 in fp32 */
     lb_group_scales(am, G, p, sg, eg);
     lb_group_scales(am + G, G, p, sg + G, eg);
     for (int64_t g = 0; g < 2 * G; g++)  /* sa[m·G·B + g·B + k] = sg[m·G + g] */
@@ -117,7 +120,7 @@ int lb_quant_fos(const void *x, void *out, int64_t R, int64_t G, int64_t B, int6
     int failed = 0;
     #pragma omp parallel num_threads(p->nthreads) if (R * G * B > (1 << 16)) reduction(|:failed)
     {
-        float *work = malloc((size_t)(3 * n + 4 * per_row + 2 * brows * G + 5 * G) * sizeof(float));
+        float *work = malloc((size_t)(3 * n + 5 * per_row + 2 * brows * G + 5 * G) * sizeof(float));
         failed |= work == NULL;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < nblk; i++)

@@ -282,6 +282,12 @@ static void group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr,
     }
 }
 
+/* group_absmax for other translation units (fos.c). */
+void lb_group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int64_t G, int64_t B, int dt,
+                     uint32_t *am) {
+    group_absmax(x, off, stride, nr, G, B, dt, am);
+}
+
 /* Rows r0..r0+nr of x as [R, G, B] sharing scales over the `nr` rows (1: row/tile; block: the block size).
  * sg, eg, am: scratch for G entries each. */
 static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
