@@ -16,6 +16,7 @@ from lowbit import recipes as R
 from lowbit._io import to_toml
 from lowbit.nn import QLinear
 from lowbit.nn.state import call_seed
+from lowbit.rng import BACKWARD_FIRST, hash_uniform, stream_key
 
 N_H = 32
 
@@ -72,13 +73,13 @@ def test_quartet_matches_the_reference_formulas():
     lin = nn.Linear(64, 96, bias=False)
     q = QLinear.from_linear(copy.deepcopy(lin), r)
     x, dy = torch.randn(64, 64), torch.randn(64, 96)
-    # the signs the backward will draw: the layer's first call draws from its call-0 stream, forward first (which,
-    # round-to-nearest, draws nothing)
-    g = torch.Generator().manual_seed(call_seed(q.layer_idx, 0))
+    # the signs the backward will draw: the first key of the backward's part of the layer's call-0 stream,
+    # re-derived here in Python integers: u < 1/2 -> +1
+    key = stream_key(call_seed(q.layer_idx, 0), BACKWARD_FIRST)
     xr = x.clone().requires_grad_(True)
     y = q(xr)
     y.backward(dy)
-    signs = (torch.randint(0, 2, (N_H,), generator=g) * 2 - 1).float()
+    signs = torch.where(hash_uniform(torch.arange(N_H, dtype=torch.int32), key) < 0.5, 1.0, -1.0)
     ry, rdx, rdw = quartet_ref(x, lin.weight.detach(), dy, signs)
     # fp32 products summed in another order; the backward adds two rotations and a second quantization on top, so
     # a rounding difference can move an element across a grid midpoint: 1e-4 there

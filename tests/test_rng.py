@@ -56,3 +56,48 @@ def test_seeded_generators_reproduce():
     b = rng.uniform(4096, torch.device("cpu"), torch.Generator().manual_seed(7)).clone()
     c = rng.uniform(4096, torch.device("cpu"), torch.Generator().manual_seed(8)).clone()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_stream_keys_match_the_python_reference():
+    # Stream's int64 tensor arithmetic (wrapping multiplies, logical shifts) against SplitMix64 in Python integers.
+    # Bugs caught: an arithmetic (sign-copying) shift, the increment applied before instead of after the first
+    # draw, a multiplier constant past 2^63 not wrapped to int64.
+    for seed in (0, 1, 2 ** 62 + 12345, 2 ** 63 - 1, 0x5EED_0001 << 32):
+        s = rng.Stream(torch.tensor(seed, dtype=torch.int64))
+        got = [int(s.next_key()) for _ in range(5)]
+        assert got == [rng.stream_key(seed, i) for i in range(5)] and all(0 <= k < 2 ** 31 for k in got)
+
+
+def test_layer_call_seeds_as_tensors_match_the_python_reference():
+    # The layer's call counter is a tensor buffer; its seed must be call_seed's (the checkpointed counter keeps
+    # meaning the same stream). Bug caught: the layer offset dropped, or the sum not wrapped modulo 2^64.
+    from lowbit.nn.state import call_seed, call_seed_t
+    for layer in (0, 1, 7, 300):
+        for call in (0, 1, 2 ** 32 - 1, 2 ** 32 + 5, 123456789):
+            assert int(call_seed_t(layer, torch.tensor(call))) == call_seed(layer, call)
+
+
+def test_stream_uniform_is_the_hash_under_the_stream_key_on_every_path():
+    # With a Stream, uniform is hash(index, key i) whether it runs on CPU buffers (eager) or on fresh tensors
+    # (other devices and torch.compile take that path): the same numbers everywhere, so SR does not depend on the
+    # device. Bug caught: the fresh-tensor path hashing without the key, or keys drawn in another order.
+    seed = 987654321
+    s = rng.Stream(torch.tensor(seed))
+    a = rng.uniform(1000, torch.device("cpu"), s).clone()
+    b = rng.uniform(1000, torch.device("cpu"), s).clone()
+    idx = torch.arange(1000, dtype=torch.int32)
+    assert torch.equal(a, rng.hash_uniform(idx, rng.stream_key(seed, 0)))
+    assert torch.equal(b, rng.hash_uniform(idx, rng.stream_key(seed, 1)))
+    key = rng.Stream(torch.tensor(seed)).next_key().to(torch.int32)
+    assert torch.equal(rng.hash_uniform(idx, key), a)  # the tensor-key form
+
+
+def test_stream_signs_and_bits_follow_one_uniform_draw():
+    # Quartet's random signs and bf16 SR's random low bits come from one uniform draw of the stream each.
+    # Bug caught: the sign threshold inverted (u < 1/2 must give +1), or 16 bits taken from the low end.
+    seed = 42
+    u = rng.hash_uniform(torch.arange(64, dtype=torch.int32), rng.stream_key(seed, 0))
+    signs = rng.random_signs(64, torch.device("cpu"), rng.Stream(torch.tensor(seed)))
+    assert torch.equal(signs, torch.where(u < 0.5, 1.0, -1.0))
+    bits = rng.random_bits16(64, torch.device("cpu"), rng.Stream(torch.tensor(seed)))
+    assert torch.equal(bits, (u * 65536).floor().to(torch.int32)) and int(bits.max()) < 2 ** 16

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.rng import uniform
+from lowbit.rng import random_bits16, uniform
 
 ROUNDINGS = ("nearest", "stochastic")
 # Elements per chunk of the elementwise passes. On CPU a 4 MiB fp32 chunk stays in the last-level
@@ -287,7 +287,7 @@ def _cast_passthrough(x, fmt, rounding, generator):
     # bf16 keeps the top 16 bits of the fp32 pattern: add uniform random low bits, then truncate.
     # Works on sign-magnitude patterns for either sign; NaN stays NaN; can overflow to inf like bf16 itself.
     b = x.float().contiguous().view(torch.int32)
-    r = torch.randint(0, 1 << 16, b.shape, dtype=torch.int32, device=x.device, generator=generator)
+    r = random_bits16(b.numel(), x.device, generator).view(b.shape)
     finite = torch.isfinite(x)
     b = torch.where(finite, (b + r) & ~0xFFFF, b)
     return b.view(torch.float32).to(torch.bfloat16).to(x.dtype)

@@ -2,8 +2,8 @@
 
 Under torch.compile lowbit.quant calls this op instead of its chain of elementwise torch ops: compiled code then
 runs the same fused kernels as eager (C on CPUs, Triton on CUDA) and fuses around them, and cannot round
-differently from eager. The fake implementation gives shapes and dtypes only. Stochastic rounding stays traced
-(its torch.Generator breaks the graph either way). lowbit.quant registers its `_run` here (no import cycle).
+differently from eager. The fake implementation gives shapes and dtypes only. Stochastic rounding stays traced:
+its random numbers are tensor ops on the layer stream's keys (lowbit.rng.Stream), which compile like the rest. lowbit.quant registers its `_run` here (no import cycle).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from lowbit.nn.spec import LinearSpec, fake_quantize_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
 from lowbit.quant import divide_by_scales
+from lowbit.rng import random_signs
 
 
 def forward_rotation(n: int, device) -> torch.Tensor:
@@ -64,12 +65,12 @@ class QuartetFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
         n = spec.rotation_size
-        H = forward_rotation(n, x2.device)
+        H = state.quartet_rotation  # forward_rotation(n), kept by the layer
         xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state.observer, "input")
         wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state.observer, "weight")
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
-        ctx.spec, ctx.observer, ctx.gen, ctx.cdtype, ctx.x_dtype = spec, state.observer, state.call_generator, \
-            cdtype, x2.dtype
+        ctx.spec, ctx.state, ctx.observer, ctx.seed, ctx.cdtype, ctx.x_dtype = spec, state, state.observer, \
+            state.call_seed, cdtype, x2.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(xq, wq, mx, mw, weight)
         return y
@@ -77,14 +78,15 @@ class QuartetFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xq, wq, mx, mw, weight = ctx.saved_tensors
-        spec, gen, obs, cdtype = ctx.spec, ctx.gen, ctx.observer, ctx.cdtype
+        spec, obs, cdtype = ctx.spec, ctx.observer, ctx.cdtype
+        gen = ctx.state.streams(ctx.seed)[1]  # the backward's part of this call's stream
         n = spec.rotation_size
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.to(cdtype).contiguous()
-            H = forward_rotation(n, dy.device)
-            signs = torch.randint(0, 2, (n,), device=dy.device, generator=gen) * 2 - 1
+            H = ctx.state.quartet_rotation
+            signs = random_signs(n, dy.device, gen)
             R = signs.to(H.dtype)[:, None] * H
             if need_dx:  # along N
                 dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, gen, obs, cdtype, "dgrad", "grad_output"),

@@ -7,8 +7,8 @@ It holds what a recipe needs to remember between calls and what the layer report
   * the statistics observer (lowbit.nn.stats.LayerStats) and whether the next calls report to it.
 
 The autograd Function never changes this state: it reads the histories and the rotation, draws from the
-generator `begin_call` made for its call (seeded from the layer and the call's index, saved with the call for
-its backward), and reports what it observed: the amax of each operand it quantized into `observed_amax` (one
+streams of the seed `begin_call` made for its call (lowbit.rng.Stream, from the layer and the call's index; the
+forward and the backward draw from two parts of it), and reports what it observed: the amax of each operand it quantized into `observed_amax` (one
 slot per operand) and statistics to the observer. The layer commits the observed amaxes into the histories
 after the call (`commit`; the backward's grad_output amax after the next call, or when the state is saved). So a
 compiled call that fails before running changes nothing, and the counter, not a generator's hidden position,
@@ -19,13 +19,15 @@ buffers are non-persistent (the layer's state_dict stays nn.Linear's) and `quant
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
-from lowbit.nn.hadamard import random_hadamard
+from lowbit.nn.hadamard import hadamard_matrix, random_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
+from lowbit.rng import BACKWARD_FIRST, Stream, i64, mix64, srl
 
 SR_SEED = 0x5EED_0001   # stochastic-rounding streams of layer i, call n: seeded from (SR_SEED + i, n)
 RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: RHT_SEED + i
@@ -34,12 +36,20 @@ _M64 = (1 << 64) - 1
 
 def call_seed(layer_idx: int, call: int) -> int:
     """The seed of call `call`'s random stream in layer `layer_idx`: SplitMix64's finalizer of
-    (SR_SEED + layer) · 2^32 + call, so every bit depends on both (torch's CPU generator keeps only the low 32
-    bits of a seed; a plain sum would give every layer the same stream), in [0, 2^63)."""
-    z = ((((SR_SEED + layer_idx) << 32) + (call & 0xFFFF_FFFF)) + 0x9E3779B97F4A7C15) & _M64
+    (SR_SEED + layer) · 2^32 + call (mod 2^64), so every bit depends on both (a plain sum would give every layer the
+    same stream), in [0, 2^63). The Python-integer reference of call_seed_t."""
+    z = (((SR_SEED + layer_idx) << 32) + call + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return (z ^ (z >> 31)) >> 1
+
+
+def call_seed_t(layer_idx: int, call: torch.Tensor) -> torch.Tensor:
+    """call_seed with the call index as a 0-d int64 tensor (the layer's counter buffer): int64 tensor ops on its
+    device, so a compiled step computes it inside the graph. (The call is not masked to 32 bits: with the mask,
+    inductor's integer range analysis miscompiled the sum in torch 2.13.)"""
+    base = i64(((SR_SEED + layer_idx) << 32) + 0x9E3779B97F4A7C15)
+    return srl(mix64(call + base), 1)
 
 
 class LayerQuantState(nn.Module):
@@ -52,9 +62,10 @@ class LayerQuantState(nn.Module):
         self.most_recent, self.headroom = amax_compute_algo == "most_recent", float(2 ** margin)
         self.collect = False
         self.stats = LayerStats()
-        self.calls = 0
         self.random = spec.scheme == "quartet" or any(q.rounding == "stochastic" for q in spec.quantizers().values())
-        self.call_generator: torch.Generator | None = None
+        self.call_seed: torch.Tensor | None = None  # this call's stream seed (lowbit.rng.Stream), 0-d int64
+        # calls so far (seeds each call's stream): a buffer, so compiled steps count inside the graph
+        self.register_buffer("sr_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.delayed = [op for op in spec.quantizers()] if spec.delayed else []
         for op in self.delayed:
             self.register_buffer(f"amax_history_{op}", torch.zeros(history_len, device=device), persistent=False)
@@ -64,6 +75,10 @@ class LayerQuantState(nn.Module):
         if spec.hadamard_size:
             R = random_hadamard(spec.hadamard_size, RHT_SEED + self.layer_idx)
             self.register_buffer("hadamard_rotation", R.to(device), persistent=False)
+        if spec.rotation_size:  # Quartet's H/√n, fp32 [n, n]: a buffer, so a compiled step does not rebuild it
+            n = spec.rotation_size
+            self.register_buffer("quartet_rotation", (hadamard_matrix(n) / math.sqrt(n)).to(device),
+                                 persistent=False)
 
     @property
     def observer(self) -> LayerStats | None:
@@ -72,15 +87,25 @@ class LayerQuantState(nn.Module):
 
     # --- the layer's side: begin a call, commit what it observed ----------------------------------------
 
-    def begin_call(self, device: torch.device) -> None:
-        """Before a call: give it its own random stream (recipes that draw: stochastic rounding, Quartet)."""
-        if self.random:
-            self._next_generator(device)
+    @property
+    def calls(self) -> int:
+        """Calls that drew random numbers so far (what a checkpoint keeps)."""
+        return int(self.sr_calls)
 
-    @torch.compiler.disable  # the counter is a Python int: traced, it would recompile the graph at every call
-    def _next_generator(self, device: torch.device) -> None:
-        self.call_generator = torch.Generator(device=device).manual_seed(call_seed(self.layer_idx, self.calls))
-        self.calls += 1
+    @calls.setter
+    def calls(self, n: int) -> None:
+        self.sr_calls.fill_(int(n))
+
+    def begin_call(self, device: torch.device) -> None:
+        """Before a call: give it its own random stream (recipes that draw: stochastic rounding, Quartet), seeded
+        from the layer and the call counter by tensor ops (no torch.Generator, no host sync, traceable)."""
+        if self.random:
+            self.call_seed = call_seed_t(self.layer_idx, self.sr_calls).to(device)
+            self.sr_calls.add_(1)
+
+    def streams(self, seed: torch.Tensor | None) -> tuple[Stream | None, Stream | None]:
+        """(forward, backward) random streams of the call whose seed begin_call set (None, None: draws nothing)."""
+        return (None, None) if seed is None else (Stream(seed), Stream(seed, BACKWARD_FIRST))
 
     def commit(self) -> None:
         """Push every observed finite amax into its history (newest first) and clear the slots. A non-finite

@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-
 log = logging.getLogger("lowbit")
 
 
@@ -22,9 +21,9 @@ class CompiledModel(nn.Module):
     `force_non_lazy_backward_lowering`), so its failures surface here too instead of in `loss.backward()`. After a failure every call runs `model` eagerly. A failed call changes no
     layer state (the Function never does; a layer commits after its call), except where a graph break
     let part of it run: for recipes that draw random numbers a layer's call counter may then have advanced
-    once (its random streams shift by one call). QLinear's forward traces as one graph for recipes with
-    round-to-nearest (tests/test_compile.py); stochastic rounding gives each call a torch.Generator, made
-    outside the graph, which dynamo cannot put in a graph (graph breaks there).
+    once (its random streams shift by one call). QLinear's forward traces as one graph for every recipe
+    (tests/test_compile.py): stochastic rounding's keys come from the layer's call counter buffer by tensor
+    ops (lowbit.rng.Stream), with no torch.Generator.
 
     Calls and train()/eval() go to `model`; state_dict() and parameters() are `model`'s (save
     `model`, not this wrapper).
@@ -34,10 +33,6 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.model = model
         self.failed: str | None = None
-        if any(getattr(getattr(m, "qstate", None), "random", False) for m in model.modules()):
-            log.warning("torch.compile: this recipe draws random numbers (stochastic rounding or Quartet's "
-                        "rotations) from a torch.Generator per layer call, which dynamo cannot put in a graph: the "
-                        "model compiles in pieces and may run slower than eager (bench/RESULTS.md 'torch.compile')")
         try:
             compiled = torch.compile(model, backend=backend, **compile_kwargs)
         except Exception as e:  # torch.compile refuses up front (e.g. an unsupported Python version)
