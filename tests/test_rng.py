@@ -66,6 +66,9 @@ def test_stream_keys_match_the_python_reference():
         s = rng.Stream(torch.tensor(seed, dtype=torch.int64))
         got = [int(s.next_key()) for _ in range(5)]
         assert got == [rng.stream_key(seed, i) for i in range(5)] and all(0 <= k < 2 ** 31 for k in got)
+        s = rng.Stream(torch.tensor(seed, dtype=torch.int64))  # the Python-int path (CPU kernels), interleaved
+        got = [int(s.next_key()) if i % 2 else rng.draw_key(s) for i in range(5)]
+        assert got == [rng.stream_key(seed, i) for i in range(5)]
 
 
 def test_layer_call_seeds_as_tensors_match_the_python_reference():

@@ -96,6 +96,7 @@ class Stream:
 
     def __init__(self, seed: torch.Tensor, first: int = 0):
         self.seed, self.drawn = seed, first
+        self._seed_int: int | None = None  # the seed as a Python int, once read (CPU, eager)
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +106,14 @@ class Stream:
         """0-d int64 in [0, 2^31); advances the stream."""
         self.drawn += 1
         return srl(mix64(self.seed + i64(self.drawn * _PHI64)), 33)
+
+    def next_key_int(self) -> int:
+        """next_key as a Python int, computed in Python (a dozen tensor ops cost ~50 µs on a CPU; the seed is read
+        once per stream: a host sync on GPUs, so the CPU kernels' eager path only)."""
+        if self._seed_int is None:
+            self._seed_int = int(self.seed)
+        self.drawn += 1
+        return stream_key(self._seed_int, self.drawn - 1)
 
 
 def stream_key(seed: int, i: int) -> int:
@@ -118,16 +127,17 @@ def stream_key(seed: int, i: int) -> int:
 def draw_key(generator: torch.Generator | Stream | None = None) -> int:
     """The 31-bit key of one `uniform` call on CPU (advances `generator`, or torch's default one)."""
     if isinstance(generator, Stream):
-        return int(generator.next_key())
+        return generator.next_key_int()
     return int(torch.randint(0, (1 << 31) - 1, (1,), generator=generator))
 
 
 def uniform(n: int, device: torch.device, generator: torch.Generator | Stream | None = None) -> torch.Tensor:
     """fp32 [n] uniform in [0, 1) (see the module docstring); `generator` as torch.rand takes it, or a Stream."""
     if isinstance(generator, Stream):
-        key = generator.next_key().to(device=device, dtype=torch.int32)  # (no host sync: a device tensor)
-        if device.type != "cpu" or torch.compiler.is_compiling():  # fresh tensors (no shared buffers)
+        if device.type != "cpu" or torch.compiler.is_compiling():  # tensor ops: no host sync, traceable
+            key = generator.next_key().to(device=device, dtype=torch.int32)
             return hash_uniform(torch.arange(n, dtype=torch.int32, device=device), key)
+        key = generator.next_key_int()
     elif device.type != "cpu":
         return torch.rand(n, device=device, generator=generator)
     else:

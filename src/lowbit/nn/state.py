@@ -100,7 +100,10 @@ class LayerQuantState(nn.Module):
         """Before a call: give it its own random stream (recipes that draw: stochastic rounding, Quartet), seeded
         from the layer and the call counter by tensor ops (no torch.Generator, no host sync, traceable)."""
         if self.random:
-            self.call_seed = call_seed_t(self.layer_idx, self.sr_calls).to(device)
+            if self.sr_calls.device.type == "cpu" and not torch.compiler.is_compiling():  # Python ints: ~10x cheaper
+                self.call_seed = torch.tensor(call_seed(self.layer_idx, int(self.sr_calls)), device=device)
+            else:
+                self.call_seed = call_seed_t(self.layer_idx, self.sr_calls).to(device)
             self.sr_calls.add_(1)
 
     def streams(self, seed: torch.Tensor | None) -> tuple[Stream | None, Stream | None]:
