@@ -104,3 +104,22 @@ def test_stream_signs_and_bits_follow_one_uniform_draw():
     assert torch.equal(signs, torch.where(u < 0.5, 1.0, -1.0))
     bits = rng.random_bits16(64, torch.device("cpu"), rng.Stream(torch.tensor(seed)))
     assert torch.equal(bits, (u * 65536).floor().to(torch.int32)) and int(bits.max()) < 2 ** 16
+
+
+def test_layer_streams_derive_their_seeds_alike_on_every_path():
+    # A layer call's stream is derived, not stored: call_seed(layer, call), then one stream_key per child level.
+    # The Python-integer path (CPU eager), the tensor path (GPU eager) and the opaque op compiled code calls
+    # (lowbit::stream_uniform) give the same seed and numbers. Bugs caught: a child keyed by the parent's seed
+    # instead of its key, the op using the path's last index as a child rather than as the key index.
+    layer, call = 5, torch.tensor(17)
+    s = rng.Stream(layer=layer, call=call, path=(3, 0))
+    want = rng.stream_key(rng.stream_key(rng.call_seed(layer, 17), 3), 0)
+    assert s.seed_int() == want and int(rng.Stream(layer=layer, call=call, path=(3, 0)).seed_tensor()) == want
+    parent = rng.Stream(layer=layer, call=call)
+    parent.drawn = 3
+    child = parent.child()
+    assert child.path == (3,) and parent.drawn == 4 and child.seed_int() == rng.stream_key(rng.call_seed(layer, 17), 3)
+    eager = rng.uniform(100, torch.device("cpu"), rng.Stream(layer=layer, call=call, path=(3,))).clone()
+    op = torch.ops.lowbit.stream_uniform(call, layer, [3, 0], 100)
+    assert torch.equal(eager, op)
+    assert torch.equal(op, rng.hash_uniform(torch.arange(100, dtype=torch.int32), want))

@@ -46,6 +46,7 @@ from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
 from lowbit.groups import as3d, group_scales, rows_scales, scale_shape
 from lowbit.quant_op import register_quantize_op
+from lowbit.rng import Stream
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
@@ -206,12 +207,14 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
 
 # --- an opaque op for torch.compile (lowbit.quant_op) --------------------------------------
 
-def _opaque(x, q, amax, dequant):
-    """The custom op's call for _run's arguments (round-to-nearest, no 4-over-6)."""
+def _opaque(x, q, generator, amax, dequant):
+    """The custom op's call for _run_keyed's arguments (round-to-nearest, or SR from a Stream: its seed)."""
     a = amax if amax is None or isinstance(amax, torch.Tensor) else \
         torch.tensor(float(amax), dtype=torch.float32, device=x.device)
+    sr = q.rounding == "stochastic"  # the call's stream as (call index, layer, path): derived inside the op
     return _QUANTIZE_OP(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal, q.scale_rule,
-                        q.scale_mult, a, dequant)
+                        q.scale_mult, a, dequant, q.rounding, q.four_over_six, generator.call if sr else None,
+                        generator.layer if sr else 0, list(generator.path) if sr else [])
 
 
 def _saturates(q: TensorQuant, amax) -> bool:
@@ -229,12 +232,20 @@ def _scaled_pass(x3, shape, q, fmt, amax, saturate, out, dequant):
 
 
 def _run(x, q, generator, amax, dequant):
-    """(fake-quantized x or its fp32 rounded values, the decode scales): every quantizer's one entry point."""
+    """(fake-quantized x or its fp32 rounded values, the decode scales): every quantizer's one entry point. A
+    layer's Stream gives each stochastic quantizer call a child stream (lowbit.rng.Stream.child)."""
     _check_q(q)
     check_float(x)
-    if _QUANTIZE_OP is not None and torch.compiler.is_compiling() and q.rounding == "nearest" \
-            and not q.four_over_six:
-        return _opaque(x, q, amax, dequant)
+    if q.rounding == "stochastic" and isinstance(generator, Stream):
+        generator = generator.child()
+    return _run_keyed(x, q, generator, amax, dequant)
+
+
+def _run_keyed(x, q, generator, amax, dequant):
+    """_run once the call's random stream is settled; under torch.compile the opaque op (lowbit.quant_op)."""
+    if _QUANTIZE_OP is not None and torch.compiler.is_compiling() and (
+            q.rounding == "nearest" or (isinstance(generator, Stream) and generator.call is not None)):
+        return _opaque(x, q, generator, amax, dequant)
     fmt = get_format(q.fmt)
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
@@ -285,7 +296,7 @@ def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.
 
 
 kernels.set_reference(fake_quantize_with_scales)  # what the GPU kernels are checked against on first use
-_QUANTIZE_OP = register_quantize_op(_run)  # None where this torch cannot register it
+_QUANTIZE_OP = register_quantize_op(_run_keyed)  # None where this torch cannot register it
 
 
 def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> torch.Tensor:

@@ -84,44 +84,100 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
 
 
 BACKWARD_FIRST = 1 << 16  # a layer call's backward draws keys from this index on (its forward draws far fewer)
+SR_SEED = 0x5EED_0001     # stochastic-rounding streams of layer i, call n: seeded from (SR_SEED + i, n)
 
 
-class Stream:
-    """The random keys of one quantized-layer call, in the order its quantizers draw them: key i is the top 31
-    bits of mix64(seed + (i + 1)·φ), from i = `first` on (a call's forward from 0, its backward from
-    BACKWARD_FIRST, so neither depends on how many keys the other drew). seed: 0-d int64 tensor on the layer's
-    device (lowbit.nn.state derives it from the layer index and a call counter buffer). Pass it where a
-    torch.Generator is taken; make it where it is used (a traced autograd.Function may not mutate an object
-    made outside it)."""
+def call_seed(layer_idx: int, call: int) -> int:
+    """The seed of call `call`'s random stream in layer `layer_idx`: SplitMix64's finalizer of
+    (SR_SEED + layer) · 2^32 + call (mod 2^64), so every bit depends on both (a plain sum would give every layer the
+    same stream), in [0, 2^63). The Python-integer reference of call_seed_t."""
+    z = (((SR_SEED + layer_idx) << 32) + call + _PHI64) & _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return (z ^ (z >> 31)) >> 1
 
-    def __init__(self, seed: torch.Tensor, first: int = 0):
-        self.seed, self.drawn = seed, first
-        self._seed_int: int | None = None  # the seed as a Python int, once read (CPU, eager)
 
-    @property
-    def device(self) -> torch.device:
-        return self.seed.device
-
-    def next_key(self) -> torch.Tensor:
-        """0-d int64 in [0, 2^31); advances the stream."""
-        self.drawn += 1
-        return srl(mix64(self.seed + i64(self.drawn * _PHI64)), 33)
-
-    def next_key_int(self) -> int:
-        """next_key as a Python int, computed in Python (a dozen tensor ops cost ~50 µs on a CPU; the seed is read
-        once per stream: a host sync on GPUs, so the CPU kernels' eager path only)."""
-        if self._seed_int is None:
-            self._seed_int = int(self.seed)
-        self.drawn += 1
-        return stream_key(self._seed_int, self.drawn - 1)
+def call_seed_t(layer_idx: int, call: torch.Tensor) -> torch.Tensor:
+    """call_seed with the call index as a 0-d int64 tensor, by tensor ops on its device (eager only: inductor's
+    integer range analysis miscompiled such chains in torch 2.13, so compiled code calls the ops below instead)."""
+    return srl(mix64(call + i64(((SR_SEED + layer_idx) << 32) + _PHI64)), 1)
 
 
 def stream_key(seed: int, i: int) -> int:
-    """Key i of Stream(seed) in Python integers (the reference the tensor version is tested against)."""
+    """Key i of the stream seeded by `seed`, in Python integers: the top 31 bits of mix64(seed + (i + 1)·φ)."""
     z = (seed + (i + 1) * _PHI64) & _M64
     z = ((z ^ (z >> 30)) * _MIX1) & _M64
     z = ((z ^ (z >> 27)) * _MIX2) & _M64
     return (z ^ (z >> 31)) >> 33
+
+
+def _key_t(seed: torch.Tensor, i: int) -> torch.Tensor:
+    """stream_key by int64 tensor ops (eager)."""
+    return srl(mix64(seed + i64((i + 1) * _PHI64)), 33)
+
+
+class Stream:
+    """Random keys drawn in order, key i = stream_key(seed, i) from i = `first` on. The seed is an int or a 0-d
+    int64 tensor, or, for a layer call, derived: call_seed(layer, call) with `call` a 0-d int64 tensor (the
+    layer's counter when the call began), then, for each index j in `path`, stream_key(seed, j) (child streams).
+    A call's forward draws from index 0, its backward from BACKWARD_FIRST. Pass it where a torch.Generator is
+    taken. Eager CPU code derives keys in Python integers; eager GPU code by tensor ops (no host sync); compiled
+    code passes (call, layer, path) to opaque ops that derive them (no integer arithmetic in generated code)."""
+
+    def __init__(self, seed: int | torch.Tensor | None = None, first: int = 0, *, layer: int = 0,
+                 call: torch.Tensor | None = None, path: tuple[int, ...] = ()):
+        self.drawn, self.layer, self.call, self.path = first, layer, call, tuple(path)
+        self._seed, self._seed_int = (None, seed) if isinstance(seed, int) else (seed, None)
+
+    @property
+    def device(self) -> torch.device:
+        t = self.call if self.call is not None else self._seed
+        return torch.device("cpu") if t is None else t.device
+
+    def seed_int(self) -> int:
+        """The seed in Python integers (reads the call counter: a host sync on GPUs)."""
+        if self._seed_int is None:
+            if self.call is None:
+                self._seed_int = int(self._seed)
+            else:
+                s = call_seed(self.layer, int(self.call))
+                for j in self.path:
+                    s = stream_key(s, j)
+                self._seed_int = s
+        return self._seed_int
+
+    def seed_tensor(self) -> torch.Tensor:
+        """The seed as a 0-d int64 tensor on the stream's device, by tensor ops (eager)."""
+        if self._seed is None:
+            if self.call is None:
+                self._seed = torch.tensor(self._seed_int, dtype=torch.int64)
+            else:
+                s = call_seed_t(self.layer, self.call)
+                for j in self.path:
+                    s = _key_t(s, j)
+                self._seed = s
+        return self._seed
+
+    def child(self) -> Stream:
+        """The stream of one quantizer call, seeded by this stream's next key: the parent advances by one key per
+        call however many the call draws (one per chunk of rows), so a compiled call can run as one opaque op."""
+        i = self.drawn
+        self.drawn += 1
+        if self.call is not None:  # derived lazily, where it is used
+            return Stream(layer=self.layer, call=self.call, path=self.path + (i,))
+        if self.device.type == "cpu" and not torch.compiler.is_compiling():
+            return Stream(stream_key(self.seed_int(), i))
+        return Stream(_key_t(self.seed_tensor(), i))
+
+    def next_key(self) -> torch.Tensor:
+        """0-d int64 in [0, 2^31) by tensor ops; advances the stream."""
+        self.drawn += 1
+        return _key_t(self.seed_tensor(), self.drawn - 1)
+
+    def next_key_int(self) -> int:
+        """next_key in Python integers (a dozen tensor ops cost ~50 µs on a CPU)."""
+        self.drawn += 1
+        return stream_key(self.seed_int(), self.drawn - 1)
 
 
 def draw_key(generator: torch.Generator | Stream | None = None) -> int:
@@ -134,7 +190,11 @@ def draw_key(generator: torch.Generator | Stream | None = None) -> int:
 def uniform(n: int, device: torch.device, generator: torch.Generator | Stream | None = None) -> torch.Tensor:
     """fp32 [n] uniform in [0, 1) (see the module docstring); `generator` as torch.rand takes it, or a Stream."""
     if isinstance(generator, Stream):
-        if device.type != "cpu" or torch.compiler.is_compiling():  # tensor ops: no host sync, traceable
+        if generator.call is not None and torch.compiler.is_compiling():  # one opaque op: the key derived inside
+            generator.drawn += 1
+            path = [*generator.path, generator.drawn - 1]
+            return torch.ops.lowbit.stream_uniform(generator.call, generator.layer, path, n).to(device)
+        if device.type != "cpu" or torch.compiler.is_compiling():  # tensor ops: no host sync
             key = generator.next_key().to(device=device, dtype=torch.int32)
             return hash_uniform(torch.arange(n, dtype=torch.int32, device=device), key)
         key = generator.next_key_int()
@@ -170,3 +230,17 @@ def random_bits16(n: int, device: torch.device, generator: torch.Generator | Str
     if isinstance(generator, Stream):
         return (uniform(n, device, generator) * 65536.0).to(torch.int32)
     return torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=device, generator=generator)
+
+
+@torch.library.custom_op("lowbit::stream_uniform", mutates_args=())
+def _stream_uniform(call: torch.Tensor, layer: int, path: list[int], n: int) -> torch.Tensor:
+    """uniform(n) under key path[-1] of a layer call's stream (path[:-1] its ancestry), on call's device: what
+    compiled code calls, so the key is derived in Python or eager tensor ops, not in generated code."""
+    s = Stream(layer=layer, call=call, path=tuple(path))
+    key = s.seed_int() if call.device.type == "cpu" else s.seed_tensor().to(torch.int32)
+    return hash_uniform(torch.arange(n, dtype=torch.int32, device=call.device), key)
+
+
+@_stream_uniform.register_fake
+def _(call, layer, path, n):
+    return call.new_empty((n,), dtype=torch.float32)

@@ -107,7 +107,7 @@ class QLinearFunction(torch.autograd.Function):
         low = cdtype in (torch.bfloat16, torch.float16)
         gemm_dtype = torch.float32 if spec.exact_gemm and low else cdtype
         x, w = x2.to(cdtype).to(gemm_dtype), weight.to(cdtype).to(gemm_dtype)
-        (gen, _), observer = state.streams(state.call_seed), state.observer
+        (gen, _), observer = state.streams(state.call_index), state.observer
         xc, res, lo, hi = _occ(x, spec, observer)
         xq, _ = quantize_operand(xc, spec, "input", state, gen)
         if spec.weight_in_axis:  # once along N (per input channel); dX reuses it
@@ -122,7 +122,7 @@ class QLinearFunction(torch.autograd.Function):
             if observer is not None:
                 observer.record("fprop", "input", {"occ_residual_share": comp.float().norm() /
                                                    y.float().norm().clamp_min(1e-30)})
-        ctx.spec, ctx.state, ctx.seed, ctx.w_amax, ctx.x_dtype = spec, state, state.call_seed, w_amax, x2.dtype
+        ctx.spec, ctx.state, ctx.call, ctx.w_amax, ctx.x_dtype = spec, state, state.call_index, w_amax, x2.dtype
         ctx.cdtype, ctx.gemm_dtype = cdtype, gemm_dtype
         ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
         keep_x = not spec.reuse_xq or ctx.occ or spec.wgrad_hp  # to requantize along tokens, rebuild ΔX, or dW
@@ -134,7 +134,7 @@ class QLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, xq_saved, wq_saved, lo, hi = ctx.saved_tensors
         spec, state, gemm_dtype = ctx.spec, ctx.state, ctx.gemm_dtype
-        gen = state.streams(ctx.seed)[1]
+        gen = state.streams(ctx.call)[1]
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):

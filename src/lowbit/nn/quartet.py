@@ -69,8 +69,8 @@ class QuartetFunction(torch.autograd.Function):
         xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state.observer, "input")
         wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state.observer, "weight")
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
-        ctx.spec, ctx.state, ctx.observer, ctx.seed, ctx.cdtype, ctx.x_dtype = spec, state, state.observer, \
-            state.call_seed, cdtype, x2.dtype
+        ctx.spec, ctx.state, ctx.observer, ctx.call, ctx.cdtype, ctx.x_dtype = spec, state, state.observer, \
+            state.call_index, cdtype, x2.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(xq, wq, mx, mw, weight)
         return y
@@ -79,7 +79,7 @@ class QuartetFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xq, wq, mx, mw, weight = ctx.saved_tensors
         spec, obs, cdtype = ctx.spec, ctx.observer, ctx.cdtype
-        gen = ctx.state.streams(ctx.seed)[1]  # the backward's part of this call's stream
+        gen = ctx.state.streams(ctx.call)[1]  # the backward's part of this call's stream
         n = spec.rotation_size
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None

@@ -27,29 +27,9 @@ from torch import nn
 from lowbit.nn.hadamard import hadamard_matrix, random_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
-from lowbit.rng import BACKWARD_FIRST, Stream, i64, mix64, srl
+from lowbit.rng import BACKWARD_FIRST, SR_SEED, Stream, call_seed, call_seed_t  # noqa: F401 (re-exported)
 
-SR_SEED = 0x5EED_0001   # stochastic-rounding streams of layer i, call n: seeded from (SR_SEED + i, n)
 RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: RHT_SEED + i
-_M64 = (1 << 64) - 1
-
-
-def call_seed(layer_idx: int, call: int) -> int:
-    """The seed of call `call`'s random stream in layer `layer_idx`: SplitMix64's finalizer of
-    (SR_SEED + layer) · 2^32 + call (mod 2^64), so every bit depends on both (a plain sum would give every layer the
-    same stream), in [0, 2^63). The Python-integer reference of call_seed_t."""
-    z = (((SR_SEED + layer_idx) << 32) + call + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) >> 1
-
-
-def call_seed_t(layer_idx: int, call: torch.Tensor) -> torch.Tensor:
-    """call_seed with the call index as a 0-d int64 tensor (the layer's counter buffer): int64 tensor ops on its
-    device, so a compiled step computes it inside the graph. (The call is not masked to 32 bits: with the mask,
-    inductor's integer range analysis miscompiled the sum in torch 2.13.)"""
-    base = i64(((SR_SEED + layer_idx) << 32) + 0x9E3779B97F4A7C15)
-    return srl(mix64(call + base), 1)
 
 
 class LayerQuantState(nn.Module):
@@ -63,7 +43,7 @@ class LayerQuantState(nn.Module):
         self.collect = False
         self.stats = LayerStats()
         self.random = spec.scheme == "quartet" or any(q.rounding == "stochastic" for q in spec.quantizers().values())
-        self.call_seed: torch.Tensor | None = None  # this call's stream seed (lowbit.rng.Stream), 0-d int64
+        self.call_index: torch.Tensor | None = None  # this call's index (its random stream's), 0-d int64
         # calls so far (seeds each call's stream): a buffer, so compiled steps count inside the graph
         self.register_buffer("sr_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.delayed = [op for op in spec.quantizers()] if spec.delayed else []
@@ -100,15 +80,14 @@ class LayerQuantState(nn.Module):
         """Before a call: give it its own random stream (recipes that draw: stochastic rounding, Quartet), seeded
         from the layer and the call counter by tensor ops (no torch.Generator, no host sync, traceable)."""
         if self.random:
-            if self.sr_calls.device.type == "cpu" and not torch.compiler.is_compiling():  # Python ints: ~10x cheaper
-                self.call_seed = torch.tensor(call_seed(self.layer_idx, int(self.sr_calls)), device=device)
-            else:
-                self.call_seed = call_seed_t(self.layer_idx, self.sr_calls).to(device)
+            self.call_index = self.sr_calls.clone()
             self.sr_calls.add_(1)
 
-    def streams(self, seed: torch.Tensor | None) -> tuple[Stream | None, Stream | None]:
-        """(forward, backward) random streams of the call whose seed begin_call set (None, None: draws nothing)."""
-        return (None, None) if seed is None else (Stream(seed), Stream(seed, BACKWARD_FIRST))
+    def streams(self, call: torch.Tensor | None) -> tuple[Stream | None, Stream | None]:
+        """(forward, backward) random streams of the call whose index begin_call set (None, None: draws nothing)."""
+        if call is None:
+            return None, None
+        return Stream(layer=self.layer_idx, call=call), Stream(first=BACKWARD_FIRST, layer=self.layer_idx, call=call)
 
     def commit(self) -> None:
         """Push every observed finite amax into its history (newest first) and clear the slots. A non-finite
