@@ -13,7 +13,7 @@
 #   OUT=/tmp/g PY=python bash bench/gpu.sh
 source "$(dirname "$0")/gpu_common.sh"
 section 120 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or hardware" \
-    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_train.py tests/test_quant.py tests/test_formats.py
+    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_train.py tests/test_quant.py tests/test_formats.py tests/test_rng.py
 tail -n 4 "$OUT/tests.txt"
 section 40 kernels.md $PY bench/gpu_kernels.py --size 8192 --repeats 20
 HW=fp8-tensor@hardware,fp8-rowwise@hardware,fp8-rowwise-gw-hp@hardware,fp8-block@hardware

@@ -7,7 +7,7 @@
 # PYTHONPATH=src, tables to $OUT).
 source "$(dirname "$0")/gpu_common.sh"
 section 80 tests.txt $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu or device" \
-    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py
+    tests/test_kernels.py tests/test_hardware_gemm.py tests/test_quant.py tests/test_train.py tests/test_rng.py
 tail -n 3 "$OUT/tests.txt"
 section 20 gemm.md $PY bench/gpu_gemm.py --size 8192
 section 40 qlinear.md $PY bench/qlinear.py --device cuda --widths 8192 --tokens 8192 --repeats 10 \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lowbit import rng
@@ -123,3 +124,15 @@ def test_layer_streams_derive_their_seeds_alike_on_every_path():
     op = torch.ops.lowbit.stream_uniform(call, layer, [3, 0], 100)
     assert torch.equal(eager, op)
     assert torch.equal(op, rng.hash_uniform(torch.arange(100, dtype=torch.int32), want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
+def test_cuda_stream_draws_the_cpu_numbers():
+    # A layer call's stream on a GPU (tensor ops, no host sync) gives the numbers the CPU gives (Python integers):
+    # stochastic rounding no longer depends on the device. Bug caught: torch.rand's Philox on CUDA again.
+    for dev in ("cpu", "cuda"):
+        s = rng.Stream(layer=2, call=torch.tensor(9, device=dev), path=(1,))
+        got = [rng.uniform(4096, torch.device(dev), s).cpu().clone() for _ in range(2)]
+        if dev == "cpu":
+            want = got
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
