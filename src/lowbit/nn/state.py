@@ -7,9 +7,9 @@ It holds what a recipe needs to remember between calls and what the layer report
   * the statistics observer (lowbit.nn.stats.LayerStats) and whether the next calls report to it.
 
 The autograd Function never changes this state: it reads the histories and the rotation, draws from the
-streams of the seed `begin_call` made for its call (lowbit.rng.Stream, from the layer and the call's index; the
-forward and the backward draw from two parts of it), and reports what it observed: the amax of each operand it quantized into `observed_amax` (one
-slot per operand) and statistics to the observer. The layer commits the observed amaxes into the histories
+random streams of the call index `begin_call` took (lowbit.rng.Stream: the layer and that index; the forward and
+the backward draw from two parts of it), and reports what it observed: the amax of each operand it quantized
+into `observed_amax` (one slot per operand) and statistics to the observer. The layer commits the observed amaxes into the histories
 after the call (`commit`; the backward's grad_output amax after the next call, or when the state is saved). So a
 compiled call that fails before running changes nothing, and the counter, not a generator's hidden position,
 is what a checkpoint keeps. It is an nn.Module child of the layer so its tensors follow `.to(device)`; its
@@ -27,7 +27,7 @@ from torch import nn
 from lowbit.nn.hadamard import hadamard_matrix, random_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
-from lowbit.rng import BACKWARD_FIRST, SR_SEED, Stream, call_seed, call_seed_t  # noqa: F401 (re-exported)
+from lowbit.rng import BACKWARD_FIRST, Stream, call_seed, call_seed_t  # noqa: F401 (call_seed*: re-exported)
 
 RHT_SEED = 0x5EED_1000  # Hadamard signs of layer i: RHT_SEED + i
 
