@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU re-check that fits one 15-minute lease (under 9.5 minutes on one H200): the CUDA tests (Triton
 # quantizers bit for bit, FP8 GeMMs incl. fp8-block, CPU == GPU eager scales), the FP8 GeMM alone vs bf16 (bench/gpu_gemm.py), one layer at width 8192, steps
-# compiled with CUDA graphs (gpt2-small: bf16, the hardware FP8 path, two Triton-quantized recipes; llama-400m:
+# compiled with CUDA graphs (gpt2-small: bf16, the hardware FP8 path, fp4-direct, nvfp4 with its stochastic
+# rounding now in the graph; llama-400m:
 # bf16 and hardware FP8), and where an eager step's time goes (bench/gpu_profile.py). The most wanted tables run
 # first, so a cut leaves the rest; bench/gpu.sh is the full run. Same conventions as bench/gpu.sh (python3,
 # PYTHONPATH=src, tables to $OUT).
@@ -14,7 +15,7 @@ section 40 qlinear.md $PY bench/qlinear.py --device cuda --widths 8192 --tokens 
     --bf16-max-width 8192 \
     --recipes bf16,fp8-tensor,fp8-block,fp4-direct,mxfp8,nvfp4,fp8-tensor@hardware,fp8-rowwise@hardware,fp8-block@hardware
 section 170 compile.md $PY bench/compile.py --models gpt2-small --device cuda --window 3 --windows 2 \
-    --recipes bf16,fp8-tensor@hardware,fp4-direct,mxfp8 --mode reduce-overhead
+    --recipes bf16,fp8-tensor@hardware,fp4-direct,nvfp4 --mode reduce-overhead
 grep -E "^ *gpt2" "$OUT/compile.md"
 section 220 compile_llama.md $PY bench/compile.py --models llama-400m --device cuda --window 3 --windows 1 \
     --recipes bf16,fp8-tensor@hardware --mode reduce-overhead
