@@ -220,10 +220,10 @@ def test_four_over_six_error_sums_are_pairwise():
     # tree both can follow; torch's own sum order is its implementation's). Hand-computed: with 1 and three
     # 2^-24, left to right gives 1 (each 1 + 2^-24 ties to even), pairwise 1 + 2^-23. Bug caught: the eager
     # reference back on torch's .sum (the CPU kernel would then pick differently on near-ties).
-    from lowbit.quant import _tree_sum
+    from lowbit.groups import tree_sum
     t = torch.tensor([[[1.0, 2.0 ** -24, 2.0 ** -24, 2.0 ** -24]]])
-    assert _tree_sum(t, 2).item() == 1.0 + 2.0 ** -23
+    assert tree_sum(t, 2).item() == 1.0 + 2.0 ** -23
     blocks = t.view(1, 4, 1)  # over rows (a square block's rows): the same tree
-    assert _tree_sum(blocks, 1).item() == 1.0 + 2.0 ** -23 and _tree_sum(blocks, 1).shape == (1, 1, 1)
+    assert tree_sum(blocks, 1).item() == 1.0 + 2.0 ** -23 and tree_sum(blocks, 1).shape == (1, 1, 1)
     odd = torch.ones(1, 1, 3)  # not a power of two: torch's sum
-    assert _tree_sum(odd, 2).item() == 3.0
+    assert tree_sum(odd, 2).item() == 3.0

@@ -67,3 +67,16 @@ def rows_scales(scales, x3, q):
         R, G, _ = x3.shape
         return scales.reshape(-1, 1, G, 1).expand(-1, q.block, G, 1).reshape(R, G, 1)
     return scales.reshape(x3.shape[0], x3.shape[1], 1)
+
+
+def tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t summed over `dim` (kept, size 1) pairwise, (t0 + t1), (t2 + t3), ..., then pairs of those: an order the
+    CPU kernel (kernels/fos.c) repeats, so the two pick the same candidate bit for bit; a size that is not a
+    power of two (one group per tensor) takes torch's sum, whose order is its own."""
+    n = t.shape[dim]
+    if n & (n - 1):
+        return t.sum(dim, keepdim=True)
+    while t.shape[dim] > 1:
+        pairs = t.unflatten(dim, (-1, 2))
+        t = pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+    return t

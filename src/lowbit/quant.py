@@ -44,7 +44,7 @@ from lowbit import kernels
 from lowbit.buffers import scratch
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
-from lowbit.groups import as3d, group_scales, rows_scales, scale_shape
+from lowbit.groups import as3d, group_scales, rows_scales, scale_shape, tree_sum
 from lowbit.quant_op import register_quantize_op
 from lowbit.rng import Stream
 from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
@@ -167,19 +167,6 @@ def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tenso
             out3[i:j].copy_(a)
 
 
-def _tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t summed over `dim` (kept, size 1) pairwise, (t0 + t1), (t2 + t3), ..., then pairs of those: an order the
-    CPU kernel (kernels/fos.c) repeats, so the two pick the same candidate bit for bit; a size that is not a
-    power of two (one group per tensor) takes torch's sum, whose order is its own."""
-    n = t.shape[dim]
-    if n & (n - 1):
-        return t.sum(dim, keepdim=True)
-    while t.shape[dim] > 1:
-        pairs = t.unflatten(dim, (-1, 2))
-        t = pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
-    return t
-
-
 def _four_over_six(x3, q, fmt, generator, out3, dequant):
     """NVFP4 with "4 over 6" (whole tensor, not chunked): per group, the candidate (block max to 6, or
     to 4 via the block scale ×1.5) with the smaller squared error. Returns the chosen scales [R, G, 1]."""
@@ -192,10 +179,10 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
     for mult in (1.0, 1.5):
         s, _ = scale_from_amax(amax * mult, q, fmt, t, block_max=E4M3_MAX_4OVER6)
         v = round_to_grid_(x / s, fmt, torch.empty_like(x), q.rounding, generator)
-        e = _tree_sum((v * s - x).square_(), 2)
+        e = tree_sum((v * s - x).square_(), 2)
         if q.granularity == "block":  # the error of the whole square block
             R, G, _ = e.shape
-            e = _tree_sum(e.view(R // q.block, q.block, G), 1).expand(-1, q.block, -1).reshape(R, G, 1)
+            e = tree_sum(e.view(R // q.block, q.block, G), 1).expand(-1, q.block, -1).reshape(R, G, 1)
         if best is None:
             best, err, s_best = v, e, s
         else:  # ties keep "max to 6"

@@ -15,9 +15,8 @@ multiplier), round-to-nearest-even and stochastic rounding (the same counter-has
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
 per token with its CSR residual, DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
 tiles and square blocks of 2..64 (a power of two; fos.c). Not covered (eager): QuEST's σ scales, "4 over 6" per
-row or tensor, the Hadamard rotations, on GPUs everything but round-to-nearest fake-quantize with one
-scale per tensor or fp32/E8M0-floor scales per row or tile (lowbit.kernels.triton_quant), and anything traced by
-torch.compile.
+row or tensor, the Hadamard rotations; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
+docs/gpu.md lists. Under torch.compile the opaque op lowbit::quantize calls them.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, nvfp4_tensor_scale
+from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -212,23 +211,8 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
 def run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True,
                 codes: bool = False):
     """(fake-quantized x, or its rounded fp32 values without dequant, or their FP8 codes (uint8) with codes;
-    the decode scales) from the fused Triton kernels, for x contiguous on a GPU."""
-    tq = _triton()
-    if q.granularity == "tensor":  # the absmax here (no host sync), the scale inside the kernel
-        if amax is None:  # max |x| from one pass (aminmax), NaN propagating
-            lo, hi = torch.aminmax(x)
-            a = torch.maximum(hi, -lo).float()
-        else:
-            a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
-        out, s = tq.quantize_tensor(x, a, q, fmt, saturate, dequant, codes)
-        return out.view(x.shape), s
-    st = None
-    if q.scale_fmt == "e4m3":  # NVFP4: the tensor scale first, as lowbit.scales computes it
-        lo, hi = torch.aminmax(x)
-        t, st = nvfp4_tensor_scale(None, torch.maximum(hi, -lo).float(), fmt, E4M3_MAX)
-        st = torch.where(t < math.inf, st, math.nan)
-    out, scales = tq.fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes, st)
-    return out.view(x.shape), scales.view(scale_shape(x.shape, q))
+    the decode scales) from the fused Triton kernels, for x contiguous on a GPU (triton_quant.quantize)."""
+    return _triton().quantize(x, q, fmt, amax, saturate, dequant, codes)
 
 
 def contiguous_2d(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
  * Per group of B elements (a 1xB tile, or a BxB block: brows = B rows of the same columns) two candidates are
  * rounded: the group absmax mapped to 6 (the scale rule on amax) and to 4 (the rule on amax * 1.5), both with
  * NVFP4's E4M3 block scales capped at 256 (p->block_max); each candidate's squared error is summed in the
- * eager code's order (a pairwise tree over the B elements, then, for blocks, over the brows rows: quant._tree_sum)
+ * eager code's order (a pairwise tree over the B elements, then, for blocks, over the brows rows: groups.tree_sum)
  * and the smaller error wins, ties keeping "to 6". Stochastic rounding draws one key per candidate (keys[0],
  * keys[1]), the element's rng index being its flat position in the tensor, as two rng.uniform calls over the
  * whole tensor. B and brows: powers of two, B <= 64. Same fp32 operations as the eager code, in its order.

@@ -10,11 +10,15 @@ tops). Tested on CPU tensors under TRITON_INTERPRET=1 (tests/test_kernels.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.formats import Format
+from lowbit.groups import as3d, scale_shape
+from lowbit.scales import E4M3_MAX, nvfp4_tensor_scale
 from lowbit.tensor_quant import TensorQuant
 
 # Launch options of every kernel here: no FMA contraction. With Triton's default (fusion on) x·e + c compiles to
@@ -273,6 +277,28 @@ def fake_quantize_groups(x3: torch.Tensor, q: TensorQuant, fmt: Format, dequant:
         k=1.5 * 2.0 ** (23 - fmt.mbits), c_emax=2.0 ** -fmt.emax, RULE=rule, BF16=x3.dtype == torch.bfloat16,
         SAT=saturate, DEQUANT=dequant, OUT=_out_kind(out, fmt), **OPTIONS)
     return out, scales
+
+
+def quantize(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool, dequant: bool = True,
+                codes: bool = False):
+    """(fake-quantized x, or its rounded fp32 values without dequant, or their FP8 codes (uint8) with codes;
+    the decode scales) from the fused kernels here, for x contiguous on a GPU: the per-tensor absmax (or NVFP4's
+    tensor scale) by torch ops without a host sync, the rest in one kernel."""
+    if q.granularity == "tensor":  # the absmax here (no host sync), the scale inside the kernel
+        if amax is None:  # max |x| from one pass (aminmax), NaN propagating
+            lo, hi = torch.aminmax(x)
+            a = torch.maximum(hi, -lo).float()
+        else:
+            a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(()).abs()
+        out, s = quantize_tensor(x, a, q, fmt, saturate, dequant, codes)
+        return out.view(x.shape), s
+    st = None
+    if q.scale_fmt == "e4m3":  # NVFP4: the tensor scale first, as lowbit.scales computes it
+        lo, hi = torch.aminmax(x)
+        t, st = nvfp4_tensor_scale(None, torch.maximum(hi, -lo).float(), fmt, E4M3_MAX)
+        st = torch.where(t < math.inf, st, math.nan)
+    out, scales = fake_quantize_groups(as3d(x, q), q, fmt, dequant, codes, st)
+    return out.view(x.shape), scales.view(scale_shape(x.shape, q))
 
 
 @triton.jit

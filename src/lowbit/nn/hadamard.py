@@ -16,6 +16,11 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return h
 
 
+def normalized_hadamard(n: int) -> torch.Tensor:
+    """H/√n, fp32 [n, n] (orthogonal, symmetric): Quartet's forward rotation."""
+    return hadamard_matrix(n) / math.sqrt(n)
+
+
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
     """R = diag(s)·H/√n with random signs s (from `seed`): an orthogonal fp32 [n, n] matrix."""
     g = torch.Generator().manual_seed(seed)

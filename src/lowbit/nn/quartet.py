@@ -18,24 +18,17 @@ high-precision copy of X is kept. The token dim M is zero-padded to a multiple o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from lowbit import cpu_bf16
 from lowbit.formats import get_format
-from lowbit.nn.hadamard import hadamard_matrix, rotate
+from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
 from lowbit.quant import divide_by_scales
 from lowbit.rng import random_signs
-
-
-def forward_rotation(n: int, device) -> torch.Tensor:
-    """H/√n, fp32 [n, n] (orthogonal, symmetric)."""
-    return (hadamard_matrix(n) / math.sqrt(n)).to(device)
 
 
 def _quantize_fwd(t, q, observer, op: str):
@@ -64,8 +57,7 @@ class QuartetFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
-        n = spec.rotation_size
-        H = state.quartet_rotation  # forward_rotation(n), kept by the layer
+        H = state.quartet_rotation  # H/√n (hadamard.normalized_hadamard), kept by the layer
         xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state.observer, "input")
         wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state.observer, "weight")
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))

@@ -19,12 +19,11 @@ buffers are non-persistent (the layer's state_dict stays nn.Linear's) and `quant
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
 
-from lowbit.nn.hadamard import hadamard_matrix, random_hadamard
+from lowbit.nn.hadamard import normalized_hadamard, random_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
 from lowbit.rng import BACKWARD_FIRST, Stream, call_seed, call_seed_t  # noqa: F401 (call_seed*: re-exported)
@@ -56,8 +55,7 @@ class LayerQuantState(nn.Module):
             R = random_hadamard(spec.hadamard_size, RHT_SEED + self.layer_idx)
             self.register_buffer("hadamard_rotation", R.to(device), persistent=False)
         if spec.rotation_size:  # Quartet's H/√n, fp32 [n, n]: a buffer, so a compiled step does not rebuild it
-            n = spec.rotation_size
-            self.register_buffer("quartet_rotation", (hadamard_matrix(n) / math.sqrt(n)).to(device),
+            self.register_buffer("quartet_rotation", normalized_hadamard(spec.rotation_size).to(device),
                                  persistent=False)
 
     @property
