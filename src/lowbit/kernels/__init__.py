@@ -14,8 +14,8 @@ absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-le
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
 per token with its CSR residual, DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
-tiles and square blocks of 2..64 (a power of two; fos.c). Not covered (eager): QuEST's σ scales, "4 over 6" per
-row or tensor, the Hadamard rotations; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
+tiles and square blocks of 2..64 (a power of two; fos.c), the Hadamard rotations (rotate.c, rotation.py). Not
+covered (eager): QuEST's σ scales, "4 over 6" per row or tensor; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
 docs/gpu.md lists. Under torch.compile the opaque op lowbit::quantize calls them.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SCALE_FMTS = {"fp32": 0, "e8m0": 1, "e4m3": 2}
 
 
@@ -46,7 +46,8 @@ def mode() -> str:
     return m
 
 
-def _lib():
+def cpu_library():
+    """The compiled CPU kernel library under LOWBIT_KERNELS (None: eager; RuntimeError for "cpu" without it)."""
     from lowbit.kernels import cpu
     m = mode()
     if m == "eager":
@@ -121,7 +122,7 @@ def which(device_type: str = "cpu") -> str:
     if device_type == "cuda":  # "eager" too where the first-use self-check turned Triton off
         off = any(why for dev, why in _GPU_CHECKED.items() if dev.startswith("cuda"))
         return "triton" if _triton() is not None and not off else "eager"
-    return "cpu" if device_type == "cpu" and _lib() is not None else "eager"
+    return "cpu" if device_type == "cpu" and cpu_library() is not None else "eager"
 
 
 def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) -> bool:
@@ -132,8 +133,8 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
     if x.device.type == "cuda":
         tq = _triton()
         return tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and q.scale_rule == "absmax" and _fos_ok(q, amax)
-            and not _EAGER_ONLY and _lib() is not None and (amax is None or q.granularity == "tensor"))
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and q.scale_rule == "absmax" and _fos_ok(q, amax)
+            and not _EAGER_ONLY and cpu_library() is not None and (amax is None or q.granularity == "tensor"))
 
 
 def _fos_ok(q: TensorQuant, amax) -> bool:
@@ -162,7 +163,7 @@ def run_scaled(x3: torch.Tensor, s3: torch.Tensor, e3, fmt: Format, saturate: bo
 
 def absmax(x: torch.Tensor) -> torch.Tensor:
     """max |x| of a contiguous CPU tensor as a 0-d fp32 tensor (NaN if x holds NaN), in one pass."""
-    v = _lib().lb_absmax(x.data_ptr(), x.numel(), _DTYPES[x.dtype], torch.get_num_threads())
+    v = cpu_library().lb_absmax(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], torch.get_num_threads())
     return torch.tensor(v, dtype=torch.float32)
 
 
@@ -181,7 +182,7 @@ def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, n
                tensor_amax=math.nan if tensor_amax is None else float(tensor_amax),
                block_max=E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX,
                keys=keys, chunk_rows=chunk_rows, nthreads=torch.get_num_threads(),
-               in_dtype=_DTYPES[x.dtype], out_dtype=_DTYPES[out.dtype])
+               in_dtype=DTYPE_CODES[x.dtype], out_dtype=DTYPE_CODES[out.dtype])
     return p, keys  # keys must outlive the call
 
 
@@ -255,7 +256,7 @@ def _run_cols(x, q, fmt, generator, dequant, saturate, odt):
     t = absmax(b) if q.scale_fmt == "e4m3" else None
     p, _keys = _params(q, fmt, b, out, saturate, dequant, generator, -(-N // chunk_rows), chunk_rows, t)
     scales = torch.empty((M // L, N // bw), dtype=torch.float32)
-    _check(_lib().lb_quant_cols(b.data_ptr(), out.data_ptr(), M, N, L, bw, ctypes.byref(p), scales.data_ptr()))
+    _check(cpu_library().lb_quant_cols(b.data_ptr(), out.data_ptr(), M, N, L, bw, ctypes.byref(p), scales.data_ptr()))
     scales = scales.t().contiguous()  # [N / bw, M / L]: per row (block row) of x
     if q.granularity == "block":
         return out.t(), scales.view(N // bw, 1, M // L, 1)
@@ -266,7 +267,7 @@ def _tensor_scale(xc: torch.Tensor, q: TensorQuant, fmt: Format, amax) -> tuple[
     """(decode scale, encode factor or None) of contiguous CPU xc under one scale per tensor, from its absmax or
     the given (delayed) amax: scales.scale_from_amax, computed in C (one call instead of a dozen 0-d torch ops)."""
     if amax is None:
-        a = _lib().lb_absmax(xc.data_ptr(), xc.numel(), _DTYPES[xc.dtype], torch.get_num_threads())
+        a = cpu_library().lb_absmax(xc.data_ptr(), xc.numel(), DTYPE_CODES[xc.dtype], torch.get_num_threads())
     else:
         t = torch.as_tensor(amax, dtype=torch.float32)
         if t.numel() != 1:
@@ -274,7 +275,7 @@ def _tensor_scale(xc: torch.Tensor, q: TensorQuant, fmt: Format, amax) -> tuple[
         a = float(t.reshape(()).abs())
     p, _keys = _params(q, fmt, xc, xc, False, False, None, 0, 1, tensor_amax=a)  # no random keys drawn
     s, e = ctypes.c_float(), ctypes.c_float()
-    _lib().lb_scale_one(a, ctypes.byref(p), ctypes.byref(s), ctypes.byref(e))
+    cpu_library().lb_scale_one(a, ctypes.byref(p), ctypes.byref(s), ctypes.byref(e))
     return s.value, (e.value if q.reciprocal else None)
 
 
@@ -289,7 +290,7 @@ def quantize_scalar(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, e: torc
     chunk: elements per random-key chunk (the eager kernel's chunk)."""
     n = x.numel()
     p, _keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
-    _lib().lb_quant_scalar(x.data_ptr(), out.data_ptr(), n, float(s), 1.0 if e is None else float(e),
+    cpu_library().lb_quant_scalar(x.data_ptr(), out.data_ptr(), n, float(s), 1.0 if e is None else float(e),
                            int(e is not None), ctypes.byref(p))
 
 
@@ -303,10 +304,10 @@ def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Fo
     scales = torch.empty((R // brows, G), dtype=torch.float32)
     if q.four_over_six:  # two candidates, one key each over the whole tensor (quant._four_over_six's draws)
         p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, 2, R, t)
-        _check(_lib().lb_quant_fos(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr()))
+        _check(cpu_library().lb_quant_fos(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p), scales.data_ptr()))
         return scales
     p, _keys = _params(q, fmt, x3, out, saturate, dequant, generator, -(-R // chunk_rows), chunk_rows, t)
-    _check(_lib().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p),
+    _check(cpu_library().lb_quant_groups(x3.data_ptr(), out.data_ptr(), R, G, B, brows, ctypes.byref(p),
                                   scales.data_ptr()))
     return scales
 
@@ -316,8 +317,8 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
     strides) in one pass, scales in absmax_scale's shape for t (granularity tensor, row or tile); None where
     the kernel does not apply. Returns 0-d fp32 tensors; their sums differ from the eager ones only by
     summation order (double accumulation here)."""
-    if torch.compiler.is_compiling() or (t.device.type != "cpu" or t.dim() != 2 or t.dtype not in _DTYPES
-                                         or tq.dtype not in _DTYPES or q.granularity == "block" or _lib() is None
+    if torch.compiler.is_compiling() or (t.device.type != "cpu" or t.dim() != 2 or t.dtype not in DTYPE_CODES
+                                         or tq.dtype not in DTYPE_CODES or q.granularity == "block" or cpu_library() is None
                                          or not t.numel()):
         return None
     R, C = t.shape
@@ -325,8 +326,8 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
     ss, B = (0, C) if q.granularity == "tensor" else ((1, C) if q.granularity == "row" else (C // q.block, q.block))
     out = (ctypes.c_double * 8)()
     thr = float(torch.tensor(fmax * (1 + 2 ** -20), dtype=torch.float32))  # the eager comparison's fp32 threshold
-    _lib().lb_operand_stats(t.data_ptr(), _DTYPES[t.dtype], t.stride(0), t.stride(1), tq.data_ptr(),
-                            _DTYPES[tq.dtype], tq.stride(0), tq.stride(1), R, C, k, sc.data_ptr(), ss, B, thr,
+    cpu_library().lb_operand_stats(t.data_ptr(), DTYPE_CODES[t.dtype], t.stride(0), t.stride(1), tq.data_ptr(),
+                            DTYPE_CODES[tq.dtype], tq.stride(0), tq.stride(1), R, C, k, sc.data_ptr(), ss, B, thr,
                             torch.get_num_threads(), out)
     n, nonfin, amax, nz, under, t2, e2, sat = list(out)
     norm = math.sqrt(t2)
@@ -342,13 +343,13 @@ def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int):
     one pass (per-row order statistics by quickselect, clamp, residual); None where the kernel does not apply.
     The same values; only the sign of a zero bound or clamped zero may differ (torch's own vectorised and
     scalar maximum disagree there too), which no quantizer sees (zeros quantize to +0)."""
-    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES
-                                         or not x.is_contiguous() or _lib() is None):
+    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in DTYPE_CODES
+                                         or not x.is_contiguous() or cpu_library() is None):
         return None
     M, K = x.shape
     xc, res = torch.empty_like(x), torch.empty_like(x)
     lo, hi = torch.empty((M, 1), dtype=x.dtype), torch.empty((M, 1), dtype=x.dtype)
-    _check(_lib().lb_occ_rows(x.data_ptr(), _DTYPES[x.dtype], M, K, i_lo, i_hi, xc.data_ptr(), res.data_ptr(),
+    _check(cpu_library().lb_occ_rows(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, i_lo, i_hi, xc.data_ptr(), res.data_ptr(),
                               lo.data_ptr(), hi.data_ptr(), torch.get_num_threads()))
     return xc, res, lo, hi
 
@@ -357,16 +358,16 @@ def dense_to_csr(x: torch.Tensor, max_density: float):
     """x [M, K] (contiguous CPU) as an fp32 sparse CSR tensor of its nonzeros (what x.float().to_sparse_csr()
     gives: same pattern, NaN kept, ±0 dropped, int64 indices), or False when more than max_density of it is
     nonzero; None where the kernel does not apply."""
-    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES
-                                         or not x.is_contiguous() or _lib() is None):
+    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in DTYPE_CODES
+                                         or not x.is_contiguous() or cpu_library() is None):
         return None
     M, K = x.shape
     crow = torch.empty(M + 1, dtype=torch.int64)
-    nnz = _lib().lb_csr_count(x.data_ptr(), _DTYPES[x.dtype], M, K, crow.data_ptr(), torch.get_num_threads())
+    nnz = cpu_library().lb_csr_count(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, crow.data_ptr(), torch.get_num_threads())
     if nnz > max_density * x.numel():
         return False
     col, val = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=torch.float32)
-    _lib().lb_csr_fill(x.data_ptr(), _DTYPES[x.dtype], M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
+    cpu_library().lb_csr_fill(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
                        torch.get_num_threads())
     return torch.sparse_csr_tensor(crow, col, val, (M, K))
 
@@ -376,20 +377,20 @@ def dge_apply(dw: torch.Tensor, ws: torch.Tensor, fmt: Format, k: float, clamp: 
     pow on a tensor of ws's layout (so its vectorised and scalar iterations, and their values, are the eager
     code's); None where the kernel does not apply. dw [R, C] contiguous; ws fp32, contiguous or a transposed
     view of a contiguous tensor."""
-    if torch.compiler.is_compiling() or (dw.device.type != "cpu" or dw.dim() != 2 or dw.dtype not in _DTYPES
+    if torch.compiler.is_compiling() or (dw.device.type != "cpu" or dw.dim() != 2 or dw.dtype not in DTYPE_CODES
                                          or not dw.is_contiguous() or ws.dtype != torch.float32
-                                         or ws.shape != dw.shape or _lib() is None):
+                                         or ws.shape != dw.shape or cpu_library() is None):
         return None
     R, C = dw.shape
     if not (ws.is_contiguous() or (ws.t().is_contiguous() and R > 1)):
         return None
     t = torch.empty_strided(ws.shape, ws.stride(), dtype=torch.float32)
-    _lib().lb_dge_arg(ws.data_ptr(), ws.numel(), fmt.min_normal, 2.0 ** -fmt.mbits, t.data_ptr(),
+    cpu_library().lb_dge_arg(ws.data_ptr(), ws.numel(), fmt.min_normal, 2.0 ** -fmt.mbits, t.data_ptr(),
                       torch.get_num_threads())
     tp = t.pow(1.0 / k - 1.0)
     if tp.stride() != ws.stride():
         return None
     out = torch.empty((R, C), dtype=torch.float32)
-    _lib().lb_dge_finish(tp.data_ptr(), ws.data_ptr(), ws.stride(0), ws.stride(1), dw.data_ptr(), _DTYPES[dw.dtype],
+    cpu_library().lb_dge_finish(tp.data_ptr(), ws.data_ptr(), ws.stride(0), ws.stride(1), dw.data_ptr(), DTYPE_CODES[dw.dtype],
                          R, C, k, clamp, fmt.max, out.data_ptr(), torch.get_num_threads())
     return out

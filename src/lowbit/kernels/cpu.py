@@ -1,4 +1,5 @@
-"""Build and load the compiled CPU kernels (quant.c, fos.c, stats.c, occ.c, dge.c) as one C library called through ctypes.
+"""Build and load the compiled CPU kernels (quant.c, fos.c, stats.c, occ.c, dge.c, rotate.c) as one C library
+called through ctypes.
 
 Why this route (measured on a 2-core EPYC): `gcc -O3` of the sources takes about three seconds, where
 `torch.utils.cpp_extension.load` compiles against the torch headers for tens of seconds, and an
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from lowbit._io import cache_root
 
-SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "fos.c", "stats.c", "occ.c", "dge.c")]  # include common.h
+SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "fos.c", "stats.c", "occ.c", "dge.c", "rotate.c")]  # include common.h
 HEADERS = [Path(__file__).with_name("common.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _LOCK = threading.Lock()
@@ -106,6 +107,8 @@ def _load(path: Path):
     lib.lb_dge_finish.restype = None
     lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, i32]
     lib.lb_occ_rows.restype = i32
+    lib.lb_rotate.argtypes = [vp, i32, p64, p64, p64, i32, i32, vp, f32, p64, vp, i32, i32]
+    lib.lb_rotate.restype = i32
     for f in (lib.lb_quant_groups, lib.lb_quant_cols, lib.lb_quant_fos):
         f.argtypes = [vp, vp, p64, p64, p64, p64, P, vp]
         f.restype = i32

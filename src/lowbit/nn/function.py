@@ -187,9 +187,9 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
         return cpu_bf16.mm(dy.t(), xc if res is None else xc + res)
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
-        R = state.hadamard_rotation
-        dyt = rotate(dy.t(), R, pad).to(dy.dtype)
-        xt = rotate(xc.t(), R, pad).to(xc.dtype)
+        H, s = state.hadamard_rotation, state.hadamard_signs
+        dyt = rotate(dy.t(), H, s, pad, dy.dtype)
+        xt = rotate(xc.t(), H, s, pad, xc.dtype)
         gq, _ = quantize_operand(dyt, spec, "grad_output", state, gen, record=False, gemm="wgrad")
         xq, _ = quantize_operand(xt, spec, "input", state, gen, record=False, gemm="wgrad")
         dw = cpu_bf16.mm(gq, xq.t())

@@ -19,7 +19,6 @@ high-precision copy of X is kept. The token dim M is zero-padded to a multiple o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lowbit import cpu_bf16
 from lowbit.formats import get_format
@@ -40,11 +39,12 @@ def _quantize_fwd(t, q, observer, op: str):
     return tq, mask
 
 
-def _quantize_bwd(t, R, spec: LinearSpec, gen, observer, cdtype, gemm: str, op: str):
-    """Q_b(t·R) along the last dim of t [rows, L], in cdtype; gen: this call's random stream."""
+def _quantize_bwd(t, H, signs, spec: LinearSpec, gen, observer, cdtype, gemm: str, op: str, pad: int = 0):
+    """Q_b(t·R) along the last dim of t [rows, L] zero-padded by `pad`, R = diag(signs)·H, in cdtype; gen: this
+    call's random stream."""
     q = spec.grad_output
     gen = gen if q.rounding == "stochastic" else None
-    tr = rotate(t, R).to(cdtype)
+    tr = rotate(t, H, signs, pad, cdtype)
     if observer is None:
         return fake_quantize_2d(tr, q, gen)
     tq, scales = fake_quantize_2d(tr, q, gen, with_scales=True)
@@ -58,8 +58,8 @@ class QuartetFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, spec: LinearSpec, state: LayerQuantState, cdtype):
         H = state.quartet_rotation  # H/√n (hadamard.normalized_hadamard), kept by the layer
-        xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H).to(cdtype), spec.input, state.observer, "input")
-        wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H).to(cdtype), spec.weight, state.observer, "weight")
+        xq, mx = _quantize_fwd(rotate(x2.to(cdtype), H, dtype=cdtype), spec.input, state.observer, "input")
+        wq, mw = _quantize_fwd(rotate(weight.to(cdtype), H, dtype=cdtype), spec.weight, state.observer, "weight")
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype))
         ctx.spec, ctx.state, ctx.observer, ctx.call, ctx.cdtype, ctx.x_dtype = spec, state, state.observer, \
             state.call_index, cdtype, x2.dtype
@@ -78,18 +78,17 @@ class QuartetFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.to(cdtype).contiguous()
             H = ctx.state.quartet_rotation
-            signs = random_signs(n, dy.device, gen)
-            R = signs.to(H.dtype)[:, None] * H
+            s = random_signs(n, dy.device, gen)  # R = diag(s)·H, fresh at every call
             if need_dx:  # along N
-                dxh = cpu_bf16.mm(_quantize_bwd(dy, R, spec, gen, obs, cdtype, "dgrad", "grad_output"),
-                                  _quantize_bwd(wq.t(), R, spec, gen, obs, cdtype, "dgrad", "weight").t())
-                dx = rotate(dxh * mx, H.t()).to(ctx.x_dtype)
+                dxh = cpu_bf16.mm(_quantize_bwd(dy, H, s, spec, gen, obs, cdtype, "dgrad", "grad_output"),
+                                  _quantize_bwd(wq.t(), H, s, spec, gen, obs, cdtype, "dgrad", "weight").t())
+                dx = rotate(dxh * mx, H, dtype=ctx.x_dtype)  # H symmetric: Hᵀ = H
             if need_dw:  # along M, zero-padded to a multiple of n
                 pad = (-dy.shape[0]) % n
-                g = _quantize_bwd(F.pad(dy.t(), (0, pad)), R, spec, gen, obs, cdtype, "wgrad", "grad_output")
-                xt = _quantize_bwd(F.pad(xq.t(), (0, pad)), R, spec, gen, obs, cdtype, "wgrad", "input")
+                g = _quantize_bwd(dy.t(), H, s, spec, gen, obs, cdtype, "wgrad", "grad_output", pad)
+                xt = _quantize_bwd(xq.t(), H, s, spec, gen, obs, cdtype, "wgrad", "input", pad)
                 dwh = cpu_bf16.mm(g, xt.t())
-                dw = rotate(dwh * mw, H.t()).to(weight.dtype)
+                dw = rotate(dwh * mw, H, dtype=weight.dtype)
             if need_db and ctx.bias_dtype is not None:
                 db = dy.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None

@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from lowbit.nn.hadamard import normalized_hadamard, random_hadamard
+from lowbit.nn.hadamard import hadamard_signs, normalized_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
 from lowbit.rng import BACKWARD_FIRST, Stream, call_seed, call_seed_t  # noqa: F401 (call_seed*: re-exported)
@@ -51,9 +51,11 @@ class LayerQuantState(nn.Module):
         if self.delayed:  # what the Function observed, NaN where nothing is waiting to be committed
             self.register_buffer("observed_amax", torch.full((len(OPERANDS),), float("nan"), device=device),
                                  persistent=False)
-        if spec.hadamard_size:
-            R = random_hadamard(spec.hadamard_size, RHT_SEED + self.layer_idx)
-            self.register_buffer("hadamard_rotation", R.to(device), persistent=False)
+        if spec.hadamard_size:  # the RHT's R = diag(s)·H/√n: signs s fp32 [n] and H/√n fp32 [n, n]
+            n = spec.hadamard_size
+            self.register_buffer("hadamard_signs", hadamard_signs(n, RHT_SEED + self.layer_idx).to(device),
+                                 persistent=False)
+            self.register_buffer("hadamard_rotation", normalized_hadamard(n).to(device), persistent=False)
         if spec.rotation_size:  # Quartet's H/√n, fp32 [n, n]: a buffer, so a compiled step does not rebuild it
             self.register_buffer("quartet_rotation", normalized_hadamard(spec.rotation_size).to(device),
                                  persistent=False)
