@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import sylvester
-from test_kernels import bits_equal  # NaN where NaN (torch's own bf16 casts write two NaN patterns), else equal bits
 from lowbit.kernels import cpu
-from lowbit.nn.hadamard import hadamard_signs, normalized_hadamard, rotate, rotate_reference
 from lowbit.kernels.rotation import rotate_physical
+from lowbit.nn.hadamard import hadamard_signs, normalized_hadamard, rotate, rotate_reference
+from test_kernels import bits_equal  # NaN where NaN (torch's own bf16 casts write two NaN patterns), else equal bits
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 needs_kernels = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the CPU kernels cannot build")
@@ -117,10 +117,10 @@ def test_rotate_keeps_a_transposed_view_transposed(mode, monkeypatch):
 def test_gemm_route_matches_up_to_summation_order():
     """The GPU route (one GeMM against diag(s)·H/√n, here run on CPU) equals the butterflies within the fp32
     error of an n-term sum of Σ|a|/√n (stated in hadamard's docstring)."""
-    from lowbit.nn.hadamard import _rotate_gemm  # noqa: PLC2701 -- the GPU route, tested on CPU here
+    from lowbit.nn.hadamard import rotate_gemm  # the GPU route, run on CPU here
     H, s = normalized_hadamard(32), hadamard_signs(32, 9)
     a = torch.randn(16, 96)
-    g = _rotate_gemm(a, H, s, 0)
+    g = rotate_gemm(a, H, s, 0)
     r = rotate_reference(a, False, 32, s, 0)
     bound = (32 + 5 + 2) * 2.0 ** -24 * a.abs().reshape(-1, 32).sum(1, keepdim=True) / math.sqrt(32)
     assert ((g - r).abs().reshape(-1, 32) <= bound).all()
@@ -130,7 +130,7 @@ def test_compiled_rotate_is_eager_bit_for_bit():
     """Under torch.compile the opaque lowbit::rotate op runs the same kernel (bug caught: a fake returning the
     unpadded shape, or the op dropping the signs)."""
     H, s = normalized_hadamard(16), hadamard_signs(16, 4)
-    f = lambda a: rotate(a.t(), H, s, 8, torch.bfloat16) * 2  # noqa: E731
+    f = lambda a: rotate(a.t(), H, s, 8, torch.bfloat16) * 2
     a = torch.randn(40, 24).bfloat16()
     torch._dynamo.reset()
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(a)

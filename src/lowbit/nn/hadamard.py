@@ -102,7 +102,7 @@ def _rotate_physical(src, dim0: bool, n: int, signs, pad: int, dtype: torch.dtyp
     return rotate_reference(src, dim0, n, signs, pad).to(dtype) if out is None else out
 
 
-def _rotate_gemm(a: torch.Tensor, H: torch.Tensor, signs, pad: int) -> torch.Tensor:
+def rotate_gemm(a: torch.Tensor, H: torch.Tensor, signs, pad: int) -> torch.Tensor:
     """GPU route: one [rows·(L+pad)/n, n] × [n, n] GeMM against diag(signs)·H, fp32 [rows, L + pad]."""
     rows, L = a.shape
     n = H.shape[0]
@@ -120,7 +120,7 @@ def rotate(a: torch.Tensor, H: torch.Tensor, signs: torch.Tensor | None = None, 
     own memory order and the result is a transposed view too (the quantizers read either layout)."""
     n = H.shape[0]
     if a.device.type != "cpu":
-        return _rotate_gemm(a, H, signs, pad).to(dtype)
+        return rotate_gemm(a, H, signs, pad).to(dtype)
     if a.shape[0] > 1 and a.stride(0) == 1 and a.t().is_contiguous():
         return _rotate_physical(a.t(), True, n, signs, pad, dtype).t()
     return _rotate_physical(a.contiguous(), False, n, signs, pad, dtype)
