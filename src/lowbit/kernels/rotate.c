@@ -1,70 +1,182 @@
 /* lowbit's CPU kernels: the blockwise randomized Hadamard rotation (lowbit.nn.hadamard.rotate), bit for bit the
  * eager butterflies: per run of n, x·diag(signs) (exact), then stages h = 1, 2, .., n/2 of (u, v) -> (u + v, u − v)
- * on the pairs (j, j + h) of each 2h-block in fp32, then × scale (fp32 1/√n); the padded tail rotates zeros. */
+ * on the pairs (j, j + h) of each 2h-block in fp32, then × scale (fp32 1/√n); the padded tail rotates zeros.
+ * Along dim 0 the runs go down columns, so every stage is a vector operation across the columns; along dim 1 the
+ * stages h < 16 pair lanes of one 16-float vector (GCC vector extensions: permutes on AVX-512, pairs of them on
+ * AVX2; no intrinsics) and the wider ones are again plain vector loops. */
 #include "common.h"
 
-#define RW 64 /* independent runs per staging tile (one vector lane each) */
+#define TILE 4096 /* floats in one staging tile (16 KiB: stays in L1) */
 
-/* t[n][RW]: the n-point transform of each of the RW columns. */
-static void fwht_tile(float *t, int n, const float *signs, float scale) {
-    if (signs)
-        for (int i = 0; i < n; i++)
-            for (int w = 0; w < RW; w++) t[i * RW + w] *= signs[i];
-    for (int h = 1; h < n; h *= 2)
-        for (int b = 0; b < n; b += 2 * h)
-            for (int j = b; j < b + h; j++) {
-                float *u = t + j * RW, *v = t + (j + h) * RW;
-                for (int w = 0; w < RW; w++) {
-                    float p = u[w], q = v[w];
-                    u[w] = p + q;
-                    v[w] = p - q;
-                }
-            }
-    for (int k = 0; k < n * RW; k++) t[k] *= scale;
-}
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
-static inline void store_any(void *p, int64_t i, float v, int dt) {
-    if (dt == LB_F32) ((float *)p)[i] = v;
-    else if (dt == LB_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((_Float16 *)p)[i] = (_Float16)v;
-}
-
-/* Along dim 0: src [L, W] (row stride ld) -> out [Lp, W] contiguous; rows L..Lp are zeros before rotating. */
-static void rotate_dim0(const void *src, int in_dt, int64_t L, int64_t W, int64_t ld, int n, const float *signs,
-                        float scale, int64_t Lp, void *out, int out_dt, int nthreads) {
-    int64_t chunks = (W + RW - 1) / RW, items = (Lp / n) * chunks;
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (Lp * W > (1 << 16))
-    for (int64_t it = 0; it < items; it++) {
-        float t[64 * RW];
-        int64_t g = it / chunks, c0 = (it % chunks) * RW, cw = W - c0 < RW ? W - c0 : RW;
-        for (int i = 0; i < n; i++) {
-            int64_t l = g * n + i;
-            memset(t + i * RW, 0, sizeof(float) * RW);
-            if (l < L) load_f32(t + i * RW, src, l * ld + c0, cw, in_dt);
-        }
-        fwht_tile(t, n, signs, scale);
-        for (int i = 0; i < n; i++) store_f32(out, (g * n + i) * W + c0, t + i * RW, cw, out_dt);
+static inline void butterfly(float *restrict u, float *restrict v, int64_t W) {
+    for (int64_t w = 0; w < W; w++) {
+        float p = u[w], q = v[w];
+        u[w] = p + q;
+        v[w] = p - q;
     }
 }
 
-/* Along dim 1: src [W, L] (row stride ld) -> out [W, Lp] contiguous; columns L..Lp are zeros before rotating. */
+/* Stages h = h0, 2·h0, .., n/2 on t[n][W] (row stride W): the pairs are rows (j, j + h), vectorised along W. */
+static void stages_rows(float *restrict t, int n, int h0, int64_t W) {
+    for (int h = h0; h < n; h *= 2)
+        for (int b = 0; b < n; b += 2 * h)
+            for (int j = b; j < b + h; j++) butterfly(t + (int64_t)j * W, t + (int64_t)(j + h) * W, W);
+}
+
+static void scale_all(float *restrict t, int64_t m, float s) {
+    for (int64_t k = 0; k < m; k++) t[k] *= s;
+}
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h16 __attribute__((vector_size(32)));
+typedef _Float16 v16h __attribute__((vector_size(32)));
+
+/* 16 consecutive elements at p[off] as fp32 (exact), one vector. */
+static inline v16f load16(const void *p, int64_t off, int dt) {
+    v16f v;
+    if (dt == LB_F32) {
+        memcpy(&v, (const float *)p + off, sizeof v);
+    } else if (dt == LB_BF16) {
+        v16h16 h;
+        memcpy(&h, (const uint16_t *)p + off, sizeof h);
+        v = (v16f)(__builtin_convertvector(h, v16u) << 16);
+    } else {
+        v16h h;
+        memcpy(&h, (const _Float16 *)p + off, sizeof h);
+        v = __builtin_convertvector(h, v16f);
+    }
+    return v;
+}
+
+/* v stored at p[off] in dtype dt, rounded as store_f32 rounds (bf16: to nearest even, NaN -> 0x7FC0). */
+static inline void store16(void *p, int64_t off, v16f v, int dt) {
+    if (dt == LB_F32) {
+        memcpy((float *)p + off, &v, sizeof v);
+    } else if (dt == LB_BF16) {
+        v16u u = (v16u)v;
+        v16u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        v16u nan = (v16u)((u & 0x7FFFFFFFu) > 0x7F800000u);
+        v16h16 h = __builtin_convertvector((r & ~nan) | (0x7FC0u & nan), v16h16);
+        memcpy((uint16_t *)p + off, &h, sizeof h);
+    } else {
+        v16h h = __builtin_convertvector(v, v16h);
+        memcpy((_Float16 *)p + off, &h, sizeof h);
+    }
+}
+
+/* One 16-column slice of the dim-0 rotation held in registers from load to store: rows l0..l0+N of src (row
+ * stride ld; rows at or past L are zeros) -> rows of out (row stride ldo), dtypes converted on the way. */
+static inline __attribute__((always_inline)) void slice_regs(const void *src, int in_dt, int64_t l0, int64_t L,
+                                                             int64_t ld, const float *signs, float scale,
+                                                             void *out, int out_dt, int64_t ldo, const int N) {
+    v16f r[N];
+    #pragma GCC unroll 64
+    for (int i = 0; i < N; i++) {
+        r[i] = l0 + i < L ? load16(src, (l0 + i) * ld, in_dt) : (v16f){0};
+        if (signs) r[i] *= signs[i];
+    }
+    #pragma GCC unroll 8
+    for (int h = 1; h < N; h *= 2) {
+        #pragma GCC unroll 64
+        for (int j = 0; j < N; j++)
+            if (!(j & h)) {
+                v16f p = r[j], q = r[j + h];
+                r[j] = p + q;
+                r[j + h] = p - q;
+            }
+    }
+    #pragma GCC unroll 64
+    for (int i = 0; i < N; i++) store16(out, (l0 + i) * ldo, r[i] * scale, out_dt);
+}
+
+static void slice(const void *src, int in_dt, int64_t l0, int64_t L, int64_t ld, int n, const float *signs,
+                  float scale, void *out, int out_dt, int64_t ldo) {
+    if (n == 16) slice_regs(src, in_dt, l0, L, ld, signs, scale, out, out_dt, ldo, 16);
+    else if (n == 32) slice_regs(src, in_dt, l0, L, ld, signs, scale, out, out_dt, ldo, 32);
+    else slice_regs(src, in_dt, l0, L, ld, signs, scale, out, out_dt, ldo, 8);
+}
+
+/* Along dim 0: src [L, W] (row stride ld) -> out [Lp, W] contiguous; rows L..Lp are zeros before rotating.
+ * n = 8, 16, 32: 16-column slices in registers (a last partial slice through a zero-padded fp32 tile); other n:
+ * an L1 tile per (run, column chunk) and one vector loop per stage. */
+static void rotate_dim0(const void *src, int in_dt, int64_t L, int64_t W, int64_t ld, int n, const float *signs,
+                        float scale, int64_t Lp, void *out, int out_dt, int nthreads) {
+    int regs = n == 8 || n == 16 || n == 32;
+    int64_t lanes = regs ? 256 : TILE / n, chunks = (W + lanes - 1) / lanes, items = (Lp / n) * chunks;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (Lp * W > (1 << 16))
+    for (int64_t it = 0; it < items; it++) {
+        float t[TILE];
+        int64_t g = it / chunks, c0 = (it % chunks) * lanes, cw = W - c0 < lanes ? W - c0 : lanes;
+        int64_t full = regs ? cw / 16 * 16 : 0, rest = cw - full;
+        for (int64_t w = 0; w < full; w += 16)
+            slice((const char *)src + (c0 + w) * (int64_t[]){4, 2, 2}[in_dt], in_dt, g * n, L, ld, n, signs, scale,
+                  (char *)out + (c0 + w) * (int64_t[]){4, 2, 2}[out_dt], out_dt, W);
+        if (!rest) continue;
+        int64_t ws = (rest + 15) / 16 * 16, c1 = c0 + full; /* tile row stride; lanes rest..ws never stored */
+        for (int i = 0; i < n; i++) {
+            int64_t l = g * n + i;
+            float *row = t + i * ws;
+            memset(row, 0, sizeof(float) * (size_t)ws);
+            if (l < L) load_f32(row, src, l * ld + c1, rest, in_dt);
+            if (signs) scale_all(row, rest, signs[i]);
+        }
+        stages_rows(t, n, 1, ws);
+        scale_all(t, n * ws, scale);
+        for (int i = 0; i < n; i++) store_f32(out, (g * n + i) * W + c1, t + i * ws, rest, out_dt);
+    }
+}
+
+/* One stage h < 16 inside a 16-lane vector: lane j pairs with j ^ h; clear bit h: v[j] + v[j^h] (= u + w), set
+ * bit h: v[j^h] − v[j] (= u − w). */
+static inline v16f stage_lanes(v16f v, v16i idx, v16i hi) {
+    v16f s = __builtin_shuffle(v, idx);
+    v16i a = (v16i)(v + s), b = (v16i)(s - v);
+    return (v16f)((a & ~hi) | (b & hi));
+}
+
+static void stages_lanes(float *restrict buf, int64_t m16, int n) {
+    const v16i i1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    const v16i i2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const v16i i4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const v16i i8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const v16i m1 = {0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1};
+    const v16i m2 = {0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1};
+    const v16i m4 = {0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1};
+    const v16i m8 = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+    for (int64_t k = 0; k < m16; k += 16) {
+        v16f v;
+        memcpy(&v, buf + k, sizeof v);
+        if (n > 1) v = stage_lanes(v, i1, m1);
+        if (n > 2) v = stage_lanes(v, i2, m2);
+        if (n > 4) v = stage_lanes(v, i4, m4);
+        if (n > 8) v = stage_lanes(v, i8, m8);
+        memcpy(buf + k, &v, sizeof v);
+    }
+}
+
+/* Along dim 1: src [W, L] (row stride ld) -> out [W, Lp] contiguous; columns L..Lp are zeros before rotating.
+ * Each row goes through an L1 staging buffer of TILE floats (a multiple of n and of 16). */
 static void rotate_dim1(const void *src, int in_dt, int64_t L, int64_t W, int64_t ld, int n, const float *signs,
                         float scale, int64_t Lp, void *out, int out_dt, int nthreads) {
-    int64_t chunks = (W + RW - 1) / RW;
+    float srep[TILE]; /* the signs repeated: every staging segment starts a run */
+    for (int64_t k = 0; k < TILE; k++) srep[k] = signs ? signs[k % n] : 1.0f;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (Lp * W > (1 << 16))
-    for (int64_t c = 0; c < chunks; c++) {
-        float t[64 * RW];
-        int64_t r0 = c * RW, rw = W - r0 < RW ? W - r0 : RW;
-        for (int64_t g = 0; g < Lp / n; g++) {
-            memset(t, 0, sizeof(float) * n * RW);
-            for (int64_t w = 0; w < rw; w++)
-                for (int i = 0; i < n; i++) {
-                    int64_t l = g * n + i;
-                    if (l < L) t[i * RW + w] = load_any(src, (r0 + w) * ld + l, in_dt);
-                }
-            fwht_tile(t, n, signs, scale);
-            for (int64_t w = 0; w < rw; w++)
-                for (int i = 0; i < n; i++) store_any(out, (r0 + w) * Lp + g * n + i, t[i * RW + w], out_dt);
+    for (int64_t r = 0; r < W; r++) {
+        float buf[TILE];
+        for (int64_t off = 0; off < Lp; off += TILE) {
+            int64_t m = Lp - off < TILE ? Lp - off : TILE, m16 = (m + 15) / 16 * 16;
+            int64_t valid = L - off < m ? (L - off > 0 ? L - off : 0) : m;
+            load_f32(buf, src, r * ld + off, valid, in_dt);
+            memset(buf + valid, 0, sizeof(float) * (size_t)(m16 - valid));
+            if (signs)
+                for (int64_t k = 0; k < m16; k++) buf[k] *= srep[k];
+            stages_lanes(buf, m16, n);
+            for (int64_t b = 0; b < m; b += n) stages_rows(buf + b, n, 16, 1);
+            scale_all(buf, m, scale);
+            store_f32(out, r * Lp + off, buf, m, out_dt);
         }
     }
 }
