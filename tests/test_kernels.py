@@ -42,13 +42,15 @@ QUANTS = [
     T("e2m1", "tile", 4, "e4m3", four_over_six=True), T("e2m1", "block", 4, "e4m3", four_over_six=True),
     T("e2m1", "tile", 8, "e4m3", rounding="stochastic", four_over_six=True),
     T("e2m1", "tile", 8, "e4m3", scale_mult=0.75, four_over_six=True),
+    # QuEST's σ scales (kernels/quest.c): Quartet's forward quantizer, a scale multiplier
+    T("e2m1", "tile", 8, "e8m0", scale_rule="quest"), T("e2m1", "tile", 4, "e8m0", scale_rule="quest", scale_mult=0.5),
 ]
 
 
 def qid(q):
     return f"{q.fmt}-{q.granularity}{q.block or ''}-{q.scale_fmt}{'-rcp' if q.reciprocal else ''}" \
            f"{'-ceil' if q.scale_round == 'ceil' else ''}-{q.rounding[:4]}-m{q.scale_mult:g}" \
-           f"{'-4over6' if q.four_over_six else ''}"
+           f"{'-4over6' if q.four_over_six else ''}{'-quest' if q.scale_rule == 'quest' else ''}"
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,7 +107,7 @@ def test_transposed_view_bitwise(monkeypatch, q, dtype):
     b = nasty((16, 24), dtype, seed=4)
     ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(b.t(), q, torch.Generator().manual_seed(3)))
     assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
-    if (q.granularity != "tensor" or q.rounding == "nearest") and not q.four_over_six:
+    if (q.granularity != "tensor" or q.rounding == "nearest") and not q.four_over_six and q.scale_rule == "absmax":
         assert got[0].stride() == (1, 24)  # the column kernel ran (no contiguous copy; 4 over 6 copies)
 
 
@@ -205,7 +207,8 @@ def test_modes_and_errors(monkeypatch):
     assert not K.applies(x, q) and K.which() == "eager"
     monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
     assert K.applies(x, q) and K.which() == "cpu"
-    assert not K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # eager-only rules
+    assert K.applies(x, T("e2m1", "tile", 4, "e8m0", scale_rule="quest"))  # kernels/quest.c
+    assert not K.applies(x, T("e2m1", "row", None, "e8m0", scale_rule="quest"))  # 8: eager (rows: any length)
     assert K.applies(x, T("e2m1", "tile", 4, "e4m3", four_over_six=True))  # kernels/fos.c
     for q6 in (T("e2m1", "tensor", scale_fmt="e4m3", four_over_six=True),  # one group: torch's own sum order
                T("e2m1", "tile", 12, "e4m3", four_over_six=True)):  # not a power of two: likewise
@@ -684,3 +687,40 @@ def test_gpu_self_check_turns_failing_triton_kernels_off(monkeypatch, capsys):
     monkeypatch.setattr(K, "_GPU_CHECKED", {})
     assert not K._gpu_self_check(torch.device("cpu")) and not K._gpu_self_check(torch.device("cpu"))
     assert capsys.readouterr().err.count("Triton quantization kernels are off on cpu: they failed") == 1
+
+
+def _quest_exponents(x: np.ndarray, pairwise: bool) -> np.ndarray:
+    """floor(log2(c·std + 1e-8)) per row of fp32 x [N, 8], the sums pairwise or left to right (numpy, fp32)."""
+    from lowbit.scales import QUEST_CLIP
+
+    def total(v):
+        if pairwise:
+            while v.shape[1] > 1:
+                v = v[:, 0::2] + v[:, 1::2]
+            return v[:, 0]
+        acc = v[:, 0].copy()
+        for i in range(1, v.shape[1]):
+            acc = acc + v[:, i]
+        return acc
+    n = np.float32(x.shape[1])
+    mean = total(x) / n
+    std = np.sqrt(total(x * x) / n - mean * mean)
+    t = std * np.float32(QUEST_CLIP / 6.0) + np.float32(1e-8)
+    return np.frexp(t)[1] - 1
+
+
+def test_quest_scale_sums_pairwise(monkeypatch):
+    """Groups whose std sits within an ulp of a power of two, where summing left to right gives another scale
+    than the pairwise order: the kernel gives the eager (pairwise) scale (bug caught: quest.c summing in order)."""
+    from lowbit.scales import QUEST_CLIP
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200_000, 8)).astype(np.float32)
+    std = x.astype(np.float64).std(1)
+    x = (x * 2.0 ** rng.integers(-3, 3, (len(x), 1)) / (std * QUEST_CLIP / 6.0)[:, None]).astype(np.float32)
+    pick = np.nonzero(_quest_exponents(x, True) != _quest_exponents(x, False))[0][:16]
+    assert len(pick) >= 4  # the data really discriminates the two orders
+    t = torch.from_numpy(x[pick])
+    q = T("e2m1", "tile", 8, "e8m0", scale_rule="quest")
+    ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(t, q))
+    assert torch.equal(ref[1].log2().view(-1), torch.from_numpy(_quest_exponents(x[pick], True)).float())
+    assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])

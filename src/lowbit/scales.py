@@ -25,6 +25,7 @@ import math
 import torch
 
 from lowbit.formats import Format, get_format, round_to_grid_
+from lowbit.groups import tree_sum
 from lowbit.tensor_quant import TensorQuant
 
 E4M3_MAX = 448.0
@@ -88,16 +89,19 @@ QUEST_CLIP = 2.92247856  # QuEST's MSE-optimal clip for E2M1 on Gaussian data, i
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(-1, keepdim=True)
-    var = x.square().mean(-1, keepdim=True) - mean.square()
+    """(std, var) over the last dim of fp32 x, sums pairwise (groups.tree_sum: the order kernels/quest.c repeats)."""
+    n = x.shape[-1]
+    d = x.dim() - 1  # tree_sum takes a non-negative dim
+    mean = tree_sum(x, d) / n
+    var = tree_sum(x.square(), d) / n - mean.square()
     return torch.where(var >= 0, var.clamp_min(0).sqrt(), 1.0), var
 
 
 def quest_scale(x3: torch.Tensor, fmt: Format) -> torch.Tensor:
     """QuEST's power-of-two scale per group of x3 [R, G, B] -> [R, G, 1] fp32, as Quartet's code computes it:
     2^floor(log2(QUEST_CLIP/fmax · std + 1e-8)), std from E[x²] − E[x]² (1 where that is negative by
-    rounding). Groups whose squares overflow fp32 take the std of x/absmax times absmax instead; a group
-    holding NaN or inf gets a NaN scale."""
+    rounding; both means summed pairwise, so the CPU kernel repeats them bit for bit). Groups whose squares
+    overflow fp32 take the std of x/absmax times absmax instead; a group holding NaN or inf gets a NaN scale."""
     x = x3.float()
     std, var = _std(x)
     a = x.abs().amax(-1, keepdim=True)

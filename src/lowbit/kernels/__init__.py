@@ -14,8 +14,8 @@ absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-le
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
 per token with its CSR residual, DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
-tiles and square blocks of 2..64 (a power of two; fos.c), the Hadamard rotations (rotate.c, rotation.py). Not
-covered (eager): QuEST's σ scales, "4 over 6" per row or tensor; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
+tiles and square blocks of 2..64 (a power of two; fos.c), QuEST's σ scales on such tiles (quest.c), the Hadamard
+rotations (rotate.c, rotation.py). Not covered (eager): "4 over 6" per row or tensor; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
 docs/gpu.md lists. Under torch.compile the opaque op lowbit::quantize calls them.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from lowbit.formats import Format, chunk_elems, empty
 from lowbit.groups import as3d, check_divisible, scale_shape
 from lowbit.rng import draw_key
-from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6
+from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, QUEST_CLIP
 from lowbit.tensor_quant import TensorQuant
 
 MODES = ("auto", "eager", "cpu", "triton")
@@ -133,16 +133,18 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
     if x.device.type == "cuda":
         tq = _triton()
         return tq is not None and tq.applies(x, q, amax) and _gpu_self_check(x.device)
-    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and q.scale_rule == "absmax" and _fos_ok(q, amax)
-            and not _EAGER_ONLY and cpu_library() is not None and (amax is None or q.granularity == "tensor"))
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and _rule_ok(q, amax) and not _EAGER_ONLY
+            and cpu_library() is not None and (amax is None or q.granularity == "tensor"))
 
 
-def _fos_ok(q: TensorQuant, amax) -> bool:
-    """Whether the CPU kernel covers q's "4 over 6" (if set): tiles or square blocks of 2..64 elements (a power of
-    two: the eager error sum's pairwise order), current scales."""
-    b = q.block
-    return not q.four_over_six or (q.granularity in ("tile", "block") and amax is None and 2 <= b <= 64
-                                   and b & (b - 1) == 0)
+def _rule_ok(q: TensorQuant, amax) -> bool:
+    """Whether the CPU kernel covers q's scale rule: "4 over 6" (if set) and QuEST on tiles (or square blocks, for
+    "4 over 6") of 2..64 elements, a power of two (the eager code's pairwise sums), current scales; any absmax."""
+    b = q.block or 0
+    pow2 = 2 <= b <= 64 and b & (b - 1) == 0
+    if q.scale_rule == "quest":
+        return q.granularity == "tile" and pow2 and not q.four_over_six and amax is None
+    return not q.four_over_six or (q.granularity in ("tile", "block") and amax is None and pow2)
 
 
 def scaled_applies(x: torch.Tensor, q: TensorQuant) -> bool:
@@ -182,7 +184,8 @@ def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, n
                tensor_amax=math.nan if tensor_amax is None else float(tensor_amax),
                block_max=E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX,
                keys=keys, chunk_rows=chunk_rows, nthreads=torch.get_num_threads(),
-               in_dtype=DTYPE_CODES[x.dtype], out_dtype=DTYPE_CODES[out.dtype])
+               in_dtype=DTYPE_CODES[x.dtype], out_dtype=DTYPE_CODES[out.dtype], quest=int(q.scale_rule == "quest"),
+               quest_c=QUEST_CLIP / fmt.max)
     return p, keys  # keys must outlive the call
 
 
@@ -237,6 +240,8 @@ def run_codes(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: bool
 def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:
     """x is b.t() for a contiguous 2-D b (and not both vectors), and the column kernel takes q."""
     if x.dim() != 2 or min(x.shape) < 2 or x.stride() != (1, x.shape[0]):
+        return False
+    if q.scale_rule != "absmax":
         return False
     return q.granularity != "tensor" or q.rounding == "nearest"  # tensor + SR: random index order differs
 

@@ -29,6 +29,9 @@ typedef struct {
     const int32_t *keys;
     int64_t chunk_rows;
     int32_t nthreads, in_dtype, out_dtype, pad;
+    /* QuEST's scales (quest.c) instead of the absmax rule: quest_c = QUEST_CLIP / fmax */
+    int32_t quest;
+    float quest_c;
 } lb_params;
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -98,5 +101,8 @@ static inline float load_any(const void *p, int64_t i, int dt) {
     if (dt == LB_BF16) return u2f((uint32_t)((const uint16_t *)p)[i] << 16);
     return (float)((const _Float16 *)p)[i];
 }
+
+void lb_quest_scales(const void *x, int64_t off, int64_t G, int64_t B, int32_t dt, float c, const lb_params *p,
+                     float *sg, float *eg);
 
 #endif

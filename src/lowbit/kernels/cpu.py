@@ -1,4 +1,4 @@
-"""Build and load the compiled CPU kernels (quant.c, fos.c, stats.c, occ.c, dge.c, rotate.c) as one C library
+"""Build and load the compiled CPU kernels (quant.c, fos.c, quest.c, stats.c, occ.c, dge.c, rotate.c) as one C library
 called through ctypes.
 
 Why this route (measured on a 2-core EPYC): `gcc -O3` of the sources takes about three seconds, where
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lowbit._io import cache_root
 
-SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "fos.c", "stats.c", "occ.c", "dge.c", "rotate.c")]  # include common.h
+SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "fos.c", "quest.c", "stats.c", "occ.c", "dge.c", "rotate.c")]  # include common.h
 HEADERS = [Path(__file__).with_name("common.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _LOCK = threading.Lock()
@@ -40,7 +40,8 @@ class Params(ctypes.Structure):
         (n, ctypes.c_int32) for n in ("scale_fmt", "reciprocal", "ceil_round", "has_mult")] + [
         (n, ctypes.c_float) for n in ("scale_mult", "tensor_amax", "block_max")] + [
         ("keys", ctypes.POINTER(ctypes.c_int32)), ("chunk_rows", ctypes.c_int64)] + [
-        (n, ctypes.c_int32) for n in ("nthreads", "in_dtype", "out_dtype", "pad")]
+        (n, ctypes.c_int32) for n in ("nthreads", "in_dtype", "out_dtype", "pad", "quest")] + [
+        ("quest_c", ctypes.c_float)]
 
 
 def compiler() -> str | None:

@@ -293,8 +293,12 @@ void lb_group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int
 static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
                            const lb_params *p, float *scales, float *sg, float *eg, uint32_t *am) {
     int64_t per_row = G * B;
-    group_absmax(x, r0 * per_row, per_row, nr, G, B, p->in_dtype, am);
-    group_scales(am, G, p, sg, eg);
+    if (p->quest) {
+        lb_quest_scales(x, r0 * per_row, G, B, p->in_dtype, p->quest_c, p, sg, eg);
+    } else {
+        group_absmax(x, r0 * per_row, per_row, nr, G, B, p->in_dtype, am);
+        group_scales(am, G, p, sg, eg);
+    }
     if (scales) memcpy(scales + (r0 / nr) * G, sg, (size_t)G * sizeof(float));
     for (int64_t r = r0; r < r0 + nr; r++) {
         int64_t c = r / p->chunk_rows;
