@@ -724,3 +724,23 @@ def test_quest_scale_sums_pairwise(monkeypatch):
     ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(t, q))
     assert torch.equal(ref[1].log2().view(-1), torch.from_numpy(_quest_exponents(x[pick], True)).float())
     assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_trust_mask_is_the_eager_mask(dtype):
+    """QuEST's trust mask from quest.c equals |x / s| < fmax computed eagerly with the quantizer's own scales, NaN,
+    inf and clipped values included (bugs caught: <= for <, the mask of the rounded values, a group's scale
+    taken from its neighbour)."""
+    from lowbit.kernels.quest import trust_mask
+    from lowbit.quant import divide_by_scales
+
+    q = T("e2m1", "tile", 8, "e8m0", scale_rule="quest")
+    x = nasty((16, 64), dtype, seed=7)
+    x[5, :8] = torch.tensor([0.0, 1.0, -1.0, 2.0, 40.0, -40.0, 0.5, 3.0])  # a group with clipped outliers
+    _, s = fake_quantize_with_scales(x, q)
+    s[6, 2] = 6.0  # a scale that puts some |x / s| exactly on the boundary ...
+    x[6, 16:24] = torch.tensor([36.0, -36.0, 35.0, 1.0, 0.0, -0.0, 37.0, 6.0]).to(dtype)  # ... 36 / 6 = 6 = fmax
+    got = trust_mask(x, s, 8, 6.0)
+    want = divide_by_scales(x, q, s).abs() < 6.0
+    assert got is not None and torch.equal(got, want)
+    assert want.any() and not want.all() and not want[6, 16] and want[6, 18]

@@ -108,6 +108,8 @@ def _load(path: Path):
     lib.lb_dge_finish.restype = None
     lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, i32]
     lib.lb_occ_rows.restype = i32
+    lib.lb_trust_mask.argtypes = [vp, i32, p64, p64, p64, vp, f32, vp, i32]
+    lib.lb_trust_mask.restype = None
     lib.lb_rotate.argtypes = [vp, i32, p64, p64, p64, i32, i32, vp, f32, p64, vp, i32, i32]
     lib.lb_rotate.restype = i32
     for f in (lib.lb_quant_groups, lib.lb_quant_cols, lib.lb_quant_fos):

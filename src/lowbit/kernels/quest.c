@@ -49,3 +49,21 @@ void lb_quest_scales(const void *x, int64_t off, int64_t G, int64_t B, int32_t d
         eg[g] = 1.0f;
     }
 }
+
+/* QuEST's trust mask: m[i] = |x[i] / s| < fmax for x [R, G·B] contiguous (dtype dt), s = scales[r·G + g] (fp32),
+ * in the eager order (x in fp32, one division, then the comparison; NaN gives 0). */
+void lb_trust_mask(const void *x, int32_t dt, int64_t R, int64_t G, int64_t B, const float *scales, float fmax,
+                   uint8_t *m, int32_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (R * G * B > (1 << 16))
+    for (int64_t r = 0; r < R; r++) {
+        float v[SEG];
+        for (int64_t g = 0; g < G; g++) {
+            float s = scales[r * G + g];
+            for (int64_t j0 = 0; j0 < B; j0 += SEG) {
+                int64_t off = (r * G + g) * B + j0, n = B - j0 < SEG ? B - j0 : SEG;
+                load_f32(v, x, off, n, dt);
+                for (int64_t j = 0; j < n; j++) m[off + j] = fabsf(v[j] / s) < fmax;
+            }
+        }
+    }
+}

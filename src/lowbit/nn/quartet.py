@@ -22,6 +22,7 @@ import torch
 
 from lowbit import cpu_bf16
 from lowbit.formats import get_format
+from lowbit.kernels.quest import trust_mask
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d
 from lowbit.nn.state import LayerQuantState
@@ -33,7 +34,10 @@ from lowbit.rng import random_signs
 def _quantize_fwd(t, q, observer, op: str):
     """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
     tq, scales = fake_quantize_2d(t, q, with_scales=True)  # L is a multiple of the tile: no padding
-    mask = divide_by_scales(t, q, scales).abs() < get_format(q.fmt).max  # the quantizer's own scales
+    fmax = get_format(q.fmt).max
+    mask = trust_mask(t, scales, q.block, fmax) if q.granularity == "tile" else None
+    if mask is None:  # the quantizer's own scales
+        mask = divide_by_scales(t, q, scales).abs() < fmax
     if observer is not None:
         record_operand(observer, "fprop", op, t, tq, q, scales=scales)
     return tq, mask
