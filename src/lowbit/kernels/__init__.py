@@ -138,8 +138,8 @@ def applies(x: torch.Tensor, q: TensorQuant, amax=None, dequant: bool = True) ->
 
 
 def _rule_ok(q: TensorQuant, amax) -> bool:
-    """Whether the CPU kernel covers q's scale rule: "4 over 6" (if set) and QuEST on tiles (or square blocks, for
-    "4 over 6") of 2..64 elements, a power of two (the eager code's pairwise sums), current scales; any absmax."""
+    """Whether the CPU kernel covers q's scale rule: any absmax; "4 over 6" (tiles, square blocks) and QuEST (tiles)
+    on 2..64 elements, a power of two (the eager code's pairwise sums), current scales."""
     b = q.block or 0
     pow2 = 2 <= b <= 64 and b & (b - 1) == 0
     if q.scale_rule == "quest":
@@ -241,9 +241,8 @@ def _transposed(x: torch.Tensor, q: TensorQuant) -> bool:
     """x is b.t() for a contiguous 2-D b (and not both vectors), and the column kernel takes q."""
     if x.dim() != 2 or min(x.shape) < 2 or x.stride() != (1, x.shape[0]):
         return False
-    if q.scale_rule != "absmax":
-        return False
-    return q.granularity != "tensor" or q.rounding == "nearest"  # tensor + SR: random index order differs
+    # QuEST's scales have no column kernel; tensor + SR: the random index order differs
+    return q.scale_rule == "absmax" and (q.granularity != "tensor" or q.rounding == "nearest")
 
 
 def _run_cols(x, q, fmt, generator, dequant, saturate, odt):
