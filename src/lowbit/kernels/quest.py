@@ -12,8 +12,8 @@ def trust_mask(x: torch.Tensor, scales: torch.Tensor, block: int, fmax: float) -
     """x [R, L] (CPU, contiguous, fp32/bf16/fp16), scales fp32 with R·L/block entries (one per 1×block tile, row
     major): bool [R, L], or None where the kernel does not apply (eager then)."""
     lib = cpu_library()
-    if (lib is None or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous() or x.dtype not in DTYPE_CODES
-            or x.shape[1] % block or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling() or lib is None or x.device.type != "cpu" or x.dim() != 2
+            or not x.is_contiguous() or x.dtype not in DTYPE_CODES or x.shape[1] % block):
         return None
     R, L = x.shape
     s = scales.detach().to(torch.float32).contiguous()

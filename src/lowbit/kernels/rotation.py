@@ -13,8 +13,9 @@ def rotate_physical(src: torch.Tensor, dim0: bool, n: int, signs: torch.Tensor |
     or dim 1, zero-padded by `pad` along that dim first: a fresh contiguous tensor in dtype ([A + pad, B] or
     [A, B + pad]); None where the kernel does not apply (no library, a dtype or n it does not take)."""
     lib = cpu_library()
-    if (lib is None or src.device.type != "cpu" or src.dim() != 2 or (src.stride(1) != 1 and src.shape[1] > 1 and src.numel()) or n > 64
-            or src.dtype not in DTYPE_CODES or dtype not in DTYPE_CODES or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling() or lib is None or src.device.type != "cpu" or src.dim() != 2 or n > 64
+            or (src.stride(1) != 1 and src.shape[1] > 1 and src.numel())
+            or src.dtype not in DTYPE_CODES or dtype not in DTYPE_CODES):
         return None
     A, B = src.shape
     L, W = (A, B) if dim0 else (B, A)

@@ -121,6 +121,8 @@ def rotate(a: torch.Tensor, H: torch.Tensor, signs: torch.Tensor | None = None, 
     n = H.shape[0]
     if a.device.type != "cpu":
         return rotate_gemm(a, H, signs, pad).to(dtype)
+    if torch.compiler.is_compiling():  # no stride questions in a traced backward (dynamo: "autocast state changed")
+        return _rotate_physical(a.contiguous(), False, n, signs, pad, dtype)
     if a.shape[0] > 1 and a.stride(0) == 1 and a.t().is_contiguous():
         return _rotate_physical(a.t(), True, n, signs, pad, dtype).t()
     return _rotate_physical(a.contiguous(), False, n, signs, pad, dtype)
