@@ -690,7 +690,7 @@ def test_gpu_self_check_turns_failing_triton_kernels_off(monkeypatch, capsys):
 
 
 def _quest_exponents(x: np.ndarray, pairwise: bool) -> np.ndarray:
-    """floor(log2(c·std + 1e-8)) per row of fp32 x [N, 8], the sums pairwise or left to right (numpy, fp32)."""
+    """floor(log2(c·std + 1e-8)) per row of fp32 x [N, B], the sums pairwise or left to right (numpy, fp32)."""
     from lowbit.scales import QUEST_CLIP
 
     def total(v):
@@ -709,18 +709,20 @@ def _quest_exponents(x: np.ndarray, pairwise: bool) -> np.ndarray:
     return np.frexp(t)[1] - 1
 
 
-def test_quest_scale_sums_pairwise(monkeypatch):
+@pytest.mark.parametrize("B", [8, 32, 64])
+def test_quest_scale_sums_pairwise(monkeypatch, B):
     """Groups whose std sits within an ulp of a power of two, where summing left to right gives another scale
-    than the pairwise order: the kernel gives the eager (pairwise) scale (bug caught: quest.c summing in order)."""
+    than the pairwise order: the kernel gives the eager (pairwise) scale, on its scalar (8) and vector (32, 64)
+    paths (bugs caught: quest.c pairing other elements; a lane permute of the vector tree off by one level)."""
     from lowbit.scales import QUEST_CLIP
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((200_000, 8)).astype(np.float32)
+    x = rng.standard_normal((400_000 // B, B)).astype(np.float32)
     std = x.astype(np.float64).std(1)
     x = (x * 2.0 ** rng.integers(-3, 3, (len(x), 1)) / (std * QUEST_CLIP / 6.0)[:, None]).astype(np.float32)
     pick = np.nonzero(_quest_exponents(x, True) != _quest_exponents(x, False))[0][:16]
     assert len(pick) >= 4  # the data really discriminates the two orders
     t = torch.from_numpy(x[pick])
-    q = T("e2m1", "tile", 8, "e8m0", scale_rule="quest")
+    q = T("e2m1", "tile", B, "e8m0", scale_rule="quest")
     ref, got = both(monkeypatch, lambda: fake_quantize_with_scales(t, q))
     assert torch.equal(ref[1].log2().view(-1), torch.from_numpy(_quest_exponents(x[pick], True)).float())
     assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
@@ -744,3 +746,18 @@ def test_trust_mask_is_the_eager_mask(dtype):
     want = divide_by_scales(x, q, s).abs() < 6.0
     assert got is not None and torch.equal(got, want)
     assert want.any() and not want.all() and not want[6, 16] and want[6, 18]
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(DTYPES), rows=st.integers(1, 3),
+       cols=st.integers(1, 3), data=st.data())
+def test_quest_vector_path_property(B, dtype, rows, cols, data):
+    """QuEST's scales on the vector path of quest.c (tiles of 16, 32, 64) for any values, NaN/inf/subnormals
+    included, every dtype (the set above only holds tiles of 4 and 8, the scalar path)."""
+    arr = data.draw(hnp.arrays(np.float32, (rows, cols * B), elements=st.floats(width=32, allow_nan=True,
+                                                                               allow_infinity=True)))
+    x = torch.from_numpy(arr).to(dtype)
+    q = T("e2m1", "tile", B, "e8m0", scale_rule="quest")
+    with pytest.MonkeyPatch.context() as mp:
+        ref, got = both(mp, lambda: fake_quantize_with_scales(x, q))
+    assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
