@@ -242,6 +242,26 @@ def test_no_compiler_falls_back_once_and_cpu_mode_says_why(monkeypatch, capsys):
         fake_quantize(x, q)
 
 
+def test_build_compiles_every_source_and_reports_a_failure(monkeypatch, tmp_path, capsys):
+    """The parallel build (one compiler per source, then a link) produces a library exporting every source's
+    entry points; a source that does not compile falls back to eager with the compiler's message (bugs caught:
+    a source left out of the link; a failed compile step ignored, loading a stale or partial library)."""
+    cc, lib = cpu.compiler(), cpu.library()  # built by the same _build (cached once per machine)
+    assert all(hasattr(lib, f) for f in ("lb_quant_groups", "lb_quant_fos", "lb_quest_scales", "lb_rotate",
+                                         "lb_operand_stats", "lb_occ_rows", "lb_dge_arg"))
+    bad = tmp_path / "bad.c"
+    bad.write_text("int broken(void) { return undeclared_name; }\n")
+    monkeypatch.setattr(cpu, "SOURCES", [cpu.SOURCES[-1], bad])  # small: the failure, not a full build
+    with pytest.raises(RuntimeError, match="undeclared_name"):
+        cpu._build(cc, tmp_path / "bad" / "lib.so")
+    assert not (tmp_path / "bad" / "lib.so").exists()
+    monkeypatch.setattr(cpu, "_LIB", [])
+    monkeypatch.setattr(cpu, "_WHY", [])
+    monkeypatch.setattr(cpu, "cache_root", lambda: tmp_path / "cache")
+    assert cpu.library() is None and "undeclared_name" in cpu.why()
+    assert "using the eager PyTorch quantizers" in capsys.readouterr().err
+
+
 def test_build_key_tracks_source_compiler_and_cpu(monkeypatch):
     cc = cpu.compiler()
     k = cpu.build_key(cc)

@@ -30,32 +30,43 @@ float lb_absmax(const void *x, int64_t n, int32_t dt, int32_t nthreads) {
 
 /* --- the element pass: v = x / s (or x * e), round, [* s] -------------------------------------- */
 
-/* dst[0..n) = src[0..n) scaled by s (ARR: sa[i]; USE_E: multiplied by e or ea[i]), saturated, rounded,
- * inf kept (e5m2), dequantized; fp32, dst may be src. idx0: the rng index of src[0] within its chunk,
- * istr: the index step from one element to the next.
- * The flags are compile-time constants at every call (see quant_seg), so each combination compiles to
- * its own branch-free, vectorised loop. */
+static inline __attribute__((always_inline)) float elem(
+        float x, float s, float e, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx,
+        const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
+    float v = USE_E ? x * e : x / s;
+    if (SAT) v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
+    float E = u2f(f2u(v) & 0x7F800000u);
+    E = E < mn ? mn : E;
+    if (SR) {
+        float step = E * sub;
+        float u = (float)((hash32(idx, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+        v = floorf(v / step + u) * step;
+    } else {
+        float c = E * k;
+        v = (v + c) - c;
+    }
+    if (INF && SAT) v = (f2u(x) & 0x7FFFFFFFu) == 0x7F800000u ? x : v;
+    return DQ ? v * s : v;
+}
+
 static inline __attribute__((always_inline)) void seg_impl(
         const float *src, float *dst, const float *restrict sa, const float *restrict ea, float s0, float e0,
         int64_t n, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx0, uint32_t istr,
         const int ARR, const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
-    for (int64_t i = 0; i < n; i++) {
-        float x = src[i], s = ARR ? sa[i] : s0;
-        float v = USE_E ? x * (ARR ? ea[i] : e0) : x / s;
-        if (SAT) v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
-        float E = u2f(f2u(v) & 0x7F800000u);
-        E = E < mn ? mn : E;
-        if (SR) {
-            float step = E * sub;
-            float u = (float)((hash32(idx0 + (uint32_t)i * istr, key) >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
-            v = floorf(v / step + u) * step;
-        } else {
-            float c = E * k;
-            v = (v + c) - c;
+    if (ARR == 16 || ARR == 32) {
+        for (int64_t g = 0; g < n / ARR; g++) {
+            float s = sa[g], e = USE_E ? ea[g] : 1.0f;
+            const float *sp = src + g * ARR;
+            float *dp = dst + g * ARR;
+            uint32_t i0 = idx0 + (uint32_t)(g * ARR) * istr;
+            for (int j = 0; j < ARR; j++)
+                dp[j] = elem(sp[j], s, e, fmax, mn, k, sub, key, i0 + (uint32_t)j * istr, USE_E, SAT, INF, DQ, SR);
         }
-        if (INF && SAT) v = (f2u(x) & 0x7FFFFFFFu) == 0x7F800000u ? x : v;
-        dst[i] = DQ ? v * s : v;
+        return;
     }
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = elem(src[i], ARR ? sa[i] : s0, USE_E ? (ARR ? ea[i] : e0) : 1.0f, fmax, mn, k, sub, key,
+                      idx0 + (uint32_t)i * istr, USE_E, SAT, INF, DQ, SR);
 }
 
 #define SEG_SR(A, UE, SAT, INF, DQ) \
@@ -67,21 +78,18 @@ static inline __attribute__((always_inline)) void seg_impl(
 
 /* sa == NULL: one scale s0 (e0) for all n elements; else per-element scales sa (ea). */
 static void quant_seg(const float *src, float *dst, const float *sa, const float *ea, float s0, float e0,
-                      int64_t n, int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr) {
+                      int64_t n, int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr, int grp) {
     const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits), sub = ldexpf(1.0f, -p->mbits);
     const float fmax = p->fmax, mn = p->min_normal;
     if (sa == NULL) {
         if (use_e) SEG_SAT(0, 1); else SEG_SAT(0, 0);
+    } else if (grp == 16) {
+        if (use_e) SEG_SAT(16, 1); else SEG_SAT(16, 0);
+    } else if (grp == 32) {
+        if (use_e) SEG_SAT(32, 1); else SEG_SAT(32, 0);
     } else {
         if (use_e) SEG_SAT(1, 1); else SEG_SAT(1, 0);
     }
-}
-
-static inline __attribute__((always_inline)) void expand_fixed(const float *restrict sg, const float *restrict eg,
-                                                                int64_t G, float *restrict sa, float *restrict ea,
-                                                                const int B) {
-    for (int64_t g = 0; g < G; g++)
-        for (int k = 0; k < B; k++) { sa[g * B + k] = sg[g]; ea[g * B + k] = eg[g]; }
 }
 
 /* out[off .. off+n) = the quantized x[off .. off+n), element i scaled by sg[(off + i) / B] (eg likewise;
@@ -94,10 +102,8 @@ static void quant_span(const void *x, void *out, int64_t off, int64_t n, const f
     for (int64_t i0 = 0; i0 < n; i0 += SEG) {
         int64_t m = n - i0 < SEG ? n - i0 : SEG, g0 = i0 / B;
         int one = (i0 + m - 1) / B == g0; /* the whole segment lies in group g0 */
-        if (!one && i0 % B == 0 && m % B == 0 && (B == 16 || B == 32)) {
-            if (B == 16) expand_fixed(sg + g0, eg + g0, m / 16, sa, ea, 16);
-            else expand_fixed(sg + g0, eg + g0, m / 32, sa, ea, 32);
-        } else if (!one) {
+        int grp = !one && i0 % B == 0 && m % B == 0 && (B == 16 || B == 32) ? (int)B : 0; /* whole groups */
+        if (!one && !grp) {
             for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
                 int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
                 end = end < m ? end : m;
@@ -107,7 +113,8 @@ static void quant_span(const void *x, void *out, int64_t off, int64_t n, const f
         const float *src = direct ? (const float *)x + off + i0 : buf;
         float *dst = direct ? (float *)out + off + i0 : buf;
         if (!direct) load_f32(buf, x, off + i0, m, p->in_dtype);
-        quant_seg(src, dst, one ? NULL : sa, ea, sg[g0], eg[g0], m, use_e, p, key, idx0 + (uint32_t)i0, 1u);
+        quant_seg(src, dst, one ? NULL : (grp ? sg + g0 : sa), grp ? eg + g0 : ea, sg[g0], eg[g0], m, use_e, p, key,
+                  idx0 + (uint32_t)i0, 1u, grp);
         if (!direct) store_f32(out, off + i0, buf, m, odt);
     }
 }
@@ -356,7 +363,7 @@ static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64
             const float *src = direct ? (const float *)x + m * N + n : buf;
             float *dst = direct ? (float *)out + m * N + n : buf;
             if (!direct) load_f32(buf, x, m * N + n, len, p->in_dtype);
-            quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, p->reciprocal, p, key, idx, (uint32_t)M);
+            quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, p->reciprocal, p, key, idx, (uint32_t)M, 0);
             if (!direct) store_f32(out, m * N + n, buf, len, odt);
             j0 += len;
         }
