@@ -28,7 +28,8 @@ QUANTIZERS = {"nvfp4 1x16": T("e2m1", "tile", 16, "e4m3"),
               "mxfp4 1x32": T("e2m1", "tile", 32, "e8m0"),
               "quartet dY (SR, x4/3)": T("e2m1", "tile", 32, "e8m0", rounding="stochastic", scale_mult=4 / 3),
               "QuEST 1x32": T("e2m1", "tile", 32, "e8m0", scale_rule="quest"),
-              "e2m1 row": T("e2m1", "row")}
+              "e2m1 row": T("e2m1", "row"), "fp8 1x128": T("e4m3", "tile", 128),
+              "fp8 1x128 e8m0 ceil": T("e4m3", "tile", 128, "e8m0", scale_round="ceil")}
 
 
 def build(src_dir: Path, out: Path):

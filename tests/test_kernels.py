@@ -781,3 +781,18 @@ def test_quest_vector_path_property(B, dtype, rows, cols, data):
     with pytest.MonkeyPatch.context() as mp:
         ref, got = both(mp, lambda: fake_quantize_with_scales(x, q))
     assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q", [T("e4m3", "tile", 128), T("e4m3", "tile", 64, "e8m0", scale_round="ceil"),
+                               T("e2m1", "tile", 128, "e4m3", rounding="stochastic"), T("e4m3", "block", 128),
+                               T("e5m2", "tile", 256, reciprocal=True)], ids=qid)
+def test_wide_groups_bitwise(monkeypatch, q, dtype):
+    """Groups of 64..256 elements (fp8-block's 1×128 tiles and 128×128 blocks): quant.c's whole-group loop with a
+    runtime length, several groups per staging segment (bugs caught: the first group's scale used for all of a
+    segment, the rng index restarted per group)."""
+    x = nasty((128, 512), dtype, seed=11)
+    for t in (x, torch.where(x.isfinite(), x, 0)):  # NaN/inf make their groups (NVFP4: the tensor) NaN
+        ref, got = both(monkeypatch, lambda t=t: fake_quantize_with_scales(t, q, torch.Generator().manual_seed(2)))
+        assert bits_equal(ref[0], got[0]) and bits_equal(ref[1], got[1])
+    assert not ref[0].isnan().any()  # the second tensor really quantized (no NaN group)

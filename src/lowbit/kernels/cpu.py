@@ -1,5 +1,5 @@
-"""Build and load the compiled CPU kernels (quant.c, fos.c, quest.c, stats.c, occ.c, dge.c, rotate.c) as one C library
-called through ctypes.
+"""Build and load the compiled CPU kernels (quant.c, cols.c, fos.c, quest.c, stats.c, occ.c, dge.c, rotate.c) as one C
+library called through ctypes.
 
 Why this route (measured on a 2-core EPYC): `gcc -O3` of the sources takes about seven seconds (one compiler per
 source in parallel, then one link; quant.c's flag-specialised loops are most of it), where
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lowbit._io import cache_root
 
-SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "fos.c", "quest.c", "stats.c", "occ.c", "dge.c", "rotate.c")]  # include common.h
+SOURCES = [Path(__file__).with_name(n) for n in ("quant.c", "cols.c", "fos.c", "quest.c", "stats.c", "occ.c", "dge.c", "rotate.c")]  # include common.h
 HEADERS = [Path(__file__).with_name("common.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _LOCK = threading.Lock()

@@ -30,6 +30,9 @@ float lb_absmax(const void *x, int64_t n, int32_t dt, int32_t nthreads) {
 
 /* --- the element pass: v = x / s (or x * e), round, [* s] -------------------------------------- */
 
+/* One element: x scaled by s (USE_E: multiplied by e), saturated, rounded, inf kept (e5m2), dequantized; idx its
+ * rng index. The flags are compile-time constants at every call (see quant_seg), so each combination compiles to
+ * its own branch-free loop that the compiler vectorises. */
 static inline __attribute__((always_inline)) float elem(
         float x, float s, float e, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx,
         const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
@@ -49,10 +52,13 @@ static inline __attribute__((always_inline)) float elem(
     return DQ ? v * s : v;
 }
 
+/* dst[0..n) = elem(src[i]) with one scale s0 (e0) (ARR = 0), per-element scales sa[i] (ea[i]) (ARR = 1), or one
+ * broadcast scale per whole group, sa[g] (ea[g]), of ARR = 16 or 32 elements or (ARR = 2) of gl elements; fp32,
+ * dst may be src. idx0: the rng index of src[0] within its chunk, istr: the index step between elements. */
 static inline __attribute__((always_inline)) void seg_impl(
         const float *src, float *dst, const float *restrict sa, const float *restrict ea, float s0, float e0,
         int64_t n, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx0, uint32_t istr,
-        const int ARR, const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
+        int64_t gl, const int ARR, const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
     if (ARR == 16 || ARR == 32) {
         for (int64_t g = 0; g < n / ARR; g++) {
             float s = sa[g], e = USE_E ? ea[g] : 1.0f;
@@ -64,19 +70,31 @@ static inline __attribute__((always_inline)) void seg_impl(
         }
         return;
     }
+    if (ARR == 2) { /* whole groups of gl elements (a runtime length, >= 64) */
+        for (int64_t g = 0; g < n / gl; g++) {
+            float s = sa[g], e = USE_E ? ea[g] : 1.0f;
+            const float *sp = src + g * gl;
+            float *dp = dst + g * gl;
+            uint32_t i0 = idx0 + (uint32_t)(g * gl) * istr;
+            for (int64_t j = 0; j < gl; j++)
+                dp[j] = elem(sp[j], s, e, fmax, mn, k, sub, key, i0 + (uint32_t)j * istr, USE_E, SAT, INF, DQ, SR);
+        }
+        return;
+    }
     for (int64_t i = 0; i < n; i++)
         dst[i] = elem(src[i], ARR ? sa[i] : s0, USE_E ? (ARR ? ea[i] : e0) : 1.0f, fmax, mn, k, sub, key,
                       idx0 + (uint32_t)i * istr, USE_E, SAT, INF, DQ, SR);
 }
 
 #define SEG_SR(A, UE, SAT, INF, DQ) \
-    (p->stochastic ? seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, A, UE, SAT, INF, DQ, 1) \
-                   : seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, A, UE, SAT, INF, DQ, 0))
+    (p->stochastic ? seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, grp, A, UE, SAT, INF, DQ, 1) \
+                   : seg_impl(src, dst, sa, ea, s0, e0, n, fmax, mn, k, sub, key, idx0, istr, grp, A, UE, SAT, INF, DQ, 0))
 #define SEG_DQ(A, UE, SAT, INF) (p->dequant ? SEG_SR(A, UE, SAT, INF, 1) : SEG_SR(A, UE, SAT, INF, 0))
 #define SEG_INF(A, UE, SAT) (p->has_inf ? SEG_DQ(A, UE, SAT, 1) : SEG_DQ(A, UE, SAT, 0))
 #define SEG_SAT(A, UE) (p->saturate ? SEG_INF(A, UE, 1) : SEG_INF(A, UE, 0))
 
-/* sa == NULL: one scale s0 (e0) for all n elements; else per-element scales sa (ea). */
+/* sa == NULL: one scale s0 (e0) for all n elements; grp = 0: per-element scales sa (ea); grp = 16, 32 or a
+ * multiple of 16 from 64: one scale per group of grp elements (n a multiple of grp). */
 static void quant_seg(const float *src, float *dst, const float *sa, const float *ea, float s0, float e0,
                       int64_t n, int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr, int grp) {
     const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits), sub = ldexpf(1.0f, -p->mbits);
@@ -87,6 +105,8 @@ static void quant_seg(const float *src, float *dst, const float *sa, const float
         if (use_e) SEG_SAT(16, 1); else SEG_SAT(16, 0);
     } else if (grp == 32) {
         if (use_e) SEG_SAT(32, 1); else SEG_SAT(32, 0);
+    } else if (grp) {
+        if (use_e) SEG_SAT(2, 1); else SEG_SAT(2, 0);
     } else {
         if (use_e) SEG_SAT(1, 1); else SEG_SAT(1, 0);
     }
@@ -102,7 +122,8 @@ static void quant_span(const void *x, void *out, int64_t off, int64_t n, const f
     for (int64_t i0 = 0; i0 < n; i0 += SEG) {
         int64_t m = n - i0 < SEG ? n - i0 : SEG, g0 = i0 / B;
         int one = (i0 + m - 1) / B == g0; /* the whole segment lies in group g0 */
-        int grp = !one && i0 % B == 0 && m % B == 0 && (B == 16 || B == 32) ? (int)B : 0; /* whole groups */
+        int grp = !one && i0 % B == 0 && m % B == 0 && (B == 16 || B == 32 || (B >= 64 && B % 16 == 0))
+                  ? (int)B : 0; /* whole groups */
         if (!one && !grp) {
             for (int64_t i = 0; i < m;) { /* expand the group scales over this segment */
                 int64_t g = (i0 + i) / B, end = (g + 1) * B - i0;
@@ -333,65 +354,8 @@ int lb_quant_groups(const void *x, void *out, int64_t R, int64_t G, int64_t B, i
     return failed; /* nonzero: a work buffer could not be allocated, the output is incomplete */
 }
 
-/* --- along columns: the transposed variants ------------------------------------------------- */
-
-/* Columns [n0, n1) of rows [m0, m0 + L) of x [M, N]: groups run down the columns (L rows each, `bw` columns
- * wide for blocks). The same numbers as quantizing the rows of the transposed copy xᵀ [N, M] (its rng
- * index of element (m, n) is (n - chunk start)·M + m, its chunks are chunk_rows rows of xᵀ). */
-static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64_t m0, int64_t L, int64_t bw,
-                           int64_t n0, int64_t n1, const lb_params *p, float *scales, float *sg, float *eg,
-                           uint32_t *am) {
-    int64_t w = n1 - n0;
-    float buf[SEG];
-    int odt = p->dequant ? p->out_dtype : LB_F32, direct = p->in_dtype == LB_F32 && odt == LB_F32;
-    group_absmax(x, m0 * N + n0, N, L, w, 1, p->in_dtype, am); /* w one-column groups over L rows */
-    for (int64_t j = 0; j < w; j += bw) { /* a block's columns share one scale */
-        uint32_t b = 0;
-        for (int64_t t = j; t < j + bw; t++) b = am[t] > b ? am[t] : b;
-        for (int64_t t = j; t < j + bw; t++) am[t] = b;
-    }
-    group_scales(am, w, p, sg, eg);
-    if (scales)
-        for (int64_t j = 0; j < w; j += bw) scales[(m0 / L) * (N / bw) + (n0 + j) / bw] = sg[j];
-    for (int64_t m = m0; m < m0 + L; m++) {
-        for (int64_t j0 = 0; j0 < w;) { /* segments that stay inside one rng chunk of xᵀ's rows */
-            int64_t n = n0 + j0, c = n / p->chunk_rows, end = (c + 1) * p->chunk_rows - n0;
-            int64_t len = w - j0 < SEG ? w - j0 : SEG;
-            len = end - j0 < len ? end - j0 : len;
-            uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
-            uint32_t idx = (uint32_t)((n - c * p->chunk_rows) * M + m);
-            const float *src = direct ? (const float *)x + m * N + n : buf;
-            float *dst = direct ? (float *)out + m * N + n : buf;
-            if (!direct) load_f32(buf, x, m * N + n, len, p->in_dtype);
-            quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, p->reciprocal, p, key, idx, (uint32_t)M, 0);
-            if (!direct) store_f32(out, m * N + n, buf, len, odt);
-            j0 += len;
-        }
-    }
-}
-
-/* x [M, N] quantized in groups of L consecutive rows down each column (L = M: one group per column,
- * "row" of xᵀ; L = b: "tile"; with bw = b: "block"). scales: fp32 [M / L, N / bw]. Threads split the
- * panels of L rows, or, with one panel, the columns (in multiples of bw). */
-int lb_quant_cols(const void *x, void *out, int64_t M, int64_t N, int64_t L, int64_t bw, const lb_params *p,
-                   float *scales) {
-    int64_t npan = M / L, nt = p->nthreads > 0 ? p->nthreads : 1;
-    int64_t ncol = npan >= nt ? 1 : nt, cw = ((N / ncol + bw - 1) / bw) * bw; /* column range per task */
-    if (cw == 0) cw = N;
-    int64_t ntask = npan * ((N + cw - 1) / cw);
-    int failed = 0;
-    #pragma omp parallel num_threads(p->nthreads) if (M * N > (1 << 16)) reduction(|:failed)
-    {
-        float *sg = malloc((size_t)cw * 2 * sizeof(float));
-        uint32_t *am = malloc((size_t)cw * sizeof(uint32_t));
-        failed |= sg == NULL || am == NULL;
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < ntask; t++) {
-            int64_t pan = t % npan, n0 = (t / npan) * cw, n1 = n0 + cw < N ? n0 + cw : N;
-            if (sg && am) quant_colpanel(x, out, M, N, pan * L, L, bw, n0, n1, p, scales, sg, sg + cw, am);
-        }
-        free(sg);
-        free(am);
-    }
-    return failed;
+/* quant_seg for other translation units (cols.c). */
+void lb_quant_seg(const float *src, float *dst, const float *sa, const float *ea, float s0, float e0, int64_t n,
+                  int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr, int grp) {
+    quant_seg(src, dst, sa, ea, s0, e0, n, use_e, p, key, idx0, istr, grp);
 }
