@@ -1,5 +1,5 @@
 """A/B two versions of the CPU kernel sources in one process: each built into its own library, the same group
-quantizer calls on the same [512, 3072] bf16 tensor timed interleaved (1 thread, median of 25), and whether the
+quantizer calls (lb_quant_groups, or lb_quant_fos for "4 over 6") on the same [512, 3072] bf16 tensor timed interleaved (1 thread, median of 25), and whether the
 two wrote the same bits. For kernel work, where run-to-run noise on a shared 2-core machine (±10%) hides
 the 10-20% a change is worth.
 
@@ -29,7 +29,9 @@ QUANTIZERS = {"nvfp4 1x16": T("e2m1", "tile", 16, "e4m3"),
               "quartet dY (SR, x4/3)": T("e2m1", "tile", 32, "e8m0", rounding="stochastic", scale_mult=4 / 3),
               "QuEST 1x32": T("e2m1", "tile", 32, "e8m0", scale_rule="quest"),
               "e2m1 row": T("e2m1", "row"), "fp8 1x128": T("e4m3", "tile", 128),
-              "fp8 1x128 e8m0 ceil": T("e4m3", "tile", 128, "e8m0", scale_round="ceil")}
+              "fp8 1x128 e8m0 ceil": T("e4m3", "tile", 128, "e8m0", scale_round="ceil"),
+              "nvfp4 4over6 1x16": T("e2m1", "tile", 16, "e4m3", four_over_six=True),
+              "nvfp4 4over6 1x16 SR": T("e2m1", "tile", 16, "e4m3", rounding="stochastic", four_over_six=True)}
 
 
 def build(src_dir: Path, out: Path):
@@ -45,11 +47,12 @@ def run(lib, x: torch.Tensor, q: T):
     B = q.block or C
     out, scales = torch.empty_like(x), torch.empty(R, C // B)
     t = K.absmax(x) if q.scale_fmt == "e4m3" else None
-    p, keys = K._params(q, get_format(q.fmt), x, out, True, True, None, 1, R, t)
+    p, keys = K._params(q, get_format(q.fmt), x, out, True, True, None, 2 if q.four_over_six else 1, R, t)
     for i in range(len(keys)):
         keys[i] = 12345 + i
+    fn = lib.lb_quant_fos if q.four_over_six else lib.lb_quant_groups  # "4 over 6": fos.c
     t0 = time.perf_counter()
-    lib.lb_quant_groups(x.data_ptr(), out.data_ptr(), R, C // B, B, 1, ctypes.byref(p), scales.data_ptr())
+    fn(x.data_ptr(), out.data_ptr(), R, C // B, B, 1, ctypes.byref(p), scales.data_ptr())
     return time.perf_counter() - t0, out, scales
 
 

@@ -1,5 +1,5 @@
-/* Shared pieces of lowbit's CPU kernels (quant.c, stats.c, occ.c): dtype codes, exact dtype conversion,
- * bit-pattern absmax. Everything here is static inline: each translation unit keeps its own copy. */
+/* Shared pieces of lowbit's CPU kernels (every *.c here): dtype codes, exact dtype conversion, bit-pattern absmax,
+ * the 16-lane pairwise sum. Everything here is static inline: each translation unit keeps its own copy. */
 #ifndef LOWBIT_KERNELS_COMMON_H
 #define LOWBIT_KERNELS_COMMON_H
 
@@ -100,6 +100,26 @@ static inline float load_any(const void *p, int64_t i, int dt) {
     if (dt == LB_F32) return ((const float *)p)[i];
     if (dt == LB_BF16) return u2f((uint32_t)((const uint16_t *)p)[i] << 16);
     return (float)((const _Float16 *)p)[i];
+}
+
+/* --- pairwise sums in vectors ----------------------------------------------------------------- */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* The pairwise sum of a vector's 16 lanes: lane j adds lane j ^ h for h = 1, 2, 4, 8, so lane 0 ends with
+ * ((v0 + v1) + (v2 + v3)) + ..., the tree groups.tree_sum builds (fp32 addition commutes exactly). GCC vector
+ * extensions: permutes on AVX-512, pairs of them on AVX2. Used by quest.c (QuEST's std) and fos.c ("4 over 6"). */
+static inline float tree16(v16f v) {
+    const v16i i1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    const v16i i2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const v16i i4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const v16i i8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    v = v + __builtin_shuffle(v, i1);
+    v = v + __builtin_shuffle(v, i2);
+    v = v + __builtin_shuffle(v, i4);
+    v = v + __builtin_shuffle(v, i8);
+    return v[0];
 }
 
 void lb_quest_scales(const void *x, int64_t off, int64_t G, int64_t B, int32_t dt, float c, const lb_params *p,

@@ -59,6 +59,45 @@ static inline __attribute__((always_inline)) void candidate_row(
     if (a != d) memcpy(d, a, (size_t)G * sizeof(float));
 }
 
+/* One row of 1x16 tiles, group by group with both candidates in registers (no per-element scale, error or pick
+ * arrays over the row): the same operations as candidate_row and fos_rowblock, in their order. xr: the row in
+ * fp32, o: its output (fp32, may be xr), sg: [2][G] the candidates' scales, sc: the row's chosen scales or NULL. */
+static inline __attribute__((always_inline)) void fos_row16_impl(
+        const float *xr, float *o, int64_t G, const float *sg, const lb_params *p, uint32_t idx0, float *sc,
+        const int SR) {
+    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
+    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
+    const uint32_t key0 = SR ? (uint32_t)p->keys[0] : 0u, key1 = SR ? (uint32_t)p->keys[1] : 0u;
+    for (int64_t g = 0; g < G; g++) {
+        float v[2][16], d[2][16], s[2] = {sg[g], sg[G + g]};
+        for (int m = 0; m < 2; m++)
+            for (int j = 0; j < 16; j++) {
+                float x = xr[g * 16 + j], q = x / s[m];
+                q = q < -fmax ? -fmax : (q > fmax ? fmax : q);
+                float E = u2f(f2u(q) & 0x7F800000u);
+                E = E < mn ? mn : E;
+                if (SR) {
+                    float step = E * sub;
+                    uint32_t h = hash32(idx0 + (uint32_t)(g * 16 + j), m ? key1 : key0);
+                    float u = (float)((h >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+                    q = floorf(q / step + u) * step;
+                } else {
+                    float c = E * k;
+                    q = (q + c) - c;
+                }
+                v[m][j] = q;
+                float t = q * s[m] - x;
+                d[m][j] = t * t;
+            }
+        v16f e0, e1;
+        memcpy(&e0, d[0], sizeof e0);
+        memcpy(&e1, d[1], sizeof e1);
+        int pick = tree16(e1) < tree16(e0); /* ties and NaN: "to 6"; the pairwise tree of common.h */
+        if (sc) sc[g] = s[pick];
+        for (int j = 0; j < 16; j++) o[g * 16 + j] = p->dequant ? v[pick][j] * s[pick] : v[pick][j];
+    }
+}
+
 /* Rows r0 .. r0 + nr of x as [R, G, B] (nr = 1, or B for square blocks). work: xb [nr·G·B] the rows in fp32
  * (then the output), v [2][nr·G·B] the rounded candidates, sa [2][G·B] their scales per element, d [2][G·B],
  * err [2][nr][G] the group errors, sg [2][G] the scales, eg [G] (unused encode factors), pk [G·B] the pick per
@@ -75,6 +114,13 @@ static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64
     for (int64_t g = 0; g < G; g++) am[G + g] = f2u(bits_value(am[g]) * 1.5f); /* quant: amax * 1.5 in fp32 */
     lb_group_scales(am, G, p, sg, eg);
     lb_group_scales(am + G, G, p, sg + G, eg);
+    if (nr == 1 && B == 16) { /* NVFP4's 1x16 tiles: the register path */
+        float *sc = scales ? scales + r0 * G : NULL;
+        if (p->stochastic) fos_row16_impl(xb, xb, G, sg, p, (uint32_t)(r0 * per_row), sc, 1);
+        else fos_row16_impl(xb, xb, G, sg, p, (uint32_t)(r0 * per_row), sc, 0);
+        store_f32(out, r0 * per_row, xb, per_row, p->dequant ? p->out_dtype : LB_F32);
+        return;
+    }
     for (int64_t g = 0; g < 2 * G; g++)  /* sa[m·G·B + g·B + k] = sg[m·G + g] */
         for (int64_t k = 0; k < B; k++) sa[g * B + k] = sg[g];
     for (int m = 0; m < 2; m++) {

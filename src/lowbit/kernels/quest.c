@@ -4,24 +4,7 @@
  * NaN or inf; then × the scale multiplier. */
 #include "common.h"
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-/* The pairwise sum of a vector's 16 lanes: lane j adds lane j ^ h for h = 1, 2, 4, 8, so lane 0 ends with
- * ((v0 + v1) + (v2 + v3)) + ..., the tree groups.tree_sum builds (fp32 addition commutes exactly). */
-static inline float tree16(v16f v) {
-    const v16i i1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    const v16i i2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-    const v16i i4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-    const v16i i8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-    v = v + __builtin_shuffle(v, i1);
-    v = v + __builtin_shuffle(v, i2);
-    v = v + __builtin_shuffle(v, i4);
-    v = v + __builtin_shuffle(v, i8);
-    return v[0];
-}
-
-/* (Σ v, Σ v²) over v[0..n), pairwise; n a power of two <= 64. */
+/* (Σ v, Σ v²) over v[0..n), pairwise (common.h's tree16 per 16 lanes); n a power of two <= 64. */
 static void tree_sums(const float *v, int n, float *sum, float *sq) {
     if (n >= 16) {
         float a[4], b[4];

@@ -8,8 +8,7 @@
 
 #define TILE 4096 /* floats in one staging tile (16 KiB: stays in L1) */
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+/* v16f, v16i: common.h */
 
 static inline void butterfly(float *restrict u, float *restrict v, int64_t W) {
     for (int64_t w = 0; w < W; w++) {
