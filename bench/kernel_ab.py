@@ -31,7 +31,8 @@ QUANTIZERS = {"nvfp4 1x16": T("e2m1", "tile", 16, "e4m3"),
               "e2m1 row": T("e2m1", "row"), "fp8 1x128": T("e4m3", "tile", 128),
               "fp8 1x128 e8m0 ceil": T("e4m3", "tile", 128, "e8m0", scale_round="ceil"),
               "nvfp4 4over6 1x16": T("e2m1", "tile", 16, "e4m3", four_over_six=True),
-              "nvfp4 4over6 1x16 SR": T("e2m1", "tile", 16, "e4m3", rounding="stochastic", four_over_six=True)}
+              "nvfp4 4over6 1x16 SR": T("e2m1", "tile", 16, "e4m3", rounding="stochastic", four_over_six=True),
+              "nvfp4 4over6 16x16": T("e2m1", "block", 16, "e4m3", four_over_six=True)}
 
 
 def build(src_dir: Path, out: Path):
@@ -45,14 +46,15 @@ def run(lib, x: torch.Tensor, q: T):
     """(seconds of one lb_quant_groups call, its output, its scales) for x [R, C] bf16 under q (fixed SR keys)."""
     R, C = x.shape
     B = q.block or C
-    out, scales = torch.empty_like(x), torch.empty(R, C // B)
+    out, scales = torch.empty_like(x), torch.empty(R // (B if q.granularity == "block" else 1), C // B)
     t = K.absmax(x) if q.scale_fmt == "e4m3" else None
     p, keys = K._params(q, get_format(q.fmt), x, out, True, True, None, 2 if q.four_over_six else 1, R, t)
     for i in range(len(keys)):
         keys[i] = 12345 + i
     fn = lib.lb_quant_fos if q.four_over_six else lib.lb_quant_groups  # "4 over 6": fos.c
     t0 = time.perf_counter()
-    fn(x.data_ptr(), out.data_ptr(), R, C // B, B, 1, ctypes.byref(p), scales.data_ptr())
+    brows = B if q.granularity == "block" else 1
+    fn(x.data_ptr(), out.data_ptr(), R, C // B, B, brows, ctypes.byref(p), scales.data_ptr())
     return time.perf_counter() - t0, out, scales
 
 

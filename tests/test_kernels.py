@@ -788,13 +788,16 @@ def test_quest_vector_path_property(B, dtype, rows, cols, data):
                                T("e2m1", "tile", 128, "e4m3", rounding="stochastic"), T("e4m3", "block", 128),
                                T("e5m2", "tile", 256, reciprocal=True),
                                T("e2m1", "tile", 16, "e4m3", four_over_six=True),
-                               T("e2m1", "tile", 16, "e4m3", rounding="stochastic", four_over_six=True)], ids=qid)
+                               T("e2m1", "tile", 16, "e4m3", rounding="stochastic", four_over_six=True),
+                               T("e2m1", "block", 16, "e4m3", four_over_six=True),
+                               T("e2m1", "block", 16, "e4m3", rounding="stochastic", four_over_six=True)], ids=qid)
 def test_wide_groups_bitwise(monkeypatch, q, dtype):
     """Groups of 64..256 elements (fp8-block's 1×128 tiles and 128×128 blocks): quant.c's whole-group loop with a
     runtime length, several groups per staging segment (bugs caught: the first group's scale used for all of a
-    segment, the rng index restarted per group); and NVFP4 "4 over 6" on 1×16 tiles, fos.c's register path
-    (bugs caught: the candidates' keys swapped, a tie picking "to 4", the error tree pairing lanes j, j + 8
-    first)."""
+    segment, the rng index restarted per group); and NVFP4 "4 over 6" on 1×16 tiles and 16×16 blocks, fos.c's
+    group-by-group paths (bugs caught: the candidates' keys swapped, a tie picking "to 4", a block row's rng
+    index taken as its tile's). Their pairwise error trees are common.h's tree16, whose order the QuEST
+    summation-order test pins; random data does not discriminate the order of a block's 16 row sums."""
     x = nasty((128, 512), dtype, seed=11)
     for t in (x, torch.where(x.isfinite(), x, 0)):  # NaN/inf make their groups (NVFP4: the tensor) NaN
         ref, got = both(monkeypatch, lambda t=t: fake_quantize_with_scales(t, q, torch.Generator().manual_seed(2)))

@@ -59,6 +59,34 @@ static inline __attribute__((always_inline)) void candidate_row(
     if (a != d) memcpy(d, a, (size_t)G * sizeof(float));
 }
 
+/* Both candidates of 16 elements x (scales s[0], s[1]): the rounded values v[m][j] and squared errors d[m][j],
+ * the operations of candidate_row in its order. idx0: the rng index of x[0]. */
+static inline __attribute__((always_inline)) void cand16(
+        const float *x, const float *s, float v[2][16], float d[2][16], const lb_params *p, uint32_t idx0,
+        uint32_t key0, uint32_t key1, const int SR) {
+    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
+    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
+    for (int m = 0; m < 2; m++)
+        for (int j = 0; j < 16; j++) {
+            float q = x[j] / s[m];
+            q = q < -fmax ? -fmax : (q > fmax ? fmax : q);
+            float E = u2f(f2u(q) & 0x7F800000u);
+            E = E < mn ? mn : E;
+            if (SR) {
+                float step = E * sub;
+                uint32_t h = hash32(idx0 + (uint32_t)j, m ? key1 : key0);
+                float u = (float)((h >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+                q = floorf(q / step + u) * step;
+            } else {
+                float c = E * k;
+                q = (q + c) - c;
+            }
+            v[m][j] = q;
+            float t = q * s[m] - x[j];
+            d[m][j] = t * t;
+        }
+}
+
 /* One row of 1x16 tiles, group by group with both candidates in registers (no per-element scale, error or pick
  * arrays over the row): the same operations as candidate_row and fos_rowblock, in their order. xr: the row in
  * fp32, o: its output (fp32, may be xr), sg: [2][G] the candidates' scales, sc: the row's chosen scales or NULL. */
@@ -98,6 +126,42 @@ static inline __attribute__((always_inline)) void fos_row16_impl(
     }
 }
 
+/* NVFP4's 16x16 blocks (NR = 16) block by block, both candidates kept per block only: each row's error by the
+ * pairwise tree over its 16 elements, the block's by the same tree over its 16 rows (common.h's tree16,
+ * groups.tree_sum's order). xb: the NR rows in fp32 (row stride n = G·16; overwritten by the output), sg: [2][G]
+ * the candidates' scales, sc: the chosen scales (G of them) or NULL, idx0: the rng index of xb[0]. (1x16 tiles:
+ * fos_row16_impl, whose single-row loop measured faster than this one with NR = 1.) */
+static inline __attribute__((always_inline)) void fos16_impl(
+        float *xb, int64_t G, const float *sg, const lb_params *p, uint32_t idx0, float *sc, const int NR,
+        const int SR) {
+    const uint32_t key0 = SR ? (uint32_t)p->keys[0] : 0u, key1 = SR ? (uint32_t)p->keys[1] : 0u;
+    const int64_t n = G * 16;
+    for (int64_t g = 0; g < G; g++) {
+        float v[NR][2][16], d[2][16], er[2][16], s[2] = {sg[g], sg[G + g]};
+        for (int r = 0; r < NR; r++) {
+            cand16(xb + r * n + g * 16, s, v[r], d, p, idx0 + (uint32_t)(r * n + g * 16), key0, key1, SR);
+            v16f e0, e1;
+            memcpy(&e0, d[0], sizeof e0);
+            memcpy(&e1, d[1], sizeof e1);
+            er[0][r] = tree16(e0);
+            er[1][r] = tree16(e1);
+        }
+        float E0 = er[0][0], E1 = er[1][0];
+        if (NR == 16) {
+            v16f b0, b1;
+            memcpy(&b0, er[0], sizeof b0);
+            memcpy(&b1, er[1], sizeof b1);
+            E0 = tree16(b0);
+            E1 = tree16(b1);
+        }
+        int pick = E1 < E0; /* ties and NaN: "to 6" */
+        if (sc) sc[g] = s[pick];
+        for (int r = 0; r < NR; r++)
+            for (int j = 0; j < 16; j++)
+                xb[r * n + g * 16 + j] = p->dequant ? v[r][pick][j] * s[pick] : v[r][pick][j];
+    }
+}
+
 /* Rows r0 .. r0 + nr of x as [R, G, B] (nr = 1, or B for square blocks). work: xb [nr·G·B] the rows in fp32
  * (then the output), v [2][nr·G·B] the rounded candidates, sa [2][G·B] their scales per element, d [2][G·B],
  * err [2][nr][G] the group errors, sg [2][G] the scales, eg [G] (unused encode factors), pk [G·B] the pick per
@@ -114,11 +178,14 @@ static void fos_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64
     for (int64_t g = 0; g < G; g++) am[G + g] = f2u(bits_value(am[g]) * 1.5f); /* quant: amax * 1.5 in fp32 */
     lb_group_scales(am, G, p, sg, eg);
     lb_group_scales(am + G, G, p, sg + G, eg);
-    if (nr == 1 && B == 16) { /* NVFP4's 1x16 tiles: the register path */
-        float *sc = scales ? scales + r0 * G : NULL;
-        if (p->stochastic) fos_row16_impl(xb, xb, G, sg, p, (uint32_t)(r0 * per_row), sc, 1);
-        else fos_row16_impl(xb, xb, G, sg, p, (uint32_t)(r0 * per_row), sc, 0);
-        store_f32(out, r0 * per_row, xb, per_row, p->dequant ? p->out_dtype : LB_F32);
+    if (B == 16 && (nr == 1 || nr == 16)) { /* NVFP4's 1x16 tiles and 16x16 blocks: group by group */
+        float *sc = scales ? scales + (r0 / nr) * G : NULL;
+        uint32_t i0 = (uint32_t)(r0 * per_row);
+        if (nr == 1 && p->stochastic) fos_row16_impl(xb, xb, G, sg, p, i0, sc, 1);
+        else if (nr == 1) fos_row16_impl(xb, xb, G, sg, p, i0, sc, 0);
+        else if (p->stochastic) fos16_impl(xb, G, sg, p, i0, sc, 16, 1);
+        else fos16_impl(xb, G, sg, p, i0, sc, 16, 0);
+        store_f32(out, r0 * per_row, xb, n, p->dequant ? p->out_dtype : LB_F32);
         return;
     }
     for (int64_t g = 0; g < 2 * G; g++)  /* sa[m·G·B + g·B + k] = sg[m·G + g] */
