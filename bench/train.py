@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
+from _results import corpus_file, cpu_description, load_avg, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{platform.machine()} CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        where = f"{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     text = "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}`", "",
