@@ -93,30 +93,10 @@ static inline __attribute__((always_inline)) void cand16(
 static inline __attribute__((always_inline)) void fos_row16_impl(
         const float *xr, float *o, int64_t G, const float *sg, const lb_params *p, uint32_t idx0, float *sc,
         const int SR) {
-    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
-    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
     const uint32_t key0 = SR ? (uint32_t)p->keys[0] : 0u, key1 = SR ? (uint32_t)p->keys[1] : 0u;
     for (int64_t g = 0; g < G; g++) {
         float v[2][16], d[2][16], s[2] = {sg[g], sg[G + g]};
-        for (int m = 0; m < 2; m++)
-            for (int j = 0; j < 16; j++) {
-                float x = xr[g * 16 + j], q = x / s[m];
-                q = q < -fmax ? -fmax : (q > fmax ? fmax : q);
-                float E = u2f(f2u(q) & 0x7F800000u);
-                E = E < mn ? mn : E;
-                if (SR) {
-                    float step = E * sub;
-                    uint32_t h = hash32(idx0 + (uint32_t)(g * 16 + j), m ? key1 : key0);
-                    float u = (float)((h >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
-                    q = floorf(q / step + u) * step;
-                } else {
-                    float c = E * k;
-                    q = (q + c) - c;
-                }
-                v[m][j] = q;
-                float t = q * s[m] - x;
-                d[m][j] = t * t;
-            }
+        cand16(xr + g * 16, s, v, d, p, idx0 + (uint32_t)(g * 16), key0, key1, SR);
         v16f e0, e1;
         memcpy(&e0, d[0], sizeof e0);
         memcpy(&e1, d[1], sizeof e1);

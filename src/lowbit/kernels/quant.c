@@ -59,25 +59,14 @@ static inline __attribute__((always_inline)) void seg_impl(
         const float *src, float *dst, const float *restrict sa, const float *restrict ea, float s0, float e0,
         int64_t n, float fmax, float mn, float k, float sub, uint32_t key, uint32_t idx0, uint32_t istr,
         int64_t gl, const int ARR, const int USE_E, const int SAT, const int INF, const int DQ, const int SR) {
-    if (ARR == 16 || ARR == 32) {
-        for (int64_t g = 0; g < n / ARR; g++) {
+    if (ARR == 16 || ARR == 32 || ARR == 2) { /* whole groups; 16 and 32 stay compile-time lengths */
+        const int64_t L = ARR == 2 ? gl : ARR;
+        for (int64_t g = 0; g < n / L; g++) {
             float s = sa[g], e = USE_E ? ea[g] : 1.0f;
-            const float *sp = src + g * ARR;
-            float *dp = dst + g * ARR;
-            uint32_t i0 = idx0 + (uint32_t)(g * ARR) * istr;
-            for (int j = 0; j < ARR; j++)
-                dp[j] = elem(sp[j], s, e, fmax, mn, k, sub, key, i0 + (uint32_t)j * istr, USE_E, SAT, INF, DQ, SR);
-        }
-        return;
-    }
-    if (ARR == 2) { /* whole groups of gl elements (a runtime length, >= 64) */
-        for (int64_t g = 0; g < n / gl; g++) {
-            float s = sa[g], e = USE_E ? ea[g] : 1.0f;
-            const float *sp = src + g * gl;
-            float *dp = dst + g * gl;
-            uint32_t i0 = idx0 + (uint32_t)(g * gl) * istr;
-            for (int64_t j = 0; j < gl; j++)
-                dp[j] = elem(sp[j], s, e, fmax, mn, k, sub, key, i0 + (uint32_t)j * istr, USE_E, SAT, INF, DQ, SR);
+            uint32_t i0 = idx0 + (uint32_t)(g * L) * istr;
+            for (int64_t j = 0; j < L; j++)
+                dst[g * L + j] = elem(src[g * L + j], s, e, fmax, mn, k, sub, key, i0 + (uint32_t)j * istr, USE_E,
+                                      SAT, INF, DQ, SR);
         }
         return;
     }

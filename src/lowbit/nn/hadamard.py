@@ -71,13 +71,18 @@ def rotate_reference(src: torch.Tensor, dim0: bool, n: int, signs: torch.Tensor 
     return x3.reshape(buf.shape)
 
 
+def _rotate_eager(src, dim0: bool, n: int, signs, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """The C kernel where it applies, else the reference (rotate_reference's arguments, output in dtype)."""
+    out = rotate_physical(src, dim0, n, signs, 1 / math.sqrt(n), pad, dtype)
+    return rotate_reference(src, dim0, n, signs, pad).to(dtype) if out is None else out
+
+
 def _rotate_op():
     """torch.ops.lowbit.rotate (opaque under torch.compile: the C kernel or the reference), or None (one warning)
     where this torch's custom_op cannot take the signature: compiled code then traces the reference."""
     def impl(src: torch.Tensor, dim0: bool, n: int, signs: torch.Tensor | None, pad: int,
              dtype: torch.dtype) -> torch.Tensor:
-        out = rotate_physical(src, dim0, n, signs, 1 / math.sqrt(n), pad, dtype)
-        return rotate_reference(src, dim0, n, signs, pad).to(dtype) if out is None else out
+        return _rotate_eager(src, dim0, n, signs, pad, dtype)
 
     def fake(src, dim0, n, signs, pad, dtype):
         A, B = src.shape
@@ -98,8 +103,7 @@ _ROTATE_OP = _rotate_op()
 def _rotate_physical(src, dim0: bool, n: int, signs, pad: int, dtype: torch.dtype) -> torch.Tensor:
     if _ROTATE_OP is not None and torch.compiler.is_compiling():
         return _ROTATE_OP(src, dim0, n, signs, pad, dtype)
-    out = rotate_physical(src, dim0, n, signs, 1 / math.sqrt(n), pad, dtype)
-    return rotate_reference(src, dim0, n, signs, pad).to(dtype) if out is None else out
+    return _rotate_eager(src, dim0, n, signs, pad, dtype)
 
 
 def rotate_gemm(a: torch.Tensor, H: torch.Tensor, signs, pad: int) -> torch.Tensor:
