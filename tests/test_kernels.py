@@ -376,18 +376,6 @@ def test_occ_rows_quickselect_on_many_shapes(monkeypatch):
             assert bits_equal(_zero_sign_free(r), _zero_sign_free(k)), (K, alpha)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dense_to_csr_is_to_sparse_csr(dtype):
-    x = nasty((12, 40), dtype, seed=5)
-    x[x.float().abs() > 1] = 0.0  # mostly zeros, ±0 among them
-    x[1, 3], x[2, 4] = -0.0, math.nan
-    got = K.dense_to_csr(x, 1.0)
-    ref = x.float().to_sparse_csr()
-    assert torch.equal(got.crow_indices(), ref.crow_indices()) and torch.equal(got.col_indices(), ref.col_indices())
-    assert bits_equal(got.values(), ref.values()) and got.shape == ref.shape
-    assert K.dense_to_csr(torch.ones(4, 4, dtype=dtype), 0.25) is False  # too dense: the caller goes dense
-
-
 RECIPES = ["fp8-tensor", "fp8-tensor-delayed", "fp8-block", "fp8-rowwise", "mxfp8", "fp4-direct", "fp4-paper",
            "fp4-paper-allfp4", "mxfp4", "nvfp4", "nvfp4-4over6", "quartet"]
 

@@ -46,6 +46,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.formats import Format, get_format
+from lowbit.kernels import occ as occ_kernels
 
 # --- DGE -----------------------------------------------------------------------------------
 
@@ -76,7 +77,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def dge_derivative(x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: float = 5.0,
+def dge_derivative(x_scaled: torch.Tensor, fmt: str | Format = "e2m1", k: float = 5.0,
                    clamp: float = 3.0) -> torch.Tensor:
     """f'(x) of the DGE elementwise on the scaled weight (see the module docstring).
 
@@ -100,7 +101,7 @@ def dge_derivative(x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: floa
     return d.masked_fill_(a > fmt.max, 0.0)  # NaN stays NaN (NaN > max is False)
 
 
-def dge_apply(dw: torch.Tensor, x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: float = 5.0,
+def dge_apply(dw: torch.Tensor, x_scaled: torch.Tensor, fmt: str | Format = "e2m1", k: float = 5.0,
               clamp: float = 3.0) -> torch.Tensor:
     """dw.float() · dge_derivative(x_scaled, fmt, k, clamp): the weight gradient with the DGE factor, fp32 of
     dw's shape (on CPU fused by lowbit.kernels, the same values bit for bit)."""
@@ -112,7 +113,7 @@ def dge_apply(dw: torch.Tensor, x_scaled: torch.Tensor, fmt: "str | Format" = "e
     return fused if fused is not None else dw.float() * dge_derivative(x_scaled, fmt, k, clamp)
 
 
-def dge_function(x_scaled: torch.Tensor, fmt: "str | Format" = "e2m1", k: float = 5.0) -> torch.Tensor:
+def dge_function(x_scaled: torch.Tensor, fmt: str | Format = "e2m1", k: float = 5.0) -> torch.Tensor:
     """The DGE's smooth stand-in f(x) for the quantizer (module docstring), elementwise;
     ±fmt.max beyond the range. Used to check dge_derivative by finite differences and to
     plot the estimator. Returns fp32 (fp64 for fp64 input)."""
@@ -223,6 +224,12 @@ def occ_clamp(x: torch.Tensor, alpha: float = 0.99
     return xc, x - xc, lo, hi
 
 
+def occ_row_ranks(K: int, alpha: float) -> tuple[int, int]:
+    """The ranks (0-based, ascending) of the per-token bounds in a row of K: the authors' int((1−α)·K) and
+    int(α·K) (at most K − 1), in Python floats as their code computes them."""
+    return int((1 - alpha) * K), min(int(alpha * K), K - 1)
+
+
 def occ_clamp_rows(x: torch.Tensor, alpha: float = 0.99
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """OCC per token, as the FP4 paper's authors' code does it: clamp each row of x [M, K] to its own
@@ -237,8 +244,8 @@ def occ_clamp_rows(x: torch.Tensor, alpha: float = 0.99
     K = x.shape[1]
     if K == 0 or x.shape[0] == 0:
         raise ValueError("occ_clamp_rows needs a non-empty tensor, got shape " + str(tuple(x.shape)))
-    i_lo, i_hi = int((1 - alpha) * K), min(int(alpha * K), K - 1)  # Python floats, as the reference computes them
-    fused = kernels.occ_rows(x, i_lo, i_hi)  # CPU: the same values in one pass (lowbit.kernels)
+    i_lo, i_hi = occ_row_ranks(K, alpha)
+    fused = occ_kernels.occ_rows(x, i_lo, i_hi)  # CPU: the same values in one pass (lowbit.kernels)
     if fused is not None:
         return fused
     # sorted_row[i] from the two tails only: topk of the few extreme values is ~8x faster than a full sort

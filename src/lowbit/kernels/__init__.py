@@ -13,7 +13,7 @@ Covered: every format (E2M1, E1M2, E3M0, E4M3, E5M2), granularity (tensor, row, 
 absmax scale rule (fp32 divide or reciprocal, E8M0 floor or ceil, NVFP4's two-level E4M3 × fp32, the scale
 multiplier), round-to-nearest-even and stochastic rounding (the same counter-hash random numbers as
 lowbit.rng), fp32/bf16/fp16 in and out, along rows or (for a transposed view) along columns; beside them OCC
-per token with its CSR residual, DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
+per token with its sparse residual's products (occ.py), DGE's factor on dW, a sampled step's statistics, and NVFP4's "4 over 6" on
 tiles and square blocks of 2..64 (a power of two; fos.c), QuEST's σ scales on such tiles (quest.c), the Hadamard
 rotations (rotate.c, rotation.py). Not covered (eager): "4 over 6" per row or tensor; on GPUs (lowbit.kernels.triton_quant) stochastic rounding and the rules
 docs/gpu.md lists. Under torch.compile the opaque op lowbit::quantize calls them.
@@ -340,40 +340,6 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
         return torch.tensor(v, dtype=torch.float32)
     return {"nonfinite": f(nonfin / n), "amax": f(amax), "underflow": f(under / max(nz, 1.0)),
             "saturated": f(sat / n), "rel_err": f(err), "sqnr_db": f(-20 * math.log10(max(err, 1e-30)))}
-
-
-def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int):
-    """lowbit.estimators.occ_clamp_rows' (xc, residual, lo [M, 1], hi [M, 1]) for a contiguous CPU x [M, K] in
-    one pass (per-row order statistics by quickselect, clamp, residual); None where the kernel does not apply.
-    The same values; only the sign of a zero bound or clamped zero may differ (torch's own vectorised and
-    scalar maximum disagree there too), which no quantizer sees (zeros quantize to +0)."""
-    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in DTYPE_CODES
-                                         or not x.is_contiguous() or cpu_library() is None):
-        return None
-    M, K = x.shape
-    xc, res = torch.empty_like(x), torch.empty_like(x)
-    lo, hi = torch.empty((M, 1), dtype=x.dtype), torch.empty((M, 1), dtype=x.dtype)
-    _check(cpu_library().lb_occ_rows(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, i_lo, i_hi, xc.data_ptr(), res.data_ptr(),
-                              lo.data_ptr(), hi.data_ptr(), torch.get_num_threads()))
-    return xc, res, lo, hi
-
-
-def dense_to_csr(x: torch.Tensor, max_density: float):
-    """x [M, K] (contiguous CPU) as an fp32 sparse CSR tensor of its nonzeros (what x.float().to_sparse_csr()
-    gives: same pattern, NaN kept, ±0 dropped, int64 indices), or False when more than max_density of it is
-    nonzero; None where the kernel does not apply."""
-    if torch.compiler.is_compiling() or (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in DTYPE_CODES
-                                         or not x.is_contiguous() or cpu_library() is None):
-        return None
-    M, K = x.shape
-    crow = torch.empty(M + 1, dtype=torch.int64)
-    nnz = cpu_library().lb_csr_count(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, crow.data_ptr(), torch.get_num_threads())
-    if nnz > max_density * x.numel():
-        return False
-    col, val = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=torch.float32)
-    cpu_library().lb_csr_fill(x.data_ptr(), DTYPE_CODES[x.dtype], M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
-                       torch.get_num_threads())
-    return torch.sparse_csr_tensor(crow, col, val, (M, K))
 
 
 def dge_apply(dw: torch.Tensor, ws: torch.Tensor, fmt: Format, k: float, clamp: float):

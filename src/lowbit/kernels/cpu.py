@@ -106,15 +106,15 @@ def _load(path: Path):
     lib.lb_operand_stats.argtypes = [vp, i32, p64, p64, vp, i32, p64, p64, p64, p64, p64, vp, p64, p64, f32, i32,
                                      ctypes.POINTER(ctypes.c_double)]
     lib.lb_operand_stats.restype = None
-    lib.lb_csr_count.argtypes = [vp, i32, p64, p64, vp, i32]
-    lib.lb_csr_count.restype = p64
-    lib.lb_csr_fill.argtypes = [vp, i32, p64, p64, vp, vp, vp, i32]
-    lib.lb_csr_fill.restype = None
+    lib.lb_ell_mm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
+    lib.lb_ell_mm.restype = i32
+    lib.lb_ell_tmm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
+    lib.lb_ell_tmm.restype = None
     lib.lb_dge_arg.argtypes = [vp, p64, f32, f32, vp, i32]
     lib.lb_dge_arg.restype = None
     lib.lb_dge_finish.argtypes = [vp, vp, p64, p64, vp, i32, p64, p64, f32, f32, f32, vp, i32]
     lib.lb_dge_finish.restype = None
-    lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, i32]
+    lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, vp, vp, vp, p64, i32]
     lib.lb_occ_rows.restype = i32
     lib.lb_trust_mask.argtypes = [vp, i32, p64, p64, p64, vp, f32, vp, i32]
     lib.lb_trust_mask.restype = None

@@ -11,7 +11,7 @@ output would be rounded twice).
     forward weight divided by its scale (the same scale the forward GeMM used).
   * OCC (spec.occ_on): X is clamped to its [1−α, α] quantiles (per token, or over the tensor) before quantizing; with `compensate` the
     residual product ΔX·Wᵀ is added to Y, from ΔX and W in the compute dtype (not quantized) with fp32
-    accumulation (sparse CSR on CPU; dense elsewhere). The weight-gradient GeMM uses the *same* clamped
+    accumulation (sparse rows on CPU, lowbit.nn.residual; dense elsewhere). The weight-gradient GeMM uses the *same* clamped
     activation (quantized along tokens) plus the matching compensation dYᵀ·ΔX, so dW is the exact gradient
     of the compensated forward (the paper's reference code likewise reuses its compensated forward
     activation in the dW GeMM). dX is the straight-through Q(dY)·Q(W).
@@ -23,18 +23,15 @@ output would be rounded twice).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from lowbit import cpu_bf16, kernels
-from lowbit.estimators import dge_apply, occ_clamp, occ_clamp_rows
+from lowbit import cpu_bf16
+from lowbit.estimators import dge_apply
+from lowbit.nn import residual
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
-
-_SPARSE_MAX_DENSITY = 0.25  # CPU: below this density the OCC residual product uses CSR
 
 
 def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, generator=None, amax=None,
@@ -58,45 +55,6 @@ def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQua
     return out, amax
 
 
-def _csr(r: torch.Tensor) -> torch.Tensor | None:
-    """r as a CSR tensor (fp32 values, fp64 for fp64 r) if at most _SPARSE_MAX_DENSITY of it is nonzero, else
-    None."""
-    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
-        warnings.simplefilter("ignore", UserWarning)
-        s = kernels.dense_to_csr(r, _SPARSE_MAX_DENSITY)  # CPU: counted and filled in two passes
-        if s is None:
-            s = r.to(torch.promote_types(r.dtype, torch.float32)).to_sparse_csr()
-            s = s if s.values().numel() <= _SPARSE_MAX_DENSITY * r.numel() else False
-    return s if s is not False else None
-
-
-def _sparse_ok(res: torch.Tensor) -> bool:
-    # accelerators: a data-dependent sparse layout would cost a sync; under torch.compile it breaks the graph
-    return res.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def residual_mm(res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """res [M, K] · wᵀ [K, N], both in the compute dtype, accumulated in fp32 (or fp64): the OCC
-    compensation. On CPU the sparse residual goes through CSR in fp32 (exact products of the bf16
-    operands; about 6x faster than a dense GeMM at 2% density); elsewhere a dense GeMM."""
-    if _sparse_ok(res):
-        dt = torch.promote_types(res.dtype, torch.float32)
-        s = _csr(res)
-        if s is not None:
-            return s @ w.to(dt).t()
-    return cpu_bf16.linear(res, w)
-
-
-def residual_tmm(dy: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-    """dyᵀ [N, M] · res [M, K] (the OCC compensation of dW), as residual_mm."""
-    if _sparse_ok(res):
-        dt = torch.promote_types(res.dtype, torch.float32)
-        s = _csr(res)
-        if s is not None:
-            return (s.t() @ dy.to(dt)).t()
-    return cpu_bf16.mm(dy.t(), res)
-
-
 class QLinearFunction(torch.autograd.Function):
     """x2 [M, K] (any float dtype), weight [N, K], bias [N] or None, spec, state, cdtype -> Y [M, N] in cdtype."""
 
@@ -117,22 +75,26 @@ class QLinearFunction(torch.autograd.Function):
             wq, w_amax = quantize_operand(w, spec, "weight", state, gen)
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype).to(gemm_dtype))
         if res is not None and spec.occ.compensate:
-            comp = residual_mm(res, w).to(gemm_dtype)
+            comp = residual.mm(res, w).to(gemm_dtype)
             y += comp
             if observer is not None:
                 observer.record("fprop", "input", {"occ_residual_share": comp.float().norm() /
                                                    y.float().norm().clamp_min(1e-30)})
         ctx.spec, ctx.state, ctx.call, ctx.w_amax, ctx.x_dtype = spec, state, state.call_index, w_amax, x2.dtype
         ctx.cdtype, ctx.gemm_dtype = cdtype, gemm_dtype
-        ctx.occ, ctx.bias_dtype = lo is not None, None if bias is None else bias.dtype
-        keep_x = not spec.reuse_xq or ctx.occ or spec.wgrad_hp  # to requantize along tokens, rebuild ΔX, or dW
-        ctx.save_for_backward(x if keep_x else None, weight, xq if spec.reuse_xq else None,
-                              wq if spec.reuse_wq else None, lo, hi)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        keep_x = not spec.reuse_xq or lo is not None or spec.wgrad_hp  # to requantize along tokens, ΔX, or dW
+        # OCC: sparse rows keep the clamped x and ΔX (a few % more than x); a dense ΔX is rebuilt from x, lo, hi
+        ctx.occ = None if lo is None else "sparse" if isinstance(res, residual.SparseRows) else "dense"
+        occ_saved = (None, None, None) if lo is None else res[:3] if ctx.occ == "sparse" else (lo, hi, None)
+        ctx.occ_k = x.shape[1]
+        ctx.save_for_backward(xc if ctx.occ == "sparse" else x if keep_x else None, weight,
+                              xq if spec.reuse_xq else None, wq if spec.reuse_wq else None, *occ_saved)
         return y.to(cdtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, xq_saved, wq_saved, lo, hi = ctx.saved_tensors
+        x, weight, xq_saved, wq_saved, *occ_saved = ctx.saved_tensors
         spec, state, gemm_dtype = ctx.spec, ctx.state, ctx.gemm_dtype
         gen = state.streams(ctx.call)[1]
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -150,7 +112,7 @@ class QLinearFunction(torch.autograd.Function):
                                           q=spec.dgrad_weight, gemm="dgrad")[0].t()
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
-                xc, res = _clamped(x, lo, hi, spec) if ctx.occ else (x, None)
+                xc, res = _occ_backward(x, occ_saved, ctx, spec)
                 dw = weight_grad(spec, state, gen, xc, res, dy, dyq, xq_saved)
                 if spec.dge.enabled:  # f' on W divided by the very scales the forward used
                     wc = weight.to(ctx.cdtype).to(gemm_dtype)
@@ -164,19 +126,25 @@ class QLinearFunction(torch.autograd.Function):
 
 
 def _occ(x, spec: LinearSpec, observer):
-    """OCC's (clamped x, residual ΔX, lower, upper bounds); (x, None, None, None) when OCC is off."""
+    """OCC's (clamped x, residual ΔX (nn.residual: sparse rows on CPU), lower, upper bounds); (x, None, None,
+    None) when OCC is off."""
     if not (spec.occ_on and x.numel()):
         return x, None, None, None
-    clamp = occ_clamp_rows if spec.occ.granularity == "token" else occ_clamp
-    xc, res, lo, hi = clamp(x, spec.occ.alpha)
+    # CPU: sparse rows (on accelerators a data-dependent layout costs a sync; under compile it breaks the graph)
+    sparse = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    xc, res, lo, hi = residual.clamp(x, spec.occ.alpha, spec.occ.granularity, sparse)
     if observer is not None:
-        observer.record("fprop", "input", {"occ_clamped": (res != 0).float().mean()})
+        observer.record("fprop", "input", {"occ_clamped": residual.density(res)})
     return xc, res, lo, hi
 
 
-def _clamped(x, lo, hi, spec: LinearSpec):
-    """(the OCC-clamped activation the forward quantized, its residual ΔX or None without compensation)."""
-    xc = torch.clamp(x, lo, hi)
+def _occ_backward(x, occ_saved, ctx, spec: LinearSpec):
+    """(the activation the forward quantized (OCC-clamped), its residual ΔX or None) from what forward saved."""
+    if ctx.occ == "sparse":
+        return x, residual.SparseRows(*occ_saved, ctx.occ_k) if spec.occ.compensate else None
+    if ctx.occ is None:
+        return x, None
+    xc = torch.clamp(x, occ_saved[0], occ_saved[1])
     return xc, (x - xc if spec.occ.compensate else None)
 
 
@@ -184,7 +152,7 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
     """dW [N, K] = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX, fp32 accumulation), Xc the (clamped) activation [M, K].
     xc is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
     if spec.wgrad_hp:  # unquantized operands; (x - xc) + xc = x, so OCC's compensation is already in it
-        return cpu_bf16.mm(dy.t(), xc if res is None else xc + res)
+        return cpu_bf16.mm(dy.t(), xc if res is None else xc + _dense(res, xc.dtype))
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
         H, s = state.hadamard_rotation, state.hadamard_signs
@@ -204,6 +172,10 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
             xq = quantize_operand(xc.t(), spec, "input", state, gen, record=False, gemm="wgrad")[0].t()
         dw = cpu_bf16.mm(gq, xq)
     if res is not None:
-        comp = residual_tmm(dy, res)
+        comp = residual.tmm(dy, res)
         dw = dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
     return dw
+
+
+def _dense(res, dtype):
+    return res.to_dense(dtype) if isinstance(res, residual.SparseRows) else res
