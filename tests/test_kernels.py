@@ -248,7 +248,7 @@ def test_build_compiles_every_source_and_reports_a_failure(monkeypatch, tmp_path
     a source left out of the link; a failed compile step ignored, loading a stale or partial library)."""
     cc, lib = cpu.compiler(), cpu.library()  # built by the same _build (cached once per machine)
     assert all(hasattr(lib, f) for f in ("lb_quant_groups", "lb_quant_fos", "lb_quest_scales", "lb_rotate",
-                                         "lb_operand_stats", "lb_occ_rows", "lb_dge_arg"))
+                                         "lb_operand_stats", "lb_occ_rows", "lb_dge_apply", "lb_ell_mm"))
     bad = tmp_path / "bad.c"
     bad.write_text("int broken(void) { return undeclared_name; }\n")
     monkeypatch.setattr(cpu, "SOURCES", [cpu.SOURCES[-1], bad])  # small: the failure, not a full build
@@ -376,6 +376,23 @@ def test_occ_rows_quickselect_on_many_shapes(monkeypatch):
             assert bits_equal(_zero_sign_free(r), _zero_sign_free(k)), (K, alpha)
 
 
+@pytest.mark.parametrize("alpha", [0.99, 0.97, 0.9])
+def test_occ_rows_with_the_tails_in_one_lane(monkeypatch, alpha):
+    """The kernel's order statistics keep each of 16 lanes' few smallest (largest) keys and take the answer from
+    them unless a lane's share could hide one: rows whose extremes all sit in one lane (positions ≡ 3 mod 16) force
+    the exact second pass, rows whose extremes spread do not; both against the eager topk. Bug caught: the
+    shortcut taken without checking the lanes (every hidden extreme missed)."""
+    from lowbit.estimators import occ_clamp_rows
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 1536, generator=g)
+    x[:3, 3::16] = torch.linspace(-60, -20, 96)  # the 96 smallest of three rows in lane 3
+    x[3:, 7::16] = torch.linspace(20, 60, 96)  # the 96 largest of three rows in lane 7
+    ref, got = both(monkeypatch, lambda: occ_clamp_rows(x, alpha))
+    for r, k in zip(ref, got):
+        assert bits_equal(_zero_sign_free(r), _zero_sign_free(k))
+
+
 RECIPES = ["fp8-tensor", "fp8-tensor-delayed", "fp8-block", "fp8-rowwise", "mxfp8", "fp4-direct", "fp4-paper",
            "fp4-paper-allfp4", "mxfp4", "nvfp4", "nvfp4-4over6", "quartet"]
 
@@ -404,11 +421,13 @@ def test_a_layer_step_is_the_same_with_and_without_kernels(monkeypatch, name):
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dw_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fmt,k,clamp", [("e2m1", 5.0, 3.0), ("e4m3", 3.0, 10.0), ("e1m2", 5.0, 3.0)])
+@pytest.mark.parametrize("fmt,k,clamp", [("e2m1", 5.0, 3.0), ("e4m3", 3.0, 10.0), ("e1m2", 5.0, 3.0),
+                                         ("e2m1", 0.7, 3.0), ("e2m1", 1.0, 3.0)])  # 1/k − 1 > 0, = 0
 def test_dge_apply_matches_the_eager_derivative(monkeypatch, layout, dw_dtype, fmt, k, clamp):
     """DGE's factor on dW (estimators.dge_apply) with and without the kernels, bit for bit: grid points (t = 1
     and t = 0, where the derivative is clamped), values past max, NaN, ±inf, both layouts of the scaled weight,
-    and a size where torch's pow splits its work across threads."""
+    exponents 1/k − 1 below, at and above 0, and a size the kernel splits across threads. Bugs caught: a
+    polynomial constant or operation order not lowbit.powers', a contraction into an FMA."""
     from lowbit.estimators import dge_apply
     from lowbit.formats import get_format
 

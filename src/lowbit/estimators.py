@@ -44,9 +44,10 @@ import math
 
 import torch
 
-from lowbit import kernels
 from lowbit.formats import Format, get_format
+from lowbit.kernels import dge as dge_kernels
 from lowbit.kernels import occ as occ_kernels
+from lowbit.powers import power
 
 # --- DGE -----------------------------------------------------------------------------------
 
@@ -97,7 +98,8 @@ def dge_derivative(x_scaled: torch.Tensor, fmt: str | Format = "e2m1", k: float 
     a = x_scaled.to(_work_dtype(x_scaled)).abs()
     q_lo, delta = _interval(a, fmt)
     t = ((a - q_lo) * (2.0 / delta) - 1.0).abs()  # in [0, 1]
-    d = t.pow(1.0 / k - 1.0).div_(k).clamp_max_(clamp)  # t = 0 -> inf -> clamp
+    e = 1.0 / k - 1.0  # fp32: lowbit.powers' fixed operations, which the CPU kernel repeats (fp64: torch.pow)
+    d = (power(t, e) if t.dtype == torch.float32 else t.pow(e)).div_(k).clamp_max_(clamp)  # t = 0 -> inf -> clamp
     return d.masked_fill_(a > fmt.max, 0.0)  # NaN stays NaN (NaN > max is False)
 
 
@@ -109,7 +111,7 @@ def dge_apply(dw: torch.Tensor, x_scaled: torch.Tensor, fmt: str | Format = "e2m
     _check_dge_format(fmt)
     if k <= 0 or clamp <= 0:
         raise ValueError(f"k and clamp must be > 0, got k={k}, clamp={clamp}")
-    fused = kernels.dge_apply(dw, x_scaled, fmt, k, clamp)
+    fused = dge_kernels.dge_apply(dw, x_scaled, fmt, k, clamp)
     return fused if fused is not None else dw.float() * dge_derivative(x_scaled, fmt, k, clamp)
 
 

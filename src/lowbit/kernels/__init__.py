@@ -340,27 +340,3 @@ def operand_stats(t: torch.Tensor, tq: torch.Tensor, q: TensorQuant, fmax: float
         return torch.tensor(v, dtype=torch.float32)
     return {"nonfinite": f(nonfin / n), "amax": f(amax), "underflow": f(under / max(nz, 1.0)),
             "saturated": f(sat / n), "rel_err": f(err), "sqnr_db": f(-20 * math.log10(max(err, 1e-30)))}
-
-
-def dge_apply(dw: torch.Tensor, ws: torch.Tensor, fmt: Format, k: float, clamp: float):
-    """dw.float() · estimators.dge_derivative(ws, fmt, k, clamp) (fp32 [R, C]) in two passes around torch's own
-    pow on a tensor of ws's layout (so its vectorised and scalar iterations, and their values, are the eager
-    code's); None where the kernel does not apply. dw [R, C] contiguous; ws fp32, contiguous or a transposed
-    view of a contiguous tensor."""
-    if torch.compiler.is_compiling() or (dw.device.type != "cpu" or dw.dim() != 2 or dw.dtype not in DTYPE_CODES
-                                         or not dw.is_contiguous() or ws.dtype != torch.float32
-                                         or ws.shape != dw.shape or cpu_library() is None):
-        return None
-    R, C = dw.shape
-    if not (ws.is_contiguous() or (ws.t().is_contiguous() and R > 1)):
-        return None
-    t = torch.empty_strided(ws.shape, ws.stride(), dtype=torch.float32)
-    cpu_library().lb_dge_arg(ws.data_ptr(), ws.numel(), fmt.min_normal, 2.0 ** -fmt.mbits, t.data_ptr(),
-                      torch.get_num_threads())
-    tp = t.pow(1.0 / k - 1.0)
-    if tp.stride() != ws.stride():
-        return None
-    out = torch.empty((R, C), dtype=torch.float32)
-    cpu_library().lb_dge_finish(tp.data_ptr(), ws.data_ptr(), ws.stride(0), ws.stride(1), dw.data_ptr(), DTYPE_CODES[dw.dtype],
-                         R, C, k, clamp, fmt.max, out.data_ptr(), torch.get_num_threads())
-    return out

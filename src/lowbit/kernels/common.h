@@ -106,6 +106,26 @@ static inline float load_any(const void *p, int64_t i, int dt) {
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h16 __attribute__((vector_size(32)));
+typedef _Float16 v16h __attribute__((vector_size(32)));
+
+/* 16 consecutive elements at p[off] as fp32 (exact), one vector (rotate.c, occ.c). */
+static inline v16f load16(const void *p, int64_t off, int dt) {
+    v16f v;
+    if (dt == LB_F32) {
+        memcpy(&v, (const float *)p + off, sizeof v);
+    } else if (dt == LB_BF16) {
+        v16h16 h;
+        memcpy(&h, (const uint16_t *)p + off, sizeof h);
+        v = (v16f)(__builtin_convertvector(h, v16u) << 16);
+    } else {
+        v16h h;
+        memcpy(&h, (const _Float16 *)p + off, sizeof h);
+        v = __builtin_convertvector(h, v16f);
+    }
+    return v;
+}
 
 /* The pairwise sum of a vector's 16 lanes: lane j adds lane j ^ h for h = 1, 2, 4, 8, so lane 0 ends with
  * ((v0 + v1) + (v2 + v3)) + ..., the tree groups.tree_sum builds (fp32 addition commutes exactly). GCC vector

@@ -1,32 +1,66 @@
-/* lowbit's CPU kernels: DGE's derivative applied to the weight gradient (estimators.dge_derivative), in two
- * passes around torch's own pow (which stays torch's, so the values are the eager ones bit for bit). */
+/* lowbit's CPU kernels: DGE's derivative applied to the weight gradient (estimators.dge_apply) in one pass, its
+ * power by lowbit.powers' fixed fp32 operations (so the values are the eager ones bit for bit). */
 #include "common.h"
 
-/* t = |(a − q_lo)·(2/δ) − 1| for a = |ws|, δ = max(2^floor(log2 a), 2^emin)·2^-mbits, q_lo = floor(a/δ)·δ
- * (estimators._interval), element by element in memory order: t has ws's layout. */
-void lb_dge_arg(const float *ws, int64_t n, float min_normal, float sub, float *t, int32_t nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > (1 << 16))
-    for (int64_t i = 0; i < n; i++) {
-        float a = fabsf(ws[i]);
-        float d = u2f(f2u(a) & 0x7F800000u);
-        d = (d < min_normal ? min_normal : d) * sub;
-        float q = floorf(a / d) * d;
-        t[i] = fabsf((a - q) * ((1.0f / d) * 2.0f) - 1.0f);
-    }
+/* lowbit.powers.power: t^e by fixed fp32 operations; poly = LOG2_POLY (5) then EXP2_POLY (8), Horner order. */
+static inline float power(float t, float e, const float *poly, float zero_pow) {
+    uint32_t b = f2u(t);
+    float E = (float)((int32_t)(b >> 23) - 127);
+    float m = u2f((b & 0x7FFFFFu) | 0x3F800000u);
+    int big = m > 1.41421354f;
+    m = big ? m * 0.5f : m;
+    E = big ? E + 1.0f : E;
+    float s = (m - 1.0f) / (m + 1.0f), z = s * s;
+    float p = poly[0];
+    for (int i = 1; i < 5; i++) p = p * z + poly[i];
+    float y = (s * p + E) * e;
+    y = y < -126.0f ? -126.0f : y;
+    y = y > 127.0f ? 127.0f : y;
+    y = y != y ? 0.0f : y; /* NaN t: any finite y (the result is NaN below) */
+    float n = rintf(y), f = y - n;
+    float q = poly[5];
+    for (int i = 6; i < 13; i++) q = q * f + poly[i];
+    float r = q * u2f((uint32_t)((int32_t)n + 127) << 23);
+    r = t < 0x1p-126f ? zero_pow : r;
+    return t != t ? NAN : r;
 }
 
-/* out[r, c] = dw[r, c] · min(tp[p] / k, clamp), 0 where |ws[p]| > fmax, p = r·s0 + c·s1 the position of (r, c)
- * in tp's and ws's layout (contiguous or transposed); dw [R, C] contiguous (dtype dt), out fp32 [R, C]. */
-void lb_dge_finish(const float *tp, const float *ws, int64_t s0, int64_t s1, const void *dw, int32_t dt, int64_t R,
-                   int64_t C, float k, float clamp, float fmax, float *out, int32_t nthreads) {
+/* DGE's factor for one scaled weight: min(power(t, e) / k, clamp), 0 where |ws| > fmax, with t = |(a − q_lo)·(2/δ)
+ * − 1| for a = |ws|, δ = max(2^floor(log2 a), min_normal)·sub, q_lo = floor(a/δ)·δ (estimators._interval and
+ * dge_derivative). */
+static inline float factor(float ws, float min_normal, float sub, float e, float k, float clamp, float fmax,
+                           const float *poly, float zero_pow) {
+    float a = fabsf(ws);
+    float d = u2f(f2u(a) & 0x7F800000u);
+    d = (d < min_normal ? min_normal : d) * sub;
+    float inv = 1.0f / d; /* exact (d is a power of two), so a·inv is the eager a / δ */
+    float q = floorf(a * inv) * d;
+    float t = fabsf((a - q) * (inv * 2.0f) - 1.0f);
+    float v = power(t, e, poly, zero_pow) / k;
+    v = v > clamp ? clamp : v;
+    return a > fmax ? 0.0f : v;
+}
+
+/* out[r, c] = dw[r, c] · factor(ws[p]), p = r·s0 + c·s1 the position of (r, c) in ws's layout (contiguous or
+ * transposed); dw [R, C] contiguous (dtype dt), ws fp32, out fp32 [R, C]. */
+void lb_dge_apply(const float *ws, int64_t s0, int64_t s1, const void *dw, int32_t dt, int64_t R, int64_t C,
+                  float min_normal, float sub, float e, float k, float clamp, float fmax, const float *poly,
+                  float zero_pow, float *out, int32_t nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R * C > (1 << 16))
     for (int64_t r = 0; r < R; r++) {
-        for (int64_t c = 0; c < C; c++) {
-            int64_t p = r * s0 + c * s1;
-            float d = tp[p] / k;
-            d = d > clamp ? clamp : d;
-            d = fabsf(ws[p]) > fmax ? 0.0f : d;
-            out[r * C + c] = load_any(dw, r * C + c, dt) * d;
+        float g[SEG];
+        for (int64_t c0 = 0; c0 < C; c0 += SEG) {
+            int64_t n = C - c0 < SEG ? C - c0 : SEG;
+            const float *w = ws + r * s0 + c0 * s1;
+            load_f32(g, dw, r * C + c0, n, dt);
+            if (s1 == 1) /* the common layout: contiguous loads (else gathers) */
+                #pragma GCC unroll 4
+                for (int64_t c = 0; c < n; c++)
+                    out[r * C + c0 + c] = g[c] * factor(w[c], min_normal, sub, e, k, clamp, fmax, poly, zero_pow);
+            else
+                for (int64_t c = 0; c < n; c++)
+                    out[r * C + c0 + c] = g[c] * factor(w[c * s1], min_normal, sub, e, k, clamp, fmax, poly,
+                                                        zero_pow);
         }
     }
 }

@@ -37,21 +37,60 @@ static uint32_t select_kth(uint32_t *a, int64_t n, int64_t i) {
     return a[i];
 }
 
-/* The m-th smallest (largest: of the complements) key of a[0..n) in one pass keeping the m smallest in a
- * sorted buffer (m <= 64): most elements cost one comparison against the buffer's top. */
-static uint32_t tail_kth(const uint32_t *a, int64_t n, int64_t m, int largest) {
+/* Insert k into buf, the sorted cnt smallest keys so far (at most m <= 64; when full the largest drops out). */
+static inline void tail_insert(uint32_t *buf, int64_t *cnt, int64_t m, uint32_t k) {
+    if (*cnt == m && k >= buf[m - 1]) return;
+    int64_t i = *cnt < m ? (*cnt)++ : m - 1;
+    while (i > 0 && buf[i - 1] > k) { buf[i] = buf[i - 1]; i--; }
+    buf[i] = k;
+}
+
+static inline int any16(v16i v) { /* some lane nonzero: an OR tree in registers (a store and narrow reloads stall) */
+    v |= __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v |= __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    v |= __builtin_shuffle(v, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    v |= __builtin_shuffle(v, (v16i){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+    return v[0] != 0;
+}
+
+/* The m-th smallest of the keys a[0..n) ^ flip (flip = all ones: the m-th largest, complemented), m <= 64, with
+ * few branches: each of 16 lanes keeps its r smallest keys (vector min/max), and the m-th smallest t of those
+ * 16·r > m candidates (and the ragged end) is the answer when every lane's r-th smallest is >= t (no key left out
+ * can be below t). Otherwise (a lane with r keys below t: rare) a second pass sends every key <= t through the
+ * sorted buffer. */
+static uint32_t tail_kth(const uint32_t *a, int64_t n, int64_t m, uint32_t flip) {
+    const int64_t r = m / 16 + 3;
     uint32_t buf[64];
-    int64_t cnt = 0;
-    uint32_t top = 0xFFFFFFFFu; /* the buffer's largest once full */
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t k = largest ? ~a[j] : a[j];
-        if (cnt == m && k >= top) continue;
-        int64_t i = cnt < m ? cnt++ : m - 1; /* full: the largest drops out */
-        while (i > 0 && buf[i - 1] > k) { buf[i] = buf[i - 1]; i--; }
-        buf[i] = k;
-        if (cnt == m) top = buf[m - 1];
+    int64_t cnt = 0, j = 0;
+    if (n >= 32 * r) {
+        v16u lane[7];
+        for (int64_t d = 0; d < r; d++) lane[d] = (v16u){0} + 0xFFFFFFFFu;
+        for (; j + 16 <= n; j += 16) {
+            v16u k;
+            memcpy(&k, a + j, sizeof k);
+            k ^= flip;
+            for (int64_t d = 0; d < r; d++) { /* insert k into each lane's sorted list */
+                v16u lt = (v16u)(k < lane[d]), lo = (k & lt) | (lane[d] & ~lt);
+                k = (lane[d] & lt) | (k & ~lt);
+                lane[d] = lo;
+            }
+        }
+        for (int64_t d = 0; d < r; d++)
+            for (int l = 0; l < 16; l++) tail_insert(buf, &cnt, m, lane[d][l]);
+        for (int64_t i = j; i < n; i++) tail_insert(buf, &cnt, m, a[i] ^ flip);
+        const uint32_t t = buf[m - 1];
+        if (!any16((v16i)(lane[r - 1] < (v16u){0} + t)))
+            return t ^ flip;
+        cnt = 0;
+        for (j = 0; j + 16 <= n; j += 16) {
+            v16u k;
+            memcpy(&k, a + j, sizeof k);
+            if (!any16((k ^ flip) <= (v16u){0} + t)) continue;
+            for (int l = 0; l < 16; l++) tail_insert(buf, &cnt, m, a[j + l] ^ flip);
+        }
     }
-    return largest ? ~buf[m - 1] : buf[m - 1];
+    for (; j < n; j++) tail_insert(buf, &cnt, m, a[j] ^ flip);
+    return buf[m - 1] ^ flip;
 }
 
 static inline float round_to(float f, int dt) { /* f rounded to dt (as store_f32 would) and back */
@@ -63,8 +102,11 @@ static inline float round_to(float f, int dt) { /* f rounded to dt (as store_f32
 /* One row's lo, hi from its keys (keys reordered). */
 static void row_bounds(uint32_t *keys, int64_t K, int64_t i_lo, int64_t i_hi, float *lo, float *hi) {
     int64_t m_lo = i_lo + 1, m_hi = K - i_hi;
-    *lo = key_value(m_lo <= 64 ? tail_kth(keys, K, m_lo, 0) : select_kth(keys, K, i_lo));
-    *hi = key_value(m_hi <= 64 ? tail_kth(keys, K, m_hi, 1) : select_kth(keys, K, i_hi));
+    uint32_t klo, khi;
+    klo = m_lo <= 64 ? tail_kth(keys, K, m_lo, 0) : select_kth(keys, K, i_lo);
+    khi = m_hi <= 64 ? tail_kth(keys, K, m_hi, 0xFFFFFFFFu) : select_kth(keys, K, i_hi);
+    *lo = key_value(klo);
+    *hi = key_value(khi);
 }
 
 /* x [M, K] (dtype dt, contiguous): per row lo = sorted[i_lo], hi = sorted[i_hi]; xc = min(max(x, lo), hi)
@@ -107,6 +149,11 @@ int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, i
                 store_f32(xc, m * K + j0, buf, n, dt);
                 if (res) store_f32(res, m * K + j0, rb, n, dt);
                 for (int64_t j = 0; cnt && j < n; j++) { /* (vals is NULL when cap is 0) */
+                    if (j % 16 == 0 && j + 16 <= n) { /* skip 16 zeros at once (most of them are) */
+                        v16u r;
+                        memcpy(&r, rb + j, sizeof r);
+                        if (!any16((v16i)(r & 0x7FFFFFFFu))) { j += 15; continue; }
+                    }
                     if (!(f2u(rb[j]) & 0x7FFFFFFFu)) continue;
                     if (c == cap) { failed |= 2; break; }
                     vals[m * cap + c] = round_to(rb[j], dt);
@@ -128,20 +175,48 @@ int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, i
 
 #define NB 64 /* output columns per block of lb_ell_mm: Wᵀ's block (K × NB fp32) stays in L2 */
 
-/* wt[k, n] = w[n0 + n, k] (fp32 [K, nb], row stride NB) for n < nb <= NB: 16×16 tiles through a buffer, read
- * along rows of w and written as rows of wt. */
-static void transpose_block(const void *w, int dt, int64_t n0, int64_t nb, int64_t K, float *wt) {
-    float row[16], tile[16][16];
-    for (int64_t r0 = 0; r0 < nb; r0 += 16) {
-        int64_t rb = nb - r0 < 16 ? nb - r0 : 16;
-        for (int64_t k0 = 0; k0 < K; k0 += 16) {
-            int64_t kb = K - k0 < 16 ? K - k0 : 16;
-            for (int64_t n = 0; n < rb; n++) {
-                load_f32(row, w, (n0 + r0 + n) * K + k0, kb, dt);
-                for (int64_t k = 0; k < kb; k++) tile[k][n] = row[k];
-            }
-            for (int64_t k = 0; k < kb; k++) memcpy(wt + (k0 + k) * NB + r0, tile[k], (size_t)rb * sizeof(float));
+/* The 16×16 transpose of rows r[0..16) in registers: four stages, stage s swapping bit h = 2^s of the row index
+ * with bit h of the lane index (lane c of row i pairs with lane c ^ h of row i ^ h). */
+static const v16i T_LO[4] = {
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+static const v16i T_HI[4] = {
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+
+static inline void transpose16(v16f *r) {
+    #pragma GCC unroll 4
+    for (int st = 0; st < 4; st++) {
+        const int h = 1 << st;
+        #pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & h) continue;
+            v16f a = r[i], b = r[i + h];
+            r[i] = __builtin_shuffle(a, b, T_LO[st]);
+            r[i + h] = __builtin_shuffle(a, b, T_HI[st]);
         }
+    }
+}
+
+/* wt[k, n] = w[n0 + n, k] (fp32 [K, nb], row stride NB) for n < nb <= NB: whole 16×16 tiles in registers, the
+ * ragged edges element by element. */
+static void transpose_block(const void *w, int dt, int64_t n0, int64_t nb, int64_t K, float *wt) {
+    for (int64_t r0 = 0; r0 < nb; r0 += 16) {
+        int64_t rb = nb - r0 < 16 ? nb - r0 : 16, k0 = 0;
+        for (; rb == 16 && k0 + 16 <= K; k0 += 16) {
+            v16f t[16];
+            #pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) t[n] = load16(w, (n0 + r0 + n) * K + k0, dt);
+            transpose16(t);
+            #pragma GCC unroll 16
+            for (int k = 0; k < 16; k++) memcpy(wt + (k0 + k) * NB + r0, &t[k], sizeof t[k]);
+        }
+        for (int64_t k = k0; k < K; k++)
+            for (int64_t n = 0; n < rb; n++) wt[k * NB + r0 + n] = load_any(w, (n0 + r0 + n) * K + k, dt);
     }
 }
 
@@ -162,10 +237,15 @@ int lb_ell_mm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_
             int64_t nb = N - n0 < NB ? N - n0 : NB;
             transpose_block(w, wdt, n0, nb, K, wt);
             for (int64_t i = 0; i < M; i++) {
-                float acc[NB] = {0};
+                v16f acc[NB / 16] = {0}; /* in registers */
                 for (int64_t j = 0; j < cnt[i]; j++) {
-                    const float v = vals[i * cap + j], *r = wt + cols[i * cap + j] * NB;
-                    for (int64_t n = 0; n < NB; n++) acc[n] += v * r[n];
+                    const float *r = wt + cols[i * cap + j] * NB;
+                    const v16f v = (v16f){0} + vals[i * cap + j];
+                    for (int q = 0; q < NB / 16; q++) {
+                        v16f w16;
+                        memcpy(&w16, r + 16 * q, sizeof w16);
+                        acc[q] += v * w16;
+                    }
                 }
                 memcpy(out + i * N + n0, acc, (size_t)nb * sizeof(float));
             }

@@ -29,27 +29,6 @@ static void scale_all(float *restrict t, int64_t m, float s) {
     for (int64_t k = 0; k < m; k++) t[k] *= s;
 }
 
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h16 __attribute__((vector_size(32)));
-typedef _Float16 v16h __attribute__((vector_size(32)));
-
-/* 16 consecutive elements at p[off] as fp32 (exact), one vector. */
-static inline v16f load16(const void *p, int64_t off, int dt) {
-    v16f v;
-    if (dt == LB_F32) {
-        memcpy(&v, (const float *)p + off, sizeof v);
-    } else if (dt == LB_BF16) {
-        v16h16 h;
-        memcpy(&h, (const uint16_t *)p + off, sizeof h);
-        v = (v16f)(__builtin_convertvector(h, v16u) << 16);
-    } else {
-        v16h h;
-        memcpy(&h, (const _Float16 *)p + off, sizeof h);
-        v = __builtin_convertvector(h, v16f);
-    }
-    return v;
-}
-
 /* v stored at p[off] in dtype dt, rounded as store_f32 rounds (bf16: to nearest even, NaN -> 0x7FC0). */
 static inline void store16(void *p, int64_t off, v16f v, int dt) {
     if (dt == LB_F32) {
