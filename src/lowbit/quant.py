@@ -308,6 +308,14 @@ def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Ten
     return xs, group_scales(s3, x.shape, q)
 
 
+def scale_factors(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(decode scales, encode factors or None), fp32 [R|1, G, 1] over the groups of as3d(x, q) (x contiguous,
+    non-empty): scaled_values(x) is x3.float() / scales, or x3.float() · factors where the rule multiplies."""
+    _check_q(q)
+    check_float(x)
+    return _scales3(as3d(x, q), q, get_format(q.fmt), amax)
+
+
 # --- quantize / dequantize -----------------------------------------------------------------
 
 @dataclass

@@ -109,9 +109,9 @@ def _load(path: Path):
     lib.lb_ell_mm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
     lib.lb_ell_mm.restype = i32
     lib.lb_ell_tmm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
-    lib.lb_ell_tmm.restype = None
-    lib.lb_dge_apply.argtypes = [vp, p64, p64, vp, i32, p64, p64, f32, f32, f32, f32, f32, f32,
-                                 ctypes.POINTER(ctypes.c_float), f32, vp, i32]
+    lib.lb_ell_tmm.restype = i32
+    lib.lb_dge_apply.argtypes = [vp, i32, p64, p64, vp, p64, i32, vp, vp, i32, p64, p64, f32, f32, f32, f32, f32,
+                                 f32, ctypes.POINTER(ctypes.c_float), f32, vp, i32]
     lib.lb_dge_apply.restype = None
     lib.lb_occ_rows.argtypes = [vp, i32, p64, p64, p64, p64, vp, vp, vp, vp, vp, vp, vp, p64, i32]
     lib.lb_occ_rows.restype = i32

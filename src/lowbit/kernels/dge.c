@@ -41,26 +41,38 @@ static inline float factor(float ws, float min_normal, float sub, float e, float
     return a > fmax ? 0.0f : v;
 }
 
-/* out[r, c] = dw[r, c] · factor(ws[p]), p = r·s0 + c·s1 the position of (r, c) in ws's layout (contiguous or
- * transposed); dw [R, C] contiguous (dtype dt), ws fp32, out fp32 [R, C]. */
-void lb_dge_apply(const float *ws, int64_t s0, int64_t s1, const void *dw, int32_t dt, int64_t R, int64_t C,
+/* out[r, c] = (dw[r, c] + add[r, c]) · factor(ws(r, c)) for dw [R, C] contiguous (dtype dt), add fp32 [R, C]
+ * contiguous or NULL (then nothing is added, not even +0: −0 stays −0), out fp32 [R, C]. The scaled weight
+ * ws(r, c) is src[r·s0 + c·s1] (fp32, contiguous or transposed) when scales is NULL, else src[r, c] (dtype sdt,
+ * contiguous) divided by its row's scale (scales[r], or scales[0] for all rows when rs == 1), or multiplied by it
+ * when recip (the rule's encode factor): what quant.scaled_values computes. */
+void lb_dge_apply(const void *src, int32_t sdt, int64_t s0, int64_t s1, const float *scales, int64_t rs,
+                  int32_t recip, const float *add, const void *dw, int32_t dt, int64_t R, int64_t C,
                   float min_normal, float sub, float e, float k, float clamp, float fmax, const float *poly,
                   float zero_pow, float *out, int32_t nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R * C > (1 << 16))
     for (int64_t r = 0; r < R; r++) {
-        float g[SEG];
+        float g[SEG], w[SEG];
+        const float sc = scales ? scales[rs > 1 ? r : 0] : 1.0f;
         for (int64_t c0 = 0; c0 < C; c0 += SEG) {
             int64_t n = C - c0 < SEG ? C - c0 : SEG;
-            const float *w = ws + r * s0 + c0 * s1;
             load_f32(g, dw, r * C + c0, n, dt);
-            if (s1 == 1) /* the common layout: contiguous loads (else gathers) */
-                #pragma GCC unroll 4
-                for (int64_t c = 0; c < n; c++)
-                    out[r * C + c0 + c] = g[c] * factor(w[c], min_normal, sub, e, k, clamp, fmax, poly, zero_pow);
-            else
-                for (int64_t c = 0; c < n; c++)
-                    out[r * C + c0 + c] = g[c] * factor(w[c * s1], min_normal, sub, e, k, clamp, fmax, poly,
-                                                        zero_pow);
+            if (add)
+                for (int64_t c = 0; c < n; c++) g[c] += add[r * C + c0 + c];
+            if (scales) {
+                load_f32(w, src, r * C + c0, n, sdt);
+                if (recip)
+                    for (int64_t c = 0; c < n; c++) w[c] *= sc;
+                else
+                    for (int64_t c = 0; c < n; c++) w[c] /= sc;
+            } else if (s1 == 1) {
+                memcpy(w, (const float *)src + r * s0 + c0, (size_t)n * sizeof(float));
+            } else {
+                for (int64_t c = 0; c < n; c++) w[c] = ((const float *)src)[r * s0 + (c0 + c) * s1];
+            }
+            #pragma GCC unroll 2
+            for (int64_t c = 0; c < n; c++)
+                out[r * C + c0 + c] = g[c] * factor(w[c], min_normal, sub, e, k, clamp, fmax, poly, zero_pow);
         }
     }
 }

@@ -220,6 +220,24 @@ static void transpose_block(const void *w, int dt, int64_t n0, int64_t nb, int64
     }
 }
 
+/* out[n, k] = acc[k, n] (acc fp32 [K, NB], out [nb, K] with row stride K) for n < nb <= NB: whole 16×16 tiles in
+ * registers, the ragged edges element by element. */
+static void transpose_out(const float *acc, int64_t nb, int64_t K, float *out) {
+    for (int64_t r0 = 0; r0 < nb; r0 += 16) {
+        int64_t rb = nb - r0 < 16 ? nb - r0 : 16, k0 = 0;
+        for (; rb == 16 && k0 + 16 <= K; k0 += 16) {
+            v16f t[16];
+            #pragma GCC unroll 16
+            for (int k = 0; k < 16; k++) memcpy(&t[k], acc + (k0 + k) * NB + r0, sizeof t[k]);
+            transpose16(t);
+            #pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) memcpy(out + (r0 + n) * K + k0, &t[n], sizeof t[n]);
+        }
+        for (int64_t n = 0; n < rb; n++)
+            for (int64_t k = k0; k < K; k++) out[(r0 + n) * K + k] = acc[k * NB + r0 + n];
+    }
+}
+
 /* out [M, N] fp32 = ΔX·Wᵀ for ΔX [M, K] in ELL rows and w [N, K] (dtype wdt, contiguous): out[i, n] =
  * Σ_j vals[i, j]·w[n, cols[i, j]] for j < cnt[i] in order, from +0, each product rounded to fp32 before its
  * sum. Blocks of NB output columns: that block of Wᵀ is staged in fp32 so every term is a short contiguous row.
@@ -255,25 +273,35 @@ int lb_ell_mm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_
     return failed;
 }
 
-/* out [K, N] fp32 = ΔXᵀ·dy, the transpose of dW's compensation dyᵀ·ΔX, for dy [M, N] (dtype ddt, contiguous):
- * out[k, n] = Σ_i ΔX[i, k]·dy[i, n] over rows i in ascending order, from +0, each product rounded to fp32 before
- * its sum. Threads own column ranges of out, so the order never depends on their number. */
-void lb_ell_tmm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_t M, int64_t cap, const void *dy,
-                int32_t ddt, int64_t N, int64_t K, float *out, int32_t nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N + K * N > (1 << 16))
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-        int64_t nb = N - n0 < 64 ? N - n0 : 64;
-        float d[64];
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t n = 0; n < nb; n++) out[k * N + n0 + n] = 0.0f;
-        for (int64_t i = 0; i < M; i++) {
-            if (!cnt[i]) continue;
-            load_f32(d, dy, i * N + n0, nb, ddt);
-            for (int64_t j = 0; j < cnt[i]; j++) {
-                const float v = vals[i * cap + j];
-                float *o = out + cols[i * cap + j] * N + n0;
-                for (int64_t n = 0; n < nb; n++) o[n] += v * d[n];
+/* out [N, K] fp32 = dyᵀ·ΔX for dy [M, N] (dtype ddt, contiguous): out[n, k] = Σ_i ΔX[i, k]·dy[i, n] over rows i in
+ * ascending order, from +0, each product rounded to fp32 before its sum. Blocks of NB columns of dy: the block
+ * of ΔXᵀ·dy (K × NB) accumulates row by row, then goes out transposed. Threads own blocks, so the order never
+ * depends on their number. Returns nonzero if scratch failed. */
+int lb_ell_tmm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_t M, int64_t cap, const void *dy,
+               int32_t ddt, int64_t N, int64_t K, float *out, int32_t nthreads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) if (M * N + K * N > (1 << 16)) reduction(|:failed)
+    {
+        float *acc = malloc((size_t)(K > 0 ? K : 1) * NB * sizeof(float));
+        failed |= acc == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += NB) {
+            if (!acc) continue;
+            int64_t nb = N - n0 < NB ? N - n0 : NB;
+            float d[NB] = {0};
+            memset(acc, 0, (size_t)K * NB * sizeof(float));
+            for (int64_t i = 0; i < M; i++) {
+                if (!cnt[i]) continue;
+                load_f32(d, dy, i * N + n0, nb, ddt);
+                for (int64_t j = 0; j < cnt[i]; j++) {
+                    const float v = vals[i * cap + j];
+                    float *o = acc + cols[i * cap + j] * NB;
+                    for (int64_t n = 0; n < NB; n++) o[n] += v * d[n];
+                }
             }
+            transpose_out(acc, nb, K, out + n0 * K);
         }
+        free(acc);
     }
+    return failed;
 }

@@ -64,13 +64,14 @@ def ell_mm(vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, w: torch.T
 
 def ell_tmm(dy: torch.Tensor, vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, K: int
             ) -> torch.Tensor | None:
-    """nn.residual.tmm_reference's dyᵀ·ΔX (fp32 [N, K], a transposed view of a contiguous [K, N]) for dy [M, N]
-    (contiguous, fp32/bf16/fp16) and ΔX's rows; None where the kernel does not apply."""
+    """nn.residual.tmm_reference's dyᵀ·ΔX (fp32 [N, K], contiguous) for dy [M, N] (contiguous, fp32/bf16/fp16)
+    and ΔX's rows; None where the kernel does not apply."""
     lib = _lib_for(vals, dy)
     if lib is None or vals.dtype != torch.float32:
         return None
     M, N = dy.shape
-    out = torch.empty((K, N), dtype=torch.float32)
-    lib.lb_ell_tmm(vals.data_ptr(), cols.data_ptr(), cnt.data_ptr(), M, vals.shape[1], dy.data_ptr(),
-                   DTYPE_CODES[dy.dtype], N, K, out.data_ptr(), torch.get_num_threads())
-    return out.t()
+    out = torch.empty((N, K), dtype=torch.float32)
+    if lib.lb_ell_tmm(vals.data_ptr(), cols.data_ptr(), cnt.data_ptr(), M, vals.shape[1], dy.data_ptr(),
+                      DTYPE_CODES[dy.dtype], N, K, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("lowbit's OCC kernel could not allocate its work buffers")
+    return out

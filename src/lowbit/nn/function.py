@@ -27,11 +27,14 @@ import torch
 
 from lowbit import cpu_bf16
 from lowbit.estimators import dge_apply
+from lowbit.formats import get_format
+from lowbit.kernels import dge as dge_kernels
 from lowbit.nn import residual
 from lowbit.nn.hadamard import rotate
 from lowbit.nn.spec import LinearSpec, fake_quantize_2d, scaled_values_2d
 from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
+from lowbit.quant import scale_factors
 
 
 def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, generator=None, amax=None,
@@ -113,12 +116,8 @@ class QLinearFunction(torch.autograd.Function):
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _occ_backward(x, occ_saved, ctx, spec)
-                dw = weight_grad(spec, state, gen, xc, res, dy, dyq, xq_saved)
-                if spec.dge.enabled:  # f' on W divided by the very scales the forward used
-                    wc = weight.to(ctx.cdtype).to(gemm_dtype)
-                    ws = scaled_values_2d(wc.t().contiguous(), spec.weight, amax=ctx.w_amax).t() \
-                        if spec.weight_in_axis else scaled_values_2d(wc, spec.weight, amax=ctx.w_amax)
-                    dw = dge_apply(dw, ws, spec.weight.fmt, spec.dge.k, spec.dge.clamp)
+                dw, comp = weight_grad(spec, state, gen, xc, res, dy, dyq, xq_saved)
+                dw = _dge(dw, comp, weight, ctx, spec) if spec.dge.enabled else _plus(dw, comp)
                 dw = dw.to(weight.dtype)
             if need_db and ctx.bias_dtype is not None:
                 db = dy.sum(0).to(ctx.bias_dtype)
@@ -148,11 +147,11 @@ def _occ_backward(x, occ_saved, ctx, spec: LinearSpec):
     return xc, (x - xc if spec.occ.compensate else None)
 
 
-def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq, xq_saved) -> torch.Tensor:
-    """dW [N, K] = Q(dYᵀ)·Q(Xcᵀ)ᵀ (+ dYᵀ·ΔX, fp32 accumulation), Xc the (clamped) activation [M, K].
-    xc is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
+def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq, xq_saved):
+    """(dW [N, K] = Q(dYᵀ)·Q(Xcᵀ)ᵀ, OCC's compensation dYᵀ·ΔX to add to it in fp32, or None), Xc the (clamped)
+    activation [M, K]. xc is None when xq_saved (Q(X), reusable as Q(Xᵀ)ᵀ) is given and OCC is off."""
     if spec.wgrad_hp:  # unquantized operands; (x - xc) + xc = x, so OCC's compensation is already in it
-        return cpu_bf16.mm(dy.t(), xc if res is None else xc + _dense(res, xc.dtype))
+        return cpu_bf16.mm(dy.t(), xc if res is None else xc + _dense(res, xc.dtype)), None
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
         H, s = state.hadamard_rotation, state.hadamard_signs
@@ -171,10 +170,27 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
         if xq is None:
             xq = quantize_operand(xc.t(), spec, "input", state, gen, record=False, gemm="wgrad")[0].t()
         dw = cpu_bf16.mm(gq, xq)
-    if res is not None:
-        comp = residual.tmm(dy, res)
-        dw = dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
-    return dw
+    return dw, None if res is None else residual.tmm(dy, res)
+
+
+def _plus(dw, comp):
+    return dw if comp is None else dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
+
+
+def _dge(dw, comp, weight, ctx, spec: LinearSpec):
+    """(dW + OCC's compensation) ⊙ f'(W / s), fp32: DGE with the very scales s the forward's weight quantizer used
+    (one CPU pass where the kernel applies: scales per row or tensor, W quantized along K)."""
+    q, wc = spec.weight, weight.to(ctx.cdtype).to(ctx.gemm_dtype)
+    fmt, k, clamp = get_format(q.fmt), spec.dge.k, spec.dge.clamp
+    if not spec.weight_in_axis and q.granularity in ("row", "tensor") and wc.numel() and \
+            (comp is None or comp.dtype == torch.float32):
+        fused = dge_kernels.dge_epilogue(dw, comp, wc.contiguous(), *scale_factors(wc.contiguous(), q, ctx.w_amax),
+                                         fmt, k, clamp)
+        if fused is not None:
+            return fused
+    ws = scaled_values_2d(wc.t().contiguous(), q, amax=ctx.w_amax).t() \
+        if spec.weight_in_axis else scaled_values_2d(wc, q, amax=ctx.w_amax)
+    return dge_apply(_plus(dw, comp), ws, fmt, k, clamp)
 
 
 def _dense(res, dtype):
