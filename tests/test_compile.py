@@ -372,3 +372,25 @@ def test_inductor_compiles_stochastic_rounding_bit_for_bit(tmp_path):
                        timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["nvfp4", "True", "True", "True", "quartet", "True", "True", "True"], r.stdout
+
+
+@pytest.mark.parametrize("granularity,block", [("row", 0), ("tile", 16), ("tensor", 0)])
+def test_quantize_op_fake_matches_real_for_transposed_operands(granularity, block):
+    """torch.library.opcheck of lowbit::quantize (fake vs real: shapes, strides, dtypes; schema) with an operand
+    passed transposed (b standing for b.t(), values back in b's layout) and plainly; the transposed call's values
+    are fake_quantize(b.t()) transposed, bit for bit. Bugs caught: the fake giving the scales of b instead of
+    b.t(), the real op returning a non-contiguous (copied) or untransposed result."""
+    from lowbit.quant import fake_quantize, fake_quantize_t
+    from lowbit.tensor_quant import TensorQuant
+
+    q = TensorQuant("e2m1", granularity, block)
+    b = torch.randn(48, 32).bfloat16()
+    for transposed in (True, False):
+        args = (b, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal, q.scale_rule,
+                q.scale_mult, None, True, "nearest", False, None, 0, [], transposed)
+        torch.library.opcheck(torch.ops.lowbit.quantize.default, args)
+    out, scales = fake_quantize_t(b, q, with_scales=True)
+    assert torch.equal(out.t(), fake_quantize(b.t(), q)) and out.shape == b.shape
+    real = torch.ops.lowbit.quantize(b, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal,
+                                     q.scale_rule, q.scale_mult, None, True, "nearest", False, None, 0, [], True)
+    assert real[0].is_contiguous() and torch.equal(real[0], out) and real[1].shape == scales.shape

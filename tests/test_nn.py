@@ -413,7 +413,7 @@ def test_random_hadamard_is_orthogonal_and_signed():
 def test_hadamard_weight_grad_exact_without_quantization(monkeypatch):
     """With the quantizer replaced by the identity, the rotated dW GeMM is dYᵀ·X to fp32
     rounding (15 tokens: padded to 16 inside)."""
-    monkeypatch.setattr(lnn.function, "fake_quantize_2d", lambda t, q, generator=None, amax=None: t)
+    monkeypatch.setattr(lnn.function, "fake_quantize_2d", lambda t, q, generator=None, amax=None, transposed=False: t)
     lin, q = make("nvfp4", K=32, N=16)
     x, dy = torch.randn(3, 5, 32), torch.randn(3, 5, 16)
     ya, dxa, dwa, dba = run(lin, x, dy)

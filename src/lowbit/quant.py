@@ -194,14 +194,14 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
 
 # --- an opaque op for torch.compile (lowbit.quant_op) --------------------------------------
 
-def _opaque(x, q, generator, amax, dequant):
+def _opaque(x, q, generator, amax, dequant, transposed):
     """The custom op's call for _run_keyed's arguments (round-to-nearest, or SR from a Stream: its seed)."""
     a = amax if amax is None or isinstance(amax, torch.Tensor) else \
         torch.tensor(float(amax), dtype=torch.float32, device=x.device)
     sr = q.rounding == "stochastic"  # the call's stream as (call index, layer, path): derived inside the op
     return _QUANTIZE_OP(x, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal, q.scale_rule,
                         q.scale_mult, a, dequant, q.rounding, q.four_over_six, generator.call if sr else None,
-                        generator.layer if sr else 0, list(generator.path) if sr else [])
+                        generator.layer if sr else 0, list(generator.path) if sr else [], transposed)
 
 
 def _saturates(q: TensorQuant, amax) -> bool:
@@ -218,21 +218,25 @@ def _scaled_pass(x3, shape, q, fmt, amax, saturate, out, dequant):
     return out, group_scales(s3, shape, q)
 
 
-def _run(x, q, generator, amax, dequant):
+def _run(x, q, generator, amax, dequant, transposed=False):
     """(fake-quantized x or its fp32 rounded values, the decode scales): every quantizer's one entry point. A
-    layer's Stream gives each stochastic quantizer call a child stream (lowbit.rng.Stream.child)."""
+    layer's Stream gives each stochastic quantizer call a child stream (lowbit.rng.Stream.child). transposed: x
+    is a 2-D b standing for the operand b.t(), and the values come back in b's layout (the scales are b.t()'s)."""
     _check_q(q)
     check_float(x)
     if q.rounding == "stochastic" and isinstance(generator, Stream):
         generator = generator.child()
-    return _run_keyed(x, q, generator, amax, dequant)
+    return _run_keyed(x, q, generator, amax, dequant, transposed)
 
 
-def _run_keyed(x, q, generator, amax, dequant):
+def _run_keyed(x, q, generator, amax, dequant, transposed=False):
     """_run once the call's random stream is settled; under torch.compile the opaque op (lowbit.quant_op)."""
     if _QUANTIZE_OP is not None and torch.compiler.is_compiling() and (
             q.rounding == "nearest" or (isinstance(generator, Stream) and generator.call is not None)):
-        return _opaque(x, q, generator, amax, dequant)
+        return _opaque(x, q, generator, amax, dequant, transposed)
+    if transposed:  # the kernels read the transposed view in place and write it transposed: no copy either way
+        out, scales = _run_keyed(x.t(), q, generator, amax, dequant)
+        return out.t(), scales
     fmt = get_format(q.fmt)
     if q.rounding == "stochastic" and generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
@@ -280,6 +284,15 @@ def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.
                               amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake_quantize(x, q, generator, amax), the decode scales it used: absmax_scale's shape)."""
     return _run(x, q, generator, amax, dequant=True)
+
+
+def fake_quantize_t(b: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None, amax=None,
+                    with_scales: bool = False):
+    """fake_quantize(b.t(), ...) for a 2-D b, returned transposed (in b's layout): the same values, and under
+    torch.compile no copy into and out of the opaque op for a transposed operand. with_scales: (values, the
+    scales of b.t())."""
+    out, scales = _run(b, q, generator, amax, dequant=True, transposed=True)
+    return (out, scales) if with_scales else out
 
 
 kernels.set_reference(fake_quantize_with_scales)  # what the GPU kernels are checked against on first use

@@ -38,12 +38,14 @@ from lowbit.quant import scale_factors
 
 
 def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQuantState, generator=None, amax=None,
-                     record: bool = True, q=None, gemm: str = "fprop") -> tuple[torch.Tensor, torch.Tensor | None]:
+                     record: bool = True, q=None, gemm: str = "fprop", transposed: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fake-quantized 2-D t along its last dim, the amax used or None) for operand `op` ("input", "weight",
     "grad_output"). Delayed scaling reads the operand's amax history (and, with `record`, reports t's amax);
     statistics go to the layer's observer when it collects (a requantization of the same operand for another
     GeMM reports under that GeMM). q: a quantizer other than the spec's for `op` (dgrad_weight); generator:
-    this call's random stream, for stochastic rounding."""
+    this call's random stream, for stochastic rounding. transposed: t stands for the operand t.t() (quantized
+    along t's columns) and the values come back in t's layout."""
     q = getattr(spec, op) if q is None else q
     if q is None:
         return t, None
@@ -52,9 +54,9 @@ def quantize_operand(t: torch.Tensor, spec: LinearSpec, op: str, state: LayerQua
     gen = generator if q.rounding == "stochastic" else None
     observer = state.observer
     if observer is None:
-        return fake_quantize_2d(t, q, gen, amax), amax
-    out, scales = fake_quantize_2d(t, q, gen, amax, with_scales=True)
-    record_operand(observer, gemm, op, t, out, q, amax, scales)
+        return fake_quantize_2d(t, q, gen, amax, transposed=transposed), amax
+    out, scales = fake_quantize_2d(t, q, gen, amax, with_scales=True, transposed=transposed)
+    record_operand(observer, gemm, op, t.t() if transposed else t, out.t() if transposed else out, q, amax, scales)
     return out, amax
 
 
@@ -72,8 +74,7 @@ class QLinearFunction(torch.autograd.Function):
         xc, res, lo, hi = _occ(x, spec, observer)
         xq, _ = quantize_operand(xc, spec, "input", state, gen)
         if spec.weight_in_axis:  # once along N (per input channel); dX reuses it
-            wq_t, w_amax = quantize_operand(w.t(), spec, "weight", state, gen)
-            wq = wq_t.t()
+            wq, w_amax = quantize_operand(w, spec, "weight", state, gen, transposed=True)
         else:
             wq, w_amax = quantize_operand(w, spec, "weight", state, gen)
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype).to(gemm_dtype))
@@ -110,9 +111,9 @@ class QLinearFunction(torch.autograd.Function):
             if need_dx:
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
-                    wt = weight.to(ctx.cdtype).to(gemm_dtype).t()
-                    wq = quantize_operand(wt, spec, "weight", state, gen, amax=ctx.w_amax, record=False,
-                                          q=spec.dgrad_weight, gemm="dgrad")[0].t()
+                    wq = quantize_operand(weight.to(ctx.cdtype).to(gemm_dtype), spec, "weight", state, gen,
+                                          amax=ctx.w_amax, record=False, q=spec.dgrad_weight, gemm="dgrad",
+                                          transposed=True)[0]
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _occ_backward(x, occ_saved, ctx, spec)
@@ -164,11 +165,11 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
         if dyq is not None and spec.reuse_dyq:
             gq = dyq.t()
         else:
-            gq, _ = quantize_operand(dy.t(), spec, "grad_output", state, gen, record=False,
-                                     gemm="wgrad")
+            gq = quantize_operand(dy, spec, "grad_output", state, gen, record=False, gemm="wgrad",
+                                  transposed=True)[0].t()
         xq = xq_saved
         if xq is None:
-            xq = quantize_operand(xc.t(), spec, "input", state, gen, record=False, gemm="wgrad")[0].t()
+            xq = quantize_operand(xc, spec, "input", state, gen, record=False, gemm="wgrad", transposed=True)[0]
         dw = cpu_bf16.mm(gq, xq)
     return dw, None if res is None else residual.tmm(dy, res)
 
