@@ -130,8 +130,8 @@ def _occ(x, spec: LinearSpec, observer):
     None) when OCC is off."""
     if not (spec.occ_on and x.numel()):
         return x, None, None, None
-    # CPU: sparse rows (on accelerators a data-dependent layout costs a sync; under compile it breaks the graph)
-    sparse = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    # CPU: sparse rows (on accelerators a data-dependent layout costs a sync; under compile: fixed-width rows)
+    sparse = x.device.type == "cpu"
     xc, res, lo, hi = residual.clamp(x, spec.occ.alpha, spec.occ.granularity, sparse)
     if observer is not None:
         observer.record("fprop", "input", {"occ_clamped": residual.density(res)})

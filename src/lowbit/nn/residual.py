@@ -7,11 +7,14 @@ sums its few terms in one fixed order: from +0, in fp32 (fp64 for fp64 operands)
 it is added; an output row of ΔX·Wᵀ takes its row's terms in column order, an entry of dYᵀ·ΔX its column's in
 token order. `mm_reference` and `tmm_reference` spell that order out in torch and are the specification; the
 compiled kernels (lowbit.kernels.occ) follow it bit for bit. Per token, the OCC kernel writes the sparse rows
-while it clamps, so the dense residual never exists. Elsewhere (GPUs, under torch.compile) ΔX stays dense and
-the products are dense GeMMs: the same sums up to their order.
+while it clamps, so the dense residual never exists. Under torch.compile on CPU the same kernels run as opaque ops
+(lowbit::occ_sparse, ell_mm, ell_tmm) on rows of a fixed width (the most a finite row can have). On GPUs (and for
+OCC over the whole tensor under torch.compile) ΔX stays dense and the products are dense GeMMs: the same sums up
+to their order.
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -61,17 +64,22 @@ def from_dense(res: torch.Tensor, max_density: float = MAX_DENSITY) -> SparseRow
 
 def clamp(x: torch.Tensor, alpha: float, granularity: str, sparse: bool):
     """OCC on x [M, K]: (clamped x, ΔX, lo, hi) as lowbit.estimators' occ_clamp_rows ("token") or occ_clamp
-    ("tensor") give them, ΔX as SparseRows where `sparse` and it is sparse enough, else dense."""
+    ("tensor") give them, ΔX as SparseRows where `sparse` and it is sparse enough, else dense. Under
+    torch.compile per token through the opaque op lowbit::occ_sparse (rows of a fixed width), else dense."""
+    compiling = torch.compiler.is_compiling()
     if sparse and granularity == "token":
         K = x.shape[1]
         i_lo, i_hi = occ_row_ranks(K, alpha)
         cap = i_lo + K - 1 - i_hi  # entries strictly beyond the bounds, in a row of finite values
+        if compiling and _OPS and cap <= MAX_DENSITY * K:
+            xc, vals, cols, cnt, lo, hi = _OPS["occ"](x, alpha, cap)
+            return xc, SparseRows(vals, cols, cnt, K), lo, hi
         fused = occ_kernels.occ_rows(x, i_lo, i_hi, cap) if cap <= MAX_DENSITY * K else None
         if fused is not None:  # (None as well for a row with NaN or infinities: the eager route below)
             xc, (vals, cols, cnt), lo, hi = fused
             return xc, SparseRows(vals, cols, cnt, K), lo, hi
     xc, res, lo, hi = (occ_clamp_rows if granularity == "token" else occ_clamp)(x, alpha)
-    rows = from_dense(res) if sparse else None
+    rows = from_dense(res) if sparse and not compiling else None  # (a data-dependent width breaks a graph)
     return xc, res if rows is None else rows, lo, hi
 
 
@@ -106,6 +114,8 @@ def mm(res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
     """ΔX·Wᵀ for ΔX [M, K] and w [N, K] in the compute dtype: sparse rows in fp32 (the kernel where it applies),
     a dense ΔX as a GeMM in the compute dtype."""
     if isinstance(res, SparseRows):
+        if torch.compiler.is_compiling() and _OPS:
+            return _OPS["mm"](res.vals, res.cols, res.cnt, w)
         fused = occ_kernels.ell_mm(res.vals, res.cols, res.cnt, w.contiguous())
         return fused if fused is not None else mm_reference(res, w)
     return cpu_bf16.linear(res, w)
@@ -114,6 +124,69 @@ def mm(res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
 def tmm(dy: torch.Tensor, res: torch.Tensor | SparseRows) -> torch.Tensor:
     """dyᵀ·ΔX [N, K] for dy [M, N] and ΔX [M, K], as `mm`."""
     if isinstance(res, SparseRows):
+        if torch.compiler.is_compiling() and _OPS:
+            return _OPS["tmm"](dy, res.vals, res.cols, res.cnt, res.K)
         fused = occ_kernels.ell_tmm(dy.contiguous(), res.vals, res.cols, res.cnt, res.K)
         return fused if fused is not None else tmm_reference(dy, res)
     return cpu_bf16.mm(dy.t(), res)
+
+
+# --- opaque ops for torch.compile: the kernels (or the references) with fixed-width rows --------------------
+
+def _capped_rows(res: torch.Tensor, cap: int):
+    """from_dense's fields for res [M, K] with exactly cap slots per row: a row with more nonzeros (only rows
+    with NaN or ±inf can have them; their products are NaN either way) keeps its first cap."""
+    nz = res != 0
+    cnt = nz.sum(1).clamp_max(cap)
+    cols = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :cap]
+    pad = torch.arange(cap, device=res.device) >= cnt[:, None]
+    vals = res.gather(1, cols).to(torch.promote_types(res.dtype, torch.float32)).masked_fill(pad, 0.0)
+    return vals, cols.masked_fill(pad, 0), cnt
+
+
+def _occ_impl(x: torch.Tensor, alpha: float, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    i_lo, i_hi = occ_row_ranks(x.shape[1], alpha)
+    fused = occ_kernels.occ_rows(x.contiguous(), i_lo, i_hi, cap)
+    if fused is not None:
+        xc, (vals, cols, cnt), lo, hi = fused
+    else:
+        xc, res, lo, hi = occ_clamp_rows(x, alpha)
+        vals, cols, cnt = _capped_rows(res, cap)
+    return xc, vals, cols, cnt, lo, hi
+
+
+def _occ_fake(x, alpha, cap):
+    M = x.shape[0]
+    vdt = torch.promote_types(x.dtype, torch.float32)
+    return (torch.empty_like(x), x.new_empty((M, cap), dtype=vdt), x.new_empty((M, cap), dtype=torch.int64),
+            x.new_empty((M,), dtype=torch.int64), x.new_empty((M, 1)), x.new_empty((M, 1)))
+
+
+def _mm_impl(vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    fused = occ_kernels.ell_mm(vals, cols, cnt, w.contiguous())
+    return fused if fused is not None else mm_reference(SparseRows(vals, cols, cnt, w.shape[1]), w)
+
+
+def _tmm_impl(dy: torch.Tensor, vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, K: int) -> torch.Tensor:
+    fused = occ_kernels.ell_tmm(dy.contiguous(), vals, cols, cnt, K)
+    return fused if fused is not None else tmm_reference(dy, SparseRows(vals, cols, cnt, K)).contiguous()
+
+
+def _register() -> dict:
+    """lowbit::occ_sparse, lowbit::ell_mm, lowbit::ell_tmm, or {} (one warning) where this torch's custom_op
+    cannot take them: compiled code then keeps ΔX dense."""
+    try:
+        ops = {"occ": torch.library.custom_op("lowbit::occ_sparse", mutates_args=())(_occ_impl),
+               "mm": torch.library.custom_op("lowbit::ell_mm", mutates_args=())(_mm_impl),
+               "tmm": torch.library.custom_op("lowbit::ell_tmm", mutates_args=())(_tmm_impl)}
+        ops["occ"].register_fake(_occ_fake)
+        ops["mm"].register_fake(lambda vals, cols, cnt, w: vals.new_empty((vals.shape[0], w.shape[0])))
+        ops["tmm"].register_fake(lambda dy, vals, cols, cnt, K: vals.new_empty((dy.shape[1], K)))
+        return ops
+    except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take these signatures
+        logging.getLogger("lowbit").warning("torch.compile will keep OCC's residual dense (%s)", e)
+        return {}
+
+
+_OPS = _register()
