@@ -398,16 +398,23 @@ def test_quantize_op_fake_matches_real_for_transposed_operands(granularity, bloc
 
 def test_compiled_occ_runs_the_sparse_kernels_bit_for_bit(monkeypatch):
     """Under torch.compile fp4-paper's per-token OCC, ΔX·Wᵀ and dYᵀ·ΔX are the opaque ops lowbit::occ_sparse,
-    ell_mm and ell_tmm (rows of a fixed width): the C kernels run inside the graph and the compiled step equals
-    the eager one bit for bit (Y, dX, dW; DGE traced from lowbit.powers' operations). Bugs caught: the compiled
-    path falling back to a dense ΔX (kernel counts 0), a fake promising another width or dtype (dynamo errors), a
-    fixed width that drops a finite row's entries (values differ)."""
+    ell_mm and ell_tmm (rows of a fixed width), and DGE's epilogue lowbit::dge_epilogue: the C kernels run inside
+    the graph and the compiled step equals the eager one bit for bit (Y, dX, dW). Bugs caught: the compiled path
+    falling back to a dense ΔX or a traced epilogue (kernel counts stay put), a fake promising another width or
+    dtype (dynamo errors), a fixed width that drops a finite row's entries (values differ)."""
+    from lowbit.kernels import dge as dge_kernels
     from lowbit.kernels import occ as occ_kernels
-    calls = {"occ": 0, "mm": 0, "tmm": 0}
-    for name, attr in (("occ", "occ_rows"), ("mm", "ell_mm"), ("tmm", "ell_tmm")):
-        real = getattr(occ_kernels, attr)
-        monkeypatch.setattr(occ_kernels, attr, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
-                            or _r(*a, **k))
+    calls = {"occ": 0, "mm": 0, "tmm": 0, "dge": 0}
+
+    def counting(name, real):
+        def run(*a, **k):
+            out = real(*a, **k)
+            calls[name] += out is not None  # the kernel ran (a traced call returns None)
+            return out
+        return run
+    for mod, name, attr in ((occ_kernels, "occ", "occ_rows"), (occ_kernels, "mm", "ell_mm"),
+                            (occ_kernels, "tmm", "ell_tmm"), (dge_kernels, "dge", "dge_epilogue")):
+        monkeypatch.setattr(mod, attr, counting(name, getattr(mod, attr)))
     torch.manual_seed(0)
     eager, comp = QLinear(128, 96, recipe="fp4-paper"), QLinear(128, 96, recipe="fp4-paper")
     comp.load_state_dict(eager.state_dict())
@@ -419,6 +426,6 @@ def test_compiled_occ_runs_the_sparse_kernels_bit_for_bit(monkeypatch):
     dy = torch.randn_like(ye)
     ye.backward(dy)
     yc.backward(dy)
-    assert calls["occ"] > before["occ"] and calls["mm"] > before["mm"] and calls["tmm"] >= 2
+    assert all(calls[n] > before[n] for n in ("occ", "mm")) and calls["tmm"] >= 2 and calls["dge"] >= 2
     for a, b in ((ye, yc), (xe.grad, xc.grad), (eager.weight.grad, comp.weight.grad)):
         assert torch.equal(a, b)

@@ -23,6 +23,8 @@ output would be rounded twice).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lowbit import cpu_bf16
@@ -185,8 +187,10 @@ def _dge(dw, comp, weight, ctx, spec: LinearSpec):
     fmt, k, clamp = get_format(q.fmt), spec.dge.k, spec.dge.clamp
     if not spec.weight_in_axis and q.granularity in ("row", "tensor") and wc.numel() and \
             (comp is None or comp.dtype == torch.float32):
-        fused = dge_kernels.dge_epilogue(dw, comp, wc.contiguous(), *scale_factors(wc.contiguous(), q, ctx.w_amax),
-                                         fmt, k, clamp)
+        scales, factors = scale_factors(wc.contiguous(), q, ctx.w_amax)
+        if torch.compiler.is_compiling() and _DGE_OP is not None and dw.device.type == "cpu":
+            return _DGE_OP(dw, comp, wc.contiguous(), scales, factors, q.fmt, k, clamp)
+        fused = dge_kernels.dge_epilogue(dw, comp, wc.contiguous(), scales, factors, fmt, k, clamp)
         if fused is not None:
             return fused
     ws = scaled_values_2d(wc.t().contiguous(), q, amax=ctx.w_amax).t() \
@@ -196,3 +200,30 @@ def _dge(dw, comp, weight, ctx, spec: LinearSpec):
 
 def _dense(res, dtype):
     return res.to_dense(dtype) if isinstance(res, residual.SparseRows) else res
+
+
+def _dge_epilogue(dw: torch.Tensor, comp: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor,
+                  factors: torch.Tensor | None, fmt: str, k: float, clamp: float) -> torch.Tensor:
+    """(dw + comp) · f'(w / scales) (or w · factors), fp32: the C kernel, else the eager steps it fuses."""
+    f = get_format(fmt)
+    fused = dge_kernels.dge_epilogue(dw, comp, w, scales, factors, f, k, clamp)
+    if fused is not None:
+        return fused
+    ws = w.float() / scales.reshape(-1, 1) if factors is None else w.float() * factors.reshape(-1, 1)
+    return dge_apply(_plus(dw, comp), ws, f, k, clamp)
+
+
+def _register_dge_op():
+    """lowbit::dge_epilogue: the weight-gradient epilogue as one opaque op under torch.compile (the same kernel as
+    eager), or None (one warning) where this torch's custom_op cannot take it: compiled code then traces it."""
+    try:
+        op = torch.library.custom_op("lowbit::dge_epilogue", mutates_args=())(_dge_epilogue)
+        op.register_fake(lambda dw, comp, w, scales, factors, fmt, k, clamp: dw.new_empty(dw.shape,
+                                                                                           dtype=torch.float32))
+        return op
+    except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take this signature: trace instead
+        logging.getLogger("lowbit").warning("torch.compile will trace DGE's epilogue (%s)", e)
+        return None
+
+
+_DGE_OP = _register_dge_op()
