@@ -158,11 +158,12 @@ def weight_grad(spec: LinearSpec, state: LayerQuantState, gen, xc, res, dy, dyq,
     if spec.hadamard_size:
         pad = (-xc.shape[0]) % spec.pad_multiple()
         H, s = state.hadamard_rotation, state.hadamard_signs
-        dyt = rotate(dy.t(), H, s, pad, dy.dtype)
-        xt = rotate(xc.t(), H, s, pad, xc.dtype)
-        gq, _ = quantize_operand(dyt, spec, "grad_output", state, gen, record=False, gemm="wgrad")
-        xq, _ = quantize_operand(xt, spec, "input", state, gen, record=False, gemm="wgrad")
-        dw = cpu_bf16.mm(gq, xq.t())
+        # the dW operands rotated along tokens in their own memory order; the quantizers read the rotated bases
+        dyt = rotate(dy, H, s, pad, dy.dtype, transposed=True).t()  # contiguous [M + pad, N]
+        xt = rotate(xc, H, s, pad, xc.dtype, transposed=True).t()
+        gq = quantize_operand(dyt, spec, "grad_output", state, gen, record=False, gemm="wgrad", transposed=True)[0]
+        xq = quantize_operand(xt, spec, "input", state, gen, record=False, gemm="wgrad", transposed=True)[0]
+        dw = cpu_bf16.mm(gq.t(), xq)
     else:
         if dyq is not None and spec.reuse_dyq:
             gq = dyq.t()

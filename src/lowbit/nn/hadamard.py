@@ -117,12 +117,18 @@ def rotate_gemm(a: torch.Tensor, H: torch.Tensor, signs, pad: int) -> torch.Tens
 
 
 def rotate(a: torch.Tensor, H: torch.Tensor, signs: torch.Tensor | None = None, pad: int = 0,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           dtype: torch.dtype = torch.float32, transposed: bool = False) -> torch.Tensor:
     """a [rows, L] (any float dtype, any layout), zero-padded to L + pad columns (a multiple of n), times
     blockdiag(R, R, ...) along the last dim, R = diag(signs)·H (signs ±1 [n] or None; H = H_n/√n fp32 [n, n],
     the layer's buffer): [rows, L + pad] in dtype. On CPU a transposed view (a.t() contiguous) is rotated in its
-    own memory order and the result is a transposed view too (the quantizers read either layout)."""
+    own memory order and the result is a transposed view too (the quantizers read either layout). transposed:
+    a is a contiguous b standing for the operand b.t(), rotated so without asking its strides (under
+    torch.compile too); the result is the transposed view of a contiguous [L + pad, rows]."""
     n = H.shape[0]
+    if transposed:
+        if a.device.type != "cpu":
+            return rotate_gemm(a.t(), H, signs, pad).to(dtype)
+        return _rotate_physical(a, True, n, signs, pad, dtype).t()
     if a.device.type != "cpu":
         return rotate_gemm(a, H, signs, pad).to(dtype)
     if torch.compiler.is_compiling():  # no stride questions in a traced backward (dynamo: "autocast state changed")

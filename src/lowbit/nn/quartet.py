@@ -43,15 +43,20 @@ def _quantize_fwd(t, q, observer, op: str):
     return tq, mask
 
 
-def _quantize_bwd(t, H, signs, spec: LinearSpec, gen, observer, cdtype, gemm: str, op: str, pad: int = 0):
+def _quantize_bwd(t, H, signs, spec: LinearSpec, gen, observer, cdtype, gemm: str, op: str, pad: int = 0,
+                  transposed: bool = False):
     """Q_b(t·R) along the last dim of t [rows, L] zero-padded by `pad`, R = diag(signs)·H, in cdtype; gen: this
-    call's random stream."""
+    call's random stream. transposed: t is a contiguous b standing for b.t() (rotated and quantized in b's own
+    memory order, also under torch.compile: no copies); the result is then a transposed view."""
     q = spec.grad_output
     gen = gen if q.rounding == "stochastic" else None
-    tr = rotate(t, H, signs, pad, cdtype)
+    tr = rotate(t, H, signs, pad, cdtype, transposed=transposed)
+    src = tr.t() if transposed else tr  # transposed: the contiguous rotated base
     if observer is None:
-        return fake_quantize_2d(tr, q, gen)
-    tq, scales = fake_quantize_2d(tr, q, gen, with_scales=True)
+        tq = fake_quantize_2d(src, q, gen, transposed=transposed)
+        return tq.t() if transposed else tq
+    tq, scales = fake_quantize_2d(src, q, gen, with_scales=True, transposed=transposed)
+    tq = tq.t() if transposed else tq
     record_operand(observer, gemm, op, tr, tq, q, scales=scales)
     return tq
 
@@ -85,12 +90,13 @@ class QuartetFunction(torch.autograd.Function):
             s = random_signs(n, dy.device, gen)  # R = diag(s)·H, fresh at every call
             if need_dx:  # along N
                 dxh = cpu_bf16.mm(_quantize_bwd(dy, H, s, spec, gen, obs, cdtype, "dgrad", "grad_output"),
-                                  _quantize_bwd(wq.t(), H, s, spec, gen, obs, cdtype, "dgrad", "weight").t())
+                                  _quantize_bwd(wq, H, s, spec, gen, obs, cdtype, "dgrad", "weight",
+                                                transposed=True).t())
                 dx = rotate(dxh * mx, H, dtype=ctx.x_dtype)  # H symmetric: Hᵀ = H
             if need_dw:  # along M, zero-padded to a multiple of n
                 pad = (-dy.shape[0]) % n
-                g = _quantize_bwd(dy.t(), H, s, spec, gen, obs, cdtype, "wgrad", "grad_output", pad)
-                xt = _quantize_bwd(xq.t(), H, s, spec, gen, obs, cdtype, "wgrad", "input", pad)
+                g = _quantize_bwd(dy, H, s, spec, gen, obs, cdtype, "wgrad", "grad_output", pad, transposed=True)
+                xt = _quantize_bwd(xq, H, s, spec, gen, obs, cdtype, "wgrad", "input", pad, transposed=True)
                 dwh = cpu_bf16.mm(g, xt.t())
                 dw = rotate(dwh * mw, H, dtype=weight.dtype)
             if need_db and ctx.bias_dtype is not None:
