@@ -429,3 +429,17 @@ def test_compiled_occ_runs_the_sparse_kernels_bit_for_bit(monkeypatch):
     assert all(calls[n] > before[n] for n in ("occ", "mm")) and calls["tmm"] >= 2 and calls["dge"] >= 2
     for a, b in ((ye, yc), (xe.grad, xc.grad), (eager.weight.grad, comp.weight.grad)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", ["quartet", "fp4-paper", "nvfp4"])
+def test_first_compiled_call_does_not_load_the_kernels_inside_the_graph(recipe, monkeypatch):
+    """A trainer compiles before any eager step, so the kernel library can be first asked for while dynamo traces:
+    that must not break the graph (the loader takes a lock dynamo cannot trace; a break in the model's block loop
+    made dynamo skip the whole frame and run it eagerly). Bug caught: a kernel wrapper asking for the library
+    before asking whether dynamo is tracing (quartet's trust mask did: compiled quartet ran 0.85x eager)."""
+    from lowbit.kernels import cpu
+    torch.manual_seed(0)
+    layer = QLinear(64, 64, recipe=recipe)
+    monkeypatch.setattr(cpu, "_LIB", [])  # not loaded yet in this process (as on a trainer's first step)
+    graphs, breaks, reasons = _explain(layer, torch.randn(64, 64, requires_grad=True))
+    assert (graphs, breaks) == (1, 0), reasons

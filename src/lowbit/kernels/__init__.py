@@ -47,7 +47,10 @@ def mode() -> str:
 
 
 def cpu_library():
-    """The compiled CPU kernel library under LOWBIT_KERNELS (None: eager; RuntimeError for "cpu" without it)."""
+    """The compiled CPU kernel library under LOWBIT_KERNELS (None: eager; RuntimeError for "cpu" without it).
+    None while dynamo traces: the kernels run inside opaque ops there, and the loader's lock would break the graph."""
+    if torch.compiler.is_compiling():
+        return None
     from lowbit.kernels import cpu
     m = mode()
     if m == "eager":
