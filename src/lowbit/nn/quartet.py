@@ -18,6 +18,8 @@ high-precision copy of X is kept. The token dim M is zero-padded to a multiple o
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lowbit import cpu_bf16
@@ -29,15 +31,39 @@ from lowbit.nn.state import LayerQuantState
 from lowbit.nn.stats import record_operand
 from lowbit.quant import divide_by_scales
 from lowbit.rng import random_signs
+from lowbit.tensor_quant import TensorQuant
+
+
+def _trust(t: torch.Tensor, scales: torch.Tensor, fmt: str, granularity: str, block: int) -> torch.Tensor:
+    """QuEST's trust mask |t / s| < max (bool, t's shape) from the quantizer's own scales: the C kernel (tiles on
+    CPU), else the eager quotient."""
+    q = TensorQuant(fmt, granularity, block)
+    fmax = get_format(fmt).max
+    mask = trust_mask(t, scales, block, fmax) if granularity == "tile" else None
+    return divide_by_scales(t, q, scales).abs() < fmax if mask is None else mask
+
+
+def _register_trust_op():
+    """lowbit::trust_mask, opaque under torch.compile (the same kernel as eager instead of a traced quotient), or
+    None (one warning) where this torch's custom_op cannot take it."""
+    try:
+        op = torch.library.custom_op("lowbit::trust_mask", mutates_args=())(_trust)
+        op.register_fake(lambda t, scales, fmt, granularity, block: t.new_empty(t.shape, dtype=torch.bool))
+        return op
+    except Exception as e:  # noqa: BLE001 -- a torch whose custom_op cannot take this signature: trace instead
+        logging.getLogger("lowbit").warning("torch.compile will trace Quartet's trust mask (%s)", e)
+        return None
+
+
+_TRUST_OP = _register_trust_op()
 
 
 def _quantize_fwd(t, q, observer, op: str):
     """(Q_f(t), trust mask) for t [rows, L] already rotated, in its dtype."""
     tq, scales = fake_quantize_2d(t, q, with_scales=True)  # L is a multiple of the tile: no padding
-    fmax = get_format(q.fmt).max
-    mask = trust_mask(t, scales, q.block, fmax) if q.granularity == "tile" else None
-    if mask is None:  # the quantizer's own scales
-        mask = divide_by_scales(t, q, scales).abs() < fmax
+    trust = _TRUST_OP if _TRUST_OP is not None and torch.compiler.is_compiling() and t.device.type == "cpu" \
+        else _trust
+    mask = trust(t, scales, q.fmt, q.granularity, q.block)
     if observer is not None:
         record_operand(observer, "fprop", op, t, tq, q, scales=scales)
     return tq, mask
