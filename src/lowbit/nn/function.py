@@ -90,7 +90,8 @@ class QLinearFunction(torch.autograd.Function):
         ctx.cdtype, ctx.gemm_dtype = cdtype, gemm_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         keep_x = not spec.reuse_xq or lo is not None or spec.wgrad_hp  # to requantize along tokens, ΔX, or dW
-        # OCC: sparse rows keep the clamped x and ΔX (a few % more than x); a dense ΔX is rebuilt from x, lo, hi
+        # OCC: sparse rows keep the clamped x and ΔX (its rows: ~12% of a bf16 x at α = 0.99, int64 columns);
+        # a dense ΔX is rebuilt from x, lo, hi
         ctx.occ = None if lo is None else "sparse" if isinstance(res, residual.SparseRows) else "dense"
         occ_saved = (None, None, None) if lo is None else res[:3] if ctx.occ == "sparse" else (lo, hi, None)
         ctx.occ_k = x.shape[1]
