@@ -380,7 +380,7 @@ def test_quantize_op_fake_matches_real_for_transposed_operands(granularity, bloc
     passed transposed (b standing for b.t(), values back in b's layout) and plainly; the transposed call's values
     are fake_quantize(b.t()) transposed, bit for bit. Bugs caught: the fake giving the scales of b instead of
     b.t(), the real op returning a non-contiguous (copied) or untransposed result."""
-    from lowbit.quant import fake_quantize, fake_quantize_t
+    from lowbit.quant import fake_quantize, fake_quantize_with_scales
     from lowbit.tensor_quant import TensorQuant
 
     q = TensorQuant("e2m1", granularity, block)
@@ -389,7 +389,7 @@ def test_quantize_op_fake_matches_real_for_transposed_operands(granularity, bloc
         args = (b, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal, q.scale_rule,
                 q.scale_mult, None, True, "nearest", False, None, 0, [], transposed)
         torch.library.opcheck(torch.ops.lowbit.quantize.default, args)
-    out, scales = fake_quantize_t(b, q, with_scales=True)
+    out, scales = fake_quantize_with_scales(b, q, transposed=True)
     assert torch.equal(out.t(), fake_quantize(b.t(), q)) and out.shape == b.shape
     real = torch.ops.lowbit.quantize(b, q.fmt, q.granularity, q.block, q.scale_fmt, q.scale_round, q.reciprocal,
                                      q.scale_rule, q.scale_mult, None, True, "nearest", False, None, 0, [], True)

@@ -281,18 +281,11 @@ def fake_quantize(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | 
 
 
 def fake_quantize_with_scales(x: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None,
-                              amax=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fake_quantize(x, q, generator, amax), the decode scales it used: absmax_scale's shape)."""
-    return _run(x, q, generator, amax, dequant=True)
-
-
-def fake_quantize_t(b: torch.Tensor, q: TensorQuant, generator: torch.Generator | None = None, amax=None,
-                    with_scales: bool = False):
-    """fake_quantize(b.t(), ...) for a 2-D b, returned transposed (in b's layout): the same values, and under
-    torch.compile no copy into and out of the opaque op for a transposed operand. with_scales: (values, the
-    scales of b.t())."""
-    out, scales = _run(b, q, generator, amax, dequant=True, transposed=True)
-    return (out, scales) if with_scales else out
+                              amax=None, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake_quantize(x, q, generator, amax), the decode scales it used: absmax_scale's shape). transposed: x is a
+    2-D b standing for b.t(), whose values come back in b's layout (under torch.compile: no copy into and out of
+    the opaque op) with the scales of b.t()."""
+    return _run(x, q, generator, amax, dequant=True, transposed=transposed)
 
 
 kernels.set_reference(fake_quantize_with_scales)  # what the GPU kernels are checked against on first use
@@ -308,17 +301,15 @@ def divide_by_scales(x: torch.Tensor, q: TensorQuant, scales: torch.Tensor) -> t
 def scaled_values(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / scale as fp32 of x's shape, scale as from absmax_scale): the scaled,
     not yet rounded values (what DGE evaluates f' on)."""
+    if x.numel():
+        s3, e3 = scale_factors(x.contiguous(), q, amax)  # (checks q and x)
+        x3 = as3d(x.contiguous(), q)
+        xs = (x3.float() / s3 if e3 is None else x3.float() * e3).view(x.shape)
+        return xs, group_scales(s3, x.shape, q)
     _check_q(q)
     check_float(x)
-    fmt = get_format(q.fmt)
-    xc = x.contiguous()
-    x3 = as3d(xc, q)
-    if x.numel() == 0:
-        return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
-                torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
-    s3, e3 = _scales3(x3, q, fmt, amax)
-    xs = (x3.float() / s3 if e3 is None else x3.float() * e3).view(x.shape)
-    return xs, group_scales(s3, x.shape, q)
+    return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
+            torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device))
 
 
 def scale_factors(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,8 +16,8 @@ _POLY = (ctypes.c_float * 13)(*powers.LOG2_POLY, *powers.EXP2_POLY)
 
 
 def _ok(dw: torch.Tensor, lib) -> bool:
-    return (not torch.compiler.is_compiling() and lib is not None and dw.device.type == "cpu" and dw.dim() == 2
-            and dw.dtype in DTYPE_CODES and dw.is_contiguous())
+    return (lib is not None and dw.device.type == "cpu" and dw.dim() == 2 and dw.dtype in DTYPE_CODES
+            and dw.is_contiguous())
 
 
 def _call(lib, src, sdt, s0, s1, scales, rs, recip, add, dw, fmt: Format, k: float, clamp: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ def dge_apply(dw: torch.Tensor, ws: torch.Tensor, fmt: Format, k: float, clamp: 
     """dw.float() · estimators.dge_derivative(ws, fmt, k, clamp) (fp32 [R, C]); None where the kernel does not
     apply. dw [R, C] contiguous (fp32/bf16/fp16); ws fp32, contiguous or a transposed view of a contiguous
     tensor."""
-    lib = None if torch.compiler.is_compiling() else cpu_library()  # (its lock would break the graph)
+    lib = cpu_library()  # (None while dynamo traces)
     if not _ok(dw, lib) or ws.dtype != torch.float32 or ws.shape != dw.shape:
         return None
     if not (ws.is_contiguous() or (ws.t().is_contiguous() and dw.shape[0] > 1)):
@@ -50,7 +50,7 @@ def dge_epilogue(dw: torch.Tensor, add: torch.Tensor | None, w: torch.Tensor, sc
     one pass; None where the kernel does not apply. dw, w [R, C] contiguous; add fp32 [R, C] contiguous or None;
     scales / factors fp32 with one value per row ([R, 1, 1]) or for the whole tensor ([1, 1, 1]):
     quant.scale_factors of a row- or tensor-granular quantizer."""
-    lib = None if torch.compiler.is_compiling() else cpu_library()
+    lib = cpu_library()
     sc = scales if factors is None else factors
     if (not _ok(dw, lib) or not _ok(w, lib) or w.shape != dw.shape or sc.dtype != torch.float32
             or sc.numel() not in (1, dw.shape[0]) or (sc.dim() == 3 and sc.shape[1] != 1)

@@ -202,39 +202,22 @@ static inline void transpose16(v16f *r) {
     }
 }
 
-/* wt[k, n] = w[n0 + n, k] (fp32 [K, nb], row stride NB) for n < nb <= NB: whole 16×16 tiles in registers, the
- * ragged edges element by element. */
-static void transpose_block(const void *w, int dt, int64_t n0, int64_t nb, int64_t K, float *wt) {
-    for (int64_t r0 = 0; r0 < nb; r0 += 16) {
-        int64_t rb = nb - r0 < 16 ? nb - r0 : 16, k0 = 0;
-        for (; rb == 16 && k0 + 16 <= K; k0 += 16) {
+/* dst[c, r] = src[r, c] in fp32 for r < R, c < C: src rows of stride lds (element offset off, dtype dt), dst rows
+ * of stride ldd. Whole 16×16 tiles go through registers, the ragged edges element by element. */
+static void transpose_tiles(const void *src, int dt, int64_t off, int64_t lds, int64_t R, int64_t C, float *dst,
+                            int64_t ldd) {
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+        int64_t rb = R - r0 < 16 ? R - r0 : 16, c0 = 0;
+        for (; rb == 16 && c0 + 16 <= C; c0 += 16) {
             v16f t[16];
             #pragma GCC unroll 16
-            for (int n = 0; n < 16; n++) t[n] = load16(w, (n0 + r0 + n) * K + k0, dt);
+            for (int r = 0; r < 16; r++) t[r] = load16(src, off + (r0 + r) * lds + c0, dt);
             transpose16(t);
             #pragma GCC unroll 16
-            for (int k = 0; k < 16; k++) memcpy(wt + (k0 + k) * NB + r0, &t[k], sizeof t[k]);
+            for (int c = 0; c < 16; c++) memcpy(dst + (c0 + c) * ldd + r0, &t[c], sizeof t[c]);
         }
-        for (int64_t k = k0; k < K; k++)
-            for (int64_t n = 0; n < rb; n++) wt[k * NB + r0 + n] = load_any(w, (n0 + r0 + n) * K + k, dt);
-    }
-}
-
-/* out[n, k] = acc[k, n] (acc fp32 [K, NB], out [nb, K] with row stride K) for n < nb <= NB: whole 16×16 tiles in
- * registers, the ragged edges element by element. */
-static void transpose_out(const float *acc, int64_t nb, int64_t K, float *out) {
-    for (int64_t r0 = 0; r0 < nb; r0 += 16) {
-        int64_t rb = nb - r0 < 16 ? nb - r0 : 16, k0 = 0;
-        for (; rb == 16 && k0 + 16 <= K; k0 += 16) {
-            v16f t[16];
-            #pragma GCC unroll 16
-            for (int k = 0; k < 16; k++) memcpy(&t[k], acc + (k0 + k) * NB + r0, sizeof t[k]);
-            transpose16(t);
-            #pragma GCC unroll 16
-            for (int n = 0; n < 16; n++) memcpy(out + (r0 + n) * K + k0, &t[n], sizeof t[n]);
-        }
-        for (int64_t n = 0; n < rb; n++)
-            for (int64_t k = k0; k < K; k++) out[(r0 + n) * K + k] = acc[k * NB + r0 + n];
+        for (int64_t r = 0; r < rb; r++)
+            for (int64_t c = c0; c < C; c++) dst[c * ldd + r0 + r] = load_any(src, off + (r0 + r) * lds + c, dt);
     }
 }
 
@@ -253,7 +236,7 @@ int lb_ell_mm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_
         for (int64_t n0 = 0; n0 < N; n0 += NB) {
             if (!wt) continue;
             int64_t nb = N - n0 < NB ? N - n0 : NB;
-            transpose_block(w, wdt, n0, nb, K, wt);
+            transpose_tiles(w, wdt, n0 * K, K, nb, K, wt, NB); /* wt [K, NB]: rows n0.. of w, transposed */
             for (int64_t i = 0; i < M; i++) {
                 v16f acc[NB / 16] = {0}; /* in registers */
                 for (int64_t j = 0; j < cnt[i]; j++) {
@@ -299,7 +282,7 @@ int lb_ell_tmm(const float *vals, const int64_t *cols, const int64_t *cnt, int64
                     for (int64_t n = 0; n < NB; n++) o[n] += v * d[n];
                 }
             }
-            transpose_out(acc, nb, K, out + n0 * K);
+            transpose_tiles(acc, LB_F32, 0, NB, K, nb, out + n0 * K, K); /* out rows n0..: acc transposed */
         }
         free(acc);
     }

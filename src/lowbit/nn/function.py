@@ -189,12 +189,10 @@ def _dge(dw, comp, weight, ctx, spec: LinearSpec):
     fmt, k, clamp = get_format(q.fmt), spec.dge.k, spec.dge.clamp
     if not spec.weight_in_axis and q.granularity in ("row", "tensor") and wc.numel() and \
             (comp is None or comp.dtype == torch.float32):
-        scales, factors = scale_factors(wc.contiguous(), q, ctx.w_amax)
-        if torch.compiler.is_compiling() and _DGE_OP is not None and dw.device.type == "cpu":
-            return _DGE_OP(dw, comp, wc.contiguous(), scales, factors, q.fmt, k, clamp)
-        fused = dge_kernels.dge_epilogue(dw, comp, wc.contiguous(), scales, factors, fmt, k, clamp)
-        if fused is not None:
-            return fused
+        op = _DGE_OP if torch.compiler.is_compiling() and _DGE_OP is not None and dw.device.type == "cpu" \
+            else _dge_epilogue
+        wc = wc.contiguous()
+        return op(dw, comp, wc, *scale_factors(wc, q, ctx.w_amax), q.fmt, k, clamp)
     ws = scaled_values_2d(wc.t().contiguous(), q, amax=ctx.w_amax).t() \
         if spec.weight_in_axis else scaled_values_2d(wc, q, amax=ctx.w_amax)
     return dge_apply(_plus(dw, comp), ws, fmt, k, clamp)

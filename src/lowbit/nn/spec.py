@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.quant import fake_quantize, fake_quantize_t, fake_quantize_with_scales, scaled_values
+from lowbit.quant import fake_quantize, fake_quantize_with_scales, scaled_values
 from lowbit.recipes import DGE, OCC, Recipe, TensorQuant
 
 OPERANDS = ("input", "weight", "grad_output")
@@ -126,14 +126,15 @@ def fake_quantize_2d(t: torch.Tensor, q: TensorQuant | None, generator=None, ama
     """fake_quantize of a 2-D tensor [R, C] along its last dim, zero-padding the last dim (tile, block) and
     the rows (block) up to a multiple of q.block first; same shape and dtype. None passes t through.
     with_scales: return (values, the decode scales, or None when t was padded) instead. transposed: t stands for
-    the operand t.t(), and the values come back in t's layout (quant.fake_quantize_t)."""
+    the operand t.t(), and the values come back in t's layout (quant.fake_quantize_with_scales)."""
     if q is None:
         return (t, None) if with_scales else t
     if transposed:
         if any(_pads(t.t(), q)):
             res = fake_quantize_2d(t.t(), q, generator, amax, with_scales)
             return (res[0].t(), res[1]) if with_scales else res.t()
-        return fake_quantize_t(t, q, generator, amax, with_scales)
+        res = fake_quantize_with_scales(t, q, generator, amax, transposed=True)
+        return res if with_scales else res[0]
     pc, pr = _pads(t, q)
     if pc or pr:
         R, C = t.shape
