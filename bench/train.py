@@ -8,8 +8,10 @@ ratios to the bf16 and fp32 references.
 Each cell is one real `lowbit.train.train` run (the same code path as `lowbit train`) of
 `--window * (--windows + 1)` optimizer steps with log_interval = `--window`: the first window is warm-up and
 dropped, the cell is the median over the other windows' tokens/s (robust to a colleague's job starting on a
-shared machine). No evaluation; quantization statistics sampled once per window as in a normal run; the final
-checkpoint is written after timing. Data: a BPE-2048 token stream built from this Python's standard
+shared machine). No evaluation; no per-layer quantization statistics unless `--stats-interval N` (with windows
+of 3 steps, sampling at the log interval would sample every third step, over three times a normal run's rate
+of one in 10; their cost at that default is bench/stats_overhead.py --in-run's); the final checkpoint is
+written after timing. Data: a BPE-2048 token stream built from this Python's standard
 library sources (no network; throughput does not depend on the text). MFU is model FLOPs (lowbit.flops,
 6N + attention per token) over lowbit.flops.peak_flops(device): on CPU the measured fp32 matmul peak, on GPU
 the dense BF16 tensor-core peak. On hardware without FP4/FP8 GeMMs every quantized recipe is simulated
@@ -49,7 +51,7 @@ def peak(device: torch.device) -> float:
     return flops.peak_flops(device)
 
 
-def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds):
+def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds, stats_interval=0):
     rows = []
     for model in models:
         B, T = shapes.get(model, (8, get_config(model).block_size))
@@ -57,7 +59,7 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
             steps = window * (windows + 1)
             cfg = TrainConfig(model=model, recipe=r, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
                               eval_interval=10**9, eval_batches=1, log_interval=window, ckpt_interval=10**9,
-                              keep_last=1,
+                              keep_last=1, stats_interval=stats_interval,
                               out=str(workdir / f"{model}-{r}"), overwrite=True, seed=0)
             res = train(cfg, progress=False, dataset=ds)
             timed = res.history[1:]  # drop the warm-up window
@@ -71,7 +73,7 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
     return rows
 
 
-def run_modes(modes, models, names, window, windows, device, workdir: Path, ds):
+def run_modes(modes, models, names, window, windows, device, workdir: Path, ds, stats_interval=0):
     """run() under each LOWBIT_KERNELS mode; the quantized recipes of every mode but the last are labelled
     "<recipe> [<mode> quantizers]" (fp32/bf16 quantize nothing and run once)."""
     rows = []
@@ -79,7 +81,7 @@ def run_modes(modes, models, names, window, windows, device, workdir: Path, ds):
         os.environ["LOWBIT_KERNELS"] = mode.strip()
         last = i == len(modes) - 1
         todo = names if last else [n for n in names if n not in ("fp32", "bf16")]
-        for r in run(models, todo, window, windows, device, SHAPES, workdir, ds):
+        for r in run(models, todo, window, windows, device, SHAPES, workdir, ds, stats_interval):
             rows.append(r if last else {**r, "recipe": f"{r['recipe']} [{mode.strip()} quantizers]"})
     os.environ.pop("LOWBIT_KERNELS", None)
     return rows
@@ -115,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="auto",
                    help="LOWBIT_KERNELS modes to run the quantized recipes under, e.g. 'eager,auto' for the eager "
                         "quantizers beside the fused ones in one run (default: auto)")
+    p.add_argument("--stats-interval", type=int, default=0,
+                   help="sample per-layer quantization statistics every N steps (default: 0, none; the trainer's "
+                        "default is its log interval, 10)")
     p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in {RESULTS.name}")
     args = p.parse_args(argv)
     if args.window < 1 or args.windows < 1:
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
         ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
         passes = [run_modes(args.kernels.split(","), models, names, args.window, args.windows, str(device),
-                            Path(d), ds) for _ in range(args.passes)]
+                            Path(d), ds, args.stats_interval) for _ in range(args.passes)]
     peaks.append(peak(device))
     os.environ["LOWBIT_KERNELS"] = args.kernels.split(",")[-1].strip()
     used = kernels.which(device.type)
@@ -150,6 +155,8 @@ def main(argv=None) -> int:
         f"{where}, torch {torch.__version__}; one process, every cell a real `lowbit.train.train` run of "
         f"{args.window * (args.windows + 1)} steps on BPE-2048 tokens, seed 0: median tokens/s over {args.windows} "
         f"windows of {args.window} steps after a warm-up window; best of {args.passes} passes over all cells; "
+        + (f"quantization statistics every {args.stats_interval} steps; " if args.stats_interval else
+           "no quantization statistics (their cost: bench/stats_overhead.py --in-run); ") +
         f"{wall:.0f} s in all. "
         f"Load average (1 min): {before} before, {load_avg()} after.",
         "MFU = model training FLOPs (6N + attention, lowbit.flops) / peak; "
