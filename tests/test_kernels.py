@@ -89,6 +89,19 @@ def nasty(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["finite", "nasty", "strided", "negative"])
+def test_tensor_amax_is_the_eager_amax(monkeypatch, dtype, case):
+    """Delayed scaling's amax (kernels.tensor_amax) equals t.abs().amax() for contiguous tensors (the kernel) and
+    views (the eager fallback), NaN when t holds one. Catches: the kernel's max without the absolute value (the
+    all-negative case), a strided view read as contiguous."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    t = {"finite": torch.randn(37, 70), "nasty": nasty((37, 70), torch.float32), "negative": -torch.rand(5, 9),
+         "strided": torch.cat([torch.randn(37, 35), torch.full((37, 35), 1e4)], 1)[:, :35]}[case].to(dtype)
+    got, want = K.tensor_amax(t), t.abs().amax().float()
+    assert got.dtype == torch.float32 and got.shape == () and bits_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q", QUANTS, ids=qid)
 def test_fake_quantize_bitwise(monkeypatch, q, dtype):
     x = nasty((16, 24), dtype)

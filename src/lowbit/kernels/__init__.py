@@ -172,6 +172,14 @@ def absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
+def tensor_amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a 0-d fp32 tensor (NaN if t holds NaN; t non-empty): the kernel's one read-only pass for a
+    contiguous CPU tensor, else t.abs().amax() (the same value: a max does not depend on its order)."""
+    if t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.is_contiguous() and cpu_library() is not None:
+        return absmax(t)
+    return t.abs().amax().float()
+
+
 def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, nchunks, chunk_rows,
             tensor_amax=None):
     from lowbit.kernels.cpu import Params

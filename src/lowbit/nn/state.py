@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from lowbit.kernels import tensor_amax
 from lowbit.nn.hadamard import hadamard_signs, normalized_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
@@ -109,7 +110,7 @@ class LayerQuantState(nn.Module):
         `record`, t's amax is reported for the layer to commit after the call. Branch-free (traces) but for an
         empty t (an expert no token chose), whose amax is NaN: no observation, so commit leaves the history."""
         hist = getattr(self, f"amax_history_{op}")
-        cur = t.abs().amax().float() if t.numel() else torch.full((), float("nan"), device=t.device)
+        cur = tensor_amax(t) if t.numel() else torch.full((), float("nan"), device=t.device)
         if record:
             self.observed_amax[OPERANDS.index(op)].copy_(cur)
         hmax = hist[0] if self.most_recent else hist.max()
