@@ -37,6 +37,10 @@ typedef struct {
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
+/* 2^e for an exponent of a normal fp32 (−126 ≤ e ≤ 127), from the bits: ldexpf without the libm call (it ran
+ * once per 512-element segment). */
+static inline float pow2i(int e) { return u2f((uint32_t)(e + 127) << 23); }
+
 static inline uint32_t hash32(uint32_t i, uint32_t key) { /* rng._hash_into */
     uint32_t h = (i * 0x9E3779B9u) ^ key;
     h ^= h >> 16; h *= 0x85EBCA6Bu;

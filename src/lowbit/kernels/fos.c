@@ -32,8 +32,8 @@ static void pair_level(const float *restrict src, float *restrict dst, int64_t m
 static inline __attribute__((always_inline)) void candidate_row(
         const float *restrict x, const float *restrict sa, float *restrict v, float *restrict d, int64_t n,
         int64_t G, const lb_params *p, uint32_t idx0, uint32_t key, const int SR) {
-    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
-    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
+    const float fmax = p->fmax, mn = p->min_normal, sub = pow2i(-p->mbits);
+    const float k = 1.5f * pow2i(23 - p->mbits);
     for (int64_t i = 0; i < n; i++) {
         float s = sa[i], q = x[i] / s;
         q = q < -fmax ? -fmax : (q > fmax ? fmax : q);
@@ -64,8 +64,8 @@ static inline __attribute__((always_inline)) void candidate_row(
 static inline __attribute__((always_inline)) void cand16(
         const float *x, const float *s, float v[2][16], float d[2][16], const lb_params *p, uint32_t idx0,
         uint32_t key0, uint32_t key1, const int SR) {
-    const float fmax = p->fmax, mn = p->min_normal, sub = ldexpf(1.0f, -p->mbits);
-    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits);
+    const float fmax = p->fmax, mn = p->min_normal, sub = pow2i(-p->mbits);
+    const float k = 1.5f * pow2i(23 - p->mbits);
     for (int m = 0; m < 2; m++)
         for (int j = 0; j < 16; j++) {
             float q = x[j] / s[m];

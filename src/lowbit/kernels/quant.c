@@ -86,7 +86,7 @@ static inline __attribute__((always_inline)) void seg_impl(
  * multiple of 16 from 64: one scale per group of grp elements (n a multiple of grp). */
 static void quant_seg(const float *src, float *dst, const float *sa, const float *ea, float s0, float e0,
                       int64_t n, int use_e, const lb_params *p, uint32_t key, uint32_t idx0, uint32_t istr, int grp) {
-    const float k = 1.5f * ldexpf(1.0f, 23 - p->mbits), sub = ldexpf(1.0f, -p->mbits);
+    const float k = 1.5f * pow2i(23 - p->mbits), sub = pow2i(-p->mbits);
     const float fmax = p->fmax, mn = p->min_normal;
     if (sa == NULL) {
         if (use_e) SEG_SAT(0, 1); else SEG_SAT(0, 0);
@@ -215,7 +215,7 @@ static inline __attribute__((always_inline)) void scales_impl(
 /* Decode scales sg (and encode factors eg) of n groups from their absmax bit patterns am: scales.scale_from_amax
  * element by element, in its fp32 order. One branch-free loop per rule, so it vectorises across groups. */
 static void group_scales(const uint32_t *am, int64_t n, const lb_params *p, float *sg, float *eg) {
-    scale_consts c = {p->fmax, p->scale_mult, 0, 0, 0, ldexpf(1.0f, -p->emax), !(p->tensor_amax < INFINITY)};
+    scale_consts c = {p->fmax, p->scale_mult, 0, 0, 0, pow2i(-p->emax), !(p->tensor_amax < INFINITY)};
     /* NVFP4's tensor-level factors (one per tensor), as scales._nvfp4 computes them */
     float t = p->tensor_amax, bm = p->fmax * p->block_max;
     c.st = t / bm;
