@@ -95,13 +95,16 @@ class QLinearFunction(torch.autograd.Function):
         ctx.occ = None if lo is None else "sparse" if isinstance(res, residual.SparseRows) else "dense"
         occ_saved = (None, None, None) if lo is None else res[:3] if ctx.occ == "sparse" else (lo, hi, None)
         ctx.occ_k = x.shape[1]
-        ctx.save_for_backward(xc if ctx.occ == "sparse" else x if keep_x else None, weight,
+        # the compute-dtype weight for dX's requantization and DGE (the cast once, as autocast's linear keeps it)
+        keep_w = not spec.reuse_wq or spec.dge.enabled
+        ctx.w_dtype = weight.dtype
+        ctx.save_for_backward(xc if ctx.occ == "sparse" else x if keep_x else None, w if keep_w else None,
                               xq if spec.reuse_xq else None, wq if spec.reuse_wq else None, *occ_saved)
         return y.to(cdtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, xq_saved, wq_saved, *occ_saved = ctx.saved_tensors
+        x, w, xq_saved, wq_saved, *occ_saved = ctx.saved_tensors
         spec, state, gemm_dtype = ctx.spec, ctx.state, ctx.gemm_dtype
         gen = state.streams(ctx.call)[1]
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -114,15 +117,15 @@ class QLinearFunction(torch.autograd.Function):
             if need_dx:
                 wq = wq_saved
                 if wq is None:  # W quantized per input channel: along N, i.e. rows of Wᵀ
-                    wq = quantize_operand(weight.to(ctx.cdtype).to(gemm_dtype), spec, "weight", state, gen,
+                    wq = quantize_operand(w, spec, "weight", state, gen,
                                           amax=ctx.w_amax, record=False, q=spec.dgrad_weight, gemm="dgrad",
                                           transposed=True)[0]
                 dx = cpu_bf16.mm(dyq, wq).to(ctx.x_dtype)
             if need_dw:
                 xc, res = _occ_backward(x, occ_saved, ctx, spec)
                 dw, comp = weight_grad(spec, state, gen, xc, res, dy, dyq, xq_saved)
-                dw = _dge(dw, comp, weight, ctx, spec) if spec.dge.enabled else _plus(dw, comp)
-                dw = dw.to(weight.dtype)
+                dw = _dge(dw, comp, w, ctx, spec) if spec.dge.enabled else _plus(dw, comp)
+                dw = dw.to(ctx.w_dtype)
             if need_db and ctx.bias_dtype is not None:
                 db = dy.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
@@ -182,10 +185,10 @@ def _plus(dw, comp):
     return dw if comp is None else dw.to(torch.promote_types(comp.dtype, torch.float32)) + comp
 
 
-def _dge(dw, comp, weight, ctx, spec: LinearSpec):
+def _dge(dw, comp, wc, ctx, spec: LinearSpec):
     """(dW + OCC's compensation) ⊙ f'(W / s), fp32: DGE with the very scales s the forward's weight quantizer used
     (one CPU pass where the kernel applies: scales per row or tensor, W quantized along K)."""
-    q, wc = spec.weight, weight.to(ctx.cdtype).to(ctx.gemm_dtype)
+    q = spec.weight  # wc: the weight in the GeMM dtype, as the forward quantized it
     fmt, k, clamp = get_format(q.fmt), spec.dge.k, spec.dge.clamp
     if not spec.weight_in_axis and q.granularity in ("row", "tensor") and wc.numel() and \
             (comp is None or comp.dtype == torch.float32):
