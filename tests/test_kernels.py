@@ -89,6 +89,20 @@ def nasty(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 1, 40), (5, 12, 32), (9, 6, 16), (3, 5, 7), (1, 1, 1)], ids=str)
+def test_group_absmax_is_the_eager_absmax(monkeypatch, dtype, shape):
+    """kernels.group_absmax (the scales DGE recomputes, quant._absmax3 on CPU) equals the eager max |x| per group
+    bit for bit, NaN where a group holds one, for 1-, 16-, 32- and odd-element groups. Catches: a row offset that
+    forgets the groups (r·B instead of r·G·B)."""
+    from lowbit.quant import _group_absmax
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    x3 = nasty(shape, torch.float32, seed=sum(shape)).to(dtype)
+    got = K.group_absmax(x3)
+    want = _group_absmax(x3, torch.empty(x3.numel()))
+    assert got is not None and bits_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["finite", "nasty", "strided", "negative"])
 def test_tensor_amax_is_the_eager_amax(monkeypatch, dtype, case):
     """Delayed scaling's amax (kernels.tensor_amax) equals t.abs().amax() for contiguous tensors (the kernel) and

@@ -305,6 +305,17 @@ void lb_group_absmax(const void *x, int64_t off, int64_t stride, int64_t nr, int
     group_absmax(x, off, stride, nr, G, B, dt, am);
 }
 
+/* out[r, g] = max |x[r, g, :]| (fp32; NaN where the group holds one) of contiguous x [R, G, B]: quant._group_absmax
+ * in one read-only pass (a max does not depend on its order, so the same values). */
+void lb_absmax_groups(const void *x, int64_t R, int64_t G, int64_t B, int32_t dt, float *out, int32_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (R * G * B > (1 << 16))
+    for (int64_t r = 0; r < R; r++) {
+        uint32_t *am = (uint32_t *)(out + r * G); /* the bit patterns in place, then their values */
+        group_absmax(x, r * G * B, G * B, 1, G, B, dt, am);
+        for (int64_t g = 0; g < G; g++) out[r * G + g] = bits_value(am[g]);
+    }
+}
+
 /* Rows r0..r0+nr of x as [R, G, B] sharing scales over the `nr` rows (1: row/tile; block: the block size).
  * sg, eg, am: scratch for G entries each. */
 static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int64_t G, int64_t B,
