@@ -103,6 +103,29 @@ def test_kernels_are_the_references(M, K, N, seed, wdt, density):
 
 
 @needs_cc
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(0, 30), K=st.integers(1, 70), N=st.integers(1, 150), seed=st.integers(0, 2**16),
+       ydt=st.sampled_from(DTYPES), wdt=st.sampled_from(DTYPES))
+def test_add_mm_is_the_cast_then_the_add(M, K, N, seed, ydt, wdt):
+    """residual.add_mm (the kernel adding the product into y in place) equals y + mm(ΔX, W).to(y.dtype) bit for
+    bit: y in fp32/bf16/fp16 with infinities and NaN, products that overflow fp16, N across the 64-column blocks
+    and their ragged tails. Bugs caught: the product added unrounded (one rounding instead of torch's two), the
+    tail columns left out, the plain product stored (y ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    x = sparse_residual(M, K, torch.float32, seed, 0.2).to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * torch.exp(torch.empty(N, K).uniform_(-6, 6, generator=g))).to(wdt)
+    y = (torch.randn(M, N, generator=g) * 10).to(ydt)
+    if y.numel() > 3:
+        y.view(-1)[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+    r = R.from_dense(x, 1.0)
+    want = y + R.mm_reference(r, w).to(ydt)
+    got = y.clone()
+    assert OK.ell_mm(r.vals, r.cols, r.cnt, w, y=got) is got and bits_equal(got, want)
+    got2 = y.clone()
+    assert R.add_mm(got2, r, w) is got2 and bits_equal(got2, want)
+
+
+@needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_do_not_depend_on_the_thread_count(threads):
     """Threads split output columns, never a sum. Bug caught: a parallel split over tokens in dW's sum."""

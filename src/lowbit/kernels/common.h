@@ -131,6 +131,34 @@ static inline v16f load16(const void *p, int64_t off, int dt) {
     return v;
 }
 
+/* v stored at p[off] in dtype dt, rounded as store_f32 rounds (bf16: to nearest even, NaN -> 0x7FC0). */
+static inline void store16(void *p, int64_t off, v16f v, int dt) {
+    if (dt == LB_F32) {
+        memcpy((float *)p + off, &v, sizeof v);
+    } else if (dt == LB_BF16) {
+        v16u u = (v16u)v;
+        v16u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        v16u nan = (v16u)((u & 0x7FFFFFFFu) > 0x7F800000u);
+        v16h16 h = __builtin_convertvector((r & ~nan) | (0x7FC0u & nan), v16h16);
+        memcpy((uint16_t *)p + off, &h, sizeof h);
+    } else {
+        v16h h = __builtin_convertvector(v, v16h);
+        memcpy((_Float16 *)p + off, &h, sizeof h);
+    }
+}
+
+/* v rounded to dtype dt and back (as store16 then load16 would give it). */
+static inline v16f round16(v16f v, int dt) {
+    if (dt == LB_BF16) {
+        v16u u = (v16u)v;
+        v16u r = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;
+        v16u nan = (v16u)((u & 0x7FFFFFFFu) > 0x7F800000u);
+        return (v16f)((r & ~nan) | (0x7FC00000u & nan));
+    }
+    if (dt == LB_F16) return __builtin_convertvector(__builtin_convertvector(v, v16h), v16f);
+    return v;
+}
+
 /* The pairwise sum of a vector's 16 lanes: lane j adds lane j ^ h for h = 1, 2, 4, 8, so lane 0 ends with
  * ((v0 + v1) + (v2 + v3)) + ..., the tree groups.tree_sum builds (fp32 addition commutes exactly). GCC vector
  * extensions: permutes on AVX-512, pairs of them on AVX2. Used by quest.c (QuEST's std) and fos.c ("4 over 6"). */

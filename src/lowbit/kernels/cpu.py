@@ -107,7 +107,7 @@ def _load(path: Path):
     lib.lb_operand_stats.argtypes = [vp, i32, p64, p64, vp, i32, p64, p64, p64, p64, p64, vp, p64, p64, f32, i32,
                                      ctypes.POINTER(ctypes.c_double)]
     lib.lb_operand_stats.restype = None
-    lib.lb_ell_mm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
+    lib.lb_ell_mm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, vp, i32, i32]
     lib.lb_ell_mm.restype = i32
     lib.lb_ell_tmm.argtypes = [vp, vp, vp, p64, p64, vp, i32, p64, p64, vp, i32]
     lib.lb_ell_tmm.restype = i32

@@ -221,12 +221,28 @@ static void transpose_tiles(const void *src, int dt, int64_t off, int64_t lds, i
     }
 }
 
+/* y[off .. off + n) += a rounded to y's dtype ydt first (torch's y += a.to(y.dtype): both operands in fp32, the
+ * sum rounded once to ydt). */
+static void add_rounded(void *y, int ydt, int64_t off, const float *a, int64_t n) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        v16f v;
+        memcpy(&v, a + k, sizeof v);
+        store16(y, off + k, load16(y, off + k, ydt) + round16(v, ydt), ydt);
+    }
+    for (; k < n; k++) {
+        float v = load_any(y, off + k, ydt) + round_to(a[k], ydt);
+        store_f32(y, off + k, &v, 1, ydt);
+    }
+}
+
 /* out [M, N] fp32 = ΔX·Wᵀ for ΔX [M, K] in ELL rows and w [N, K] (dtype wdt, contiguous): out[i, n] =
  * Σ_j vals[i, j]·w[n, cols[i, j]] for j < cnt[i] in order, from +0, each product rounded to fp32 before its
  * sum. Blocks of NB output columns: that block of Wᵀ is staged in fp32 so every term is a short contiguous row.
- * Returns nonzero if scratch failed. */
+ * With y (contiguous [M, N], dtype ydt) instead of out: y += the product rounded to ydt (OCC's compensation added
+ * to the GeMM's output without the fp32 product or its cast ever stored). Returns nonzero if scratch failed. */
 int lb_ell_mm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_t M, int64_t cap, const void *w,
-              int32_t wdt, int64_t N, int64_t K, float *out, int32_t nthreads) {
+              int32_t wdt, int64_t N, int64_t K, float *out, void *y, int32_t ydt, int32_t nthreads) {
     int failed = 0;
     #pragma omp parallel num_threads(nthreads) if (M * N + K * N > (1 << 16)) reduction(|:failed)
     {
@@ -248,7 +264,8 @@ int lb_ell_mm(const float *vals, const int64_t *cols, const int64_t *cnt, int64_
                         acc[q] += v * w16;
                     }
                 }
-                memcpy(out + i * N + n0, acc, (size_t)nb * sizeof(float));
+                if (y) add_rounded(y, ydt, i * N + n0, (const float *)acc, nb);
+                else memcpy(out + i * N + n0, acc, (size_t)nb * sizeof(float));
             }
         }
         free(wt);

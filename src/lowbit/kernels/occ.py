@@ -48,18 +48,22 @@ def occ_rows(x: torch.Tensor, i_lo: int, i_hi: int, cap: int | None = None):
     return (xc, res, lo, hi) if cap is None else (xc, rows, lo, hi)
 
 
-def ell_mm(vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+def ell_mm(vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, w: torch.Tensor,
+           y: torch.Tensor | None = None) -> torch.Tensor | None:
     """nn.residual.mm_reference's ΔX·Wᵀ (fp32 [M, N]) for ΔX's rows (vals fp32 [M, c], cols, cnt) and w [N, K]
-    (contiguous, fp32/bf16/fp16); None where the kernel does not apply."""
+    (contiguous, fp32/bf16/fp16); with y ([M, N] contiguous, fp32/bf16/fp16): y += that product rounded to y's
+    dtype, in place (returns y). None where the kernel does not apply (nothing written)."""
     lib = _lib_for(vals, w)
-    if lib is None or vals.dtype != torch.float32:
-        return None
     (M, c), (N, K) = vals.shape, w.shape
-    out = torch.empty((M, N), dtype=torch.float32)
+    if lib is None or vals.dtype != torch.float32 or (y is not None and (
+            y.device.type != "cpu" or y.dtype not in DTYPE_CODES or not y.is_contiguous() or y.shape != (M, N))):
+        return None
+    out = torch.empty((M, N), dtype=torch.float32) if y is None else None
     if lib.lb_ell_mm(vals.data_ptr(), cols.data_ptr(), cnt.data_ptr(), M, c, w.data_ptr(), DTYPE_CODES[w.dtype],
-                     N, K, out.data_ptr(), torch.get_num_threads()):
+                     N, K, None if out is None else out.data_ptr(), None if y is None else y.data_ptr(),
+                     DTYPE_CODES[y.dtype] if y is not None else 0, torch.get_num_threads()):
         raise MemoryError("lowbit's OCC kernel could not allocate its work buffers")
-    return out
+    return out if y is None else y
 
 
 def ell_tmm(dy: torch.Tensor, vals: torch.Tensor, cols: torch.Tensor, cnt: torch.Tensor, K: int

@@ -29,22 +29,6 @@ static void scale_all(float *restrict t, int64_t m, float s) {
     for (int64_t k = 0; k < m; k++) t[k] *= s;
 }
 
-/* v stored at p[off] in dtype dt, rounded as store_f32 rounds (bf16: to nearest even, NaN -> 0x7FC0). */
-static inline void store16(void *p, int64_t off, v16f v, int dt) {
-    if (dt == LB_F32) {
-        memcpy((float *)p + off, &v, sizeof v);
-    } else if (dt == LB_BF16) {
-        v16u u = (v16u)v;
-        v16u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-        v16u nan = (v16u)((u & 0x7FFFFFFFu) > 0x7F800000u);
-        v16h16 h = __builtin_convertvector((r & ~nan) | (0x7FC0u & nan), v16h16);
-        memcpy((uint16_t *)p + off, &h, sizeof h);
-    } else {
-        v16h h = __builtin_convertvector(v, v16h);
-        memcpy((_Float16 *)p + off, &h, sizeof h);
-    }
-}
-
 /* One 16-column slice of the dim-0 rotation held in registers from load to store: rows l0..l0+N of src (row
  * stride ld; rows at or past L are zeros) -> rows of out (row stride ldo), dtypes converted on the way. */
 static inline __attribute__((always_inline)) void slice_regs(const void *src, int in_dt, int64_t l0, int64_t L,

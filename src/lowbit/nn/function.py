@@ -80,12 +80,13 @@ class QLinearFunction(torch.autograd.Function):
         else:
             wq, w_amax = quantize_operand(w, spec, "weight", state, gen)
         y = cpu_bf16.linear(xq, wq, None if bias is None else bias.to(cdtype).to(gemm_dtype))
-        if res is not None and spec.occ.compensate:
+        if res is not None and spec.occ.compensate and observer is None:
+            residual.add_mm(y, res, w)
+        elif res is not None and spec.occ.compensate:  # a statistics step: the compensation's share of Y
             comp = residual.mm(res, w).to(gemm_dtype)
             y += comp
-            if observer is not None:
-                observer.record("fprop", "input", {"occ_residual_share": comp.float().norm() /
-                                                   y.float().norm().clamp_min(1e-30)})
+            observer.record("fprop", "input", {"occ_residual_share": comp.float().norm() /
+                                               y.float().norm().clamp_min(1e-30)})
         ctx.spec, ctx.state, ctx.call, ctx.w_amax, ctx.x_dtype = spec, state, state.call_index, w_amax, x2.dtype
         ctx.cdtype, ctx.gemm_dtype = cdtype, gemm_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -121,6 +121,15 @@ def mm(res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
     return cpu_bf16.linear(res, w)
 
 
+def add_mm(y: torch.Tensor, res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
+    """y += mm(res, w).to(y.dtype), in place (returns y): on CPU one kernel pass for sparse rows (the fp32
+    product and its cast never stored; the same bits), elsewhere those two steps."""
+    if isinstance(res, SparseRows) and not torch.compiler.is_compiling():
+        if occ_kernels.ell_mm(res.vals, res.cols, res.cnt, w.contiguous(), y=y) is not None:
+            return y
+    return y.add_(mm(res, w).to(y.dtype))
+
+
 def tmm(dy: torch.Tensor, res: torch.Tensor | SparseRows) -> torch.Tensor:
     """dyᵀ·ΔX [N, K] for dy [M, N] and ΔX [M, K], as `mm`."""
     if isinstance(res, SparseRows):
