@@ -88,6 +88,23 @@ def nasty(shape, dtype, seed=0):
     return x.to(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int32], ids=str)
+@pytest.mark.parametrize("shape", [(16, 16), (37, 70), (512, 48), (5, 3), (2, 33)], ids=str)
+def test_contiguous_2d_transposes_the_bits(monkeypatch, dtype, shape):
+    """kernels.contiguous_2d of a transposed view on CPU (the C tile transpose) is t.contiguous() bit for bit:
+    NaN payloads and signs kept (bits, not values, are moved), ragged edges, 2- and 4-byte elements. Catches: a
+    tile stored untransposed, the ragged columns skipped, 16-bit elements converted as values (NaN payloads
+    lost)."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
+    g = torch.Generator().manual_seed(sum(shape))
+    b = torch.randint(-2 ** 30, 2 ** 30, shape, generator=g, dtype=torch.int32)
+    b = b if dtype == torch.int32 else b.view(torch.float32).to(dtype) if dtype == torch.float32 else \
+        b.to(torch.int16).view(dtype)  # every 16-bit pattern: NaNs with payloads, subnormals
+    t = b.t()
+    got, it = K.contiguous_2d(t), torch.int16 if t.element_size() == 2 else torch.int32
+    assert got.is_contiguous() and torch.equal(got.view(it), t.contiguous().view(it))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 1, 40), (5, 12, 32), (9, 6, 16), (3, 5, 7), (1, 1, 1)], ids=str)
 def test_group_absmax_is_the_eager_absmax(monkeypatch, dtype, shape):

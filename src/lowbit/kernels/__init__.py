@@ -222,7 +222,7 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
         return run_triton(x.contiguous(), q, fmt, amax, saturate, dequant)
     if _transposed(x, q) and not q.four_over_six:
         return _run_cols(x, q, fmt, generator, dequant, saturate, odt)
-    xc = x.contiguous()
+    xc = contiguous_2d(x) if x.dim() == 2 else x.contiguous()  # "4 over 6" has no column kernel
     x3 = as3d(xc, q)
     out = empty(x.shape, odt, x.device)
     chunk_rows = max(1, chunk_elems(x.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
@@ -245,13 +245,23 @@ def run_triton(x: torch.Tensor, q: TensorQuant, fmt: Format, amax, saturate: boo
 
 def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
     """t.contiguous() for a 2-D tensor; a transposed view b.t() of a contiguous b (1-, 2- or 4-byte elements) by
-    one tiled Triton pass on GPUs (torch's strided copy: ~600 GB/s for bf16, ~160 GB/s for FP8 codes on an H200),
-    torch's copy elsewhere and under torch.compile (inductor tiles it)."""
+    one tiled Triton pass on GPUs (torch's strided copy: ~600 GB/s for bf16, ~160 GB/s for FP8 codes on an H200)
+    and (2- or 4-byte) by 16x16 register tiles in C on CPU (torch's: ~10x a plain copy for bf16); torch's copy
+    elsewhere and under torch.compile (inductor tiles it). The same bits either way."""
     if (t.device.type == "cuda" and t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
             and t.element_size() in (1, 2, 4) and not torch.compiler.is_compiling()):
         tq = _triton()
         if tq is not None:
             return tq.transpose(t.t())
+        return t.contiguous()
+    lib = cpu_library() if t.device.type == "cpu" else None  # (None while dynamo traces)
+    if (lib is not None and t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+            and t.element_size() in (2, 4) and min(t.shape) > 1):
+        out = torch.empty(t.shape, dtype=t.dtype)
+        b = t.t()  # contiguous [B, A]; out [A, B] is its transpose
+        lib.lb_transpose(b.data_ptr(), t.element_size(), b.shape[0], b.shape[1], b.shape[1], out.data_ptr(),
+                         torch.get_num_threads())
+        return out
     return t.contiguous()
 
 

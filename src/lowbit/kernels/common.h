@@ -159,6 +159,33 @@ static inline v16f round16(v16f v, int dt) {
     return v;
 }
 
+/* The 16×16 transpose of rows r[0..16) in registers: four stages, stage s swapping bit h = 2^s of the row index
+ * with bit h of the lane index (lane c of row i pairs with lane c ^ h of row i ^ h). */
+static const v16i T_LO[4] = {
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+static const v16i T_HI[4] = {
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+
+static inline void transpose16(v16f *r) {
+    #pragma GCC unroll 4
+    for (int st = 0; st < 4; st++) {
+        const int h = 1 << st;
+        #pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & h) continue;
+            v16f a = r[i], b = r[i + h];
+            r[i] = __builtin_shuffle(a, b, T_LO[st]);
+            r[i + h] = __builtin_shuffle(a, b, T_HI[st]);
+        }
+    }
+}
+
 /* The pairwise sum of a vector's 16 lanes: lane j adds lane j ^ h for h = 1, 2, 4, 8, so lane 0 ends with
  * ((v0 + v1) + (v2 + v3)) + ..., the tree groups.tree_sum builds (fp32 addition commutes exactly). GCC vector
  * extensions: permutes on AVX-512, pairs of them on AVX2. Used by quest.c (QuEST's std) and fos.c ("4 over 6"). */

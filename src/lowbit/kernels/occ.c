@@ -175,33 +175,6 @@ int lb_occ_rows(const void *x, int32_t dt, int64_t M, int64_t K, int64_t i_lo, i
 
 #define NB 64 /* output columns per block of lb_ell_mm: Wᵀ's block (K × NB fp32) stays in L2 */
 
-/* The 16×16 transpose of rows r[0..16) in registers: four stages, stage s swapping bit h = 2^s of the row index
- * with bit h of the lane index (lane c of row i pairs with lane c ^ h of row i ^ h). */
-static const v16i T_LO[4] = {
-    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
-static const v16i T_HI[4] = {
-    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
-    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
-
-static inline void transpose16(v16f *r) {
-    #pragma GCC unroll 4
-    for (int st = 0; st < 4; st++) {
-        const int h = 1 << st;
-        #pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & h) continue;
-            v16f a = r[i], b = r[i + h];
-            r[i] = __builtin_shuffle(a, b, T_LO[st]);
-            r[i + h] = __builtin_shuffle(a, b, T_HI[st]);
-        }
-    }
-}
-
 /* dst[c, r] = src[r, c] in fp32 for r < R, c < C: src rows of stride lds (element offset off, dtype dt), dst rows
  * of stride ldd. Whole 16×16 tiles go through registers, the ragged edges element by element. */
 static void transpose_tiles(const void *src, int dt, int64_t off, int64_t lds, int64_t R, int64_t C, float *dst,
