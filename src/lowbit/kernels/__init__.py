@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import math
 import os
+import threading
 
 import torch
 
@@ -38,11 +39,18 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SCALE_FMTS = {"fp32": 0, "e8m0": 1, "e4m3": 2}
 
 
+_MODE: list = [None, "auto"]  # [the raw LOWBIT_KERNELS last parsed, its mode]: asked several times per quantizer
+
+
 def mode() -> str:
     """The LOWBIT_KERNELS setting (default "auto"); ValueError naming the choices for anything else."""
-    m = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
+    raw = os.environ.get("LOWBIT_KERNELS")
+    if raw == _MODE[0]:
+        return _MODE[1]
+    m = (raw or "auto").strip().lower() or "auto"
     if m not in MODES:
         raise ValueError(f"LOWBIT_KERNELS={m!r} is not one of {', '.join(MODES)}; unset it for 'auto'")
+    _MODE[:] = [raw, m]
     return m
 
 
@@ -193,11 +201,25 @@ def tensor_amax(t: torch.Tensor) -> torch.Tensor:
     return t.abs().amax().float()
 
 
+_PARAMS = threading.local()  # per thread (a ctypes call releases the GIL): round-to-nearest Params by their key
+
+
 def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, nchunks, chunk_rows,
             tensor_amax=None):
+    """(lb_params for one kernel call, its random keys: they must outlive the call). Round-to-nearest calls reuse
+    one struct per (quantizer, dtypes, chunking, threads) with this call's tensor amax written in: building the
+    ctypes struct cost more than the kernel on small operands."""
+    amax = math.nan if tensor_amax is None else float(tensor_amax)
+    sr = q.rounding == "stochastic"
+    key = None if sr else (q, fmt.name, saturate, dequant, x.dtype, out.dtype, chunk_rows, torch.get_num_threads())
+    cache = _PARAMS.__dict__.setdefault("by_key", {})
+    if key in cache:
+        p, keys = cache[key]
+        p.tensor_amax = amax
+        return p, keys
     from lowbit.kernels.cpu import Params
     keys = (ctypes.c_int32 * max(nchunks, 1))()
-    if q.rounding == "stochastic":  # one key per chunk, drawn in order, as rng.uniform draws them
+    if sr:  # one key per chunk, drawn in order, as rng.uniform draws them
         for i in range(nchunks):
             keys[i] = draw_key(generator)
     p = Params(mbits=fmt.mbits, has_inf=int(fmt.has_inf), saturate=int(saturate),
@@ -205,12 +227,15 @@ def _params(q: TensorQuant, fmt: Format, x, out, saturate, dequant, generator, n
                fmax=fmt.max, min_normal=fmt.min_normal, scale_fmt=_SCALE_FMTS[q.scale_fmt],
                reciprocal=int(q.reciprocal), ceil_round=int(q.scale_round == "ceil"),
                has_mult=int(q.scale_mult != 1.0), scale_mult=q.scale_mult,
-               tensor_amax=math.nan if tensor_amax is None else float(tensor_amax),
-               block_max=E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX,
+               tensor_amax=amax, block_max=E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX,
                keys=keys, chunk_rows=chunk_rows, nthreads=torch.get_num_threads(),
                in_dtype=DTYPE_CODES[x.dtype], out_dtype=DTYPE_CODES[out.dtype], quest=int(q.scale_rule == "quest"),
                quest_c=QUEST_CLIP / fmt.max)
-    return p, keys  # keys must outlive the call
+    if key is not None:
+        if len(cache) > 256:  # shapes come and go (evaluation, odd batches): keep it bounded
+            cache.clear()
+        cache[key] = (p, keys)
+    return p, keys
 
 
 def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: bool, saturate: bool):
@@ -254,9 +279,9 @@ def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
         if tq is not None:
             return tq.transpose(t.t())
         return t.contiguous()
-    lib = cpu_library() if t.device.type == "cpu" else None  # (None while dynamo traces)
-    if (lib is not None and t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
-            and t.element_size() in (2, 4) and min(t.shape) > 1):
+    if (t.device.type == "cpu" and t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+            and t.element_size() in (2, 4) and min(t.shape) > 1 and cpu_library() is not None):
+        lib = cpu_library()  # (None while dynamo traces)
         out = torch.empty(t.shape, dtype=t.dtype)
         b = t.t()  # contiguous [B, A]; out [A, B] is its transpose
         lib.lb_transpose(b.data_ptr(), t.element_size(), b.shape[0], b.shape[1], b.shape[1], out.data_ptr(),
