@@ -124,9 +124,9 @@ def mm(res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
 def add_mm(y: torch.Tensor, res: torch.Tensor | SparseRows, w: torch.Tensor) -> torch.Tensor:
     """y += mm(res, w).to(y.dtype), in place (returns y): on CPU one kernel pass for sparse rows (the fp32
     product and its cast never stored; the same bits), elsewhere those two steps."""
-    if isinstance(res, SparseRows) and not torch.compiler.is_compiling():
-        if occ_kernels.ell_mm(res.vals, res.cols, res.cnt, w.contiguous(), y=y) is not None:
-            return y
+    if (isinstance(res, SparseRows) and not torch.compiler.is_compiling()
+            and occ_kernels.ell_mm(res.vals, res.cols, res.cnt, w.contiguous(), y=y) is not None):
+        return y
     return y.add_(mm(res, w).to(y.dtype))
 
 
