@@ -279,9 +279,9 @@ def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
         if tq is not None:
             return tq.transpose(t.t())
         return t.contiguous()
-    if (t.device.type == "cpu" and t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
-            and t.element_size() in (2, 4) and min(t.shape) > 1 and cpu_library() is not None):
-        lib = cpu_library()  # (None while dynamo traces)
+    lib = cpu_library() if (t.device.type == "cpu" and t.dim() == 2 and not t.is_contiguous() and min(t.shape) > 1
+                            and t.t().is_contiguous() and t.element_size() in (2, 4)) else None
+    if lib is not None:  # (None while dynamo traces)
         out = torch.empty(t.shape, dtype=t.dtype)
         b = t.t()  # contiguous [B, A]; out [A, B] is its transpose
         lib.lb_transpose(b.data_ptr(), t.element_size(), b.shape[0], b.shape[1], b.shape[1], out.data_ptr(),

@@ -99,7 +99,9 @@ static inline v16f stage_lanes(v16f v, v16i idx, v16i hi) {
     return (v16f)((a & ~hi) | (b & hi));
 }
 
-static void stages_lanes(float *restrict buf, int64_t m16, int n) {
+/* The stages h = 1, 2, 4, 8 (those below n) of one vector: runs of n ≤ 16 lanes, or the first four stages of
+ * longer runs. */
+static inline v16f stages16(v16f v, int n) {
     const v16i i1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
     const v16i i2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
     const v16i i4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
@@ -108,13 +110,18 @@ static void stages_lanes(float *restrict buf, int64_t m16, int n) {
     const v16i m2 = {0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1};
     const v16i m4 = {0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1};
     const v16i m8 = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+    if (n > 1) v = stage_lanes(v, i1, m1);
+    if (n > 2) v = stage_lanes(v, i2, m2);
+    if (n > 4) v = stage_lanes(v, i4, m4);
+    if (n > 8) v = stage_lanes(v, i8, m8);
+    return v;
+}
+
+static void stages_lanes(float *restrict buf, int64_t m16, int n) {
     for (int64_t k = 0; k < m16; k += 16) {
         v16f v;
         memcpy(&v, buf + k, sizeof v);
-        if (n > 1) v = stage_lanes(v, i1, m1);
-        if (n > 2) v = stage_lanes(v, i2, m2);
-        if (n > 4) v = stage_lanes(v, i4, m4);
-        if (n > 8) v = stage_lanes(v, i8, m8);
+        v = stages16(v, n);
         memcpy(buf + k, &v, sizeof v);
     }
 }
@@ -125,14 +132,6 @@ static void stages_lanes(float *restrict buf, int64_t m16, int n) {
 static inline __attribute__((always_inline)) void row_regs(const void *src, int in_dt, int64_t off,
                                                            const float *srep, int n, float scale, void *out,
                                                            int out_dt, int64_t ooff, const int N) {
-    const v16i i1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    const v16i i2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-    const v16i i4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-    const v16i i8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-    const v16i m1 = {0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1};
-    const v16i m2 = {0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1};
-    const v16i m4 = {0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1};
-    const v16i m8 = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
     v16f r[N];
     #pragma GCC unroll 4
     for (int i = 0; i < N; i++) {
@@ -142,10 +141,7 @@ static inline __attribute__((always_inline)) void row_regs(const void *src, int 
             memcpy(&sv, srep + 16 * i, sizeof sv);
             r[i] *= sv;
         }
-        if (n > 1) r[i] = stage_lanes(r[i], i1, m1);
-        if (n > 2) r[i] = stage_lanes(r[i], i2, m2);
-        if (n > 4) r[i] = stage_lanes(r[i], i4, m4);
-        if (n > 8) r[i] = stage_lanes(r[i], i8, m8);
+        r[i] = stages16(r[i], n);
     }
     for (int h = 1; h < N; h *= 2) /* pairs of vectors (j, j + h): elements 16·h apart */
         #pragma GCC unroll 4
