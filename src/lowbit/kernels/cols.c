@@ -20,13 +20,15 @@ static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64
     float buf[SEG];
     int odt = p->dequant ? p->out_dtype : LB_F32, direct = p->in_dtype == LB_F32 && odt == LB_F32;
     lb_group_absmax(x, m0 * N + n0, N, L, w, 1, p->in_dtype, am); /* w one-column groups over L rows */
-    for (int64_t j = 0; j < w; j += bw) { /* a block's columns share one scale */
+    for (int64_t j = 0; bw > 1 && j < w; j += bw) { /* a block's columns share one scale */
         uint32_t b = 0;
         for (int64_t t = j; t < j + bw; t++) b = am[t] > b ? am[t] : b;
         for (int64_t t = j; t < j + bw; t++) am[t] = b;
     }
     lb_group_scales(am, w, p, sg, eg);
-    if (scales)
+    if (scales && bw == 1) /* (no division per column: it cost as much as the panel's quantization) */
+        memcpy(scales + (m0 / L) * N + n0, sg, (size_t)w * sizeof(float));
+    else if (scales)
         for (int64_t j = 0; j < w; j += bw) scales[(m0 / L) * (N / bw) + (n0 + j) / bw] = sg[j];
     for (int64_t m = m0; m < m0 + L; m++) {
         for (int64_t j0 = 0; j0 < w;) { /* segments that stay inside one rng chunk of xᵀ's rows */
