@@ -28,22 +28,12 @@ from pathlib import Path
 
 import torch
 from _results import corpus_file, cpu_description  # bench/ is on sys.path when a script here runs
+from gpu_profile import StepHook
 
 from lowbit.data import prepare_dataset
 from lowbit.train import TrainConfig, train
-from lowbit.train.trainer import Trainer
 
 FREQ = 2000  # samples per second
-
-
-class _Hooked(Trainer):
-    """A Trainer that calls `hook()` after each optimizer step."""
-    hook = None
-
-    def train_step(self, stop=None):
-        out = super().train_step(stop)
-        type(self).hook()
-        return out
 
 
 def _record(model: str, recipe: str, skip: int, steps: int, ds, out: Path, data: Path) -> float:
@@ -67,8 +57,8 @@ def _record(model: str, recipe: str, skip: int, steps: int, ds, out: Path, data:
     cfg = TrainConfig(model=model, recipe=recipe, tokens=(skip + steps + 1) * B * T, batch_size=B, seq_len=T,
                       device="cpu", eval_interval=10**9, log_interval=10**9, ckpt_interval=10**9, keep_last=1,
                       stats_interval=0, seed=0, out=str(out), overwrite=True)
-    _Hooked.hook = staticmethod(hook)
-    train(cfg, progress=False, dataset=ds, trainer=_Hooked)
+    StepHook.hook = staticmethod(hook)
+    train(cfg, progress=False, dataset=ds, trainer=StepHook)
     return state["t"]
 
 

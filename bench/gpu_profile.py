@@ -39,8 +39,9 @@ def _device_us(e) -> float:
     return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
 
-class _Stepper(Trainer):
-    """A Trainer that advances a profiler (or calls `hook`) after each optimizer step."""
+class StepHook(Trainer):
+    """A Trainer that calls `hook()` after each optimizer step (GPU work synchronised first): bench/gpu_profile.py
+    advances its profiler from it, bench/cpu_profile.py starts and stops perf."""
     hook = None
 
     def train_step(self, stop=None):
@@ -64,9 +65,9 @@ def profile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: i
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     marks = []
     with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=steps, repeat=1)) as prof:
-        _Stepper.hook = lambda: (marks.append(time.perf_counter()), prof.step())
+        StepHook.hook = lambda: (marks.append(time.perf_counter()), prof.step())
         train(_config(model, recipe, skip + 2 + steps, str(device), workdir / recipe, compile_mode), progress=False,
-              dataset=ds, trainer=_Stepper)
+              dataset=ds, trainer=StepHook)
     wall_ms = (marks[skip + steps] - marks[skip]) / steps * 1e3
     ev = prof.key_averages()
     per = lambda names: sum(e.count for e in ev if e.key in names) / steps
@@ -101,9 +102,9 @@ def cprofile_recipe(model, recipe, skip, steps, device, workdir: Path, ds, top: 
             prof.enable()
         elif len(seen) == skip + steps:
             prof.disable()
-    _Stepper.hook = hook
+    StepHook.hook = hook
     train(_config(model, recipe, skip + steps + 1, str(device), workdir / f"{recipe}-cprofile"), progress=False,
-          dataset=ds, trainer=_Stepper)
+          dataset=ds, trainer=StepHook)
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     body = buf.getvalue()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lowbit.kernels as K
+import lowbit.kernels.reduce as KR
 from lowbit.kernels import cpu
 from lowbit.quant import fake_quantize, fake_quantize_with_scales, quantize
 from lowbit.tensor_quant import TensorQuant as T
@@ -108,27 +109,26 @@ def test_contiguous_2d_transposes_the_bits(monkeypatch, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 1, 40), (5, 12, 32), (9, 6, 16), (3, 5, 7), (1, 1, 1)], ids=str)
 def test_group_absmax_is_the_eager_absmax(monkeypatch, dtype, shape):
-    """kernels.group_absmax (the scales DGE recomputes, quant._absmax3 on CPU) equals the eager max |x| per group
-    bit for bit, NaN where a group holds one, for 1-, 16-, 32- and odd-element groups. Catches: a row offset that
-    forgets the groups (r·B instead of r·G·B)."""
-    from lowbit.quant import _group_absmax
+    """kernels.reduce.group_absmax (every CPU quantizer's group scales that the fused kernels do not compute,
+    DGE's among them) equals torch's max |x| per group bit for bit, NaN where a group holds one, for 1-, 16-, 32-
+    and odd-element groups. Catches: a row offset that forgets the groups (r·B instead of r·G·B)."""
     monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
     x3 = nasty(shape, torch.float32, seed=sum(shape)).to(dtype)
-    got = K.group_absmax(x3)
-    want = _group_absmax(x3, torch.empty(x3.numel()))
+    got = KR.group_absmax(x3)
+    want = x3.float().abs().amax(-1, keepdim=True)
     assert got is not None and bits_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["finite", "nasty", "strided", "negative"])
 def test_tensor_amax_is_the_eager_amax(monkeypatch, dtype, case):
-    """Delayed scaling's amax (kernels.tensor_amax) equals t.abs().amax() for contiguous tensors (the kernel) and
+    """Delayed scaling's amax (kernels.reduce.tensor_amax) equals t.abs().amax() for contiguous tensors (the kernel) and
     views (the eager fallback), NaN when t holds one. Catches: the kernel's max without the absolute value (the
     all-negative case), a strided view read as contiguous."""
     monkeypatch.setenv("LOWBIT_KERNELS", "cpu")
     t = {"finite": torch.randn(37, 70), "nasty": nasty((37, 70), torch.float32), "negative": -torch.rand(5, 9),
          "strided": torch.cat([torch.randn(37, 35), torch.full((37, 35), 1e4)], 1)[:, :35]}[case].to(dtype)
-    got, want = K.tensor_amax(t), t.abs().amax().float()
+    got, want = KR.tensor_amax(t), t.abs().amax().float()
     assert got.dtype == torch.float32 and got.shape == () and bits_equal(got, want)
 
 
@@ -617,7 +617,8 @@ def _check_scaled_cases(device: str) -> int:
     from lowbit.formats import get_format
     from lowbit.groups import as3d
     from lowbit.kernels import triton_quant
-    from lowbit.quant import _run, _scales3
+    from lowbit.group_amax import scales3 as _scales3
+    from lowbit.quant import _run
 
     # rows of near-ties (E2M1 midpoints times a row scale): where x · (1/s) and x / s round apart
     mid = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3)

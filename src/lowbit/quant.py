@@ -44,57 +44,18 @@ from lowbit import kernels
 from lowbit.buffers import scratch
 from lowbit.codes import decode4, encode4, pack4, unpack4
 from lowbit.formats import check_float, chunk_elems, empty, get_format, round_to_grid_
+from lowbit.group_amax import absmax3, group_absmax, scales3
 from lowbit.groups import as3d, group_scales, rows_scales, scale_shape, tree_sum
 from lowbit.quant_op import register_quantize_op
 from lowbit.rng import Stream
-from lowbit.scales import E4M3_MAX, E4M3_MAX_4OVER6, quest_scale, scale_from_amax
+from lowbit.scales import E4M3_MAX_4OVER6, scale_from_amax
 from lowbit.tensor_quant import TensorQuant
 
-# --- group layout --------------------------------------------------------------------------
+# --- checks and scales (where the scales come from: lowbit.group_amax) ------------------------
 
 def _check_q(q):
     if not isinstance(q, TensorQuant):
         raise TypeError(f"q must be a lowbit.recipes.TensorQuant, got {type(q).__name__}")
-
-
-def _absmax3(x3: torch.Tensor, q: TensorQuant) -> torch.Tensor:
-    """fp32 absmax per group as [R|1, G, 1] (block: per row, the max over its block-row)."""
-    if q.granularity == "tensor":
-        # no |x| temporary; both forms propagate NaN. fp32: amax + amin (two vectorized reads) is faster;
-        # bf16/fp16: aminmax's single pass (measured 3x amax + amin on a [512, 1536] bf16 CPU tensor)
-        lo, hi = (x3.amin(), x3.amax()) if x3.dtype == torch.float32 else torch.aminmax(x3)
-        return torch.maximum(hi, lo.neg()).float().view(1, 1, 1)
-    amax = kernels.group_absmax(x3)  # the C kernel's one pass on CPU, else eager
-    amax = _group_absmax(x3, scratch(x3.numel(), x3.device, 2)) if amax is None else amax
-    if q.granularity == "block":
-        R, G, _ = amax.shape
-        b = q.block
-        amax = amax.view(R // b, b, G).amax(1, keepdim=True).expand(R // b, b, G).reshape(R, G, 1)
-    return amax
-
-
-# --- scales (the rules live in lowbit.scales) ---------------------------------------------
-
-def _scales3(x3, q, fmt, amax):
-    """(decode scales, encode factors or None) as [R|1, G, 1] fp32, from `amax` (delayed) or x3's groups."""
-    if amax is not None:
-        if q.granularity != "tensor":
-            raise ValueError(f"amax= (delayed scaling) is only defined for granularity='tensor', "
-                             f"got granularity={q.granularity!r}; drop amax= to use the current absmax")
-        a = torch.as_tensor(amax, dtype=torch.float32, device=x3.device)
-        if a.numel() != 1:
-            raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(a.shape)}")
-        a = a.reshape(1, 1, 1).abs()
-    elif q.scale_rule == "quest":
-        s = quest_scale(x3.reshape(1, 1, -1) if q.granularity == "tensor" else x3, fmt)
-        return (s if q.scale_mult == 1.0 else s * q.scale_mult), None
-    else:
-        a = _absmax3(x3, q)
-    return scale_from_amax(a, q, fmt, block_max=_block_max(q))
-
-
-def _block_max(q: TensorQuant) -> float:
-    return E4M3_MAX_4OVER6 if q.four_over_six else E4M3_MAX
 
 
 def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
@@ -106,23 +67,10 @@ def absmax_scale(x: torch.Tensor, q: TensorQuant, amax=None) -> torch.Tensor:
     x3 = as3d(x.contiguous(), q)
     if x.numel() == 0:
         return torch.empty(scale_shape(x.shape, q), dtype=torch.float32, device=x.device)
-    return group_scales(_scales3(x3, q, fmt, amax)[0], x.shape, q)
+    return group_scales(scales3(x3, q, fmt, amax)[0], x.shape, q)
 
 
 # --- the elementwise kernel ----------------------------------------------------------------
-
-def _group_absmax(xc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """fp32 max |x| over the last dim of xc [r, G, B] -> [r, G, 1]; propagates NaN.
-    scratch: fp32 buffer of xc's size, may be overwritten."""
-    r, G, B = xc.shape
-    # |x| into the fp32 scratch first: a reduction of contiguous fp32 runs is 3-10x faster than amax/amin of
-    # bf16 groups; for short groups max_pool beats torch's inner-dim reduction again
-    a = scratch.view(xc.shape)
-    torch.abs(xc, out=a) if xc.dtype == torch.float32 else a.copy_(xc).abs_()
-    if B < 32 and G > 1:
-        return torch.nn.functional.max_pool1d(a.view(r, 1, G * B), B, B).view(r, G, 1)
-    return a.amax(-1, keepdim=True)
-
 
 def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tensor_amax):
     """out3 = round(x3 / s3) or round(x3 · e3) (· s3 if dequant), in chunks of rows that stay in cache.
@@ -144,7 +92,7 @@ def _kernel(x3, s3, e3, q, fmt, generator, saturate, out3, dequant, fused, tenso
         xc = x3[i:j]
         t = tmp[: xc.numel()]
         if fused:
-            sc, ec = scale_from_amax(_group_absmax(xc, t), q, fmt, tensor_amax)
+            sc, ec = scale_from_amax(group_absmax(xc, t), q, fmt, tensor_amax)
             s3[i:j] = sc
             if ec is not None:
                 e3[i:j] = ec
@@ -173,8 +121,8 @@ def _four_over_six(x3, q, fmt, generator, out3, dequant):
     to 4 via the block scale ×1.5) with the smaller squared error. Returns the chosen scales [R, G, 1]."""
     if q.granularity == "tensor":  # one group: the whole tensor
         x3, out3 = x3.reshape(1, 1, -1), out3.view(1, 1, -1)
-    amax = _absmax3(x3, q) if q.granularity != "tensor" else _absmax3(x3, TensorQuant(q.fmt, "row"))
-    t = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
+    amax = absmax3(x3, q) if q.granularity != "tensor" else absmax3(x3, TensorQuant(q.fmt, "row"))
+    t = absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
     x = x3.float()
     best = err = s_best = None
     for mult in (1.0, 1.5):
@@ -214,7 +162,7 @@ def _saturates(q: TensorQuant, amax) -> bool:
 def _scaled_pass(x3, shape, q, fmt, amax, saturate, out, dequant):
     """(out, scales): x3's eager scales, then the Triton pass writing out (x's shape: fake-quantized values with
     dequant, else fp32 rounded values, or FP8 codes when out is uint8)."""
-    s3, e3 = _scales3(x3, q, fmt, amax)
+    s3, e3 = scales3(x3, q, fmt, amax)
     kernels.run_scaled(x3, s3, e3, fmt, saturate, out.view(x3.shape), dequant)
     return out, group_scales(s3, shape, q)
 
@@ -263,9 +211,9 @@ def _run_keyed(x, q, generator, amax, dequant, transposed=False):
         s3 = torch.empty((x3.shape[0], x3.shape[1], 1), dtype=torch.float32, device=x.device)
         e3 = torch.empty_like(s3) if q.reciprocal else None
         if q.scale_fmt == "e4m3":  # NVFP4's tensor-level scale needs the global absmax first
-            tensor_amax = _absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
+            tensor_amax = absmax3(x3, TensorQuant(q.fmt, "tensor")).view(())
     else:
-        s3, e3 = _scales3(x3, q, fmt, amax)
+        s3, e3 = scales3(x3, q, fmt, amax)
     _kernel(x3, s3, e3, q, fmt, generator, saturate, out.view(x3.shape), dequant, fused, tensor_amax)
     return out, group_scales(s3, x.shape, q)
 
@@ -318,7 +266,7 @@ def scale_factors(x: torch.Tensor, q: TensorQuant, amax=None) -> tuple[torch.Ten
     non-empty): scaled_values(x) is x3.float() / scales, or x3.float() · factors where the rule multiplies."""
     _check_q(q)
     check_float(x)
-    return _scales3(as3d(x, q), q, get_format(q.fmt), amax)
+    return scales3(as3d(x, q), q, get_format(q.fmt), amax)
 
 
 # --- quantize / dequantize -----------------------------------------------------------------

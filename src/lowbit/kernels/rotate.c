@@ -29,6 +29,21 @@ static void scale_all(float *restrict t, int64_t m, float s) {
     for (int64_t k = 0; k < m; k++) t[k] *= s;
 }
 
+/* The butterfly stages h = 1, 2, .., N/2 across N vectors in registers: (r[j], r[j + h]) -> (r[j] + r[j + h],
+ * r[j] − r[j + h]) for every j with bit h clear (the runs go across the vectors, lane by lane). */
+static inline __attribute__((always_inline)) void stages_regs(v16f *r, const int N) {
+    #pragma GCC unroll 8
+    for (int h = 1; h < N; h *= 2) {
+        #pragma GCC unroll 64
+        for (int j = 0; j < N; j++)
+            if (!(j & h)) {
+                v16f p = r[j], q = r[j + h];
+                r[j] = p + q;
+                r[j + h] = p - q;
+            }
+    }
+}
+
 /* One 16-column slice of the dim-0 rotation held in registers from load to store: rows l0..l0+N of src (row
  * stride ld; rows at or past L are zeros) -> rows of out (row stride ldo), dtypes converted on the way. */
 static inline __attribute__((always_inline)) void slice_regs(const void *src, int in_dt, int64_t l0, int64_t L,
@@ -40,16 +55,7 @@ static inline __attribute__((always_inline)) void slice_regs(const void *src, in
         r[i] = l0 + i < L ? load16(src, (l0 + i) * ld, in_dt) : (v16f){0};
         if (signs) r[i] *= signs[i];
     }
-    #pragma GCC unroll 8
-    for (int h = 1; h < N; h *= 2) {
-        #pragma GCC unroll 64
-        for (int j = 0; j < N; j++)
-            if (!(j & h)) {
-                v16f p = r[j], q = r[j + h];
-                r[j] = p + q;
-                r[j + h] = p - q;
-            }
-    }
+    stages_regs(r, N);
     #pragma GCC unroll 64
     for (int i = 0; i < N; i++) store16(out, (l0 + i) * ldo, r[i] * scale, out_dt);
 }
@@ -143,14 +149,7 @@ static inline __attribute__((always_inline)) void row_regs(const void *src, int 
         }
         r[i] = stages16(r[i], n);
     }
-    for (int h = 1; h < N; h *= 2) /* pairs of vectors (j, j + h): elements 16·h apart */
-        #pragma GCC unroll 4
-        for (int j = 0; j < N; j++)
-            if (!(j & h)) {
-                v16f p = r[j], q = r[j + h];
-                r[j] = p + q;
-                r[j + h] = p - q;
-            }
+    stages_regs(r, N); /* pairs of vectors (j, j + h): elements 16·h apart */
     #pragma GCC unroll 4
     for (int i = 0; i < N; i++) store16(out, ooff + 16 * i, r[i] * scale, out_dt);
 }

@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from lowbit.kernels import tensor_amax
+from lowbit.kernels.reduce import tensor_amax
 from lowbit.nn.hadamard import hadamard_signs, normalized_hadamard
 from lowbit.nn.spec import OPERANDS, LinearSpec
 from lowbit.nn.stats import LayerStats
