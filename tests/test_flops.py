@@ -223,3 +223,20 @@ def test_flops_cli_gpu_peak(capsys):
     assert "no fp8 peak known for GPU 'A100'" in capsys.readouterr().err
     assert main(["flops", "--model", "tiny", "--gpu", "H100", "--peak", "5"]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+def test_cpu_fp8_peak_stops_at_its_time_budget(monkeypatch):
+    # a fake clock and a _scaled_mm whose time grows as size^3 (1 ms at 64): the measurement stops at the size
+    # whose next doubling would blow the 50 ms budget (bug caught: the budget check dropped -> it times 1024^3
+    # products, a minute each on an AMX Xeon's scalar FP8 path)
+    clock, sizes = [0.0], []
+
+    def fake_mm(a, b, **kw):
+        sizes.append(a.shape[0])
+        clock[0] += 1e-3 * (a.shape[0] / 64) ** 3
+        return torch.empty(0)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_mm)
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: clock[0])
+    got = flops.measure_cpu_fp8_flops.__wrapped__(1024, 3, 0.05)
+    assert sorted(set(sizes)) == [64, 128]
+    assert got == pytest.approx(2 * 128**3 / 8e-3)
