@@ -35,7 +35,7 @@ from lowbit import flops, kernels, recipes
 from lowbit.cpu_bf16 import cpu_gemm_path
 from lowbit.data import prepare_dataset
 from lowbit.models import get_config
-from lowbit.train import TrainConfig, resolve_device, train
+from lowbit.train import TrainConfig, Trainer, resolve_device, train
 
 SECTION = "## Training throughput (bench/train.py)"
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -73,6 +73,47 @@ def run(models, recipe_names, window, windows, device, shapes, workdir: Path, ds
     return rows
 
 
+def _trainer(model, recipe, B, T, steps, device, workdir: Path, ds) -> Trainer:
+    """A Trainer for `steps` steps of B x T tokens, no evaluation, logging, statistics or checkpoints on the way."""
+    cfg = TrainConfig(model=model, recipe=recipe, tokens=steps * B * T, batch_size=B, seq_len=T, device=device,
+                      eval_interval=10**9, eval_batches=1, log_interval=10**9, ckpt_interval=10**9, keep_last=1,
+                      stats_interval=0, out=str(workdir / f"{model}-{recipe}-paired"), overwrite=True, seed=0)
+    return Trainer(cfg, progress=False, dataset=ds, device=torch.device(device))
+
+
+def paired(models, recipe_names, window, windows, device, workdir: Path, ds):
+    """Each recipe's Trainer stepped alternately with a bf16 Trainer of the same model, data and seed (the order
+    swapped each pair), `window * windows` pairs after one warm-up step each: 'step × bf16' is the median of the
+    per-pair ratios, so a machine whose speed drifts by tens of percent over minutes (a shared VM) slows both
+    sides of a pair alike. Rows as run() gives them, plus "x_bf16"."""
+    rows, pairs = [], window * windows
+    for model in models:
+        B, T = SHAPES.get(model, (8, get_config(model).block_size))
+        ref = _trainer(model, "bf16", B, T, pairs + 2, device, workdir, ds)
+        ref.train_step()  # warm-up
+        fpt = flops.flops_per_token(get_config(model, vocab_size=ds.tokenizer.vocab_size), T)["train"]
+        for r in recipe_names:
+            tr = _trainer(model, r, B, T, pairs + 2, device, workdir, ds) if r != "bf16" else ref
+            tr.train_step()
+            times: dict[int, list[float]] = {id(ref): [], id(tr): []}
+            for i in range(pairs):
+                for t in ((ref, tr) if i % 2 == 0 else (tr, ref)):
+                    t0 = time.perf_counter()
+                    t.train_step()
+                    times[id(t)].append(time.perf_counter() - t0)
+            mine, base = times[id(tr)], times[id(ref)]
+            if tr is not ref:
+                tr.logger.close()
+            step = statistics.median(mine)
+            x = statistics.median(a / b for a, b in zip(mine, base)) if tr is not ref else 1.0
+            rows.append({"model": model, "recipe": r, "batch": B, "seq": T, "tokens_per_s": B * T / step,
+                         "step_ms": step * 1e3, "flops_per_token": fpt, "peak_mib": None, "x_bf16": x})
+            print(f"{model:>6} {r:<20} {step * 1e3:>9.1f} ms/step  x bf16 {x:.2f}  load {load_avg()}",
+                  file=sys.stderr, flush=True)
+        ref.logger.close()
+    return rows
+
+
 def run_modes(modes, models, names, window, windows, device, workdir: Path, ds, stats_interval=0):
     """run() under each LOWBIT_KERNELS mode; the quantized recipes of every mode but the last are labelled
     "<recipe> [<mode> quantizers]" (fp32/bf16 quantize nothing and run once)."""
@@ -93,7 +134,9 @@ def table(rows, peak_flops: float) -> str:
     out = ["| model | recipe | batch x seq | tokens/s | ms/step | MFU | step × bf16 | step × fp32 | peak MiB | "
            "peak × bf16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        def ratio(base):  # step time over the base's (tokens/s the other way round)
+        def ratio(base):  # step time over the base's (tokens/s the other way round); paired: the pairs' median
+            if base == "bf16" and "x_bf16" in r:
+                return f"{r['x_bf16']:.2f}"
             b = ref.get((r["model"], base))
             return f"{b / r['tokens_per_s']:.2f}" if b else "-"
         mfu = f"{flops.mfu(r['tokens_per_s'], r['flops_per_token'], peak_flops):.2%}"
@@ -120,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--stats-interval", type=int, default=0,
                    help="sample per-layer quantization statistics every N steps (default: 0, none; the trainer's "
                         "default is its log interval, 10)")
+    p.add_argument("--paired", action="store_true",
+                   help="step each recipe alternately with a bf16 trainer and report the median per-pair ratio "
+                        "(for machines whose speed drifts; no fp32 column, no peak memory)")
     p.add_argument("--write", action="store_true", help=f"record the table under '{SECTION}' in {RESULTS.name}")
     args = p.parse_args(argv)
     if args.window < 1 or args.windows < 1:
@@ -136,8 +182,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("LOWBIT_CACHE", str(Path(d) / "cache"))
         ds = prepare_dataset(str(corpus_file(Path(d))), tokenizer="bpe", vocab_size=2048, progress=False)
-        passes = [run_modes(args.kernels.split(","), models, names, args.window, args.windows, str(device),
-                            Path(d), ds, args.stats_interval) for _ in range(args.passes)]
+        if args.paired:
+            os.environ["LOWBIT_KERNELS"] = args.kernels.split(",")[-1].strip()
+            passes = [paired(models, names, args.window, args.windows, str(device), Path(d), ds)]
+        else:
+            passes = [run_modes(args.kernels.split(","), models, names, args.window, args.windows, str(device),
+                                Path(d), ds, args.stats_interval) for _ in range(args.passes)]
     peaks.append(peak(device))
     os.environ["LOWBIT_KERNELS"] = args.kernels.split(",")[-1].strip()
     used = kernels.which(device.type)
@@ -152,10 +202,14 @@ def main(argv=None) -> int:
     text = "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}`", "",
-        f"{where}, torch {torch.__version__}; one process, every cell a real `lowbit.train.train` run of "
-        f"{args.window * (args.windows + 1)} steps on BPE-2048 tokens, seed 0: median tokens/s over {args.windows} "
-        f"windows of {args.window} steps after a warm-up window; best of {args.passes} passes over all cells; "
-        + (f"quantization statistics every {args.stats_interval} steps; " if args.stats_interval else
+        f"{where}, torch {torch.__version__}; one process, every cell a real `lowbit.train` "
+        + (f"Trainer over {args.window * args.windows} pairs of steps on BPE-2048 tokens, seed 0, each recipe's "
+           "`Trainer` stepped alternately with a bf16 one (order swapped each pair, one warm-up step each): ms/step is the recipe's "
+           "median step, step × bf16 the median of the per-pair ratios; " if args.paired else
+           f"`train` run of {args.window * (args.windows + 1)} steps on BPE-2048 tokens, seed 0: median tokens/s over "
+           f"{args.windows} windows of {args.window} steps after a warm-up window; best of {args.passes} passes over "
+           "all cells; ") +
+        (f"quantization statistics every {args.stats_interval} steps; " if args.stats_interval else
            "no quantization statistics (their cost: bench/stats_overhead.py --in-run); ") +
         f"{wall:.0f} s in all. "
         f"Load average (1 min): {before} before, {load_avg()} after.",

@@ -318,7 +318,8 @@ def _tensor_scale(xc: torch.Tensor, q: TensorQuant, fmt: Format, amax) -> tuple[
     p, _keys = _params(q, fmt, xc, xc, False, False, None, 0, 1, tensor_amax=a)  # no random keys drawn
     s, e = ctypes.c_float(), ctypes.c_float()
     cpu_library().lb_scale_one(a, ctypes.byref(p), ctypes.byref(s), ctypes.byref(e))
-    return s.value, (e.value if q.reciprocal else None)
+    exact = q.scale_fmt == "e8m0" and q.scale_mult == 1  # a power of two: x·(1/s) is x / s (common.h, LB_USE_E)
+    return s.value, (e.value if q.reciprocal or exact else None)
 
 
 def _check(failed: int) -> None:

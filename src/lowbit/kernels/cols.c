@@ -40,7 +40,7 @@ static void quant_colpanel(const void *x, void *out, int64_t M, int64_t N, int64
             const float *src = direct ? (const float *)x + m * N + n : buf;
             float *dst = direct ? (float *)out + m * N + n : buf;
             if (!direct) load_f32(buf, x, m * N + n, len, p->in_dtype);
-            lb_quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, p->reciprocal, p, key, idx, (uint32_t)M, 0);
+            lb_quant_seg(src, dst, sg + j0, eg + j0, 0.0f, 0.0f, len, LB_USE_E(p), p, key, idx, (uint32_t)M, 0);
             if (!direct) store_f32(out, m * N + n, buf, len, odt);
             j0 += len;
         }

@@ -34,6 +34,12 @@ typedef struct {
     float quest_c;
 } lb_params;
 
+/* Whether the element pass multiplies by the encode factors e instead of dividing by the scales s: the rule
+ * multiplies (reciprocal), or every scale is a power of two in [2^-127, 2^127] (E8M0, no multiplier; QuEST's too)
+ * or NaN, whose e = 1/s is exact, so x * e and the specification's x / s are the same real number rounded once:
+ * the same bits, without the division (a third of a bf16 element pass's time). */
+#define LB_USE_E(p) ((p)->reciprocal || ((p)->scale_fmt == SCALE_E8M0 && !(p)->has_mult))
+
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 

@@ -332,7 +332,7 @@ static void quant_rowblock(const void *x, void *out, int64_t r0, int64_t nr, int
         int64_t c = r / p->chunk_rows;
         uint32_t key = p->stochastic ? (uint32_t)p->keys[c] : 0u;
         uint32_t idx = (uint32_t)((r - c * p->chunk_rows) * per_row);
-        quant_span(x, out, r * per_row, per_row, sg, eg, B, p->reciprocal, p, key, idx);
+        quant_span(x, out, r * per_row, per_row, sg, eg, B, LB_USE_E(p), p, key, idx);
     }
 }
 

@@ -46,7 +46,7 @@ static void std_var(const float *v, int n, float *std, float *var) {
     *std = vr >= 0.0f ? sqrtf(vr > 0.0f ? vr : 0.0f) : 1.0f;
 }
 
-/* Decode scales sg (and eg = 1: the element pass divides) of G groups of B contiguous elements at x[off + g·B],
+/* Decode scales sg (and eg = 1/sg, exact, without a multiplier) of G groups of B contiguous elements at x[off + g·B],
  * dtype dt; B a power of two <= 64; c = QUEST_CLIP / fmax (fp32). */
 void lb_quest_scales(const void *x, int64_t off, int64_t G, int64_t B, int32_t dt, float c, const lb_params *p,
                      float *sg, float *eg) {
@@ -71,7 +71,7 @@ void lb_quest_scales(const void *x, int64_t off, int64_t G, int64_t B, int32_t d
         float s = k == -127 ? u2f(0x00400000u) : u2f((uint32_t)(k + 127) << 23);
         s = isfinite(a) ? s : NAN;
         sg[g] = p->has_mult ? s * p->scale_mult : s;
-        eg[g] = 1.0f;
+        eg[g] = p->has_mult ? 1.0f : 1.0f / s; /* s a power of two (or NaN): exact (LB_USE_E) */
     }
 }
 
