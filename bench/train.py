@@ -135,8 +135,8 @@ def table(rows, peak_flops: float) -> str:
            "peak × bf16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         def ratio(base):  # step time over the base's (tokens/s the other way round); paired: the pairs' median
-            if base == "bf16" and "x_bf16" in r:
-                return f"{r['x_bf16']:.2f}"
+            if "x_bf16" in r:  # paired: only the bf16 ratio is a paired one
+                return f"{r['x_bf16']:.2f}" if base == "bf16" else "-"
             b = ref.get((r["model"], base))
             return f"{b / r['tokens_per_s']:.2f}" if b else "-"
         mfu = f"{flops.mfu(r['tokens_per_s'], r['flops_per_token'], peak_flops):.2%}"
