@@ -195,7 +195,7 @@ def test_empty_and_amax_given(monkeypatch, fmt):
     ref, got = both(monkeypatch, lambda: fake_quantize(torch.empty(0, 8), q))
     assert got.shape == (0, 8)
     x = nasty((6, 10), torch.bfloat16)
-    for amax in (1.0, 0.0, 1e-30, math.inf):  # delayed scaling: values past amax saturate, e5m2 keeps ±inf
+    for amax in (1.0, -2.0, 0.0, 1e-30, math.inf):  # delayed scaling (a negative amax: its magnitude): values past amax saturate, e5m2 keeps ±inf
         ref, got = both(monkeypatch, lambda amax=amax: fake_quantize(x, q, amax=torch.tensor(amax)))
         assert bits_equal(ref, got), amax
         if fmt == "e5m2" and amax == 1.0:

@@ -231,9 +231,7 @@ def run(x: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax, dequant: 
     out = empty(x.shape, odt, x.device)
     chunk_rows = max(1, chunk_elems(x.device) // max(1, x3[0].numel()))  # the eager chunks: same random keys
     if q.granularity == "tensor":
-        s, e = _tensor_scale(xc, q, fmt, amax)
-        quantize_scalar(xc, out, s, e, q, fmt, generator, saturate, dequant, chunk_rows)
-        return out, torch.tensor(s, dtype=torch.float32)
+        return out, quantize_tensor(xc, out, q, fmt, generator, amax, saturate, dequant, chunk_rows)
     scales = quantize_groups(x3, out, q, fmt, generator, saturate, dequant, chunk_rows)
     if q.granularity == "block":
         return out, scales.view(scales.shape[0], 1, scales.shape[1], 1)
@@ -305,36 +303,28 @@ def _run_cols(x, q, fmt, generator, dequant, saturate, odt):
     return out.t(), scales.view(scale_shape(x.shape, q))
 
 
-def _tensor_scale(xc: torch.Tensor, q: TensorQuant, fmt: Format, amax) -> tuple[float, float | None]:
-    """(decode scale, encode factor or None) of contiguous CPU xc under one scale per tensor, from its absmax or
-    the given (delayed) amax: scales.scale_from_amax, computed in C (one call instead of a dozen 0-d torch ops)."""
-    if amax is None:
-        a = cpu_library().lb_absmax(xc.data_ptr(), xc.numel(), DTYPE_CODES[xc.dtype], torch.get_num_threads())
-    else:
+def quantize_tensor(x: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Format, generator, amax,
+                    saturate: bool, dequant: bool, chunk: int) -> torch.Tensor:
+    """out = round(x / s) or round(x · e), times s if dequant, with one scale for all of contiguous CPU x, from its
+    absmax or the given (delayed) amax by scales.scale_from_amax's rule: one C call (lb_quant_tensor). Returns the
+    decode scale s, 0-d fp32. chunk: elements per random-key chunk (the eager kernel's chunk)."""
+    a = math.nan
+    if amax is not None:
         t = torch.as_tensor(amax, dtype=torch.float32)
         if t.numel() != 1:
             raise ValueError(f"amax must be a scalar (0-d tensor or float), got shape {tuple(t.shape)}")
         a = float(t.reshape(()).abs())
-    p, _keys = _params(q, fmt, xc, xc, False, False, None, 0, 1, tensor_amax=a)  # no random keys drawn
-    s, e = ctypes.c_float(), ctypes.c_float()
-    cpu_library().lb_scale_one(a, ctypes.byref(p), ctypes.byref(s), ctypes.byref(e))
-    exact = q.scale_fmt == "e8m0" and q.scale_mult == 1  # a power of two: x·(1/s) is x / s (common.h, LB_USE_E)
-    return s.value, (e.value if q.reciprocal or exact else None)
+    n = x.numel()
+    p, _keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
+    s = torch.empty((), dtype=torch.float32)
+    cpu_library().lb_quant_tensor(x.data_ptr(), out.data_ptr(), n, a, int(amax is None), ctypes.byref(p),
+                                  s.data_ptr())
+    return s
 
 
 def _check(failed: int) -> None:
     if failed:
         raise MemoryError("lowbit's CPU quantization kernel could not allocate its work buffers")
-
-
-def quantize_scalar(x: torch.Tensor, out: torch.Tensor, s: torch.Tensor, e: torch.Tensor | None, q: TensorQuant,
-                    fmt: Format, generator, saturate: bool, dequant: bool, chunk: int) -> None:
-    """out = round(x / s) or round(x · e), times s if dequant: one scale for all of contiguous x.
-    chunk: elements per random-key chunk (the eager kernel's chunk)."""
-    n = x.numel()
-    p, _keys = _params(q, fmt, x, out, saturate, dequant, generator, -(-n // chunk), chunk)
-    cpu_library().lb_quant_scalar(x.data_ptr(), out.data_ptr(), n, float(s), 1.0 if e is None else float(e),
-                           int(e is not None), ctypes.byref(p))
 
 
 def quantize_groups(x3: torch.Tensor, out: torch.Tensor, q: TensorQuant, fmt: Format, generator, saturate: bool,

@@ -101,10 +101,8 @@ def _load(path: Path):
     lib.lb_absmax.restype = f32
     lib.lb_absmax_groups.argtypes = [vp, p64, p64, p64, i32, vp, i32]
     lib.lb_transpose.argtypes = [vp, i32, p64, p64, p64, vp, i32]
-    lib.lb_quant_scalar.argtypes = [vp, vp, p64, f32, f32, i32, P]
-    lib.lb_quant_scalar.restype = None
-    lib.lb_scale_one.argtypes = [f32, P, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]
-    lib.lb_scale_one.restype = None
+    lib.lb_quant_tensor.argtypes = [vp, vp, p64, f32, i32, P, vp]
+    lib.lb_quant_tensor.restype = None
     lib.lb_operand_stats.argtypes = [vp, i32, p64, p64, vp, i32, p64, p64, p64, p64, p64, vp, p64, p64, f32, i32,
                                      ctypes.POINTER(ctypes.c_double)]
     lib.lb_operand_stats.restype = None

@@ -142,6 +142,21 @@ void lb_quant_scalar(const void *x, void *out, int64_t n, float s, float e, int3
     }
 }
 
+void lb_scale_one(float a, const lb_params *p, float *s, float *e);
+
+/* Granularity "tensor" in one call (one ctypes call instead of three, and no Python float round trip): the absmax
+ * of x (measure) or the given delayed amax a, the scale by lb_scale_one's rule, then the element pass; the decode
+ * scale to *s_out. */
+void lb_quant_tensor(const void *x, void *out, int64_t n, float a, int32_t measure, const lb_params *p,
+                     float *s_out) {
+    lb_params q = *p;
+    q.tensor_amax = measure ? lb_absmax(x, n, p->in_dtype, p->nthreads) : a;
+    float s, e;
+    lb_scale_one(q.tensor_amax, &q, &s, &e);
+    *s_out = s;
+    lb_quant_scalar(x, out, n, s, e, LB_USE_E(p), p);
+}
+
 /* --- group scales (scales.scale_from_amax, one group at a time) ------------------------------- */
 
 static inline float round_e4m3(float v) { /* formats.round_to_grid_(v, e4m3), saturating */
