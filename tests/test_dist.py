@@ -232,8 +232,8 @@ def test_quantized_linears_under_wrappers(module_corpus, tmp_path, monkeypatch, 
     with a looser bound because a last-bit difference could flip an FP4 rounding (measured: 1e-7). fp4-paper's OCC
     clamps at quantiles of each rank's own activations, and the FP8 recipes' per-tensor scales (and rowwise's
     per-feature scales over tokens in dW) come from each rank's own tokens: different (legitimate) computations,
-    so they are only close (measured: fp4-paper 6e-4, fp8-tensor@hardware 5.6e-3, fp8-rowwise@hardware 9e-8;
-    bound 1e-2, still well below the ~0.1 loss drop per step here)."""
+    so they are only close (measured on the EPYC: fp4-paper 6e-4, fp8-tensor@hardware 5.6e-3, fp8-rowwise@hardware
+    9e-8; on an AMX Xeon 1.2e-3, 1.4e-2, 3e-5; bound 1e-2, 3e-2 for fp8-tensor@hardware: below)."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     recipe = fp32_compute(name, tmp_path)
     kw = dict(recipe=recipe, tokens=3 * 2 * 4 * 32, eval_interval=3, ckpt_interval=3)
@@ -243,7 +243,10 @@ def test_quantized_linears_under_wrappers(module_corpus, tmp_path, monkeypatch, 
     assert all(math.isfinite(v) for v in losses) and losses[0] > losses[-1]  # gradients flowed through QLinear
     spread = max(abs(b["train_loss"] - a["train_loss"]) / a["train_loss"] for a, b in zip(one.history, got))
     print(f"{name}: largest relative train-loss difference, 2 ranks vs 1 process: {spread:.1e}")
-    rel = 1e-4 if name == "mxfp4" else 1e-2
+    # fp8-tensor@hardware: 5.6e-3 on the EPYC, but 1.0e-2 (per-tensor kernel) and 1.4e-2 (per-row kernel, what
+    # lowbit now runs on CPUs) on an AMX Xeon: each rank's own per-tensor scales make this a different computation
+    # whose distance from the one-process run moves with the CPU's summation order: 3e-2 is twice what was seen
+    rel = {"mxfp4": 1e-4, "fp8-tensor@hardware": 3e-2}.get(name, 1e-2)
     for a, b in zip(one.history, got):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=rel)
     assert set(one.quant_stats) <= set(got[-1])  # quantization statistics logged by rank 0 too

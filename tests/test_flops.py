@@ -238,5 +238,5 @@ def test_cpu_fp8_peak_stops_at_its_time_budget(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", fake_mm)
     monkeypatch.setattr(flops.time, "perf_counter", lambda: clock[0])
     got = flops.measure_cpu_fp8_flops.__wrapped__(1024, 3, 0.05)
-    assert sorted(set(sizes)) == [64, 128]
+    assert sorted(set(sizes) - {16}) == [64, 128]  # (16: the probe for per-row scales)
     assert got == pytest.approx(2 * 128**3 / 8e-3)

@@ -84,6 +84,8 @@ def test_hardware_equals_the_exact_simulation(name, monkeypatch):
     # torch._scaled_mm really ran the GeMMs (3 per call, 2 with the weight gradient in high precision). Bug caught:
     # one scale used for all of B's rows (the columns of g differ 300x: checked), or delayed scaling's amax unused.
     cpu_rowwise(name)
+    from lowbit.nn.hardware import _cpu_rowwise
+    _cpu_rowwise()  # the once-per-process probe of torch's CPU kernel calls _scaled_mm itself: not counted below
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -355,3 +357,23 @@ def test_bias_in_the_epilogue_is_added_before_the_one_rounding(name, device):
         assert (fused != ref).float().mean() < 0.05
     assert hardware._fused_bias(bias, LinearSpec.from_recipe(recipes.get("fp8-block")), torch.bfloat16) is None
     assert hardware._fused_bias(bias, spec, torch.float32) is None  # fp32 compute: Y fp32, the add unchanged
+
+
+def test_cpu_tensorwise_scales_go_in_as_rows(monkeypatch):
+    # fp8-tensor on a CPU whose torch has the per-row kernel: every GeMM gets its per-tensor scales as a column
+    # [M, 1] and a row [1, N] of that one value (torch's per-tensor CPU kernel is a scalar loop on some CPUs: an
+    # AMX Xeon ran 256^3 in 0.9 s there, 1.5 ms per row). Bug caught: the CPU clause dropped (0-d scales again).
+    from lowbit.nn.hardware import _cpu_rowwise
+    if not _cpu_rowwise():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(a, b, sa, sb, **kw):
+        seen.append((tuple(sa.shape), tuple(sb.shape), a.shape[0], b.shape[1], float(sa.amin()), float(sa.amax())))
+        return real(a, b, sa, sb, **kw)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    run("fp8-tensor", "hardware", "fp32", calls=1)
+    assert len(seen) == 3
+    for sa_shape, sb_shape, m, n, lo, hi in seen:
+        assert sa_shape == (m, 1) and sb_shape == (1, n) and lo == hi  # one value, as rows

@@ -174,6 +174,18 @@ def gpu_peak_flops(name: str, fmt: str = "bf16") -> float | None:
     return None
 
 
+def _cpu_fp8_scales(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit scales in the form lowbit.nn.hardware gives a CPU GeMM: a column and a row where this torch's CPU
+    _scaled_mm takes per-row scales, else 0-d (per-tensor)."""
+    sa, sb = torch.ones(n, 1), torch.ones(1, n)
+    try:
+        torch._scaled_mm(a[:16, :16], a[:16, :16].t(), scale_a=sa[:16], scale_b=sb[:, :16], out_dtype=torch.float32)
+        return sa, sb
+    except RuntimeError:  # torch < 2.13: per-tensor scales only on CPU
+        one = torch.ones((), dtype=torch.float32)
+        return one, one
+
+
 @functools.lru_cache(maxsize=None)
 def measure_cpu_fp8_flops(n: int = 1024, repeats: int = 5, budget_s: float = 0.05) -> float:
     """Measured throughput of torch._scaled_mm on FP8 E4M3 operands (tensorwise scales, bf16 out) on this CPU,
@@ -181,15 +193,15 @@ def measure_cpu_fp8_flops(n: int = 1024, repeats: int = 5, budget_s: float = 0.0
     n whose one product takes under `budget_s`: torch's CPU FP8 GeMM ranges from ~2.5x a bf16 matmul's time (AMD
     EPYC, AVX512-BF16) to ~0.04 GFLOP/s (a scalar path on an AMX Xeon: one 1024^3 product ~1 min), and the
     measurement must stay well under a second on either. A timing: it feeds MFU, never numerics."""
-    one = torch.ones((), dtype=torch.float32)
     best, size = float("inf"), 64
     while True:
         a = torch.randn(size, size).to(torch.float8_e4m3fn)
         b = torch.randn(size, size).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants it
+        sa, sb = _cpu_fp8_scales(a, size)
         times = []
         for _ in range(repeats + 1):  # the first call is a warm-up
             t0 = time.perf_counter()
-            torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
             times.append(time.perf_counter() - t0)
             if times[0] > budget_s:  # too slow to repeat: this size's one product is the measurement
                 break
