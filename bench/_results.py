@@ -83,3 +83,17 @@ def timeit(fn, repeats: int, sync, warmup: int = 1) -> list[float]:
         sync()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def alternate(a, b, pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `pairs` calls of a() and of b(), called alternately with the order swapped each pair, so
+    a machine whose speed drifts over minutes slows both alike (compare them pair by pair)."""
+    import time
+
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(pairs):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (a, b)[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times

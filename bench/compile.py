@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
+from _results import alternate, corpus_file, load_avg, write_section  # bench/ is on sys.path when a script here runs
 from torch._dynamo.utils import counters
 
 from lowbit.data import prepare_dataset
@@ -80,17 +80,11 @@ def cell(model, recipe, window, windows, device, workdir: Path, ds, mode: str = 
             comp.train_step()
         first_window_s = time.perf_counter() - t0
         eager.train_step()  # warm-up
-        times: dict[int, list[float]] = {id(eager): [], id(comp): []}
-        for i in range(pairs):
-            for tr in ((eager, comp) if i % 2 == 0 else (comp, eager)):
-                t = time.perf_counter()
-                tr.train_step()
-                times[id(tr)].append(time.perf_counter() - t)
+        te, tc = alternate(eager.train_step, comp.train_step, pairs)
     finally:
         logging.getLogger("lowbit").removeHandler(handler)
     for tr in (eager, comp):
         tr.logger.close()
-    te, tc = times[id(eager)], times[id(comp)]
     return {"eager_s": statistics.median(te), "step_s": statistics.median(tc), "first_window_s": first_window_s,
             "x_eager": statistics.median(e / c for e, c in zip(te, tc)), "fallback": bool(handler.messages),
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips0}

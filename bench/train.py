@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import corpus_file, cpu_description, load_avg, write_section  # bench/ is on sys.path when a script here runs
+from _results import alternate, corpus_file, cpu_description, load_avg, write_section  # bench/ is on sys.path when a script here runs
 
 import torch
 
@@ -95,13 +95,7 @@ def paired(models, recipe_names, window, windows, device, workdir: Path, ds):
         for r in recipe_names:
             tr = _trainer(model, r, B, T, pairs + 2, device, workdir, ds) if r != "bf16" else ref
             tr.train_step()
-            times: dict[int, list[float]] = {id(ref): [], id(tr): []}
-            for i in range(pairs):
-                for t in ((ref, tr) if i % 2 == 0 else (tr, ref)):
-                    t0 = time.perf_counter()
-                    t.train_step()
-                    times[id(t)].append(time.perf_counter() - t0)
-            mine, base = times[id(tr)], times[id(ref)]
+            base, mine = alternate(ref.train_step, tr.train_step, pairs)
             if tr is not ref:
                 tr.logger.close()
             step = statistics.median(mine)

@@ -23,8 +23,8 @@ def hopper() -> bool:
 
 def cpu_rowwise(name: str) -> None:
     """Skip where this torch's CPU _scaled_mm has no per-row scales (torch < 2.13) and the recipe needs them."""
-    from lowbit.nn.hardware import _cpu_rowwise
-    if "rowwise" in name and not _cpu_rowwise():
+    from lowbit.nn import hardware
+    if "rowwise" in name and not hardware.cpu_rowwise():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only (rowwise: torch 2.13)")
 
 
@@ -84,8 +84,8 @@ def test_hardware_equals_the_exact_simulation(name, monkeypatch):
     # torch._scaled_mm really ran the GeMMs (3 per call, 2 with the weight gradient in high precision). Bug caught:
     # one scale used for all of B's rows (the columns of g differ 300x: checked), or delayed scaling's amax unused.
     cpu_rowwise(name)
-    from lowbit.nn.hardware import _cpu_rowwise
-    _cpu_rowwise()  # the once-per-process probe of torch's CPU kernel calls _scaled_mm itself: not counted below
+    from lowbit.nn import hardware
+    hardware.cpu_rowwise()  # the once-per-process probe of torch's CPU kernel calls _scaled_mm itself: not counted below
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -363,8 +363,8 @@ def test_cpu_tensorwise_scales_go_in_as_rows(monkeypatch):
     # fp8-tensor on a CPU whose torch has the per-row kernel: every GeMM gets its per-tensor scales as a column
     # [M, 1] and a row [1, N] of that one value (torch's per-tensor CPU kernel is a scalar loop on some CPUs: an
     # AMX Xeon ran 256^3 in 0.9 s there, 1.5 ms per row). Bug caught: the CPU clause dropped (0-d scales again).
-    from lowbit.nn.hardware import _cpu_rowwise
-    if not _cpu_rowwise():
+    from lowbit.nn import hardware
+    if not hardware.cpu_rowwise():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
     seen = []
     real = torch._scaled_mm

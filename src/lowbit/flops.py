@@ -174,16 +174,15 @@ def gpu_peak_flops(name: str, fmt: str = "bf16") -> float | None:
     return None
 
 
-def _cpu_fp8_scales(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cpu_fp8_scales(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit scales in the form lowbit.nn.hardware gives a CPU GeMM: a column and a row where this torch's CPU
     _scaled_mm takes per-row scales, else 0-d (per-tensor)."""
-    sa, sb = torch.ones(n, 1), torch.ones(1, n)
-    try:
-        torch._scaled_mm(a[:16, :16], a[:16, :16].t(), scale_a=sa[:16], scale_b=sb[:, :16], out_dtype=torch.float32)
-        return sa, sb
-    except RuntimeError:  # torch < 2.13: per-tensor scales only on CPU
-        one = torch.ones((), dtype=torch.float32)
-        return one, one
+    from lowbit.nn.hardware import cpu_rowwise
+
+    if cpu_rowwise():
+        return torch.ones(n, 1), torch.ones(1, n)
+    one = torch.ones((), dtype=torch.float32)
+    return one, one
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +196,7 @@ def measure_cpu_fp8_flops(n: int = 1024, repeats: int = 5, budget_s: float = 0.0
     while True:
         a = torch.randn(size, size).to(torch.float8_e4m3fn)
         b = torch.randn(size, size).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants it
-        sa, sb = _cpu_fp8_scales(a, size)
+        sa, sb = _cpu_fp8_scales(size)
         times = []
         for _ in range(repeats + 1):  # the first call is a warm-up
             t0 = time.perf_counter()

@@ -30,7 +30,9 @@ def _granularities(spec) -> set[str]:
 _CPU_ROWWISE: list[bool] = []  # whether this torch's CPU _scaled_mm takes per-row scales (probed once)
 
 
-def _cpu_rowwise() -> bool:
+def cpu_rowwise() -> bool:
+    """Whether this torch's CPU _scaled_mm takes per-row scales (torch >= 2.13): probed once per process with one
+    16x16 product. Where it does, CPU GeMMs get even per-tensor scales as a column and a row (_gemm)."""
     if not _CPU_ROWWISE:
         a = torch.ones(16, 16).to(torch.float8_e4m3fn)
         try:
@@ -63,7 +65,7 @@ def check_device(device: torch.device, spec) -> None:
         where = f"a CPU with torch {torch.__version__}"
         if blockwise:
             need = "FP8 GeMMs with 1x128/128x128 block scales (fp8-block) need a Hopper GPU (SM90) with CUDA 12.9+"
-        elif "row" in kinds and not _cpu_rowwise():
+        elif "row" in kinds and not cpu_rowwise():
             need = "rowwise FP8 GeMMs on a CPU need torch >= 2.13 (this torch's CPU _scaled_mm takes per-tensor scales)"
         else:
             return
@@ -123,7 +125,7 @@ def _gemm(a, qa, b, qb, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
     a row scale is broadcast to a row."""
     (ca, sa), (cb, sb) = a, b
     tensor = qa.granularity == qb.granularity == "tensor"
-    if "row" in (qa.granularity, qb.granularity) or (tensor and ca.device.type == "cpu" and _cpu_rowwise()):
+    if "row" in (qa.granularity, qb.granularity) or (tensor and ca.device.type == "cpu" and cpu_rowwise()):
         # rowwise (a tensor scale beside a row one broadcast to a row). On a CPU per-tensor scales go in as rows
         # too: torch's CPU kernel for per-tensor scales is a scalar loop on some CPUs (an AMX Xeon: 0.07
         # GFLOP/s, 256^3 in 0.9 s), its per-row one ~600x faster there; the same product up to summation order.
